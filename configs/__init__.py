@@ -1,0 +1,1 @@
+"""Presets: each file defines get_config() -> rexmoe_jax.config.Config."""

@@ -1,0 +1,14 @@
+"""MoE-0.5BA0.07B (r = 1):
+the paper's layer-local MoE baseline.
+
+    python train.py --config configs/moe_0p5b_a0p07b.py --dry-run
+"""
+
+from configs.recipe import paper_config
+from rexmoe_jax.config import ModelConfig
+
+
+def get_config():
+    return paper_config(ModelConfig(
+        d_model=768, expert_ffn=384, num_layers=16, num_heads=16, num_kv_heads=2,
+        num_experts=32, top_k=4))

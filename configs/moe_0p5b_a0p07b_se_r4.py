@@ -1,0 +1,12 @@
+"""MoE-0.5BA0.07B-SE (1 shared + 3 routed of 32) with cross-layer
+reuse r = 4 and linear PSR: the baseline preset with two fields changed.
+
+    python train.py --config configs/moe_0p5b_a0p07b_se_r4.py --dry-run
+"""
+
+from configs.moe_0p5b_a0p07b_se import get_config as baseline
+from configs.recipe import with_reuse
+
+
+def get_config():
+    return with_reuse(baseline(), 4)

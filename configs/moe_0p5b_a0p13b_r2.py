@@ -1,0 +1,12 @@
+"""MoE-0.5BA0.13B (top-2 of 8) with cross-layer
+reuse r = 2 and linear PSR: the baseline preset with two fields changed.
+
+    python train.py --config configs/moe_0p5b_a0p13b_r2.py --dry-run
+"""
+
+from configs.moe_0p5b_a0p13b import get_config as baseline
+from configs.recipe import with_reuse
+
+
+def get_config():
+    return with_reuse(baseline(), 2)

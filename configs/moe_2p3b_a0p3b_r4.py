@@ -1,0 +1,12 @@
+"""MoE-2.3BA0.3B with cross-layer
+reuse r = 4 and linear PSR: the baseline preset with two fields changed.
+
+    python train.py --config configs/moe_2p3b_a0p3b_r4.py --dry-run
+"""
+
+from configs.moe_2p3b_a0p3b import get_config as baseline
+from configs.recipe import with_reuse
+
+
+def get_config():
+    return with_reuse(baseline(), 4)

@@ -1,0 +1,14 @@
+"""MoE-2.3BA0.3B-SE (2 shared + 6 routed of 64) (r = 1):
+the paper's layer-local MoE baseline.
+
+    python train.py --config configs/moe_2p3b_a0p3b_se.py --dry-run
+"""
+
+from configs.recipe import paper_config
+from rexmoe_jax.config import ModelConfig
+
+
+def get_config():
+    return paper_config(ModelConfig(
+        d_model=512, expert_ffn=744, num_layers=32, num_heads=16, num_kv_heads=2,
+        num_experts=64, top_k=6, num_shared_experts=2))

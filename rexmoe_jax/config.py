@@ -1,0 +1,339 @@
+"""Typed, frozen configuration: one dataclass per concern, composed into `Config`.
+
+Presets are Python files (see `configs/`) defining `get_config() -> Config`. A run's config is
+the preset plus `section.field=value` overrides; unknown keys and values of the wrong type are
+errors that name the key. Every class validates itself in `__post_init__`, so an invalid
+combination fails when it is built, before anything is compiled. Derived quantities (pool size,
+number of groups, ...) are properties, never stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import json
+import math
+import pathlib
+import sys
+import typing
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """An invalid config, preset or override; the message names the offending field."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+Dtype = Literal["float32", "bfloat16"]
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
+Dispatch = Literal["dense", "sort"]
+GroupedMatmul = Literal["ragged_dot", "blocked"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The decoder and its MoE layers (Sec. 1-2 of the method digest)."""
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    head_dim: int = 0  # 0 means d_model // num_heads.
+    expert_ffn: int = 256
+    num_experts: int = 8  # N: routed experts owned by each layer.
+    top_k: int = 2  # K
+    num_shared_experts: int = 0
+    reuse: int = 1  # r: layers per group; a layer routes over its group's r*N experts.
+    renormalize_gates: bool = False  # The paper does not renormalise the K gates (Eq. 3).
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
+    remat: RematPolicy = "none"
+    dispatch: Dispatch = "sort"  # "dense" is the reference oracle: every expert on every token.
+    grouped_matmul: GroupedMatmul = "ragged_dot"  # How the "sort" dispatch runs the expert matmuls.
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                     "expert_ffn", "num_experts", "top_k"):
+            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.reuse >= 1, f"model.reuse (r) must be >= 1, got {self.reuse}")
+        _require(self.reuse <= self.num_layers,
+                 f"model.reuse={self.reuse} exceeds model.num_layers={self.num_layers}; "
+                 "a group cannot hold more layers than the model has")
+        _require(self.top_k <= self.num_experts,
+                 f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
+        _require(self.num_heads % self.num_kv_heads == 0,
+                 f"model.num_heads={self.num_heads} is not divisible by "
+                 f"model.num_kv_heads={self.num_kv_heads}")
+        _require(self.head_dim >= 0, f"model.head_dim must be >= 0, got {self.head_dim}")
+        _require(self.head_dim > 0 or self.d_model % self.num_heads == 0,
+                 f"model.d_model={self.d_model} is not divisible by model.num_heads="
+                 f"{self.num_heads}; set model.head_dim explicitly")
+        _require(self.resolved_head_dim % 2 == 0,
+                 f"head dimension {self.resolved_head_dim} must be even for rotary embeddings")
+        _require(self.num_shared_experts >= 0, "model.num_shared_experts must be >= 0")
+        _require(self.rope_base > 0, "model.rope_base must be > 0")
+        _require(self.norm_eps > 0, "model.norm_eps must be > 0")
+        _require(self.init_std > 0, "model.init_std must be > 0")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def pool_size(self) -> int:
+        """r*N: the candidate experts of a layer in a full group."""
+        return self.reuse * self.num_experts
+
+    @property
+    def group_sizes(self) -> tuple[int, ...]:
+        """Layers per group; the last group is smaller when r does not divide L."""
+        full, rest = divmod(self.num_layers, self.reuse)
+        return (self.reuse,) * full + ((rest,) if rest else ())
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+
+PSRSchedule = Literal["none", "linear", "stepwise"]
+MaskGranularity = Literal["layer", "token"]
+MaskOrder = Literal["uniform", "local_first"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PSRConfig:
+    """Progressive Scaling Routing (Sec. 3): which pool experts a layer may select at step t."""
+
+    schedule: PSRSchedule = "none"
+    start_step: int = 0  # t_s
+    end_step: int = 1  # t_e
+    stages: int = 0  # "stepwise" only; 0 means r - 1 stages (each adds N experts).
+    initial_experts: int = 0  # Pool size up to t_s; 0 means N, the paper's choice.
+    granularity: MaskGranularity = "layer"  # One mask per (layer, step), or per token.
+    order: MaskOrder = "uniform"  # "local_first" keeps the layer's own N experts available.
+
+    def __post_init__(self):
+        _require(self.start_step >= 0, f"psr.start_step must be >= 0, got {self.start_step}")
+        _require(self.start_step < self.end_step,
+                 f"psr.start_step={self.start_step} must be < psr.end_step={self.end_step}")
+        _require(self.stages >= 0, f"psr.stages must be >= 0, got {self.stages}")
+        _require(self.initial_experts >= 0,
+                 f"psr.initial_experts must be >= 0, got {self.initial_experts}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Auxiliary router losses (a project decision: the paper names none)."""
+
+    load_balance: float = 0.01  # Switch-style f.P loss over each layer's pool; 0 turns it off.
+    z_loss: float = 0.001  # Router z-loss (logsumexp of router logits, squared); 0 turns it off.
+
+    def __post_init__(self):
+        _require(self.load_balance >= 0, "loss.load_balance must be >= 0")
+        _require(self.z_loss >= 0, "loss.z_loss must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with warm-up and cosine decay, the paper's recipe (Sec. 5)."""
+
+    learning_rate: float = 3e-4
+    min_lr_ratio: float = 0.1  # Cosine decays to this fraction of the peak.
+    warmup_steps: int = 100
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 turns clipping off.
+    grad_accum: int = 1  # Micro-batches per optimizer step.
+
+    def __post_init__(self):
+        _require(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        _require(self.clip_norm >= 0, "optim.clip_norm must be >= 0")
+        _require(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where tokens come from. Empty paths mean the corpus and tokenizer shipped in the package."""
+
+    corpus: str = ""
+    tokenizer: str = ""
+    seq_len: int = 128
+    batch_size: int = 16  # Global sequences per optimizer step.
+    eval_fraction: float = 0.02  # Share of documents held out, chosen by seed.
+
+    def __post_init__(self):
+        _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        _require(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; -1 means 'the remaining devices' (at most one axis)."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.astuple(self)
+        _require(all(s == -1 or s >= 1 for s in sizes), "mesh axis sizes must be >= 1 or -1")
+        _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """The run: length, seed and the host loop's cadences."""
+
+    steps: int = 300
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 0  # 0: only at the end.
+    keep_checkpoints: int = 3
+    sample_tokens: int = 48  # Tokens generated at the end of training; 0 skips the sample.
+    sample_prompt: str = "And God said"
+
+    def __post_init__(self):
+        _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        _require(self.eval_batches >= 1, "train.eval_batches must be >= 1")
+        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = ModelConfig()
+    psr: PSRConfig = PSRConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self):
+        m, p = self.model, self.psr
+        if p.schedule != "none":
+            initial = p.initial_experts or m.num_experts
+            _require(initial <= m.pool_size,
+                     f"psr.initial_experts={initial} exceeds the pool size r*N={m.pool_size}")
+            _require(m.top_k <= initial,
+                     f"model.top_k={m.top_k} exceeds psr.initial_experts={initial}: "
+                     "top-K would have to pick masked experts")
+            _require(p.schedule != "stepwise" or p.stages <= m.pool_size - initial,
+                     f"psr.stages={p.stages} exceeds the experts the pool grows by "
+                     f"({m.pool_size - initial})")
+        _require(m.vocab_size >= 2, "model.vocab_size must be >= 2")
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.data.batch_size * self.data.seq_len
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: "section.field=value" strings applied to a Config.
+
+
+def _parse_value(key: str, raw: str, kind) -> object:
+    origin = typing.get_origin(kind)
+    if origin is Literal:
+        choices = typing.get_args(kind)
+        _require(raw in choices, f"{key}={raw!r}: expected one of {', '.join(choices)}")
+        return raw
+    if kind is bool:
+        lowered = raw.lower()
+        _require(lowered in ("true", "false", "1", "0"), f"{key}={raw!r}: expected true or false")
+        return lowered in ("true", "1")
+    if kind is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected an integer") from None
+    if kind is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number") from None
+        _require(math.isfinite(value), f"{key}={raw!r}: expected a finite number")
+        return value
+    return raw
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Returns `config` with each "section.field=value" applied, validating the result."""
+    changes: dict[str, dict[str, object]] = {}
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep), f"override {item!r} is not of the form section.field=value")
+        section, dot, name = key.strip().partition(".")
+        _require(bool(dot) and section in sections,
+                 f"unknown config key {key!r}; sections are {', '.join(sections)}")
+        section_cls = type(getattr(config, section))
+        hints = typing.get_type_hints(section_cls)
+        _require(name in hints, f"unknown config key {key!r}; {section} has "
+                 f"{', '.join(f.name for f in dataclasses.fields(section_cls))}")
+        changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw.strip(), hints[name])
+    try:
+        return dataclasses.replace(config, **{
+            section: dataclasses.replace(getattr(config, section), **fields)
+            for section, fields in changes.items()})
+    except TypeError as err:  # A preset built with a wrong type reaches here.
+        raise ConfigError(str(err)) from None
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuilds a Config saved with `to_dict` (e.g. a run's config.json)."""
+    overrides = []
+    for section, fields in data.items():
+        for name, value in fields.items():
+            overrides.append(f"{section}.{name}={json.dumps(value) if isinstance(value, bool) else value}")
+    return apply_overrides(Config(), overrides)
+
+
+def load_preset(path: str | pathlib.Path) -> Config:
+    """Loads `get_config()` from a preset file; presets in one folder may import each other."""
+    path = pathlib.Path(path)
+    _require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
+    package_dir = path.parent
+    if (package_dir / "__init__.py").is_file():
+        # Import as package.module so presets can build on each other with relative imports.
+        root = str(package_dir.parent.resolve())
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        module = importlib.import_module(f"{package_dir.name}.{path.stem}")
+    else:
+        spec = importlib.util.spec_from_file_location(f"_rexmoe_preset_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    _require(hasattr(module, "get_config"), f"config file {str(path)!r} defines no get_config()")
+    config = module.get_config()
+    _require(isinstance(config, Config),
+             f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
+    return config

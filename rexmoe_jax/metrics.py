@@ -1,0 +1,61 @@
+"""Routing metrics (the paper's LBV and under-used experts) and model FLOPs utilisation."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rexmoe_jax.config import ModelConfig
+
+# Decision (the paper plots "under-used experts" without a threshold): an expert is under-used
+# when its load is below half of the uniform share, i.e. LBV < -0.5.
+UNDERUSED_LBV = -0.5
+
+
+def load_balance_violation(load_LxP: jax.Array, pool_sizes_L: np.ndarray) -> jax.Array:
+    """The paper's LBV_i = (load_i - mean load) / mean load per layer and pool expert (0 is
+    perfect balance, -1 an idle expert). `load` holds each expert's share of the layer's
+    assignments (rows sum to 1), so the mean load is 1 / pool size. Entries past a layer's
+    pool (a smaller last group, zero-padded) are 0."""
+    pool_L1 = jnp.asarray(pool_sizes_L, jnp.float32)[:, None]
+    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < pool_L1
+    return jnp.where(valid_LxP, load_LxP * pool_L1 - 1.0, 0.0)
+
+
+def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray) -> dict[str, jax.Array]:
+    """Scalars for the log line, plus per-layer maxima (the LBV distribution over layers)."""
+    lbv_LxP = load_balance_violation(load_LxP, pool_sizes_L)
+    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < jnp.asarray(pool_sizes_L)[:, None]
+    underused = jnp.sum((lbv_LxP < UNDERUSED_LBV) & valid_LxP) / jnp.sum(valid_LxP)
+    return {
+        "lbv_max": jnp.max(lbv_LxP),
+        "lbv_min": jnp.min(jnp.where(valid_LxP, lbv_LxP, jnp.inf)),
+        "underused_share": underused,
+        "layer_lbv_max": jnp.max(lbv_LxP, axis=-1),
+    }
+
+
+def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> float:
+    """Training FLOPs per token, PaLM's convention: 6 x (active parameters + the output
+    projection) for the matmuls, plus 12 L H K S for attention scores and values (the causal
+    mask's savings are not subtracted). The embedding lookup costs nothing."""
+    head = config.d_model * config.vocab_size  # Excluded from params_active, but multiplied.
+    attention = 12 * config.num_layers * config.num_heads * config.resolved_head_dim * seq_len
+    return 6.0 * (params_active + head) + attention
+
+
+# Dense bf16 peak FLOP/s of one device, by jax's device_kind; MFU is reported only for these.
+_PEAK_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+}
+
+
+def device_peak_flops(device: jax.Device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    if kind in _PEAK_FLOPS:
+        return _PEAK_FLOPS[kind]
+    return next((v for k, v in _PEAK_FLOPS.items() if kind.startswith(k)), None)

@@ -1,0 +1,177 @@
+"""The ReXMoE decoder: embed -> scan over groups of r layers -> norm -> logits.
+
+Parameter layout. Layers are cut into groups of r consecutive layers (Eq. 4). A group owns one
+pool of r*N experts (exactly the r layers' N experts each, so expert parameters are the
+baseline's) and every layer of the group routes over all of them with its own router of shape
+(D, r*N). The stack is an `nn.scan` over groups whose body is an `nn.scan` over the group's
+layers, with the pool broadcast to every layer: compile time does not grow with L or r. When r
+does not divide L, the remaining layers form one smaller group, scanned separately.
+
+    params/token_embed                     (vocab, embed)
+    params/groups/experts_{gate,up,down}   (groups, expert, embed|mlp, mlp|embed)
+    params/groups/layers/...               (groups, layers, ...)   attention, norms, router
+    params/last_group/...                  the same with groups = 1, when L % r != 0
+    params/final_norm, params/lm_head
+
+Logical axis names (mapped to mesh axes by the one table in sharding.py):
+    vocab, embed, heads, kv_heads, head_dim, mlp   dense weights
+    expert                                         the pool axis of expert weights
+    pool                                           a router's output axis
+    groups, layers                                 the two scanned axes
+    norm                                           norm scales
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rexmoe_jax import reuse
+from rexmoe_jax.config import ModelConfig, PSRConfig
+from rexmoe_jax.layers import Attention, RMSNorm, dtype_of, output_init_std, param_init
+from rexmoe_jax.moe import ExpertWeights, MoEFFN, RouterStats
+
+
+class PSRInputs(NamedTuple):
+    """What a training step gives the model for PSR: a key already folded with (seed, step), and
+    the optimizer step. Evaluation and generation pass None: they always see the full pool."""
+
+    key: jax.Array
+    step: jax.Array
+
+
+_REMAT_POLICIES = {
+    "full": None,  # Save nothing: recompute the whole layer in the backward pass.
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention and MoE FFN, each added to the residual stream."""
+
+    config: ModelConfig
+    psr: PSRConfig
+    pool_size: int
+
+    @nn.compact
+    def __call__(self, x_BxSxD, layer_id, weights: ExpertWeights, positions_BxS,
+                 psr_state: tuple[jax.Array, jax.Array] | None):
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
+        x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(h_BxSxD, positions_BxS)
+        h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
+        available_TxP = None
+        if psr_state is not None:
+            key, pool_size_t = psr_state
+            available_TxP = reuse.psr_available(
+                key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
+                num_experts=cfg.num_experts, own_offset=(layer_id % cfg.reuse) * cfg.num_experts,
+                num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1])
+        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, name="moe")(h_BxSxD, weights, available_TxP)
+        return x_BxSxD + y_BxSxD, stats
+
+
+class LayerGroup(nn.Module):
+    """A group of `size` consecutive layers sharing one pool of size*N experts."""
+
+    config: ModelConfig
+    psr: PSRConfig
+    size: int
+
+    @nn.compact
+    def __call__(self, x_BxSxD, layer_ids_R, positions_BxS, psr: PSRInputs | None):
+        cfg = self.config
+        pool, d, f = self.size * cfg.num_experts, cfg.d_model, cfg.expert_ffn
+        weights = ExpertWeights(
+            self.param("experts_gate", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
+            self.param("experts_up", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
+            self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
+                       (pool, f, d)))
+        psr_state = None
+        if psr is not None:
+            psr_state = (psr.key, reuse.psr_pool_size(psr.step, self.psr, cfg.num_experts, pool))
+
+        layer = DecoderLayer
+        if cfg.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.size,
+                         metadata_params={nn.PARTITION_NAME: "layers"})
+        return layers(cfg, self.psr, pool, name="layers")(
+            x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state)
+
+
+class Decoder(nn.Module):
+    """Maps tokens (B, S) to float32 logits (B, S, vocab) and per-layer router statistics."""
+
+    config: ModelConfig
+    psr: PSRConfig = PSRConfig()
+
+    @nn.compact
+    def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
+                 psr: PSRInputs | None = None) -> tuple[jax.Array, RouterStats]:
+        cfg = self.config
+        dtype = dtype_of(cfg.dtype)
+        if positions_BxS is None:
+            positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+        embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
+                               (cfg.vocab_size, cfg.d_model), jnp.float32)
+        x_BxSxD = jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype)
+
+        stats = []
+        for name, layer_ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(cfg)):
+            groups = nn.scan(LayerGroup, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast, nn.broadcast), length=layer_ids_GxR.shape[0],
+                             metadata_params={nn.PARTITION_NAME: "groups"})
+            x_BxSxD, block_stats = groups(cfg, self.psr, layer_ids_GxR.shape[1], name=name)(
+                x_BxSxD, layer_ids_GxR, positions_BxS, psr)
+            stats.append(_flatten_layers(block_stats, cfg.pool_size))
+
+        x_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxSxD)
+        if cfg.tie_embeddings:
+            head_DxV = embed_VxD.T
+        else:
+            head_DxV = self.param("lm_head", param_init(cfg.init_std, ("embed", "vocab")),
+                                  (cfg.d_model, cfg.vocab_size), jnp.float32)
+        # Logits accumulate in float32: the softmax over a large vocabulary needs the precision.
+        logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV.astype(dtype),
+                                  preferred_element_type=jnp.float32)
+        return logits_BxSxV, jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
+
+
+def _flatten_layers(stats: RouterStats, pool_size: int) -> RouterStats:
+    """(groups, layers, ...) -> (L_block, ...); loads of a smaller last group are zero-padded
+    to the full pool so that all layers stack into one (L, r*N) array."""
+    flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
+    load_LxP = flat.expert_load_P
+    pad = pool_size - load_LxP.shape[-1]
+    return flat._replace(expert_load_P=jnp.pad(load_LxP, ((0, 0), (0, pad))))
+
+
+def layer_pool_sizes(config: ModelConfig) -> np.ndarray:
+    """The pool size of every layer, (L,): r*N, or less in a smaller last group."""
+    return np.repeat(np.asarray(config.group_sizes) * config.num_experts, config.group_sizes)
+
+
+def param_counts(params, config: ModelConfig) -> dict[str, int]:
+    """Parameter counts the way the paper names its models: total including embeddings, active
+    (used per token) excluding embeddings."""
+    def leaf_sizes(predicate):
+        flat = jax.tree_util.tree_flatten_with_path(params)[0]
+        return sum(int(np.prod(leaf.shape)) for path, leaf in flat
+                   if predicate(jax.tree_util.keystr(path)))
+
+    total = leaf_sizes(lambda path: True)
+    embedding = leaf_sizes(lambda path: "token_embed" in path or "lm_head" in path)
+    routed = leaf_sizes(lambda path: "experts_" in path)
+    router = leaf_sizes(lambda path: "router" in path)
+    # Each layer evaluates K of its pool's experts per token; the pools hold L*N experts in all.
+    active_routed = routed * config.top_k // config.num_experts
+    return {"params_total": total, "params_active": total - embedding - routed + active_routed,
+            "params_router": router, "params_embedding": embedding, "params_routed_experts": routed}

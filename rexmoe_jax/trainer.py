@@ -1,0 +1,123 @@
+"""The train state, the pure jitted steps, and the host loop around them.
+
+`train_step(state, batch) -> (state, metrics)` has no side effects. Everything random follows
+from (seed, step): the batch (data.py), the PSR masks (a key folded with the step) and the
+schedules (functions of `state.step`, the optimizer's update count). The host loop alone logs,
+evaluates, checkpoints and prints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from rexmoe_jax import losses, reuse
+from rexmoe_jax import metrics as metrics_lib
+from rexmoe_jax.config import Config
+from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts
+from rexmoe_jax.optimizer import learning_rate_schedule
+
+# Independent random streams derived from train.seed.
+_INIT_STREAM, _PSR_STREAM, _SAMPLE_STREAM = 0, 1, 2
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # Optimizer updates applied so far; drives the LR and PSR schedules.
+    params: Any
+    opt_state: Any
+
+
+def build_model(config: Config) -> Decoder:
+    return Decoder(config.model, config.psr)
+
+
+def init_params(config: Config, model: Decoder):
+    """Unboxed float32 parameters (logical-axis metadata stripped)."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    key = jax.random.fold_in(jax.random.key(config.train.seed), _INIT_STREAM)
+    return nn.meta.unbox(jax.jit(model.init)(key, tokens)["params"])
+
+
+def init_state(config: Config, model: Decoder, tx: optax.GradientTransformation) -> TrainState:
+    params = init_params(config, model)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def psr_inputs(config: Config, step: jax.Array) -> PSRInputs | None:
+    """The PSR key for this step: fold (seed, step); each layer folds in its id."""
+    if config.psr.schedule == "none":
+        return None
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.train.seed), _PSR_STREAM), step)
+    return PSRInputs(key=key, step=step)
+
+
+def summary(config: Config) -> dict[str, int]:
+    """Parameter counts and sizes of the run, from shapes alone (nothing is allocated)."""
+    model = build_model(config)
+    shapes = jax.eval_shape(lambda: init_params(config, model))
+    counts = param_counts(shapes, config.model)
+    return {**counts, "pool_size": config.model.pool_size, "num_groups": config.model.num_groups,
+            "tokens_per_step": config.tokens_per_step}
+
+
+def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransformation) -> Callable:
+    schedule = learning_rate_schedule(config.optim, config.train.steps)
+    pool_sizes = layer_pool_sizes(config.model)
+    accum = config.optim.grad_accum
+
+    def loss_fn(params, tokens_BxS1, step):
+        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1], psr=psr_inputs(config, step))
+        ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
+        lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
+        total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
+        return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, tokens_BxS1: jax.Array):
+        def micro_step(tokens):
+            (_, aux), grads = grad_fn(state.params, tokens, state.step)
+            return grads, aux
+
+        if accum == 1:
+            grads, aux = micro_step(tokens_BxS1)
+        else:
+            # Micro-batches share the step, hence the PSR masks, of the optimizer update.
+            micro = tokens_BxS1.reshape(accum, -1, tokens_BxS1.shape[-1])
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                 jax.eval_shape(micro_step, micro[0]))
+            (grads, aux), _ = jax.lax.scan(
+                lambda carry, tokens: (jax.tree.map(jnp.add, carry, micro_step(tokens)), None),
+                zeros, micro)
+            grads, aux = jax.tree.map(lambda x: x / accum, (grads, aux))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        step_metrics = {
+            "loss": aux["loss"], "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
+            "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+            "psr_pool_size": reuse.psr_pool_size(state.step, config.psr, config.model.num_experts,
+                                                 config.model.pool_size),
+            "expert_load": aux["expert_load"],
+            **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes),
+        }
+        return new_state, step_metrics
+
+    return train_step
+
+
+def make_eval_step(config: Config, model: Decoder) -> Callable:
+    """Held-out loss and routing on the full pool (PSR never applies at evaluation)."""
+
+    def eval_step(params, tokens_BxS1):
+        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1])
+        return {"loss": losses.cross_entropy(logits, tokens_BxS1[:, 1:]),
+                "expert_load": stats.expert_load_P}
+
+    return eval_step

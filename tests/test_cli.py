@@ -1,0 +1,79 @@
+"""train.py: overrides, errors, --dry-run, and the paper presets' sizes."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import train
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], check=False,
+                          capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_dry_run_summary_by_hand(capsys):
+    """The tiny preset's counts, computed by hand from its dimensions."""
+    assert train.main(["--dry-run", "model.reuse=2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    d, f, L, n, k, v, heads, kv = 128, 256, 4, 8, 2, 4096, 4, 2
+    hd = d // heads
+    attention = d * heads * hd * 2 + d * kv * hd * 2
+    router = d * 2 * n
+    expert = 3 * d * f
+    norms = 2 * d
+    embedding = 2 * v * d
+    total = embedding + L * (attention + router + norms + n * expert) + d
+    assert summary["params_total"] == total
+    assert summary["params_embedding"] == embedding
+    assert summary["params_router"] == L * router
+    assert summary["params_active"] == L * (attention + router + norms + k * expert) + d
+    assert summary["pool_size"] == 16 and summary["num_groups"] == 2
+    assert summary["tokens_per_step"] == 16 * 128
+
+
+@pytest.mark.parametrize("preset,total,active", [
+    ("moe_0p5b_a0p07b", 0.5e9, 0.07e9), ("moe_0p5b_a0p07b_se", 0.5e9, 0.07e9),
+    ("moe_2p3b_a0p3b", 2.3e9, 0.3e9), ("moe_2p3b_a0p3b_se_r4", 2.3e9, 0.3e9),
+    ("moe_0p5b_a0p13b", 0.5e9, 0.13e9), ("moe_0p5b_a0p07b_r4", 0.5e9, 0.07e9),
+])
+def test_paper_presets_match_their_names(preset, total, active, capsys):
+    """Total including embeddings and active excluding embeddings, within 15% of the name."""
+    assert train.main(["--config", str(ROOT / "configs" / f"{preset}.py"), "--dry-run"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(summary["params_total"] / total - 1) < 0.15
+    assert abs(summary["params_active"] / active - 1) < 0.15
+
+
+def test_every_preset_loads():
+    from rexmoe_jax.config import load_preset
+
+    presets = sorted(p for p in (ROOT / "configs").glob("*.py") if p.stem not in ("__init__", "recipe"))
+    assert len(presets) == 19
+    for path in presets:
+        cfg = load_preset(path)
+        if path.stem.endswith(("_r2", "_r3", "_r4")):
+            assert cfg.model.reuse == int(path.stem[-1]) and cfg.psr.schedule == "linear"
+            base = load_preset(path.with_name(path.stem[:-3] + ".py"))
+            assert base.model.reuse == 1 and base.psr.schedule == "none"
+            assert base.optim == cfg.optim and base.data == cfg.data
+
+
+@pytest.mark.parametrize("args,message", [
+    (["model.top_k=99"], "model.top_k"),
+    (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
+    (["train.steps=ten"], "expected an integer"),
+    (["--config", "configs/nope.py"], "does not exist"),
+])
+def test_errors_are_one_line_and_nonzero(args, message):
+    result = run_cli(*args, "--dry-run")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]

@@ -1,0 +1,73 @@
+"""Config validation, overrides and presets."""
+
+import dataclasses
+import json
+
+import pytest
+
+from rexmoe_jax.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    PSRConfig,
+    apply_overrides,
+    from_dict,
+    load_preset,
+)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    (["model.top_k=9"], "model.top_k"),
+    (["model.reuse=0"], "model.reuse"),
+    (["model.reuse=5"], "model.reuse"),
+    (["model.num_kv_heads=3"], "model.num_heads"),
+    (["psr.start_step=50", "psr.end_step=50"], "psr.start_step"),
+    (["psr.schedule=linear", "psr.initial_experts=1"], "model.top_k"),
+    (["model.bogus=1"], "model.bogus"),
+    (["bogus.x=1"], "bogus.x"),
+    (["model.reuse=two"], "model.reuse"),
+    (["model.dtype=float16"], "model.dtype"),
+    (["model.renormalize_gates=maybe"], "model.renormalize_gates"),
+    (["train.steps"], "train.steps"),
+    (["optim.learning_rate=nan"], "optim.learning_rate"),
+])
+def test_invalid_overrides_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        apply_overrides(Config(), overrides)
+
+
+def test_overrides_parse_types():
+    cfg = apply_overrides(Config(), ["model.reuse=4", "model.num_layers=8", "psr.schedule=stepwise",
+                                     "optim.learning_rate=1e-3", "model.renormalize_gates=true",
+                                     "train.sample_prompt=In the beginning"])
+    assert cfg.model.reuse == 4 and cfg.psr.schedule == "stepwise"
+    assert cfg.optim.learning_rate == 1e-3 and cfg.model.renormalize_gates is True
+    assert cfg.train.sample_prompt == "In the beginning"
+    assert cfg.model.pool_size == 4 * cfg.model.num_experts and cfg.model.num_groups == 2
+
+
+def test_configs_are_frozen_and_round_trip():
+    cfg = apply_overrides(Config(), ["model.reuse=2", "psr.schedule=linear", "psr.end_step=5"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.reuse = 3
+    assert from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_derived_values_are_properties():
+    cfg = ModelConfig(num_layers=32, reuse=3, num_experts=64, top_k=6)
+    assert (cfg.pool_size, cfg.num_groups, cfg.group_sizes[-1]) == (192, 11, 2)
+    assert "pool_size" not in {f.name for f in dataclasses.fields(cfg)}
+
+
+def test_psr_config_rejects_bad_ramp():
+    with pytest.raises(ConfigError, match="psr.start_step"):
+        PSRConfig(start_step=10, end_step=5)
+
+
+def test_preset_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_preset(tmp_path / "missing.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="get_config"):
+        load_preset(bad)

@@ -1,0 +1,65 @@
+"""Every grouped-matmul implementation against NumPy, values and gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul.blocked import default_block
+
+IMPLEMENTATIONS = ["ragged_dot", "blocked", "reference"]
+
+
+def numpy_gmm(lhs, rhs, sizes):
+    out = np.zeros((lhs.shape[0], rhs.shape[2]))
+    start = 0
+    for g, size in enumerate(sizes):
+        out[start:start + size] = lhs[start:start + size] @ rhs[g]
+        start += size
+    return out
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("sizes", [[3, 0, 5, 2], [10], [0, 0, 7], [1, 1, 1, 1, 1, 1, 1], [4, 4, 0]])
+def test_values_and_gradients(implementation, sizes):
+    """Including empty groups, a single group, and rows past the last group (zeros)."""
+    rng = np.random.default_rng(len(sizes))
+    m = sum(sizes) + (2 if sizes == [4, 4, 0] else 0)
+    lhs = rng.standard_normal((m, 6)).astype(np.float32)
+    rhs = rng.standard_normal((len(sizes), 6, 5)).astype(np.float32)
+    cot = rng.standard_normal((m, 5)).astype(np.float32)
+    sizes_arr = jnp.asarray(sizes, jnp.int32)
+
+    def f(a, b):
+        return jnp.sum(grouped_matmul(a, b, sizes_arr, implementation=implementation) * cot)
+
+    out = jax.jit(lambda a, b: grouped_matmul(a, b, sizes_arr, implementation=implementation))(lhs, rhs)
+    np.testing.assert_allclose(out, numpy_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+    d_lhs, d_rhs = jax.jit(jax.grad(f, argnums=(0, 1)))(lhs, rhs)
+    # d lhs[m] = cot[m] @ rhs[g(m)]^T;  d rhs[g] = lhs[rows of g]^T @ cot[rows of g]
+    exp_lhs = numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes)
+    exp_rhs = np.zeros_like(rhs, dtype=np.float64)
+    start = 0
+    for g, size in enumerate(sizes):
+        exp_rhs[g] = lhs[start:start + size].T @ cot[start:start + size]
+        start += size
+    np.testing.assert_allclose(d_lhs, exp_lhs, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_rhs, exp_rhs, rtol=1e-4, atol=1e-5)
+
+
+def test_blocked_with_many_groups_and_small_blocks():
+    rng = np.random.default_rng(3)
+    sizes = rng.multinomial(200, np.ones(16) / 16)
+    lhs = rng.standard_normal((200, 8)).astype(np.float32)
+    rhs = rng.standard_normal((16, 8, 4)).astype(np.float32)
+    out = grouped_matmul(lhs, rhs, jnp.asarray(sizes, jnp.int32), implementation="blocked")
+    np.testing.assert_allclose(out, numpy_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
+    assert default_block(200, 16) == 8 and default_block(1 << 20, 8) == 256
+
+
+def test_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="shape mismatch"):
+        grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 5, 2)), jnp.asarray([2, 2]))
+    with pytest.raises(ValueError, match="unknown grouped_matmul implementation"):
+        grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.asarray([2, 2]), implementation="magic")

@@ -1,0 +1,48 @@
+"""RMSNorm, rotary embeddings and grouped-query attention."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rexmoe_jax import layers
+
+
+def test_rms_norm_by_hand(maybe_jit):
+    x = np.array([[[3.0, 4.0]]], np.float32)  # rms = sqrt(12.5)
+    norm = layers.RMSNorm(eps=0.0, dtype=jnp.float32)
+    variables = {"params": {"scale": jnp.asarray([1.0, 2.0])}}
+    out = maybe_jit(norm.apply)(variables, jnp.asarray(x))
+    np.testing.assert_allclose(out, [[[3 / 12.5 ** 0.5, 8 / 12.5 ** 0.5]]], rtol=1e-6)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    """<rope(q, m), rope(k, n)> is a function of m - n, and rope preserves norms."""
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 1, 1, 8)), jnp.float32)
+    rot = lambda x, p: layers.apply_rope(x, jnp.asarray([[p]]), 10_000.0)[0, 0, 0]
+    s1 = float(jnp.dot(rot(q, 7), rot(k, 3)))
+    s2 = float(jnp.dot(rot(q, 104), rot(k, 100)))
+    assert s1 == pytest.approx(s2, rel=1e-4)
+    assert float(jnp.linalg.norm(rot(q, 5))) == pytest.approx(float(jnp.linalg.norm(q)), rel=1e-5)
+    # Position 0 is the identity.
+    np.testing.assert_allclose(rot(q, 0), q[0, 0, 0], rtol=1e-6)
+
+
+def test_grouped_query_attention_by_numpy(maybe_jit):
+    """Each query head attends with its group's key/value head, causally."""
+    rng = np.random.default_rng(1)
+    b, s, h, v, k = 2, 5, 4, 2, 3
+    q, kk, vv = (rng.standard_normal(shape).astype(np.float32) for shape in
+                 [(b, s, h, k), (b, s, v, k), (b, s, v, k)])
+    pos = np.broadcast_to(np.arange(s), (b, s))
+    out = maybe_jit(layers.causal_attention)(q, kk, vv, pos, pos)
+    expected = np.zeros((b, s, h, k))
+    for bi in range(b):
+        for hi in range(h):
+            kv = hi // (h // v)
+            for t in range(s):
+                logits = kk[bi, :t + 1, kv] @ q[bi, t, hi] / np.sqrt(k)
+                p = np.exp(logits - logits.max())
+                expected[bi, t, hi] = (p / p.sum()) @ vv[bi, :t + 1, kv]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)

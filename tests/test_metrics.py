@@ -1,0 +1,28 @@
+"""LBV and under-used experts against hand-computed values."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rexmoe_jax import metrics
+from rexmoe_jax.config import ModelConfig
+
+
+def test_lbv_by_hand():
+    # Layer 0: pool 4, loads 0.5, 0.25, 0.25, 0 -> LBV 1, 0, 0, -1.
+    # Layer 1: a smaller last group, pool 2 (padded to 4): loads 0.5, 0.5 -> LBV 0, 0.
+    load = jnp.asarray([[0.5, 0.25, 0.25, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    lbv = np.asarray(metrics.load_balance_violation(load, np.array([4, 2])))
+    np.testing.assert_allclose(lbv, [[1, 0, 0, -1], [0, 0, 0, 0]])
+    out = metrics.routing_metrics(load, np.array([4, 2]))
+    assert float(out["lbv_max"]) == pytest.approx(1.0)
+    assert float(out["lbv_min"]) == pytest.approx(-1.0)
+    assert float(out["underused_share"]) == pytest.approx(1 / 6)  # one idle expert of 6 real ones
+    np.testing.assert_allclose(np.asarray(out["layer_lbv_max"]), [1.0, 0.0])
+
+
+def test_flops_per_token_by_hand():
+    cfg = ModelConfig(vocab_size=100, d_model=8, num_layers=2, num_heads=2, num_kv_heads=1,
+                      expert_ffn=4, num_experts=4, top_k=1)
+    # 6 * (active + head) + 12 * L * H * K * S
+    assert metrics.flops_per_token(cfg, seq_len=10, params_active=1000) == 6 * (1000 + 800) + 12 * 2 * 2 * 4 * 10

@@ -1,0 +1,100 @@
+"""Gating (Eq. 2-3), the two dispatch paths, and the router losses."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rexmoe_jax import losses, moe
+
+
+def numpy_gating(logits, available, k, renormalize):
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    masked = np.where(available, probs, 0.0)  # "scores set to zero" (Sec. 3)
+    chosen = np.argsort(-masked, axis=-1, kind="stable")[:, :k]
+    gates = np.take_along_axis(probs, chosen, -1)
+    if renormalize:
+        gates = gates / gates.sum(-1, keepdims=True)
+    return gates, chosen
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_gating_is_eq2_eq3(renormalize, maybe_jit):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((32, 12)).astype(np.float32)
+    avail = rng.random((32, 12)) < 0.6
+    avail[:, :3] = True  # at least K available per token
+    routing = maybe_jit(moe.route, static_argnums=(2, 3))(jnp.asarray(logits), jnp.asarray(avail), 3,
+                                                          renormalize)
+    gates, chosen = numpy_gating(logits.astype(np.float64), avail, 3, renormalize)
+    np.testing.assert_array_equal(np.sort(np.asarray(routing.experts_TxK), -1), np.sort(chosen, -1))
+    order = np.argsort(np.asarray(routing.experts_TxK), -1)
+    np.testing.assert_allclose(np.take_along_axis(np.asarray(routing.gates_TxK), order, -1),
+                               np.take_along_axis(gates, np.argsort(chosen, -1), -1), rtol=1e-5)
+    if not renormalize:  # Gates are the softmax over the whole pool: they sum to < 1.
+        assert np.all(np.asarray(routing.gates_TxK).sum(-1) < 1)
+
+
+def test_masked_expert_is_never_selected():
+    """Even when the masked experts hold almost all the probability, or underflow to zero."""
+    logits = np.full((4, 8), -200.0, np.float32)
+    logits[:, :4] = 50.0  # experts 0..3 dominate
+    avail = np.zeros((4, 8), bool)
+    avail[:, 4:] = True  # ... but only 4..7 are available
+    routing = moe.route(jnp.asarray(logits), jnp.asarray(avail), 2, False)
+    assert np.all(np.asarray(routing.experts_TxK) >= 4)
+
+
+def random_problem(tokens, d, f, pool, k, dtype, seed):
+    keys = jax.random.split(jax.random.key(seed), 5)
+    x = jax.random.normal(keys[0], (tokens, d), dtype)
+    weights = moe.ExpertWeights(*(0.3 * jax.random.normal(kk, shape, dtype) for kk, shape in zip(
+        keys[1:4], [(pool, d, f), (pool, d, f), (pool, f, d)])))
+    # Some experts get no tokens: logits favour the first half of the pool.
+    logits = jax.random.normal(keys[4], (tokens, pool)) + 3.0 * (jnp.arange(pool) < pool // 2)[None, :]
+    return x, weights, moe.route(logits, None, k, False)
+
+
+@pytest.mark.parametrize("implementation", ["ragged_dot", "blocked"])
+@pytest.mark.parametrize("tokens,pool,k", [(24, 8, 2), (13, 6, 1), (40, 16, 4)])
+def test_sorted_dispatch_equals_dense_values_and_gradients(implementation, tokens, pool, k):
+    x, weights, routing = random_problem(tokens, 16, 8, pool, k, jnp.float32, seed=tokens)
+
+    def out(fn):
+        def loss(x, weights, gates):
+            y = fn(x, routing._replace(gates_TxK=gates), weights)
+            return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weights, routing.gates_TxK)
+
+    dense_value, dense_grads = out(moe.dense_experts)
+    sort_value, sort_grads = out(lambda x, r, w: moe.sorted_experts(x, r, w, implementation))
+    np.testing.assert_allclose(sort_value, dense_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sort_grads), jax.tree.leaves(dense_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_load_balancing_loss_is_one_for_uniform_routing():
+    pool = 16
+    assert float(losses.load_balancing_loss(jnp.full((pool,), 1 / pool), jnp.full((pool,), 1 / pool))) == \
+        pytest.approx(1.0)
+    # All assignments and probability on one expert: the loss is P.
+    onehot = jnp.zeros((pool,)).at[3].set(1.0)
+    assert float(losses.load_balancing_loss(onehot, onehot)) == pytest.approx(pool)
+
+
+def test_router_z_loss_by_hand():
+    logits = np.array([[0.0, 0.0], [1.0, 2.0]], np.float32)
+    lse = np.log(np.exp(logits).sum(-1))
+    assert float(losses.router_z_loss(jnp.asarray(logits))) == pytest.approx(np.mean(lse ** 2), rel=1e-6)
+
+
+def test_cross_entropy_by_hand():
+    logits = np.array([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]], np.float32)
+    targets = np.array([[1, 2]])
+    nll = [np.log(np.exp(logits[0, 0]).sum()) - 2.0, np.log(3.0)]
+    assert float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))) == pytest.approx(
+        np.mean(nll), rel=1e-6)
+    mask = jnp.asarray([[True, False]])
+    assert float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), mask)) == pytest.approx(
+        nll[0], rel=1e-6)
