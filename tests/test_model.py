@@ -141,3 +141,31 @@ def test_psr_masks_are_applied_only_when_given():
         for j in range(2):
             assert len(set(masked_choice[g, j].ravel().tolist())) <= 4
     assert len(set(full_choice.ravel().tolist())) > 4
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_policies_leave_gradients_unchanged(remat):
+    cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2, dispatch="sort")
+    model, params = init(cfg)
+    tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab_size)
+
+    def grads(m):
+        return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, tokens)[0] ** 2)))(params)
+
+    rematted = Decoder(dataclasses.replace(cfg, remat=remat), model.psr)
+    for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(rematted))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_keeps_float32_parameters():
+    """bf16 activations and matmuls, float32 parameters and logits, close to the float32 model."""
+    cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2)
+    model, params = init(cfg)
+    tokens = jax.random.randint(jax.random.key(11), (2, 6), 0, cfg.vocab_size)
+    bf16 = Decoder(dataclasses.replace(cfg, dtype="bfloat16"), model.psr)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
+    low, _ = jax.jit(bf16.apply)({"params": params}, tokens)
+    high, _ = jax.jit(model.apply)({"params": params}, tokens)
+    assert low.dtype == jnp.float32
+    rel = float(jnp.linalg.norm(low - high) / jnp.linalg.norm(high))
+    assert 0 < rel < 2e-2  # bf16 rounding shows, but stays at bf16's precision
