@@ -63,10 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = loop.run(config, workdir)
+        result = loop.run(config, workdir, stop=loop.StopRequest().install())
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except loop.NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     if "eval_ppl" in result:
         print(f"held-out perplexity: {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f})")
     if "sample" in result:

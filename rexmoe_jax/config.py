@@ -166,12 +166,21 @@ class OptimConfig:
         _require(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
 
 
+TxtDocuments = Literal["file", "paragraph", "line"]
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where tokens come from. Empty paths mean the corpus and tokenizer shipped in the package."""
+    """Where tokens come from. Empty paths mean the corpus and tokenizer shipped in the package.
+
+    `corpus` is a prepared folder (python -m rexmoe_jax.data prepare), or a file, folder or glob
+    of .txt, .jsonl, .parquet (text) or .npy, .arrayrecord (token) files.
+    """
 
     corpus: str = ""
-    tokenizer: str = ""
+    tokenizer: str = ""  # tokenizer.json or SentencePiece .model
+    text_field: str = "text"  # The JSON Lines field or Parquet column holding the text.
+    txt_documents: TxtDocuments = "file"  # A .txt file is one document, or one per paragraph/line.
     seq_len: int = 128
     batch_size: int = 16  # Global sequences per optimizer step.
     eval_fraction: float = 0.02  # Share of documents held out, chosen by seed.
@@ -197,6 +206,9 @@ class MeshConfig:
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
 
 
+NonFinite = Literal["stop", "skip"]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The run: length, seed and the host loop's cadences."""
@@ -208,6 +220,7 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: only at the end.
     keep_checkpoints: int = 3
+    nonfinite: NonFinite = "stop"  # A non-finite loss or gradient: stop, or skip that update.
     sample_tokens: int = 48  # Tokens generated at the end of training; 0 skips the sample.
     sample_prompt: str = "And God said"
 

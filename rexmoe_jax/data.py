@@ -1,32 +1,39 @@
-"""Documents -> tokens -> packed sequences -> batches that are a pure function of (seed, step).
+"""Documents -> tokens -> packed sequences -> per-host batches from a grain pipeline.
 
-Packing follows the paper: each document is tokenized on its own, an end-of-document token
-follows every document, documents are concatenated in an order shuffled by the seed, and the
+Packing follows the paper: each document is tokenized on its own and followed by an
+end-of-document token, documents are concatenated in an order shuffled by the seed, and the
 stream is cut into sequences of seq_len + 1 tokens (inputs and shifted targets) at a stride of
 seq_len. A held-out set of whole documents, chosen by the seed, is packed separately and never
 seen in training.
 
-Batches come from a grain `MapDataset` (shuffled anew each epoch, repeated), indexed by
-sequence: global row j of step t is sequence t * batch + j. Nothing but (seed, step) decides a
-batch, so a resumed run reads exactly what the uninterrupted run would have read, and each host
-reads only its own rows of every global batch.
+Batches come from a grain `MapDataset`: sequences shuffled anew each epoch, repeated, cut into
+host-sized batches of which host h takes every H-th. Global batch t is therefore a pure
+function of (seed, t), each host reads only its own rows, and the iterator's position (its
+`get_state()`) is saved in every checkpoint.
+
+Large corpora are tokenized once by `python -m rexmoe_jax.data prepare` into a folder that
+training memory-maps (tokens.bin, offsets.npy, meta.json).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gzip
+import json
 import pathlib
-from collections.abc import Sequence
+import shutil
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from rexmoe_jax import sources
 from rexmoe_jax.config import ConfigError, DataConfig
-from rexmoe_jax.tokenizer import Tokenizer, encode_documents, load_tokenizer
+from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer
 
 ASSETS = pathlib.Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "kjv.txt.gz"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer.json"
+PREPARED_META = "meta.json"
 
 
 def read_embedded_documents() -> list[str]:
@@ -35,58 +42,72 @@ def read_embedded_documents() -> list[str]:
         return [doc for doc in f.read().split("\n\n") if doc.strip()]
 
 
-def split_documents(documents: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, held_out): a seeded choice of whole documents, at least one in each."""
-    if len(documents) < 2:
-        raise ConfigError(f"the corpus has {len(documents)} document(s); at least 2 are needed "
-                          "to hold one out for evaluation")
-    order = np.random.default_rng([seed, 1]).permutation(len(documents))
-    n_eval = min(len(documents) - 1, max(1, round(eval_fraction * len(documents))))
-    held_out = set(order[:n_eval].tolist())
-    train = [doc for i, doc in enumerate(documents) if i not in held_out]
-    return train, [documents[i] for i in sorted(held_out)]
-
-
 @dataclasses.dataclass(frozen=True)
-class PackedSequences:
-    """Random access to the windows of a token stream: item i is stream[i*L : i*L + L + 1]."""
+class TokenDocuments:
+    """Document i is tokens[offsets[i]:offsets[i + 1]]; each ends with the EOD token."""
 
-    stream: np.ndarray
-    seq_len: int
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_documents(cls, docs: Iterable[np.ndarray], eod_id: int) -> TokenDocuments:
+        pieces, lengths = [], [0]
+        for doc in docs:
+            pieces += [np.asarray(doc, np.int32), np.asarray([eod_id], np.int32)]
+            lengths.append(len(doc) + 1)
+        tokens = np.concatenate(pieces) if pieces else np.zeros((0,), np.int32)
+        return cls(tokens, np.cumsum(lengths, dtype=np.int64))
 
     def __len__(self) -> int:
-        return max(0, (len(self.stream) - 1) // self.seq_len)
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+class PackedSequences:
+    """Random access to windows of seq_len + 1 tokens, at a stride of seq_len, over the
+    documents `order` concatenated (a grain data source: len and getitem)."""
+
+    def __init__(self, documents: TokenDocuments, order: np.ndarray, seq_len: int):
+        self.documents, self.order, self.seq_len = documents, np.asarray(order, np.int64), seq_len
+        self._lengths = documents.lengths[self.order]
+        self._ends = np.cumsum(self._lengths)
+        self.num_tokens = int(self._ends[-1]) if len(self._ends) else 0
+
+    def __len__(self) -> int:
+        return max(0, (self.num_tokens - 1) // self.seq_len)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        start = int(index) * self.seq_len
-        return self.stream[start:start + self.seq_len + 1]
+        position = int(index) * self.seq_len
+        stop = position + self.seq_len + 1
+        k = int(np.searchsorted(self._ends, position, side="right"))
+        pieces = []
+        while position < stop:
+            doc_start = int(self._ends[k] - self._lengths[k])
+            within = position - doc_start
+            take = min(stop - position, int(self._lengths[k]) - within)
+            first = int(self.documents.offsets[self.order[k]]) + within
+            pieces.append(self.documents.tokens[first:first + take])
+            position, k = position + take, k + 1
+        return np.concatenate(pieces).astype(np.int32)
 
 
-def pack(token_docs: Sequence[np.ndarray], eod_id: int, seq_len: int, seed: int | None) -> PackedSequences:
-    """Concatenates documents (shuffled by `seed`; in order when None), each followed by EOD."""
-    order = np.arange(len(token_docs)) if seed is None else np.random.default_rng([seed, 2]).permutation(
-        len(token_docs))
-    eod = np.asarray([eod_id], np.int32)
-    pieces = [piece for i in order for piece in (token_docs[i], eod)]
-    stream = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros((0,), np.int32)
-    return PackedSequences(stream, seq_len)
+def split_documents(num_documents: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) document indices: a seeded choice of whole documents, at least one each."""
+    if num_documents < 2:
+        raise ConfigError(f"the corpus has {num_documents} document(s); at least 2 are needed to hold "
+                          "one out for evaluation (for .txt files, see data.txt_documents)")
+    order = np.random.default_rng([seed, 1]).permutation(num_documents)
+    n_eval = min(num_documents - 1, max(1, round(eval_fraction * num_documents)))
+    return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-class BatchSource:
-    """Global batches of packed sequences, a pure function of (seed, step)."""
-
-    def __init__(self, sequences: PackedSequences, batch_size: int, seed: int):
-        import grain
-
-        self.sequences = sequences
-        self.batch_size = batch_size
-        self._dataset = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None)
-
-    def batch(self, step: int, rows: slice = slice(None)) -> np.ndarray:
-        """Rows `rows` of the global batch of `step`, (rows, seq_len + 1) int32."""
-        first = step * self.batch_size
-        indices = range(first, first + self.batch_size)[rows]
-        return np.stack([self._dataset[i] for i in indices]).astype(np.int32)
+def pack(documents: TokenDocuments, indices: np.ndarray, seq_len: int, seed: int | None) -> PackedSequences:
+    """Packs the documents `indices`, shuffled by `seed` (in order when None)."""
+    order = indices if seed is None else np.random.default_rng([seed, 2]).permutation(indices)
+    return PackedSequences(documents, order, seq_len)
 
 
 @dataclasses.dataclass
@@ -96,24 +117,187 @@ class Corpus:
     held_out: PackedSequences
 
     def eval_batches(self, batch_size: int, count: int) -> list[np.ndarray]:
-        """The first count * batch_size held-out sequences, in order; fewer if the set is small."""
+        """The first count * batch_size held-out sequences, in order (fewer if the set is small)."""
         n = min(len(self.held_out), batch_size * count)
         rows = [self.held_out[i] for i in range(n)]
         return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)] or [
             np.stack(rows)]
 
 
-def build_corpus(config: DataConfig, seed: int) -> Corpus:
-    """Tokenizes and packs the configured corpus (the embedded KJV when `config.corpus` is empty)."""
+def _encode_all(tokenizer: Tokenizer, texts: Iterator[str], chunk: int = 1024) -> Iterator[np.ndarray]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == chunk:
+            yield from (np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(batch))
+            batch = []
+    yield from (np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(batch))
+
+
+def _prepared_folder(path: pathlib.Path) -> tuple[TokenDocuments, dict]:
+    meta = json.loads((path / PREPARED_META).read_text())
+    try:
+        tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
+        offsets = np.load(path / "offsets.npy", mmap_mode="r")
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"prepared corpus {str(path)!r} is incomplete ({err}); prepare it again") from None
+    if len(tokens) != meta["num_tokens"] or len(offsets) != meta["num_documents"] + 1:
+        raise ConfigError(f"prepared corpus {str(path)!r} does not match its meta.json (truncated?); "
+                          "prepare it again")
+    return TokenDocuments(tokens, offsets), meta
+
+
+def load_documents(config: DataConfig) -> tuple[TokenDocuments, Tokenizer, int]:
+    """The configured corpus as token documents, its tokenizer, and its largest token id."""
+    corpus = pathlib.Path(config.corpus) if config.corpus else None
+    if corpus is not None and (corpus / PREPARED_META).is_file():
+        documents, meta = _prepared_folder(corpus)
+        tokenizer = load_tokenizer(config.tokenizer or meta["tokenizer"])
+        return documents, tokenizer, int(meta["max_token_id"])
     tokenizer = load_tokenizer(config.tokenizer or EMBEDDED_TOKENIZER)
-    if config.corpus:
-        raise ConfigError("data.corpus: only the embedded corpus is supported so far; leave it empty")
-    documents = read_embedded_documents()
-    train_docs, eval_docs = split_documents(documents, config.eval_fraction, seed)
-    train = pack(encode_documents(tokenizer, train_docs), tokenizer.eod_id, config.seq_len, seed)
-    held_out = pack(encode_documents(tokenizer, eval_docs), tokenizer.eod_id, config.seq_len, None)
-    for name, packed in (("training", train), ("held-out", held_out)):
+    if corpus is None:
+        texts: Iterator[str] = iter(read_embedded_documents())
+        docs = _encode_all(tokenizer, texts)
+    else:
+        files = sources.corpus_files(config.corpus)
+        if sources.is_tokenized(files):
+            if not config.tokenizer:
+                raise ConfigError("data.corpus holds token files: set data.tokenizer to the tokenizer "
+                                  "that made them (it gives the end-of-document id)")
+            docs = sources.read_token_documents(files, tokenizer.eod_id)
+        else:
+            docs = _encode_all(tokenizer, sources.read_text_documents(files, config.text_field,
+                                                                      config.txt_documents))
+    documents = TokenDocuments.from_documents(docs, tokenizer.eod_id)
+    if len(documents) == 0:
+        raise ConfigError(f"data.corpus={config.corpus!r} holds no text")
+    return documents, tokenizer, int(documents.tokens.max())
+
+
+def build_corpus(config: DataConfig, seed: int, vocab_size: int) -> Corpus:
+    """Loads, splits and packs the configured corpus, checking it against the model's vocabulary."""
+    documents, tokenizer, max_token = load_documents(config)
+    if max_token >= vocab_size or tokenizer.vocab_size > vocab_size:
+        raise ConfigError(f"the corpus uses token ids up to {max(max_token, tokenizer.vocab_size - 1)} but "
+                          f"model.vocab_size={vocab_size}; raise model.vocab_size or use another tokenizer")
+    train_idx, eval_idx = split_documents(len(documents), config.eval_fraction, seed)
+    corpus = Corpus(tokenizer, pack(documents, train_idx, config.seq_len, seed),
+                    pack(documents, eval_idx, config.seq_len, None))
+    for name, packed in (("training", corpus.train), ("held-out", corpus.held_out)):
         if len(packed) == 0:
             raise ConfigError(f"data.seq_len={config.seq_len} is longer than the {name} data "
-                              f"({len(packed.stream)} tokens); lower data.seq_len or add text")
-    return Corpus(tokenizer, train, held_out)
+                              f"({packed.num_tokens} tokens); lower data.seq_len or add text")
+    return corpus
+
+
+class BatchIterator:
+    """This host's rows of consecutive global batches, prefetched by grain in background threads.
+
+    `state()` is the position to save with a checkpoint; `BatchIterator(..., state=...)` resumes.
+    """
+
+    def __init__(self, sequences: PackedSequences, batch_size: int, seed: int, *, host_index: int = 0,
+                 host_count: int = 1, state: dict | None = None, prefetch: int = 2):
+        import grain
+
+        if batch_size % host_count:
+            raise ConfigError(f"data.batch_size={batch_size} is not divisible by the {host_count} hosts")
+        host_batch = batch_size // host_count
+        dataset = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None)
+        dataset = dataset.batch(host_batch)[host_index::host_count]
+        options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch)
+        self._iterator = iter(dataset.to_iter_dataset(options))
+        if state:
+            self._iterator.set_state(state)
+
+    def __next__(self) -> np.ndarray:
+        return np.asarray(next(self._iterator), np.int32)
+
+    def state(self) -> dict:
+        return self._iterator.get_state()
+
+    @staticmethod
+    def state_at(step: int) -> dict:
+        """The position of an iterator that has produced `step` batches."""
+        return {"next_index": step}
+
+
+# --------------------------------------------------------------------------------------------
+# python -m rexmoe_jax.data prepare | train-tokenizer
+
+
+def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_field: str = "text",
+            txt_documents: str = "file") -> dict:
+    """Tokenizes `source` once into `output` (tokens.bin, offsets.npy, meta.json), atomically."""
+    tokenizer = load_tokenizer(tokenizer_path)
+    files = sources.corpus_files(source)
+    if sources.is_tokenized(files):
+        docs = sources.read_token_documents(files, tokenizer.eod_id)
+    else:
+        docs = _encode_all(tokenizer, sources.read_text_documents(files, text_field, txt_documents))
+    dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
+    partial = output.with_name(output.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    offsets, max_token = [0], 0
+    with open(partial / "tokens.bin", "wb") as f:
+        for doc in docs:
+            doc = np.append(doc, tokenizer.eod_id)
+            max_token = max(max_token, int(doc.max()))
+            f.write(doc.astype(dtype).tobytes())
+            offsets.append(offsets[-1] + len(doc))
+    if len(offsets) == 1:
+        shutil.rmtree(partial)
+        raise ConfigError(f"{source!r} holds no text")
+    np.save(partial / "offsets.npy", np.asarray(offsets, np.int64))
+    meta = {"source": source, "tokenizer": str(pathlib.Path(tokenizer_path).resolve()),
+            "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "dtype": dtype.str,
+            "num_documents": len(offsets) - 1, "num_tokens": offsets[-1], "max_token_id": max_token}
+    (partial / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
+    if output.exists():
+        shutil.rmtree(output)
+    partial.rename(output)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from rexmoe_jax.tokenizer import train_bpe
+
+    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.data")
+    commands = parser.add_subparsers(dest="command", required=True)
+    prep = commands.add_parser("prepare", help="tokenize a corpus once into token files")
+    prep.add_argument("--source", required=True, help="file, folder or glob of .txt/.jsonl/.parquet/.npy/...")
+    prep.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
+    prep.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
+    prep.add_argument("--text-field", default="text")
+    prep.add_argument("--txt-documents", default="file", choices=["file", "paragraph", "line"])
+    tok = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a corpus")
+    tok.add_argument("--source", required=True)
+    tok.add_argument("--vocab-size", type=int, default=32_000)
+    tok.add_argument("--output", required=True, help="tokenizer.json to write")
+    tok.add_argument("--text-field", default="text")
+    tok.add_argument("--txt-documents", default="file", choices=["file", "paragraph", "line"])
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "prepare":
+            meta = prepare(args.source, args.tokenizer, pathlib.Path(args.output),
+                           text_field=args.text_field, txt_documents=args.txt_documents)
+            print(f"wrote {meta['num_tokens']:,} tokens in {meta['num_documents']:,} documents to {args.output}")
+        else:
+            files = sources.corpus_files(args.source)
+            if sources.is_tokenized(files):
+                raise ConfigError("train-tokenizer needs text files, not token files")
+            texts = sources.read_text_documents(files, args.text_field, args.txt_documents)
+            trained = train_bpe(texts, args.vocab_size, args.output)
+            print(f"wrote a {trained.vocab_size:,}-token tokenizer to {args.output}")
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

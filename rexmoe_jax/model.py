@@ -154,6 +154,21 @@ def _flatten_layers(stats: RouterStats, pool_size: int) -> RouterStats:
     return flat._replace(expert_load_P=jnp.pad(load_LxP, ((0, 0), (0, pad))))
 
 
+def per_layer_norms(tree, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """L2 norms of a parameter-shaped tree (e.g. gradients) per layer, (L,), over each layer's
+    own weights, and per group, (groups,), over each group's expert pool."""
+    layer_sq, pool_sq = [], []
+    for name in ("groups", "last_group"):
+        if name not in tree:
+            continue
+        layers = jax.tree.leaves(tree[name]["layers"])
+        layer_sq.append(sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(2, x.ndim)))
+                            for x in layers).reshape(-1))
+        pool_sq.append(sum(jnp.sum(jnp.square(tree[name][k].astype(jnp.float32)), axis=(1, 2, 3))
+                           for k in ("experts_gate", "experts_up", "experts_down")))
+    return jnp.sqrt(jnp.concatenate(layer_sq)), jnp.sqrt(jnp.concatenate(pool_sq))
+
+
 def layer_pool_sizes(config: ModelConfig) -> np.ndarray:
     """The pool size of every layer, (L,): r*N, or less in a smaller last group."""
     return np.repeat(np.asarray(config.group_sizes) * config.num_experts, config.group_sizes)

@@ -20,7 +20,7 @@ import optax
 from rexmoe_jax import losses, reuse
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config
-from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts
+from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts, per_layer_norms
 from rexmoe_jax.optimizer import learning_rate_schedule
 
 # Independent random streams derived from train.seed.
@@ -77,7 +77,8 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
         ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
         total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
-        return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P}
+        return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P,
+                       "layer_z_loss": stats.z_loss}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -97,14 +98,24 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
                 lambda carry, tokens: (jax.tree.map(jnp.add, carry, micro_step(tokens)), None),
                 zeros, micro)
             grads, aux = jax.tree.map(lambda x: x / accum, (grads, aux))
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        new_state = TrainState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
+        params = optax.apply_updates(state.params, updates)
+        # A finite gradient can still overflow the weights: the new state must be finite too.
+        param_norm = optax.tree.norm(params)
+        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        if config.train.nonfinite == "skip":  # Keep the old weights and moments; the step moves on.
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
+        new_state = TrainState(state.step + 1, params, opt_state)
+        layer_grad_norm, group_expert_grad_norm = per_layer_norms(grads, config.model)
         step_metrics = {
             "loss": aux["loss"], "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
-            "grad_norm": optax.tree.norm(grads), "lr": schedule(state.step),
+            "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step), "finite": finite,
+            "layer_grad_norm": layer_grad_norm, "group_expert_grad_norm": group_expert_grad_norm,
             "psr_pool_size": reuse.psr_pool_size(state.step, config.psr, config.model.num_experts,
                                                  config.model.pool_size),
-            "expert_load": aux["expert_load"],
+            "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
             **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes),
         }
         return new_state, step_metrics

@@ -2,6 +2,7 @@
 
 import os
 import sys
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -10,6 +11,9 @@ import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Runs that build the same program (resume tests, repeated small models) compile it once.
+jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

@@ -1,59 +1,195 @@
-"""Packing, splitting and batches as a pure function of (seed, step)."""
+"""Sources, packing, splitting, prepared token files, and batches as a function of (seed, step)."""
+
+import json
 
 import numpy as np
 import pytest
 
-from rexmoe_jax import data
+from rexmoe_jax import data, sources
 from rexmoe_jax.config import ConfigError, DataConfig
+from rexmoe_jax.tokenizer import train_bpe
+
+TEXTS = [f"Document number {i}: " + " ".join(["alpha beta gamma delta"] * (1 + i % 5)) for i in range(40)]
+
+
+def docs(*arrays):
+    return data.TokenDocuments.from_documents([np.asarray(a) for a in arrays], eod_id=0)
 
 
 def test_packing_puts_eod_after_every_document():
-    docs = [np.array([1, 2, 3]), np.array([4]), np.array([5, 6])]
-    packed = data.pack(docs, eod_id=0, seq_len=3, seed=None)
-    np.testing.assert_array_equal(packed.stream, [1, 2, 3, 0, 4, 0, 5, 6, 0])
-    # Windows of seq_len + 1 at a stride of seq_len: inputs and shifted targets.
+    d = docs([1, 2, 3], [4], [5, 6])
+    packed = data.pack(d, np.arange(3), seq_len=3, seed=None)
+    stream = np.concatenate([packed[i] for i in range(len(packed))])
+    # Windows of seq_len + 1 at a stride of seq_len: [1 2 3 0] [0 4 0 5]; 9 tokens give 2.
     assert len(packed) == 2
     np.testing.assert_array_equal(packed[0], [1, 2, 3, 0])
     np.testing.assert_array_equal(packed[1], [0, 4, 0, 5])
+    assert stream.dtype == np.int32
+
+
+def test_window_spanning_many_documents():
+    d = docs(*[[i] for i in range(1, 11)])  # ten one-token documents
+    packed = data.pack(d, np.arange(10), seq_len=7, seed=None)
+    np.testing.assert_array_equal(packed[0], [1, 0, 2, 0, 3, 0, 4, 0])
+    np.testing.assert_array_equal(packed[1], [0, 5, 0, 6, 0, 7, 0, 8])
 
 
 def test_packing_shuffles_documents_by_seed():
-    docs = [np.array([i] * 3) for i in range(1, 30)]
-    a = data.pack(docs, 0, 4, seed=1).stream
-    b = data.pack(docs, 0, 4, seed=1).stream
-    c = data.pack(docs, 0, 4, seed=2).stream
-    np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert sorted(a.tolist()) == sorted(data.pack(docs, 0, 4, seed=None).stream.tolist())
+    d = docs(*[[i] * 3 for i in range(1, 30)])
+    first = lambda seed: np.concatenate([p for p in (data.pack(d, np.arange(29), 4, seed)[i] for i in range(10))])
+    np.testing.assert_array_equal(first(1), first(1))
+    assert not np.array_equal(first(1), first(2))
 
 
 def test_held_out_documents_are_disjoint_and_seeded():
-    docs = [f"doc {i}" for i in range(100)]
-    train, held = data.split_documents(docs, 0.1, seed=3)
+    train, held = data.split_documents(100, 0.1, seed=3)
     assert len(held) == 10 and not set(train) & set(held) and len(train) + len(held) == 100
-    assert data.split_documents(docs, 0.1, seed=3)[1] == held
-    assert data.split_documents(docs, 0.1, seed=4)[1] != held
+    np.testing.assert_array_equal(data.split_documents(100, 0.1, seed=3)[1], held)
+    assert not np.array_equal(data.split_documents(100, 0.1, seed=4)[1], held)
+    with pytest.raises(ConfigError, match="at least 2"):
+        data.split_documents(1, 0.1, seed=0)
+
+
+def sequences(n_tokens=1000, seq_len=9):
+    d = data.TokenDocuments(np.arange(n_tokens, dtype=np.int32), np.asarray([0, n_tokens]))
+    return data.pack(d, np.arange(1), seq_len, seed=None)
 
 
 def test_batches_are_a_function_of_seed_and_step():
-    packed = data.PackedSequences(np.arange(1000, dtype=np.int32), seq_len=9)
-    src = data.BatchSource(packed, batch_size=4, seed=0)
-    again = data.BatchSource(packed, batch_size=4, seed=0)
-    np.testing.assert_array_equal(src.batch(17), again.batch(17))
-    assert not np.array_equal(src.batch(17), src.batch(18))
-    # Two hosts read disjoint halves whose union is the one-host batch.
-    np.testing.assert_array_equal(np.concatenate([src.batch(5, slice(0, 2)), src.batch(5, slice(2, 4))]),
-                                  src.batch(5))
-    # The first len(packed) rows visit every sequence once (sequence i starts with token 9 i).
-    rows = np.concatenate([src.batch(s) for s in range(len(packed) // 4 + 1)])[:len(packed)]
-    assert sorted(rows[:, 0].tolist()) == [9 * i for i in range(len(packed))]
+    seqs = sequences()
+    a = data.BatchIterator(seqs, batch_size=4, seed=0)
+    b = data.BatchIterator(seqs, batch_size=4, seed=0)
+    first = [next(a) for _ in range(30)]
+    for batch in first:
+        np.testing.assert_array_equal(batch, next(b))
+    assert not np.array_equal(first[3], first[4])
+    # The first len(seqs) rows visit every sequence once (sequence i starts with token 9 i).
+    rows = np.concatenate(first)[:len(seqs)]
+    assert sorted(rows[:, 0].tolist()) == [9 * i for i in range(len(seqs))]
+    # Resuming from a saved position continues exactly.
+    resumed = data.BatchIterator(seqs, batch_size=4, seed=0, state=data.BatchIterator.state_at(17))
+    np.testing.assert_array_equal(next(resumed), first[17])
+    c = data.BatchIterator(seqs, batch_size=4, seed=0)
+    for _ in range(5):
+        next(c)
+    assert c.state() == data.BatchIterator.state_at(5)
 
 
-def test_embedded_corpus_and_sequence_length_errors():
-    corpus = data.build_corpus(DataConfig(seq_len=32), seed=0)
+def test_hosts_read_disjoint_halves_of_each_global_batch():
+    seqs = sequences()
+    one = data.BatchIterator(seqs, batch_size=6, seed=1)
+    hosts = [data.BatchIterator(seqs, batch_size=6, seed=1, host_index=h, host_count=2) for h in range(2)]
+    for _ in range(25):
+        parts = [next(h) for h in hosts]
+        assert parts[0].shape == (3, 10)
+        np.testing.assert_array_equal(np.concatenate(parts), next(one))
+    with pytest.raises(ConfigError, match="not divisible"):
+        data.BatchIterator(seqs, batch_size=5, seed=1, host_count=2)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_bpe(TEXTS, 300, path)
+    return path
+
+
+def write_sources(folder, tokenizer):
+    """The same 40 documents in every format the data pipeline reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(TEXTS)))
+    pq.write_table(pa.table({"text": TEXTS}), folder / "docs.parquet")
+    (folder / "txt").mkdir(exist_ok=True)
+    for i, t in enumerate(TEXTS):
+        (folder / "txt" / f"{i:03d}.txt").write_text(t)
+    (folder / "paragraphs.txt").write_text("\n\n".join(TEXTS))
+    ids = [np.asarray(tokenizer.encode(t), np.int32) for t in TEXTS]
+    np.save(folder / "tokens.npy", np.concatenate([np.append(d, tokenizer.eod_id) for d in ids]))
+    sources.write_array_record(folder / "tokens.arrayrecord", ids)
+    return ids
+
+
+def test_every_source_format_gives_the_same_documents(tmp_path, tokenizer_file):
+    from rexmoe_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    expected = write_sources(tmp_path, tok)
+    cases = [("docs.jsonl", "file"), ("docs.parquet", "file"), ("txt", "file"), ("paragraphs.txt", "paragraph"),
+             ("tokens.npy", "file"), ("tokens.arrayrecord", "file")]
+    for name, txt_documents in cases:
+        cfg = DataConfig(corpus=str(tmp_path / name), tokenizer=str(tokenizer_file), txt_documents=txt_documents)
+        documents, _, max_token = data.load_documents(cfg)
+        assert len(documents) == 40, name
+        for i, doc in enumerate(expected):
+            got = documents.tokens[documents.offsets[i]:documents.offsets[i + 1]]
+            np.testing.assert_array_equal(got, np.append(doc, tok.eod_id), err_msg=name)
+        assert max_token == max(int(d.max()) for d in expected + [np.asarray([tok.eod_id])])
+
+
+def test_prepare_writes_memory_mapped_tokens(tmp_path, tokenizer_file):
+    from rexmoe_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_file)
+    expected = write_sources(tmp_path / "src", tok)
+    assert data.main(["prepare", "--source", str(tmp_path / "src" / "docs.parquet"), "--tokenizer",
+                      str(tokenizer_file), "--output", str(tmp_path / "prepared")]) == 0
+    meta = json.loads((tmp_path / "prepared" / "meta.json").read_text())
+    assert meta["num_documents"] == 40 and meta["dtype"] == "<u2"
+    assert meta["num_tokens"] == sum(len(d) + 1 for d in expected)
+    documents, _, _ = data.load_documents(DataConfig(corpus=str(tmp_path / "prepared")))
+    assert isinstance(documents.tokens, np.memmap)
+    np.testing.assert_array_equal(documents.tokens[:len(expected[0]) + 1], np.append(expected[0], tok.eod_id))
+    # Training reads the prepared folder exactly as it reads the source.
+    direct = data.build_corpus(DataConfig(corpus=str(tmp_path / "src" / "docs.jsonl"), tokenizer=str(tokenizer_file),
+                                          seq_len=8), seed=0, vocab_size=300)
+    prepared = data.build_corpus(DataConfig(corpus=str(tmp_path / "prepared"), seq_len=8), seed=0, vocab_size=300)
+    assert len(direct.train) == len(prepared.train)
+    for i in (0, 5, len(direct.train) - 1):
+        np.testing.assert_array_equal(direct.train[i], prepared.train[i])
+
+
+def test_train_tokenizer_command(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    assert data.main(["train-tokenizer", "--source", str(tmp_path / "c.jsonl"), "--vocab-size", "280",
+                      "--output", str(tmp_path / "t.json")]) == 0
+    assert "280-token tokenizer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: None, "matches no file"),
+    (lambda p: (p / "c.jsonl").write_text(""), "holds no text"),
+    (lambda p: (p / "c.jsonl").write_text('{"text": "ok"}\n{broken\n'), r"c.jsonl:2: not valid JSON"),
+    (lambda p: (p / "c.jsonl").write_text('{"body": "x"}\n'), "no string field 'text'"),
+    (lambda p: (p / "c.csv").write_text("a,b\n"), "unsupported type"),
+    (lambda p: (p / "c.txt").write_bytes(b"\xff\xfe bad"), "not UTF-8"),
+    (lambda p: (p / "c.npy").write_bytes(b"nonsense"), "not a readable .npy"),
+])
+def test_bad_corpus_inputs(tmp_path, setup, message, tokenizer_file):
+    setup(tmp_path)
+    name = next((p.name for p in tmp_path.iterdir()), "missing.jsonl")
+    cfg = DataConfig(corpus=str(tmp_path / name), tokenizer=str(tokenizer_file))
+    with pytest.raises(ConfigError, match=message):
+        data.build_corpus(cfg, seed=0, vocab_size=300)
+
+
+def test_tokens_outside_the_vocabulary_and_short_data(tmp_path, tokenizer_file):
+    np.save(tmp_path / "t.npy", np.asarray([5, 6, 0, 7, 999, 0], np.int32))
+    cfg = DataConfig(corpus=str(tmp_path / "t.npy"), tokenizer=str(tokenizer_file), seq_len=2)
+    with pytest.raises(ConfigError, match="token ids up to 999 but model.vocab_size=300"):
+        data.build_corpus(cfg, seed=0, vocab_size=300)
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        data.build_corpus(DataConfig(seq_len=10_000_000), seed=0, vocab_size=4096)
+    with pytest.raises(ConfigError, match="set data.tokenizer"):
+        data.build_corpus(DataConfig(corpus=str(tmp_path / "t.npy")), seed=0, vocab_size=300)
+
+
+def test_embedded_corpus():
+    corpus = data.build_corpus(DataConfig(seq_len=32), seed=0, vocab_size=4096)
     assert corpus.tokenizer.vocab_size == 4096
     assert len(corpus.train) > 10_000 and len(corpus.held_out) > 100
-    held_text = corpus.tokenizer.decode(corpus.held_out.stream[:200])
-    assert held_text.strip()
-    with pytest.raises(ConfigError, match="data.seq_len"):
-        data.build_corpus(DataConfig(seq_len=10_000_000), seed=0)
+    assert corpus.tokenizer.decode(corpus.held_out[0]).strip()
+    with pytest.raises(ConfigError, match="model.vocab_size=100"):
+        data.build_corpus(DataConfig(seq_len=32), seed=0, vocab_size=100)

@@ -1,0 +1,110 @@
+"""Pictures of a run: python -m rexmoe_jax.plot --workdir DIR [--output FOLDER]
+
+Writes loss.png (training and held-out loss), psr.png (the PSR pool size N_t and the learning
+rate) and expert_load.png (per-layer expert loads over the candidate pool at the last
+evaluation, as LBV: 0 is perfect balance, -1 an idle expert). Needs matplotlib
+(pip install matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import numpy as np
+
+from rexmoe_jax.runlog import METRICS_FILE, ROUTING_FILE, read_records
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_losses(records: list[dict], path: pathlib.Path) -> None:
+    plt = _pyplot()
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="training loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_psr(records: list[dict], path: pathlib.Path) -> None:
+    plt = _pyplot()
+    train = [r for r in records if "psr_pool_size" in r]
+    steps = [r["step"] for r in train]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.step(steps, [r["psr_pool_size"] for r in train], where="post", color="C0")
+    ax.set(xlabel="step", ylabel="available experts N_t", title="PSR pool size and learning rate")
+    ax.grid(alpha=0.3)
+    lr_ax = ax.twinx()
+    lr_ax.plot(steps, [r["lr"] for r in train], color="C1", lw=1)
+    lr_ax.set_ylabel("learning rate", color="C1")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_expert_load(routing: dict, path: pathlib.Path) -> None:
+    """A (layers x pool) heatmap of LBV; entries past a smaller last group's pool are blank."""
+    plt = _pyplot()
+    load = np.asarray(routing["expert_load"], np.float64)
+    pools = np.asarray(routing["pool_sizes"])[:, None]
+    lbv = np.where(np.arange(load.shape[1])[None, :] < pools, load * pools - 1.0, np.nan)
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(min(14, 3 + load.shape[1] / 8), 2 + load.shape[0] / 3))
+    # LBV runs from -1 (idle) to pool - 1 (every token): white at 0, blue below, red above.
+    norm = TwoSlopeNorm(vmin=-1.0, vcenter=0.0, vmax=max(1.0, float(np.nanmax(lbv))))
+    image = ax.imshow(lbv, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="pool expert (layer j of the group owns j*N ... j*N + N - 1)", ylabel="layer",
+           title=f"Expert load over the candidate pool at step {routing['step']} (LBV)")
+    fig.colorbar(image, ax=ax, label="LBV = (load - mean) / mean")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--output", default=None, help="folder for the PNG files (default: the workdir)")
+    args = parser.parse_args(argv)
+    workdir = pathlib.Path(args.workdir)
+    records = read_records(workdir / METRICS_FILE)
+    if not records:
+        print(f"error: {workdir / METRICS_FILE} has no records; is --workdir a training run?", file=sys.stderr)
+        return 2
+    output = pathlib.Path(args.output) if args.output else workdir
+    output.mkdir(parents=True, exist_ok=True)
+    plot_losses(records, output / "loss.png")
+    plot_psr(records, output / "psr.png")
+    written = ["loss.png", "psr.png"]
+    routing = read_records(workdir / ROUTING_FILE)
+    if routing:
+        plot_expert_load(routing[-1], output / "expert_load.png")
+        written.append("expert_load.png")
+    print(f"wrote {', '.join(written)} to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
