@@ -19,5 +19,5 @@ def get_config() -> Config:
         loss=LossConfig(load_balance=0.01, z_loss=0.001),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=30),
         data=DataConfig(seq_len=128, batch_size=16),
-        train=TrainConfig(steps=300, log_every=10, eval_every=100, eval_batches=4),
+        train=TrainConfig(steps=300, log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100),
     )
