@@ -17,6 +17,7 @@ import sys
 import time
 
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
+from rexmoe_jax.preemption import StopRequest
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
@@ -43,6 +44,8 @@ def describe(config) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First, before jax is imported: a preemption during start-up still ends in a checkpoint.
+    stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         config = apply_overrides(load_preset(args.config), args.overrides)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = loop.run(config, workdir, stop=loop.StopRequest().install())
+        result = loop.run(config, workdir, stop=stop)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 import pathlib
-import signal
 import sys
 import tempfile
 import time
@@ -22,6 +21,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.model import layer_pool_sizes
 from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import RunLog, to_host
 
 # Per-step values kept out of metrics.jsonl: the (L, pool) loads go to routing.jsonl at evals.
@@ -30,30 +30,6 @@ _NOT_LOGGED = ("expert_load", "finite")
 
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss or gradient and train.nonfinite is "stop"."""
-
-
-class StopRequest:
-    """Set by SIGTERM or SIGINT: the loop finishes the current step, saves a checkpoint of it,
-    waits for the write and returns. A second signal ends the process at once."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-
-    def install(self) -> StopRequest:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, _frame) -> None:
-        self.signal_name = signal.Signals(signum).name
-        print(f"\nreceived {self.signal_name}: saving a checkpoint after this step "
-              "(send it again to quit at once)", file=sys.stderr, flush=True)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
-
-    def requested(self, step: int) -> bool:
-        del step  # A test's subclass stops at a chosen step.
-        return self.signal_name is not None
 
 
 def check_workdir(workdir: pathlib.Path) -> None:

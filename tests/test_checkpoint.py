@@ -14,6 +14,7 @@ import pytest
 
 from rexmoe_jax import loop
 from rexmoe_jax.checkpoint import Checkpointer
+from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
 from rexmoe_jax.runlog import read_records
 
@@ -26,7 +27,7 @@ SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.n
 TIMING = {"tokens_per_sec"}
 
 
-class StopAt(loop.StopRequest):
+class StopAt(StopRequest):
     """A preemption at a chosen step, as SIGTERM would request it."""
 
     def __init__(self, step):
