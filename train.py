@@ -3,6 +3,8 @@
     python train.py                                   # the default small ReXMoE on the embedded corpus
     python train.py --config configs/NAME.py --workdir DIR key=value ...
     python train.py --config configs/NAME.py --dry-run     # sizes only; last line is JSON
+    python train.py --config configs/NAME.py --compile-only mesh.data=8 mesh.expert=8 \
+        --simulate-devices 64                            # per-device memory of a mesh, on a CPU
 
 Overrides name a config field by section and field (model.reuse=4, psr.schedule=linear,
 train.steps=1000); an unknown key or a value of the wrong type is an error.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -32,6 +35,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run folder for metrics and checkpoints (default: runs/<preset>-<time>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model without training; print its sizes as JSON")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the train step for the mesh and print its per-device memory")
+    parser.add_argument("--simulate-devices", type=int, default=0, metavar="N",
+                        help="run on N simulated CPU devices (to try a mesh without the hardware)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser.parse_args(argv)
 
@@ -53,7 +62,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
+    if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.simulate_devices}")
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()  # Finds the coordinator on TPU pods, SLURM, Open MPI, ...
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
+
+    if jax.process_index() != 0:  # Only process 0 prints; every process trains.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
 
     print(f"config {args.config}:\n{describe(config)}", flush=True)
     sizes = trainer.summary(config)
@@ -62,6 +82,19 @@ def main(argv: list[str] | None = None) -> int:
           f"{sizes['num_groups']} groups; {sizes['tokens_per_step']:,} tokens per step", flush=True)
     if args.dry_run:
         print(json.dumps(sizes))
+        return 0
+    if args.compile_only:
+        try:
+            report = loop.compile_report(config)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        gib = 1024 ** 3
+        print(f"compiled the train step in {report['compile_seconds']}s for {report['devices']} devices, "
+              f"mesh {report['mesh']}; per device: parameters and optimizer state "
+              f"{report['argument_size_in_bytes'] / gib:.2f} GiB, temporaries {report['temp_size_in_bytes'] / gib:.2f} "
+              f"GiB, total {report['total_bytes_per_device'] / gib:.2f} GiB")
+        print(json.dumps(report))
         return 0
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -13,7 +13,10 @@ _PUBLIC = {
     "Decoder": "model", "PSRInputs": "model", "param_counts": "model",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "Config", "ConfigError", "DataConfig", "Decoder", "LossConfig", "MeshConfig", "ModelConfig",
+    "OptimConfig", "PSRConfig", "PSRInputs", "TrainConfig", "apply_overrides", "load_preset", "param_counts",
+]
 
 
 def __getattr__(name):

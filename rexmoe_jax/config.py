@@ -59,6 +59,9 @@ class ModelConfig:
     remat: RematPolicy = "none"
     dispatch: Dispatch = "sort"  # "dense" is the reference oracle: every expert on every token.
     grouped_matmul: GroupedMatmul = "ragged_dot"  # How the "sort" dispatch runs the expert matmuls.
+    # Expert parallelism: slots per destination device, as a multiple of the even share of a
+    # device's T*K assignments; 0 sizes them so nothing can be dropped.
+    capacity_factor: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -83,6 +86,7 @@ class ModelConfig:
         _require(self.rope_base > 0, "model.rope_base must be > 0")
         _require(self.norm_eps > 0, "model.norm_eps must be > 0")
         _require(self.init_std > 0, "model.init_std must be > 0")
+        _require(self.capacity_factor >= 0, "model.capacity_factor must be >= 0")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -199,11 +203,17 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
+    num_devices: int = 0  # Devices to use, the first ones of jax.devices(); 0 means all.
+
+    @property
+    def axis_sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.fsdp, self.expert, self.tensor)
 
     def __post_init__(self):
-        sizes = dataclasses.astuple(self)
+        sizes = self.axis_sizes
         _require(all(s == -1 or s >= 1 for s in sizes), "mesh axis sizes must be >= 1 or -1")
         _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
+        _require(self.num_devices >= 0, "mesh.num_devices must be >= 0")
 
 
 NonFinite = Literal["stop", "skip"]

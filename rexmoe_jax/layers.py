@@ -82,21 +82,20 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype, k = dtype_of(cfg.dtype), cfg.resolved_head_dim
+        dtype, d, k = dtype_of(cfg.dtype), cfg.d_model, cfg.resolved_head_dim
 
         def proj(name, heads, axis_name):
-            return nn.DenseGeneral((heads, k), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                                   kernel_init=param_init(cfg.init_std, ("embed", axis_name, "head_dim")),
-                                   name=name)(x_BxSxD)
+            kernel_DxHxK = self.param(name, param_init(cfg.init_std, ("embed", axis_name, "head_dim")),
+                                      (d, heads, k), jnp.float32)
+            return jnp.einsum("bsd,dhk->bshk", x_BxSxD, kernel_DxHxK.astype(dtype))
 
         q_BxSxHxK = apply_rope(proj("query", cfg.num_heads, "heads"), positions_BxS, cfg.rope_base)
         k_BxSxVxK = apply_rope(proj("key", cfg.num_kv_heads, "kv_heads"), positions_BxS, cfg.rope_base)
         v_BxSxVxK = proj("value", cfg.num_kv_heads, "kv_heads")
         out_BxSxHxK = causal_attention(q_BxSxHxK, k_BxSxVxK, v_BxSxVxK, positions_BxS, positions_BxS)
-        return nn.DenseGeneral(cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype,
-                               param_dtype=jnp.float32, name="out",
-                               kernel_init=param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
-                               )(out_BxSxHxK)
+        out_HxKxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
+                               (cfg.num_heads, k, d), jnp.float32)
+        return jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, out_HxKxD.astype(dtype))
 
 
 class SwiGLU(nn.Module):
@@ -114,11 +113,10 @@ class SwiGLU(nn.Module):
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
 
-        def dense(name, features, names, std):
-            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                            kernel_init=param_init(std, names), name=name)
+        def weight(name, shape, names, std):
+            return self.param(name, param_init(std, names), shape, jnp.float32).astype(dtype)
 
-        gate_BxSxF = dense("gate", self.hidden, ("embed", "mlp"), cfg.init_std)(x_BxSxD)
-        up_BxSxF = dense("up", self.hidden, ("embed", "mlp"), cfg.init_std)(x_BxSxD)
-        return dense("down", cfg.d_model, ("mlp", "embed"), output_init_std(cfg))(
-            nn.silu(gate_BxSxF) * up_BxSxF)
+        d, f = cfg.d_model, self.hidden
+        gate_BxSxF = x_BxSxD @ weight("gate", (d, f), ("embed", "mlp"), cfg.init_std)
+        up_BxSxF = x_BxSxD @ weight("up", (d, f), ("embed", "mlp"), cfg.init_std)
+        return (nn.silu(gate_BxSxF) * up_BxSxF) @ weight("down", (f, d), ("mlp", "embed"), output_init_std(cfg))

@@ -3,6 +3,7 @@ logging and checkpoints at their cadences, resume, preemption and non-finite ste
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 from rexmoe_jax import data as data_lib
 from rexmoe_jax import generate as generate_lib
 from rexmoe_jax import metrics as metrics_lib
-from rexmoe_jax import trainer
+from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.model import layer_pool_sizes
@@ -29,7 +30,7 @@ _NOT_LOGGED = ("expert_load", "finite")
 
 
 class NonFiniteError(RuntimeError):
-    """A step produced a non-finite loss or gradient and train.nonfinite is "stop"."""
+    """A step produced a non-finite loss, gradient or weight and train.nonfinite is "stop"."""
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
@@ -43,13 +44,9 @@ def check_workdir(workdir: pathlib.Path) -> None:
 
 
 def _first_nonfinite(record: dict) -> str:
-    """Names the first non-finite value of a step: a scalar, else the first layer or group."""
-    for name in ("loss", "lb_loss", "z_loss", "grad_norm", "param_norm"):
-        if not math.isfinite(record[name]):
-            culprit = f"{name}={record[name]}"
-            break
-    else:
-        culprit = "a metric"
+    """Names the first non-finite value of a step: a scalar, and the first layer or group."""
+    culprit = next((f"{name}={record[name]}" for name in ("loss", "lb_loss", "z_loss", "grad_norm", "param_norm")
+                    if not math.isfinite(record[name])), "a metric")
     for name, what in (("layer_z_loss", "layer"), ("layer_grad_norm", "layer"),
                        ("group_expert_grad_norm", "expert pool of group")):
         bad = [i for i, v in enumerate(record[name]) if not math.isfinite(v)]
@@ -69,12 +66,81 @@ class _Throughput:
         return rate
 
 
-def evaluate(eval_step, params, batches: list[np.ndarray], pool_sizes: np.ndarray) -> tuple[dict, np.ndarray]:
+@dataclasses.dataclass
+class _Session:
+    """Everything a run holds between steps."""
+
+    config: Config
+    corpus: data_lib.Corpus
+    eval_batches: list[np.ndarray]
+    mesh: jax.sharding.Mesh
+    model: object
+    checkpointer: Checkpointer
+    state: trainer.TrainState
+    start: int
+    batches: data_lib.BatchIterator
+    train_step: object
+    eval_step: object
+    fingerprint: dict
+
+    def put(self, rows: np.ndarray) -> jax.Array:
+        """This host's rows of a global batch -> the sharded global batch."""
+        share = rows.shape[0] // jax.process_count()
+        return sharding.put_batch(rows[jax.process_index() * share:(jax.process_index() + 1) * share], self.mesh)
+
+
+def _compiled_steps(config: Config, model, tx, mesh, shardings):
+    replicated = sharding.replicated(mesh)
+    batch = sharding.batch_sharding(mesh)
+    train_step = jax.jit(trainer.make_train_step(config, model, tx), in_shardings=(shardings, batch),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(trainer.make_eval_step(config, model), in_shardings=(shardings.params, batch),
+                        out_shardings=replicated)
+    return train_step, eval_step
+
+
+def _open(config: Config, workdir: pathlib.Path) -> _Session:
+    """Checks the inputs, then builds or restores the state; raises ConfigError on bad input."""
+    check_workdir(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.validate(config, mesh)
+    corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
+    eval_batches = corpus.eval_batches(config.data.batch_size, config.train.eval_batches)
+    fingerprint = {"train_sequences": len(corpus.train), "train_tokens": corpus.train.num_tokens}
+
+    model = trainer.build_model(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = trainer.state_shardings(config, model, tx, mesh)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            jax.eval_shape(lambda: trainer.init_state(config, model, tx)), shardings)
+    restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json() + "\n")
+    if restored is None:
+        state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
+    else:
+        state, meta = restored
+        start, data_state = int(state.step), meta["data"]
+        if meta.get("data_fingerprint") != fingerprint:
+            print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
+                  f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
+        print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
+    batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
+                                     host_index=jax.process_index(), host_count=jax.process_count(),
+                                     state=data_state)
+    train_step, eval_step = _compiled_steps(config, model, tx, mesh, shardings)
+    return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
+                    train_step, eval_step, fingerprint)
+
+
+def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads."""
-    results = [eval_step(params, jnp.asarray(batch)) for batch in batches]
+    with sharding.activate(session.mesh):
+        results = [session.eval_step(params, session.put(batch)) for batch in session.eval_batches]
     loss = float(np.mean([float(r["loss"]) for r in results]))
     load = np.mean([np.asarray(r["expert_load"]) for r in results], axis=0)
-    routing = metrics_lib.routing_metrics(jnp.asarray(load), pool_sizes)
+    routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(session.config.model))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
             "lbv_max": float(routing["lbv_max"]), "underused_share": float(routing["underused_share"])}, load
 
@@ -86,104 +152,113 @@ def _progress(total: int, initial: int):
                 disable=None if jax.process_index() == 0 else True)
 
 
-def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the final
-    evaluation (with a generated sample), or {"stopped_at": step} after a stop request."""
-    stop = stop or StopRequest()
-    check_workdir(workdir)
-    corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
-    eval_batches = corpus.eval_batches(config.data.batch_size, config.train.eval_batches)
-    fingerprint = {"train_sequences": len(corpus.train), "train_tokens": corpus.train.num_tokens}
-
-    model = trainer.build_model(config)
-    tx = make_optimizer(config.optim, config.train.steps)
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: trainer.init_state(config, model, tx))
-    restored = checkpointer.restore(abstract, config)
-    (workdir / "config.json").write_text(config.to_json() + "\n")
-    if restored is None:
-        state, start, data_state = trainer.init_state(config, model, tx), 0, None
-    else:
-        state, meta = restored
-        start, data_state = int(state.step), meta["data"]
-        if meta.get("data_fingerprint") != fingerprint:
-            print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
-                  f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
-        print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
-    batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
-                                     host_index=jax.process_index(), host_count=jax.process_count(),
-                                     state=data_state)
-    train_step = jax.jit(trainer.make_train_step(config, model, tx), donate_argnums=0)
-    eval_step = jax.jit(trainer.make_eval_step(config, model))
-    pool_sizes = layer_pool_sizes(config.model)
-    log = RunLog(workdir, start)
-    total, train_cfg = config.train.steps, config.train
-    if jax.process_index() == 0:
-        print(f"training steps {start + 1}-{total} of {config.tokens_per_step:,} tokens "
-              f"({len(corpus.train):,} training sequences, {len(eval_batches)} eval batches) in {workdir}",
-              flush=True)
+def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, dict | None]:
+    """Steps from s.start to the end or a stop request; returns (last step, last evaluation)."""
+    cfg, total = s.config.train, s.config.train.steps
+    log, bar = RunLog(workdir, s.start), _progress(total, s.start)
+    throughput = _Throughput(s.start, s.config.tokens_per_step)
+    pool_sizes = layer_pool_sizes(s.config.model)
 
     def write_train(step, metrics):
         record = to_host({k: v for k, v in metrics.items() if k not in _NOT_LOGGED})
         record = {"step": step, **record, "tokens_per_sec": throughput(step)}
-        if not all(math.isfinite(v) for k, v in record.items() if isinstance(v, float)) or not bool(
-                metrics["finite"]):
-            message = f"step {step}: non-finite values ({_first_nonfinite(record)})"
-            if train_cfg.nonfinite == "stop":
-                log.write(record)
-                raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
-                                     f"(steps {checkpointer.steps() or 'none'})")
-            bar.write(f"{message}; the update was skipped")
+        finite = bool(metrics["finite"]) and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
         log.write(record)
+        if not finite:
+            message = f"step {step}: non-finite values ({_first_nonfinite(record)})"
+            if cfg.nonfinite == "stop":
+                raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
+                                     f"(steps {s.checkpointer.steps() or 'none'})")
+            bar.write(f"{message}; the update was skipped")
         bar.set_postfix(loss=f"{record['loss']:.3f}", n_t=record["psr_pool_size"],
                         tok_s=f"{record['tokens_per_sec']:.0f}")
 
-    throughput = _Throughput(start, config.tokens_per_step)
-    bar = _progress(total, start)
-    pending, final_eval, step = None, None, start
+    pending, last_eval, step = None, None, s.start
     try:
-        for step in range(start + 1, total + 1):
-            state, metrics = train_step(state, jnp.asarray(next(batches)))
+        for step in range(s.start + 1, total + 1):
+            with sharding.activate(s.mesh):
+                s.state, metrics = s.train_step(s.state, s.put(next(s.batches)))
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
                 pending = None
-            if step % train_cfg.log_every == 0 or step == total:
+            if step % cfg.log_every == 0 or step == total:
                 pending = (step, metrics)
-            if step % train_cfg.eval_every == 0 or step == total:
-                final_eval, load = evaluate(eval_step, state.params, eval_batches, pool_sizes)
-                final_eval = {"step": step, **final_eval}
-                log.write(final_eval)
+            if step % cfg.eval_every == 0 or step == total:
+                last_eval, load = evaluate(s, s.state.params)
+                last_eval = {"step": step, **last_eval}
+                log.write(last_eval)
                 log.write_routing(step, load, pool_sizes)
-                bar.write(f"step {step}: eval loss {final_eval['eval_loss']:.4f}, "
-                          f"perplexity {final_eval['eval_ppl']:.2f}")
+                bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
+                          f"perplexity {last_eval['eval_ppl']:.2f}")
             bar.update(1)
             stopping = stop.requested(step)
-            if stopping or step == total or (train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0):
-                if not bool(metrics["finite"]) and train_cfg.nonfinite == "stop":
+            if stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                if not bool(metrics["finite"]) and cfg.nonfinite == "stop":
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
-                checkpointer.save(step, state, {"step": step, "config": config.to_dict(), "data": batches.state(),
-                                                "data_fingerprint": fingerprint})
+                s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
+                                                    "data": s.batches.state(), "data_fingerprint": s.fingerprint})
             if stopping:
                 break
         if pending is not None:
             write_train(*pending)
     finally:
         bar.close()
-        checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
+        s.checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
         log.close()
-    if step < total:
-        print(f"stopped by {stop.signal_name or 'request'} after step {step}; "
-              f"checkpoint saved in {checkpointer.directory}; run the same command to resume", flush=True)
-        return {"stopped_at": step}
+    return step, last_eval
 
-    if final_eval is None:  # The run was already complete: evaluate what it left.
-        final_eval, _ = evaluate(eval_step, state.params, eval_batches, pool_sizes)
-        print(f"the run was already complete at step {start}", flush=True)
-    result = dict(final_eval)
-    if train_cfg.sample_tokens:
-        prompt = corpus.tokenizer.encode(train_cfg.sample_prompt)
-        key = jax.random.fold_in(jax.random.key(train_cfg.seed), trainer._SAMPLE_STREAM)
-        new = generate_lib.generate(model, state.params, prompt, train_cfg.sample_tokens, key,
-                                    eod_id=corpus.tokenizer.eod_id)
-        result["sample"] = train_cfg.sample_prompt + corpus.tokenizer.decode(new)
+
+def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
+    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the final
+    evaluation (with a generated sample), or {"stopped_at": step} after a stop request."""
+    stop = stop or StopRequest()
+    session = _open(config, workdir)
+    if jax.process_index() == 0:
+        print(f"training steps {session.start + 1}-{config.train.steps} of {config.tokens_per_step:,} tokens "
+              f"({len(session.corpus.train):,} training sequences, {len(session.eval_batches)} eval batches) "
+              f"on {session.mesh.devices.size} device(s), mesh {dict(session.mesh.shape)}, in {workdir}", flush=True)
+    step, last_eval = _train(session, workdir, stop)
+    if step < config.train.steps:
+        print(f"stopped by {stop.signal_name or 'request'} after step {step}; checkpoint saved in "
+              f"{session.checkpointer.directory}; run the same command to resume", flush=True)
+        return {"stopped_at": step}
+    if last_eval is None:  # The run was already complete: evaluate what it left.
+        last_eval, _ = evaluate(session, session.state.params)
+        print(f"the run was already complete at step {step}", flush=True)
+    result = dict(last_eval, step=step)
+    train = config.train
+    if train.sample_tokens:
+        prompt = session.corpus.tokenizer.encode(train.sample_prompt)
+        key = jax.random.fold_in(jax.random.key(train.seed), trainer._SAMPLE_STREAM)
+        new = generate_lib.generate(session.model, session.state.params, prompt, train.sample_tokens, key,
+                                    eod_id=session.corpus.tokenizer.eod_id)
+        result["sample"] = train.sample_prompt + session.corpus.tokenizer.decode(new)
     return result
+
+
+def compile_report(config: Config) -> dict:
+    """Lowers and compiles the train step for the configured mesh from shapes alone and returns
+    the per-device memory the compiler plans (bytes)."""
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.validate(config, mesh)
+    model = trainer.build_model(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = trainer.state_shardings(config, model, tx, mesh)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                         jax.eval_shape(lambda: trainer.init_state(config, model, tx)), shardings)
+    batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    train_step, _ = _compiled_steps(config, model, tx, mesh, shardings)
+    start = time.perf_counter()
+    with sharding.activate(mesh):
+        compiled = train_step.lower(state, batch).compile()
+    memory = compiled.memory_analysis()
+    report = {"devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+              "compile_seconds": round(time.perf_counter() - start, 1)}
+    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
+        report[name] = int(getattr(memory, name, 0) or 0)
+    # Donated state is both argument and output; count it once.
+    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    return report

@@ -32,8 +32,9 @@ import numpy as np
 
 from rexmoe_jax import reuse
 from rexmoe_jax.config import ModelConfig, PSRConfig
+from rexmoe_jax.dispatch import ExpertWeights
 from rexmoe_jax.layers import Attention, RMSNorm, dtype_of, output_init_std, param_init
-from rexmoe_jax.moe import ExpertWeights, MoEFFN, RouterStats
+from rexmoe_jax.moe import MoEFFN, RouterStats
 
 
 class PSRInputs(NamedTuple):
@@ -74,7 +75,7 @@ class DecoderLayer(nn.Module):
                 num_experts=cfg.num_experts, own_offset=(layer_id % cfg.reuse) * cfg.num_experts,
                 num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1])
         y_BxSxD, stats = MoEFFN(cfg, self.pool_size, name="moe")(h_BxSxD, weights, available_TxP)
-        return x_BxSxD + y_BxSxD, stats
+        return _constrain(x_BxSxD + y_BxSxD), stats
 
 
 class LayerGroup(nn.Module):
@@ -122,7 +123,7 @@ class Decoder(nn.Module):
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.float32)
-        x_BxSxD = jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype)
+        x_BxSxD = _constrain(jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype))
 
         stats = []
         for name, layer_ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(cfg)):
@@ -143,6 +144,11 @@ class Decoder(nn.Module):
         logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV.astype(dtype),
                                   preferred_element_type=jnp.float32)
         return logits_BxSxV, jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
+
+
+def _constrain(x_BxSxD: jax.Array) -> jax.Array:
+    """The residual stream is split over the batch axes (a no-op outside a mesh)."""
+    return nn.with_logical_constraint(x_BxSxD, ("batch", "seq", "act_embed"))
 
 
 def _flatten_layers(stats: RouterStats, pool_size: int) -> RouterStats:

@@ -38,16 +38,33 @@ def build_model(config: Config) -> Decoder:
     return Decoder(config.model, config.psr)
 
 
-def init_params(config: Config, model: Decoder):
-    """Unboxed float32 parameters (logical-axis metadata stripped)."""
-    tokens = jnp.zeros((1, 8), jnp.int32)
+def _boxed_params(config: Config, model: Decoder):
+    """Float32 parameters whose leaves carry their logical axis names (nn.Partitioned)."""
     key = jax.random.fold_in(jax.random.key(config.train.seed), _INIT_STREAM)
-    return nn.meta.unbox(jax.jit(model.init)(key, tokens)["params"])
+    return model.init(key, jnp.zeros((1, 8), jnp.int32))["params"]
 
 
-def init_state(config: Config, model: Decoder, tx: optax.GradientTransformation) -> TrainState:
-    params = init_params(config, model)
+def _boxed_state(config: Config, model: Decoder, tx: optax.GradientTransformation) -> TrainState:
+    params = _boxed_params(config, model)  # optax keeps the boxes: moments get the same names
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_params(config: Config, model: Decoder):
+    """Unboxed float32 parameters, on the default device."""
+    return jax.jit(lambda: nn.meta.unbox(_boxed_params(config, model)))()
+
+
+def state_shardings(config: Config, model: Decoder, tx: optax.GradientTransformation, mesh) -> TrainState:
+    """Where each leaf of the train state lives on `mesh`, from the logical-axis rules."""
+    from rexmoe_jax import sharding
+
+    return sharding.logical_shardings(jax.eval_shape(lambda: _boxed_state(config, model, tx)), mesh)
+
+
+def init_state(config: Config, model: Decoder, tx: optax.GradientTransformation,
+               shardings: TrainState | None = None) -> TrainState:
+    """The initial state, created directly with `shardings` (no full copy on one device)."""
+    return jax.jit(lambda: nn.meta.unbox(_boxed_state(config, model, tx)), out_shardings=shardings)()
 
 
 def psr_inputs(config: Config, step: jax.Array) -> PSRInputs | None:
@@ -67,10 +84,9 @@ def summary(config: Config) -> dict[str, int]:
             "tokens_per_step": config.tokens_per_step}
 
 
-def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransformation) -> Callable:
-    schedule = learning_rate_schedule(config.optim, config.train.steps)
-    pool_sizes = layer_pool_sizes(config.model)
-    accum = config.optim.grad_accum
+def make_loss_fn(config: Config, model: Decoder) -> Callable:
+    """loss_fn(params, tokens (B, S+1), step) -> (total loss, metrics): cross-entropy plus the
+    weighted router losses, with PSR masks for `step`."""
 
     def loss_fn(params, tokens_BxS1, step):
         logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1], psr=psr_inputs(config, step))
@@ -78,9 +94,16 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
         total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
         return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P,
-                       "layer_z_loss": stats.z_loss}
+                       "layer_z_loss": stats.z_loss, "dropped": jnp.mean(stats.dropped)}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    return loss_fn
+
+
+def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransformation) -> Callable:
+    schedule = learning_rate_schedule(config.optim, config.train.steps)
+    pool_sizes = layer_pool_sizes(config.model)
+    accum = config.optim.grad_accum
+    grad_fn = jax.value_and_grad(make_loss_fn(config, model), has_aux=True)
 
     def train_step(state: TrainState, tokens_BxS1: jax.Array):
         def micro_step(tokens):
@@ -116,6 +139,7 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
             "psr_pool_size": reuse.psr_pool_size(state.step, config.psr, config.model.num_experts,
                                                  config.model.pool_size),
             "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
+            "dropped_fraction": aux["dropped"],
             **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes),
         }
         return new_state, step_metrics

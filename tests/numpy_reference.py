@@ -57,7 +57,7 @@ def moe(h, own, pool, cfg, available=None):
             out[t] += gate * (_silu(h[t] @ pool["gate"][e]) * (h[t] @ pool["up"][e])) @ pool["down"][e]
     if cfg.num_shared_experts:
         sh = own["moe"]["shared_experts"]
-        out += (_silu(h @ sh["gate"]["kernel"]) * (h @ sh["up"]["kernel"])) @ sh["down"]["kernel"]
+        out += (_silu(h @ sh["gate"]) * (h @ sh["up"])) @ sh["down"]
     return out, chosen
 
 
@@ -73,15 +73,15 @@ def forward(params, cfg, tokens):
             own, pool = layer_params(params, cfg, layer)
             h = _rms_norm(x, own["attn_norm"]["scale"], cfg.norm_eps)
             att = own["attention"]
-            q = _rope(np.einsum("sd,dhk->shk", h, att["query"]["kernel"]), positions, cfg.rope_base)
-            k = _rope(np.einsum("sd,dhk->shk", h, att["key"]["kernel"]), positions, cfg.rope_base)
-            v = np.einsum("sd,dhk->shk", h, att["value"]["kernel"])
+            q = _rope(np.einsum("sd,dhk->shk", h, att["query"]), positions, cfg.rope_base)
+            k = _rope(np.einsum("sd,dhk->shk", h, att["key"]), positions, cfg.rope_base)
+            v = np.einsum("sd,dhk->shk", h, att["value"])
             group = cfg.num_heads // cfg.num_kv_heads
             k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
             logits = np.einsum("shk,thk->hst", q, k) / np.sqrt(q.shape[-1])
             logits = np.where(np.tril(np.ones((len(seq), len(seq)), bool))[None], logits, -np.inf)
             o = np.einsum("hst,thk->shk", _softmax(logits), v)
-            x = x + np.einsum("shk,hkd->sd", o, att["out"]["kernel"])
+            x = x + np.einsum("shk,hkd->sd", o, att["out"])
             y, chosen = moe(_rms_norm(x, own["ffn_norm"]["scale"], cfg.norm_eps), own, pool, cfg)
             x = x + y
             chosen_layers.append(chosen)

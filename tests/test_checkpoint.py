@@ -14,8 +14,8 @@ import pytest
 
 from rexmoe_jax import loop
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
+from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import read_records
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -23,7 +23,7 @@ SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.n
          "model.expert_ffn=16", "model.num_experts=4", "model.top_k=2", "model.reuse=2",
          "psr.schedule=linear", "psr.start_step=3", "psr.end_step=9", "data.seq_len=16",
          "data.batch_size=4", "train.steps=12", "train.log_every=1", "train.eval_every=6",
-         "train.eval_batches=1", "train.checkpoint_every=4", "train.sample_tokens=0"]
+         "train.eval_batches=1", "train.checkpoint_every=4", "train.sample_tokens=0", "mesh.num_devices=1"]
 TIMING = {"tokens_per_sec"}
 
 

@@ -83,25 +83,34 @@ def test_group_experts_get_gradient_from_every_layer_of_the_group():
     """An expert of a group's pool has a nonzero gradient exactly when some layer of the group
     chose it; each layer chose, on its own, an expert owned by another layer of the group."""
     cfg = dataclasses.replace(SMALL, num_layers=3, reuse=3, num_experts=4, top_k=1, dispatch="sort")
-    model, params = init(cfg, seed=3)
-    tokens = jax.random.randint(jax.random.key(7), (1, 8), 0, cfg.vocab_size)
+    apply = jax.jit(lambda m, p, t: m.apply({"params": p}, t, mutable=("intermediates",)), static_argnums=0)
+
+    def exclusive_foreign(chosen):
+        per_layer = [set(chosen[j].ravel().tolist()) for j in range(3)]
+        only = [per_layer[j] - set().union(*(per_layer[i] for i in range(3) if i != j)) for j in range(3)]
+        return per_layer, [only[j] - set(range(j * 4, j * 4 + 4)) for j in range(3)]
+
+    # The property needs an input where every layer alone picks a foreign expert: find one.
+    for seed in range(20):
+        model, params = init(cfg, seed=seed)
+        tokens = jax.random.randint(jax.random.key(seed), (1, 8), 0, cfg.vocab_size)
+        chosen = np.asarray(apply(model, params, tokens)[1]["intermediates"]["groups"]["layers"]["moe"]
+                            ["experts"][0][0])  # (3 layers, T, 1)
+        per_layer, foreign = exclusive_foreign(chosen)
+        if all(foreign):
+            break
+    else:
+        pytest.fail("no seed gave every layer an exclusive foreign expert")
 
     def loss(p):
         logits, _ = model.apply({"params": p}, tokens)
         return jnp.sum(logits * jax.random.normal(jax.random.key(5), logits.shape))
 
     grads = jax.jit(jax.grad(loss))(params)["groups"]["experts_gate"][0]  # (pool=12, D, F)
-    _, state = jax.jit(model.apply, static_argnames="mutable")(
-        {"params": params}, tokens, mutable=("intermediates",))
-    chosen = np.asarray(state["intermediates"]["groups"]["layers"]["moe"]["experts"][0][0])  # (3, T, 1)
-    per_layer = [set(chosen[j].ravel().tolist()) for j in range(3)]
     has_grad = {p for p in range(12) if np.any(np.asarray(grads[p]) != 0)}
     assert has_grad == set().union(*per_layer)
     for j in range(3):
-        only_j = per_layer[j] - set().union(*(per_layer[i] for i in range(3) if i != j))
-        foreign = only_j - set(range(j * 4, j * 4 + 4))
-        assert foreign, f"layer {j} chose no foreign expert of its own; pick another seed"
-        assert foreign <= has_grad
+        assert foreign[j] <= has_grad  # experts only layer j chose, owned by another layer
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "sort"])

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import losses, moe
+from rexmoe_jax import dispatch, losses
 
 
 def numpy_gating(logits, available, k, renormalize):
@@ -25,7 +25,7 @@ def test_gating_is_eq2_eq3(renormalize, maybe_jit):
     logits = rng.standard_normal((32, 12)).astype(np.float32)
     avail = rng.random((32, 12)) < 0.6
     avail[:, :3] = True  # at least K available per token
-    routing = maybe_jit(moe.route, static_argnums=(2, 3))(jnp.asarray(logits), jnp.asarray(avail), 3,
+    routing = maybe_jit(dispatch.route, static_argnums=(2, 3))(jnp.asarray(logits), jnp.asarray(avail), 3,
                                                           renormalize)
     gates, chosen = numpy_gating(logits.astype(np.float64), avail, 3, renormalize)
     np.testing.assert_array_equal(np.sort(np.asarray(routing.experts_TxK), -1), np.sort(chosen, -1))
@@ -42,18 +42,18 @@ def test_masked_expert_is_never_selected():
     logits[:, :4] = 50.0  # experts 0..3 dominate
     avail = np.zeros((4, 8), bool)
     avail[:, 4:] = True  # ... but only 4..7 are available
-    routing = moe.route(jnp.asarray(logits), jnp.asarray(avail), 2, False)
+    routing = dispatch.route(jnp.asarray(logits), jnp.asarray(avail), 2, False)
     assert np.all(np.asarray(routing.experts_TxK) >= 4)
 
 
 def random_problem(tokens, d, f, pool, k, dtype, seed):
     keys = jax.random.split(jax.random.key(seed), 5)
     x = jax.random.normal(keys[0], (tokens, d), dtype)
-    weights = moe.ExpertWeights(*(0.3 * jax.random.normal(kk, shape, dtype) for kk, shape in zip(
+    weights = dispatch.ExpertWeights(*(0.3 * jax.random.normal(kk, shape, dtype) for kk, shape in zip(
         keys[1:4], [(pool, d, f), (pool, d, f), (pool, f, d)])))
     # Some experts get no tokens: logits favour the first half of the pool.
     logits = jax.random.normal(keys[4], (tokens, pool)) + 3.0 * (jnp.arange(pool) < pool // 2)[None, :]
-    return x, weights, moe.route(logits, None, k, False)
+    return x, weights, dispatch.route(logits, None, k, False)
 
 
 @pytest.mark.parametrize("implementation", ["ragged_dot", "blocked"])
@@ -67,8 +67,8 @@ def test_sorted_dispatch_equals_dense_values_and_gradients(implementation, token
             return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weights, routing.gates_TxK)
 
-    dense_value, dense_grads = out(moe.dense_experts)
-    sort_value, sort_grads = out(lambda x, r, w: moe.sorted_experts(x, r, w, implementation))
+    dense_value, dense_grads = out(dispatch.dense_experts)
+    sort_value, sort_grads = out(lambda x, r, w: dispatch.sorted_experts(x, r, w, implementation))
     np.testing.assert_allclose(sort_value, dense_value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sort_grads), jax.tree.leaves(dense_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

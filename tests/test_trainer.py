@@ -60,7 +60,7 @@ def test_short_training_run_logs_and_learns(tmp_path, capsys):
     args = ["--workdir", str(workdir), "model.d_model=64", "model.num_layers=2", "model.expert_ffn=64",
             "data.seq_len=64", "data.batch_size=8", "train.steps=60", "train.log_every=10",
             "train.eval_every=30", "train.eval_batches=2", "psr.start_step=10", "psr.end_step=40",
-            "train.sample_tokens=8"]
+            "train.sample_tokens=8", "mesh.num_devices=1"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "held-out perplexity:" in out and "sample: And God said" in out

@@ -1,0 +1,105 @@
+"""The MoE dispatch on a device mesh: inside `jax.shard_map`, each device sorts only its own
+tokens, and with an expert axis the tokens travel to the devices holding their experts and back.
+
+A group's pool of P = r*N experts is split over the E devices of the expert axis (P/E each:
+expert p lives on device p // (P/E)). Per device, with T local tokens and K choices each:
+
+  1. sort the T*K assignments by expert, hence by destination device, and pack them into an
+     (E, C, D) send buffer, C slots per destination (assignments beyond C are dropped);
+  2. all_to_all over the expert axis: device e receives every device's slots for its experts;
+  3. run the received rows through the local experts (sorted again by local expert, one
+     grouped matmul per projection; empty slots give zeros);
+  4. all_to_all back, and combine: each kept assignment's row, weighted by its gate, summed
+     over the token's K choices.
+
+The capacity C is T*K (model.capacity_factor = 0: nothing can be dropped) or
+ceil(capacity_factor * T*K / E). XLA:CPU has no ragged all-to-all, so the buffers have a fixed
+size; the share of dropped assignments is returned as a metric. Expert widths split over the
+tensor axis give partial sums of the down projection, added with a psum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from rexmoe_jax.dispatch import ExpertWeights, Routing, grouped_swiglu, inverse_permutation, sorted_experts
+
+BATCH_AXES = ("data", "fsdp", "expert")
+
+
+def _local_expert_rows(x_RxD, local_expert_R, weights: ExpertWeights, implementation: str):
+    """Each received row through its local expert; rows marked with the sentinel id P_l
+    (empty slots) give zeros."""
+    pool_local = weights.gate_PxDxF.shape[0]
+    order = jnp.argsort(local_expert_R, stable=True)
+    sizes = jnp.bincount(local_expert_R, length=pool_local).astype(jnp.int32)  # sentinel not counted
+    y_sorted = grouped_swiglu(x_RxD[order], sizes, weights, implementation)
+    return y_sorted[inverse_permutation(order)]
+
+
+def _all_to_all_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, *, num_shards: int,
+                        capacity_factor: float, implementation: str):
+    num_tokens, top_k = experts_TxK.shape
+    pool_local = weights.gate_PxDxF.shape[0]
+    assignments = num_tokens * top_k
+    capacity = assignments if capacity_factor <= 0 else min(
+        assignments, math.ceil(capacity_factor * assignments / num_shards))
+
+    experts_A = experts_TxK.reshape(-1)
+    order_A = jnp.argsort(experts_A, stable=True)  # by expert, hence by destination device
+    dest_sorted_A = experts_A[order_A] // pool_local
+    counts_E = jnp.bincount(experts_A // pool_local, length=num_shards)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    rank_A = jnp.arange(assignments) - starts_E[dest_sorted_A]  # position in its destination's slots
+    kept_A = rank_A < capacity
+
+    # Slot (e, c) of the send buffer holds the sorted assignment starts_E[e] + c, if there is one.
+    slot_S = jnp.arange(num_shards * capacity)
+    dest_S, c_S = slot_S // capacity, slot_S % capacity
+    filled_S = c_S < counts_E[dest_S]
+    source_S = order_A[jnp.minimum(starts_E[dest_S] + c_S, assignments - 1)]
+    send_x = jnp.where(filled_S[:, None], x_TxD[source_S // top_k], 0)
+    send_e = jnp.where(filled_S, experts_A[source_S] % pool_local, pool_local)
+
+    recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
+    recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True)
+    y_recv = _local_expert_rows(recv_x, recv_e, weights, implementation)
+    y_S = jax.lax.all_to_all(y_recv, "expert", 0, 0, tiled=True)
+
+    # Sorted assignment i sits in slot dest * C + rank (when kept).
+    slot_sorted_A = jnp.where(kept_A, dest_sorted_A * capacity + jnp.minimum(rank_A, capacity - 1), 0)
+    y_sorted_A = jnp.where(kept_A[:, None], y_S[slot_sorted_A], 0)
+    y_TxKxD = y_sorted_A[inverse_permutation(order_A)].reshape(num_tokens, top_k, -1)
+    y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+    return y_TxD, jnp.sum(~kept_A).astype(jnp.float32) / assignments
+
+
+def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, *, implementation: str,
+                    capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+    """The MoE dispatch over the current mesh: (outputs, share of dropped assignments)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    num_shards = mesh.shape["expert"]
+
+    def local(x, gates, experts, gate_w, up_w, down_w):
+        w = ExpertWeights(gate_w, up_w, down_w)
+        if num_shards == 1:
+            y = sorted_experts(x, Routing(gates, experts, None), w, implementation)
+            dropped = jnp.zeros((), jnp.float32)
+        else:
+            y, dropped = _all_to_all_experts(x, gates, experts, w, num_shards=num_shards,
+                                             capacity_factor=capacity_factor, implementation=implementation)
+        # Each tensor shard holds a slice of F, so its down projection is a partial sum (with one
+        # shard the psum is free, and it tells shard_map the result is the same on every shard).
+        return jax.lax.psum(y, "tensor"), dropped[None]
+
+    tokens = P(BATCH_AXES, None)
+    y, dropped = jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(tokens, tokens, tokens, P("expert", None, "tensor"), P("expert", None, "tensor"),
+                  P("expert", "tensor", None)),
+        out_specs=(tokens, P(BATCH_AXES)))(x_TxD, routing.gates_TxK, routing.experts_TxK, *weights)
+    return y, jnp.mean(dropped)

@@ -1,0 +1,201 @@
+"""Meshes on 8 simulated CPU devices: the rules table, one step against one device, the
+expert-parallel dispatch against the unsharded one, and checkpoints across meshes."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rexmoe_jax import dispatch, expert_parallel, loop, sharding, trainer
+from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides
+from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.runlog import read_records
+
+assert jax.device_count() == 8, "conftest sets up 8 simulated CPU devices"
+
+MODEL = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=4", "model.num_heads=4",
+         "model.num_kv_heads=2", "model.expert_ffn=16", "model.num_experts=4", "model.top_k=2",
+         "data.seq_len=8", "data.batch_size=8", "train.steps=10", "optim.warmup_steps=0",
+         "optim.learning_rate=1e-2"]
+MESHES = {"8x1x1x1": (8, 1, 1, 1), "2x1x4x1 (data x expert)": (2, 1, 4, 1),
+          "2x2x2x1 (data x fsdp x expert)": (2, 2, 2, 1), "2x1x2x2 (data x expert x tensor)": (2, 1, 2, 2)}
+
+
+def mesh_overrides(sizes):
+    return [f"mesh.{axis}={size}" for axis, size in zip(sharding.MESH_AXES, sizes)]
+
+
+def loss_and_grads(cfg, mesh):
+    """Loss, metrics and gradients of one step's loss on `mesh`, as host arrays."""
+    model = trainer.build_model(cfg)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    state = trainer.init_state(cfg, model, tx, trainer.state_shardings(cfg, model, tx, mesh))
+    tokens = np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32)
+    grad_fn = jax.value_and_grad(trainer.make_loss_fn(cfg, model), has_aux=True)
+    with sharding.activate(mesh):
+        (total, aux), grads = jax.jit(grad_fn)(state.params, sharding.put_batch(tokens, mesh), jnp.asarray(3))
+    return jax.device_get((total, aux, grads))
+
+
+@functools.cache
+def one_device(reuse):
+    cfg = apply_overrides(Config(), MODEL + [f"model.reuse={reuse}", "psr.schedule=linear", "psr.end_step=20"])
+    return loss_and_grads(cfg, sharding.make_mesh(MeshConfig(num_devices=1)))
+
+
+@pytest.mark.parametrize("reuse", [1, 4])
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_one_step_equals_one_device(reuse, mesh_name):
+    """The loss and every gradient match one device within 1e-5 (relative, float32), with the
+    PSR mask of step 3 applied."""
+    cfg = apply_overrides(Config(), MODEL + [f"model.reuse={reuse}", "psr.schedule=linear", "psr.end_step=20"]
+                          + mesh_overrides(MESHES[mesh_name]))
+    ref_total, ref_aux, ref_grads = one_device(reuse)
+    total, aux, grads = loss_and_grads(cfg, sharding.make_mesh(cfg.mesh))
+    np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+    for name in ("loss", "lb_loss", "z_loss"):
+        np.testing.assert_allclose(aux[name], ref_aux[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_array_equal(aux["expert_load"], ref_aux["expert_load"])
+    assert float(aux["dropped"]) == 0.0
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        ref = _at(ref_grads, path)
+        assert np.linalg.norm(g - ref) <= 1e-5 * np.linalg.norm(ref), jax.tree_util.keystr(path)
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_parameter_shardings_follow_the_rules_table():
+    cfg = apply_overrides(Config(), MODEL + ["model.reuse=2"] + mesh_overrides((1, 2, 2, 2)))
+    mesh = sharding.make_mesh(cfg.mesh)
+    model = trainer.build_model(cfg)
+    tx = make_optimizer(cfg.optim, 10)
+    specs = jax.tree.map(lambda s: tuple(s.spec), trainer.state_shardings(cfg, model, tx, mesh).params)
+    rules = dict(sharding.RULES)
+    expected = {  # logical names written out per parameter, mapped through the table here
+        ("token_embed",): ("vocab", "embed"),
+        ("lm_head",): ("embed", "vocab"),
+        ("groups", "experts_gate"): ("groups", "expert", "embed", "mlp"),
+        ("groups", "experts_down"): ("groups", "expert", "mlp", "embed"),
+        ("groups", "layers", "moe", "router"): ("groups", "layers", "embed", "pool"),
+        ("groups", "layers", "attention", "query"): ("groups", "layers", "embed", "heads", "head_dim"),
+        ("groups", "layers", "attention", "out"): ("groups", "layers", "heads", "head_dim", "embed"),
+        ("groups", "layers", "attn_norm", "scale"): ("groups", "layers", "norm"),
+    }
+    for path, names in expected.items():
+        spec = specs
+        for key in path:
+            spec = spec[key]
+        mapped = tuple(rules[n] for n in names)
+        assert tuple(spec) + (None,) * (len(mapped) - len(spec)) == mapped, path
+    assert specs["groups"]["experts_gate"][1:4] == ("expert", "fsdp", "tensor")
+
+
+def expert_parallel_case(capacity_factor, seed=0):
+    rng = np.random.default_rng(seed)
+    t, d, f, pool, k = 64, 8, 6, 8, 2
+    x = jnp.asarray(rng.standard_normal((t, d)), jnp.float32)
+    weights = dispatch.ExpertWeights(*(jnp.asarray(0.3 * rng.standard_normal(s), jnp.float32)
+                                       for s in [(pool, d, f), (pool, d, f), (pool, f, d)]))
+    # Skewed routing so that some devices receive more than their even share.
+    logits = jnp.asarray(rng.standard_normal((t, pool)) + 2.0 * (np.arange(pool) < 3), jnp.float32)
+    routing = dispatch.route(logits, None, k, False)
+    mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
+
+    def run(x, weights, gates, fn):
+        with sharding.activate(mesh):
+            return jax.jit(jax.value_and_grad(
+                lambda x, w, g: jnp.sum(fn(x, routing._replace(gates_TxK=g), w)[0] * jnp.cos(jnp.arange(t * d).reshape(t, d))),
+                argnums=(0, 1, 2), has_aux=False))(x, weights, gates)
+
+    return x, weights, routing, run
+
+
+def test_expert_parallel_equals_unsharded_values_and_gradients():
+    x, weights, routing, run = expert_parallel_case(capacity_factor=0)
+    sharded = run(x, weights, routing.gates_TxK, lambda x, r, w: expert_parallel.sharded_experts(
+        x, r, w, implementation="ragged_dot", capacity_factor=0))
+    plain = run(x, weights, routing.gates_TxK, lambda x, r, w: (dispatch.sorted_experts(x, r, w, "ragged_dot"),))
+    np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+
+
+def test_capacity_drops_exactly_the_overflow():
+    """With C slots per destination, a device keeps, for each destination device, its first C
+    assignments in (expert, token) order; the rest contribute nothing. Simulated in NumPy."""
+    x, weights, routing, _ = expert_parallel_case(capacity_factor=1.0)
+    mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
+    with sharding.activate(mesh):
+        y, dropped = jax.jit(lambda x, r, w: expert_parallel.sharded_experts(
+            x, r, w, implementation="ragged_dot", capacity_factor=1.0))(x, routing, weights)
+    experts = np.asarray(routing.experts_TxK)
+    keep = np.zeros(experts.shape, bool)
+    t_local, k, per_device = 8, 2, 2  # 64 tokens over 8 batch shards; pool 8 over 4 devices
+    capacity = int(np.ceil(1.0 * t_local * k / 4))
+    for shard in range(8):
+        rows = range(shard * t_local, (shard + 1) * t_local)
+        pairs = sorted((experts[t, j], t, j) for t in rows for j in range(k))
+        used = {}
+        for e, t, j in pairs:
+            dest = e // per_device
+            used[dest] = used.get(dest, 0) + 1
+            keep[t, j] = used[dest] <= capacity
+    kept_gates = jnp.where(jnp.asarray(keep), routing.gates_TxK, 0.0)
+    expected = dispatch.sorted_experts(x, routing._replace(gates_TxK=kept_gates), weights, "ragged_dot")
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+    assert float(dropped) == pytest.approx((~keep).mean()) and 0 < float(dropped) < 0.5
+
+
+def test_mesh_errors_name_the_fix():
+    with pytest.raises(ConfigError, match="multiply to 6"):
+        sharding.make_mesh(MeshConfig(data=3, expert=2))
+    cfg = apply_overrides(Config(), MODEL + ["data.batch_size=6"] + mesh_overrides((2, 1, 4, 1)))
+    with pytest.raises(ConfigError, match="data.batch_size=6"):
+        sharding.validate(cfg, sharding.make_mesh(cfg.mesh))
+    cfg = apply_overrides(Config(), MODEL + ["model.num_experts=3", "model.reuse=1"] + mesh_overrides((2, 1, 4, 1)))
+    with pytest.raises(ConfigError, match="mesh.expert=4"):
+        sharding.validate(cfg, sharding.make_mesh(cfg.mesh))
+
+
+TRAIN = MODEL + ["model.vocab_size=4096", "model.reuse=2", "psr.schedule=linear", "psr.start_step=2",
+                 "psr.end_step=6", "train.log_every=1", "train.eval_every=100", "train.eval_batches=1",
+                 "train.sample_tokens=0", "optim.learning_rate=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    import json
+
+    from rexmoe_jax.data import read_embedded_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "kjv100.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_embedded_documents()[:100]))
+    return f"data.corpus={path}"
+
+
+def losses(workdir):
+    return np.array([r["loss"] for r in read_records(workdir / "metrics.jsonl") if "loss" in r])
+
+
+def test_training_curve_matches_one_device_and_resumes_on_another_mesh(tmp_path, corpus_file):
+    """The issue's command (data=2, expert=4 on 8 devices) gives one device's loss curve; a
+    checkpoint written on that mesh resumes on data=8 and the curve continues."""
+    single = loop.run(apply_overrides(Config(), TRAIN + [corpus_file, "mesh.num_devices=1"]), tmp_path / "one")
+    assert single["step"] == 10
+    ep = tmp_path / "ep"
+    from rexmoe_jax.preemption import StopRequest
+
+    class StopAt(StopRequest):
+        def requested(self, step):
+            return step >= 5
+
+    loop.run(apply_overrides(Config(), TRAIN + [corpus_file, "mesh.data=2", "mesh.expert=4"]), ep, stop=StopAt())
+    loop.run(apply_overrides(Config(), TRAIN + [corpus_file, "mesh.data=8"]), ep)
+    np.testing.assert_allclose(losses(ep), losses(tmp_path / "one"), rtol=2e-4)
+    assert len(losses(ep)) == 10
