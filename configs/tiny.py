@@ -14,7 +14,7 @@ def get_config() -> Config:
     return Config(
         model=ModelConfig(vocab_size=4096, d_model=128, num_layers=4, num_heads=4, num_kv_heads=2,
                           expert_ffn=256, num_experts=8, top_k=2, reuse=2,
-                          dispatch="sort", grouped_matmul="blocked"),
+                          dispatch="sort"),
         psr=PSRConfig(schedule="linear", start_step=60, end_step=180),
         loss=LossConfig(load_balance=0.01, z_loss=0.001),
         optim=OptimConfig(learning_rate=3e-3, warmup_steps=30),

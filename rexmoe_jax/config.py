@@ -31,8 +31,9 @@ def _require(condition: bool, message: str) -> None:
 
 Dtype = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
-Dispatch = Literal["dense", "sort"]
-GroupedMatmul = Literal["ragged_dot", "blocked"]
+Dispatch = Literal["dense", "sort", "capacity"]
+GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
+Permute = Literal["xla", "pallas", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +58,13 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
     remat: RematPolicy = "none"
-    dispatch: Dispatch = "sort"  # "dense" is the reference oracle: every expert on every token.
-    grouped_matmul: GroupedMatmul = "ragged_dot"  # How the "sort" dispatch runs the expert matmuls.
-    # Expert parallelism: slots per destination device, as a multiple of the even share of a
-    # device's T*K assignments; 0 sizes them so nothing can be dropped.
+    # "sort": dropless (permute -> grouped matmuls -> combine); "capacity": fixed slots per
+    # expert, one batched einsum, overflow dropped; "dense": every expert on every token (oracle).
+    dispatch: Dispatch = "sort"
+    grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
+    permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).
+    # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
+    # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0
 
     def __post_init__(self):

@@ -7,12 +7,14 @@ K experts chosen per token, A = T*K assignments, F expert width.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import grouped_matmul
 
 
@@ -69,19 +71,83 @@ def grouped_swiglu(x_AxD: jax.Array, group_sizes_P: jax.Array, weights: ExpertWe
                   weights.down_PxFxD)
 
 
-def inverse_permutation(order_A: jax.Array) -> jax.Array:
-    return jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0], dtype=order_A.dtype))
-
-
-def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights,
-                   implementation: str) -> jax.Array:
+def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, implementation: str,
+                   permute_implementation: str = "xla", reduce_rows=None) -> jax.Array:
     """The dropless dispatch: sort the T*K (token, expert) assignments by expert, gather the
     tokens (permute), run each expert on its contiguous rows with a grouped matmul, gather the
-    rows back and weight them by the gates (combine)."""
-    num_tokens, top_k = routing.experts_TxK.shape
+    rows back and weight them by the gates (combine). `reduce_rows` (e.g. a psum over a tensor
+    axis that split the expert width) is applied to the expert outputs before the combine."""
+    top_k = routing.experts_TxK.shape[1]
     experts_A = routing.experts_TxK.reshape(-1)  # A = T*K assignments, token-major
-    order_A = jnp.argsort(experts_A, stable=True)  # sorted position -> assignment
+    order_A = jnp.argsort(experts_A, stable=True).astype(jnp.int32)  # sorted position -> assignment
+    inverse_A = token_permute.inverse_permutation(order_A)
     group_sizes_P = jnp.bincount(experts_A, length=weights.gate_PxDxF.shape[0]).astype(jnp.int32)
-    y_AxD = grouped_swiglu(x_TxD[order_A // top_k], group_sizes_P, weights, implementation)
-    y_TxKxD = y_AxD[inverse_permutation(order_A)].reshape(num_tokens, top_k, -1)
-    return jnp.einsum("tkd,tk->td", y_TxKxD, routing.gates_TxK.astype(y_TxKxD.dtype))
+    x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute_implementation)
+    y_AxD = grouped_swiglu(x_AxD, group_sizes_P, weights, implementation)
+    if reduce_rows is not None:
+        y_AxD = reduce_rows(y_AxD)
+    return token_permute.combine(y_AxD, order_A, inverse_A, routing.gates_TxK,
+                                 implementation=permute_implementation)
+
+
+class Slots(NamedTuple):
+    """T*K assignments bucketed into fixed-size slots: bucket b holds slots b*C ... b*C + C - 1."""
+
+    order_A: jax.Array  # assignments sorted by bucket (stable)
+    slot_A: jax.Array  # sorted assignment -> its slot (meaningful where kept)
+    kept_A: jax.Array  # sorted assignment fits in its bucket's C slots
+    source_S: jax.Array  # slot -> the assignment it holds (meaningful where filled)
+    filled_S: jax.Array
+
+
+def bucket_slots(bucket_A: jax.Array, num_buckets: int, capacity: int) -> Slots:
+    """Assigns each assignment a slot in its bucket, first come (in assignment order) first
+    served; assignments past a bucket's `capacity` are dropped."""
+    assignments = bucket_A.shape[0]
+    order_A = jnp.argsort(bucket_A, stable=True)
+    bucket_sorted_A = bucket_A[order_A]
+    counts_B = jnp.bincount(bucket_A, length=num_buckets)
+    starts_B = jnp.cumsum(counts_B) - counts_B
+    rank_A = jnp.arange(assignments) - starts_B[bucket_sorted_A]
+    kept_A = rank_A < capacity
+    slot_A = jnp.where(kept_A, bucket_sorted_A * capacity + jnp.minimum(rank_A, capacity - 1), 0)
+    slot_S = jnp.arange(num_buckets * capacity)
+    bucket_S, c_S = slot_S // capacity, slot_S % capacity
+    filled_S = c_S < counts_B[bucket_S]
+    source_S = order_A[jnp.minimum(starts_B[bucket_S] + c_S, assignments - 1)]
+    return Slots(order_A, slot_A, kept_A, source_S, filled_S)
+
+
+def gather_from_slots(y_SxD: jax.Array, slots: Slots, gates_TxK: jax.Array) -> jax.Array:
+    """The combine after a slotted dispatch: each kept assignment's row, weighted by its gate
+    and summed over the token's K choices; dropped assignments add nothing."""
+    t, k = gates_TxK.shape
+    y_sorted_AxD = jnp.where(slots.kept_A[:, None], y_SxD[slots.slot_A], 0)
+    inverse_A = token_permute.inverse_permutation(slots.order_A)
+    y_TxKxD = y_sorted_AxD[inverse_A].reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
+
+
+def capacity(num_assignments: int, num_buckets: int, capacity_factor: float) -> int:
+    """Slots per bucket: the even share times the factor; factor 0 means every assignment fits."""
+    if capacity_factor <= 0:
+        return num_assignments
+    return max(1, min(num_assignments, math.ceil(capacity_factor * num_assignments / num_buckets)))
+
+
+def capacity_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights,
+                     capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+    """The capacity dispatch: each expert gets C = capacity_factor * T*K / P row slots, filled
+    in token order, and one batched einsum runs every expert on its slots (no raggedness, so
+    the fastest matmul at small expert widths). Assignments past C are dropped; returns the
+    outputs and the share of dropped assignments."""
+    t, k = routing.experts_TxK.shape
+    pool = weights.gate_PxDxF.shape[0]
+    c = capacity(t * k, pool, capacity_factor)
+    slots = bucket_slots(routing.experts_TxK.reshape(-1), pool, c)
+    x_PxCxD = jnp.where(slots.filled_S[:, None], x_TxD[slots.source_S // k], 0).reshape(pool, c, -1)
+    h_PxCxF = nn.silu(jnp.einsum("pcd,pdf->pcf", x_PxCxD, weights.gate_PxDxF)) * jnp.einsum(
+        "pcd,pdf->pcf", x_PxCxD, weights.up_PxDxF)
+    y_SxD = jnp.einsum("pcf,pfd->pcd", h_PxCxF, weights.down_PxFxD).reshape(pool * c, -1)
+    dropped = jnp.mean((~slots.kept_A).astype(jnp.float32))
+    return gather_from_slots(y_SxD, slots, routing.gates_TxK), dropped

@@ -13,20 +13,28 @@ expert p lives on device p // (P/E)). Per device, with T local tokens and K choi
      over the token's K choices.
 
 The capacity C is T*K (model.capacity_factor = 0: nothing can be dropped) or
-ceil(capacity_factor * T*K / E). XLA:CPU has no ragged all-to-all, so the buffers have a fixed
+ceil(capacity_factor * T*K / E), filled in token order. XLA:CPU has no ragged all-to-all, so the buffers have a fixed
 size; the share of dropped assignments is returned as a metric. Expert widths split over the
 tensor axis give partial sums of the down projection, added with a psum.
 """
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from rexmoe_jax.dispatch import ExpertWeights, Routing, grouped_swiglu, inverse_permutation, sorted_experts
+from pallas_kernels.token_permute import inverse_permutation
+from rexmoe_jax.dispatch import (
+    ExpertWeights,
+    Routing,
+    bucket_slots,
+    capacity,
+    capacity_experts,
+    gather_from_slots,
+    grouped_swiglu,
+    sorted_experts,
+)
 
 BATCH_AXES = ("data", "fsdp", "expert")
 
@@ -45,56 +53,48 @@ def _all_to_all_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, *
                         capacity_factor: float, implementation: str):
     num_tokens, top_k = experts_TxK.shape
     pool_local = weights.gate_PxDxF.shape[0]
-    assignments = num_tokens * top_k
-    capacity = assignments if capacity_factor <= 0 else min(
-        assignments, math.ceil(capacity_factor * assignments / num_shards))
-
     experts_A = experts_TxK.reshape(-1)
-    order_A = jnp.argsort(experts_A, stable=True)  # by expert, hence by destination device
-    dest_sorted_A = experts_A[order_A] // pool_local
-    counts_E = jnp.bincount(experts_A // pool_local, length=num_shards)
-    starts_E = jnp.cumsum(counts_E) - counts_E
-    rank_A = jnp.arange(assignments) - starts_E[dest_sorted_A]  # position in its destination's slots
-    kept_A = rank_A < capacity
-
-    # Slot (e, c) of the send buffer holds the sorted assignment starts_E[e] + c, if there is one.
-    slot_S = jnp.arange(num_shards * capacity)
-    dest_S, c_S = slot_S // capacity, slot_S % capacity
-    filled_S = c_S < counts_E[dest_S]
-    source_S = order_A[jnp.minimum(starts_E[dest_S] + c_S, assignments - 1)]
-    send_x = jnp.where(filled_S[:, None], x_TxD[source_S // top_k], 0)
-    send_e = jnp.where(filled_S, experts_A[source_S] % pool_local, pool_local)
+    # Destination device = expert // P_l; C slots per destination, in token order.
+    slots = bucket_slots(experts_A // pool_local, num_shards,
+                         capacity(num_tokens * top_k, num_shards, capacity_factor))
+    send_x = jnp.where(slots.filled_S[:, None], x_TxD[slots.source_S // top_k], 0)
+    send_e = jnp.where(slots.filled_S, experts_A[slots.source_S] % pool_local, pool_local)
 
     recv_x = jax.lax.all_to_all(send_x, "expert", 0, 0, tiled=True)
     recv_e = jax.lax.all_to_all(send_e, "expert", 0, 0, tiled=True)
     y_recv = _local_expert_rows(recv_x, recv_e, weights, implementation)
     y_S = jax.lax.all_to_all(y_recv, "expert", 0, 0, tiled=True)
-
-    # Sorted assignment i sits in slot dest * C + rank (when kept).
-    slot_sorted_A = jnp.where(kept_A, dest_sorted_A * capacity + jnp.minimum(rank_A, capacity - 1), 0)
-    y_sorted_A = jnp.where(kept_A[:, None], y_S[slot_sorted_A], 0)
-    y_TxKxD = y_sorted_A[inverse_permutation(order_A)].reshape(num_tokens, top_k, -1)
-    y_TxD = jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
-    return y_TxD, jnp.sum(~kept_A).astype(jnp.float32) / assignments
+    return gather_from_slots(y_S, slots, gates_TxK), jnp.mean((~slots.kept_A).astype(jnp.float32))
 
 
-def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, *, implementation: str,
+def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, *, dispatch: str,
+                    implementation: str, permute_implementation: str,
                     capacity_factor: float) -> tuple[jax.Array, jax.Array]:
     """The MoE dispatch over the current mesh: (outputs, share of dropped assignments)."""
     mesh = jax.sharding.get_abstract_mesh()
     num_shards = mesh.shape["expert"]
 
+    # Each tensor shard holds a slice of F, so its down projections are partial sums: psum them
+    # (with one shard the psum is free, and it tells shard_map the result is the same on every
+    # shard). The sorted path sums its rows before the combine, whose custom gradient expects
+    # complete rows.
+    def tensor_sum(y):
+        return jax.lax.psum(y, "tensor")
+
     def local(x, gates, experts, gate_w, up_w, down_w):
         w = ExpertWeights(gate_w, up_w, down_w)
-        if num_shards == 1:
-            y = sorted_experts(x, Routing(gates, experts, None), w, implementation)
-            dropped = jnp.zeros((), jnp.float32)
-        else:
+        r = Routing(gates, experts, None)
+        if num_shards > 1:
             y, dropped = _all_to_all_experts(x, gates, experts, w, num_shards=num_shards,
                                              capacity_factor=capacity_factor, implementation=implementation)
-        # Each tensor shard holds a slice of F, so its down projection is a partial sum (with one
-        # shard the psum is free, and it tells shard_map the result is the same on every shard).
-        return jax.lax.psum(y, "tensor"), dropped[None]
+            y = tensor_sum(y)
+        elif dispatch == "capacity":
+            y, dropped = capacity_experts(x, r, w, capacity_factor)
+            y = tensor_sum(y)
+        else:
+            y = sorted_experts(x, r, w, implementation, permute_implementation, reduce_rows=tensor_sum)
+            dropped = jnp.zeros((), jnp.float32)
+        return y, dropped[None]
 
     tokens = P(BATCH_AXES, None)
     y, dropped = jax.shard_map(

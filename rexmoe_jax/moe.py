@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from rexmoe_jax import expert_parallel, losses
 from rexmoe_jax.config import ModelConfig
-from rexmoe_jax.dispatch import ExpertWeights, dense_experts, route, sorted_experts
+from rexmoe_jax.dispatch import ExpertWeights, capacity_experts, dense_experts, route, sorted_experts
 from rexmoe_jax.layers import SwiGLU, dtype_of, param_init
 
 
@@ -58,10 +58,12 @@ class MoEFFN(nn.Module):
         elif not mesh.empty and math.prod(mesh.shape.values()) > 1:
             # On a mesh, each device sorts only its own tokens (and sends them to their experts).
             y_TxD, dropped = expert_parallel.sharded_experts(
-                x_TxD, routing, weights, implementation=cfg.grouped_matmul,
-                capacity_factor=cfg.capacity_factor)
+                x_TxD, routing, weights, dispatch=cfg.dispatch, implementation=cfg.grouped_matmul,
+                permute_implementation=cfg.permute, capacity_factor=cfg.capacity_factor)
+        elif cfg.dispatch == "capacity":
+            y_TxD, dropped = capacity_experts(x_TxD, routing, weights, cfg.capacity_factor)
         else:
-            y_TxD = sorted_experts(x_TxD, routing, weights, cfg.grouped_matmul)
+            y_TxD = sorted_experts(x_TxD, routing, weights, cfg.grouped_matmul, cfg.permute)
         y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
         if cfg.num_shared_experts:
             # Decision: shared experts stay per layer; only routed experts are pooled.

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import grouped_matmul, resolve
 from pallas_kernels.grouped_matmul.blocked import default_block
 
-IMPLEMENTATIONS = ["ragged_dot", "blocked", "reference"]
+IMPLEMENTATIONS = ["ragged_dot", "blocked", "tokamax", "reference", "auto"]
 
 
 def numpy_gmm(lhs, rhs, sizes):
@@ -63,3 +63,25 @@ def test_rejects_bad_shapes():
         grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 5, 2)), jnp.asarray([2, 2]))
     with pytest.raises(ValueError, match="unknown grouped_matmul implementation"):
         grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 2)), jnp.asarray([2, 2]), implementation="magic")
+
+
+def test_tokamax_pads_widths_exactly():
+    """tokamax's GPU kernel needs widths that are multiples of 64: K = 40 and N = 744 are padded
+    with zeros (to 64 and 768) and the result, and its gradients, are exactly the unpadded ones."""
+    rng = np.random.default_rng(7)
+    sizes = [5, 0, 9]
+    lhs = rng.standard_normal((14, 40)).astype(np.float32)
+    rhs = rng.standard_normal((3, 40, 744)).astype(np.float32)
+    cot = rng.standard_normal((14, 744)).astype(np.float32)
+    sizes_arr = jnp.asarray(sizes, jnp.int32)
+    out = grouped_matmul(lhs, rhs, sizes_arr, implementation="tokamax")
+    assert out.shape == (14, 744)
+    np.testing.assert_allclose(out, numpy_gmm(lhs, rhs, sizes), rtol=1e-4, atol=1e-4)
+    grads = jax.grad(lambda a, b: jnp.sum(grouped_matmul(a, b, sizes_arr, implementation="tokamax") * cot),
+                     argnums=(0, 1))(lhs, rhs)
+    assert grads[0].shape == lhs.shape and grads[1].shape == rhs.shape
+    np.testing.assert_allclose(grads[0], numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes), rtol=1e-4, atol=1e-3)
+
+
+def test_auto_picks_blocked_on_cpu():
+    assert jax.default_backend() == "cpu" and resolve("auto") == "blocked" and resolve("tokamax") == "tokamax"

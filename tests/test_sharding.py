@@ -119,7 +119,7 @@ def expert_parallel_case(capacity_factor, seed=0):
 def test_expert_parallel_equals_unsharded_values_and_gradients():
     x, weights, routing, run = expert_parallel_case(capacity_factor=0)
     sharded = run(x, weights, routing.gates_TxK, lambda x, r, w: expert_parallel.sharded_experts(
-        x, r, w, implementation="ragged_dot", capacity_factor=0))
+        x, r, w, dispatch="sort", implementation="ragged_dot", permute_implementation="xla", capacity_factor=0))
     plain = run(x, weights, routing.gates_TxK, lambda x, r, w: (dispatch.sorted_experts(x, r, w, "ragged_dot"),))
     np.testing.assert_allclose(sharded[0], plain[0], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded[1]), jax.tree.leaves(plain[1])):
@@ -128,22 +128,22 @@ def test_expert_parallel_equals_unsharded_values_and_gradients():
 
 def test_capacity_drops_exactly_the_overflow():
     """With C slots per destination, a device keeps, for each destination device, its first C
-    assignments in (expert, token) order; the rest contribute nothing. Simulated in NumPy."""
+    assignments in token order; the rest contribute nothing. Simulated in NumPy."""
     x, weights, routing, _ = expert_parallel_case(capacity_factor=1.0)
     mesh = sharding.make_mesh(MeshConfig(data=2, expert=4))
     with sharding.activate(mesh):
         y, dropped = jax.jit(lambda x, r, w: expert_parallel.sharded_experts(
-            x, r, w, implementation="ragged_dot", capacity_factor=1.0))(x, routing, weights)
+            x, r, w, dispatch="sort", implementation="ragged_dot", permute_implementation="xla",
+            capacity_factor=1.0))(x, routing, weights)
     experts = np.asarray(routing.experts_TxK)
     keep = np.zeros(experts.shape, bool)
     t_local, k, per_device = 8, 2, 2  # 64 tokens over 8 batch shards; pool 8 over 4 devices
     capacity = int(np.ceil(1.0 * t_local * k / 4))
     for shard in range(8):
         rows = range(shard * t_local, (shard + 1) * t_local)
-        pairs = sorted((experts[t, j], t, j) for t in rows for j in range(k))
         used = {}
-        for e, t, j in pairs:
-            dest = e // per_device
+        for t, j in ((t, j) for t in rows for j in range(k)):  # assignment (token-major) order
+            dest = experts[t, j] // per_device
             used[dest] = used.get(dest, 0) + 1
             keep[t, j] = used[dest] <= capacity
     kept_gates = jnp.where(jnp.asarray(keep), routing.gates_TxK, 0.0)

@@ -1,0 +1,58 @@
+"""Timing helpers for the benchmark scripts (nothing in the library imports this).
+
+`median_seconds` runs a jitted function after a warm-up and returns the median of many timed
+calls, each ended with block_until_ready. `ceilings` measures, in the same run, the two numbers
+every table is read against: dense matmul FLOP/s and copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def ceilings(small: bool = False, iters: int = 20) -> dict[str, float]:
+    """Dense bf16 matmul FLOP/s (n^3 with n = 8192, or 1024 when small) and copy bandwidth
+    (bytes read + written by x * 2 over 2 GiB, or 64 MiB when small), measured here and now."""
+    n = 1024 if small else 8192
+    keys = jax.random.split(jax.random.key(0), 2)
+    a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
+    b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
+    matmul = jax.jit(lambda a, b: a @ b)
+    flops = 2 * n ** 3 / median_seconds(matmul, a, b, iters=iters)
+    elements = (32 if small else 1024) * 1024 * 1024  # bf16: 2 bytes each
+    x = jax.random.normal(keys[0], (elements,), jnp.bfloat16)
+    copy = jax.jit(lambda x: x * 2)
+    bandwidth = 2 * 2 * elements / median_seconds(copy, x, iters=iters)
+    return {"matmul_flops": flops, "copy_bytes_per_s": bandwidth}
+
+
+def environment() -> str:
+    device = jax.devices()[0]
+    return (f"{getattr(device, 'device_kind', device.platform)} ({jax.default_backend()}), "
+            f"jax {jax.__version__}, {time.strftime('%Y-%m-%d')}")
+
+
+def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"
+    print(f"\n{title}\n")
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for row in rows:
+        print(line(row))

@@ -1,0 +1,146 @@
+"""Permute and combine as Pallas kernels (Mosaic TPU; TPU interpret mode on CPU for tests).
+
+Every kernel is a row gather: the indices are scalar-prefetched into SMEM, and each grid step
+issues one DMA per row it needs, from the source in HBM straight into its VMEM block, then
+waits for all of them and finishes the block in VMEM:
+
+    gather_rows     out[i]    = scale[i] * src[idx[i]]                 permute; combine's dy
+    gather_combine  out[t]    = sum_k w[t, k] * src[idx[t K + k]]      combine; permute's dx
+    gather_dot      out[t, k] = <dy[t], src[idx[t K + k]]>             combine's d gates
+
+so forward and backward are gathers by a permutation or its inverse: no scatter, no atomics.
+Row counts that are not a multiple of the block are padded (index 0, weight 0) and cut off.
+TPU wants blocks of 8 rows and widths that are multiples of 128 for full speed.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+
+def _pad_rows(x, multiple):
+    rows = -(-x.shape[0] // multiple) * multiple
+    return jnp.pad(x, [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+
+
+def _fetch_rows(idx_ref, src_hbm, dst_vmem, sem, first, count):
+    """DMA src[idx[first + j]] into dst[j] for j < count, and wait for all of them."""
+    def start(j, _):
+        pltpu.make_async_copy(src_hbm.at[pl.ds(idx_ref[first + j], 1)], dst_vmem.at[pl.ds(j, 1)], sem).start()
+
+    def wait(j, _):
+        pltpu.make_async_copy(src_hbm.at[pl.ds(0, 1)], dst_vmem.at[pl.ds(j, 1)], sem).wait()
+
+    jax.lax.fori_loop(0, count, start, None)
+    jax.lax.fori_loop(0, count, wait, None)
+
+
+def _call(kernel, grid, idx, operands, in_specs, out_spec, out_shape, scratch, interpret):
+    spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
+                                        out_specs=out_spec, scratch_shapes=scratch)
+    return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec,
+                          interpret=pltpu.InterpretParams() if interpret else False)(idx, *operands)
+
+
+def gather_rows(src_MxD, idx_N, scale_N, *, block: int = 8, interpret: bool = False):
+    """out[i] = scale[i] * src[idx[i]] (scale in float32), shape (N, D)."""
+    n, d = idx_N.shape[0], src_MxD.shape[1]
+    idx = _pad_rows(idx_N.astype(jnp.int32), block)
+    scale = _pad_rows(scale_N.astype(jnp.float32)[:, None], block)
+
+    def kernel(idx_ref, scale_ref, src_hbm, out_ref, rows_vmem, sem):
+        _fetch_rows(idx_ref, src_hbm, rows_vmem, sem, pl.program_id(0) * block, block)
+        out_ref[...] = (rows_vmem[...].astype(jnp.float32) * scale_ref[...]).astype(out_ref.dtype)
+
+    out = _call(kernel, (idx.shape[0] // block,), idx, (scale, src_MxD),
+                [pl.BlockSpec((block, 1), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
+                pl.BlockSpec((block, d), lambda i, _: (i, 0)),
+                jax.ShapeDtypeStruct((idx.shape[0], d), src_MxD.dtype),
+                [pltpu.VMEM((block, d), src_MxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+    return out[:n]
+
+
+def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int = 8, interpret: bool = False):
+    """out[t] = sum_k w[t, k] * src[idx[t K + k]], accumulated in float32, shape (T, D)."""
+    t, k = weights_TxK.shape
+    d = src_AxD.shape[1]
+    weights = _pad_rows(weights_TxK.astype(jnp.float32), block)
+    idx = _pad_rows(idx_A.astype(jnp.int32).reshape(t, k), block).reshape(-1)
+
+    def kernel(idx_ref, w_ref, src_hbm, out_ref, rows_vmem, sem):
+        _fetch_rows(idx_ref, src_hbm, rows_vmem, sem, pl.program_id(0) * block * k, block * k)
+        rows = rows_vmem[...].astype(jnp.float32).reshape(block, k, d)
+        out_ref[...] = jnp.sum(rows * w_ref[...][:, :, None], axis=1).astype(out_ref.dtype)
+
+    out = _call(kernel, (weights.shape[0] // block,), idx, (weights, src_AxD),
+                [pl.BlockSpec((block, k), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
+                pl.BlockSpec((block, d), lambda i, _: (i, 0)),
+                jax.ShapeDtypeStruct((weights.shape[0], d), src_AxD.dtype),
+                [pltpu.VMEM((block * k, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+    return out[:t]
+
+
+def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int = 8, interpret: bool = False):
+    """out[t, k] = <dy[t], src[idx[t K + k]]> in float32, shape (T, K)."""
+    t, d = dy_TxD.shape
+    dy = _pad_rows(dy_TxD, block)
+    idx = _pad_rows(idx_A.astype(jnp.int32).reshape(t, top_k), block).reshape(-1)
+
+    def kernel(idx_ref, dy_ref, src_hbm, out_ref, rows_vmem, sem):
+        _fetch_rows(idx_ref, src_hbm, rows_vmem, sem, pl.program_id(0) * block * top_k, block * top_k)
+        rows = rows_vmem[...].astype(jnp.float32).reshape(block, top_k, d)
+        out_ref[...] = jnp.sum(rows * dy_ref[...].astype(jnp.float32)[:, None, :], axis=2)
+
+    out = _call(kernel, (dy.shape[0] // block,), idx, (dy, src_AxD),
+                [pl.BlockSpec((block, d), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
+                pl.BlockSpec((block, top_k), lambda i, _: (i, 0)),
+                jax.ShapeDtypeStruct((dy.shape[0], top_k), jnp.float32),
+                [pltpu.VMEM((block * top_k, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+    return out[:t]
+
+
+# The autodiff wrappers: forward and backward are the kernels above.
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def permute(x_TxD, order_A, inverse_A, top_k, interpret=False):
+    ones = jnp.ones(order_A.shape, jnp.float32)
+    return gather_rows(x_TxD, order_A // top_k, ones, interpret=interpret)
+
+
+def _permute_fwd(x_TxD, order_A, inverse_A, top_k, interpret):
+    return permute(x_TxD, order_A, inverse_A, top_k, interpret), (order_A, inverse_A)
+
+
+def _permute_bwd(top_k, interpret, residuals, dout_AxD):
+    _, inverse_A = residuals
+    ones = jnp.ones((inverse_A.shape[0] // top_k, top_k), jnp.float32)
+    return gather_combine(dout_AxD, inverse_A, ones, interpret=interpret), None, None
+
+
+permute.defvjp(_permute_fwd, _permute_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def combine(y_AxD, order_A, inverse_A, gates_TxK, interpret=False):
+    return gather_combine(y_AxD, inverse_A, gates_TxK, interpret=interpret)
+
+
+def _combine_fwd(y_AxD, order_A, inverse_A, gates_TxK, interpret):
+    return combine(y_AxD, order_A, inverse_A, gates_TxK, interpret), (y_AxD, order_A, inverse_A, gates_TxK)
+
+
+def _combine_bwd(interpret, residuals, dout_TxD):
+    y_AxD, order_A, inverse_A, gates_TxK = residuals
+    k = gates_TxK.shape[1]
+    scale_A = jnp.take(gates_TxK.reshape(-1).astype(jnp.float32), order_A)
+    dy = gather_rows(dout_TxD.astype(y_AxD.dtype), order_A // k, scale_A, interpret=interpret)
+    dgates = gather_dot(y_AxD, inverse_A, dout_TxD, k, interpret=interpret)
+    return dy, None, None, dgates.astype(gates_TxK.dtype)
+
+
+combine.defvjp(_combine_fwd, _combine_bwd)
