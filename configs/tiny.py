@@ -16,8 +16,10 @@ def get_config() -> Config:
                           expert_ffn=256, num_experts=8, top_k=2, reuse=2,
                           dispatch="sort"),
         psr=PSRConfig(schedule="linear", start_step=60, end_step=180),
-        loss=LossConfig(load_balance=0.01, z_loss=0.001),
-        optim=OptimConfig(learning_rate=3e-3, warmup_steps=30),
+        # Chosen over lr 3e-3 / warm-up 30 / balance 0.01 (held-out loss 4.549, 28% of experts
+        # under-used) by three 300-step runs: this one reached 4.487 with 3% under-used.
+        loss=LossConfig(load_balance=0.03, z_loss=0.001),
+        optim=OptimConfig(learning_rate=2e-3, warmup_steps=60),
         data=DataConfig(seq_len=128, batch_size=16),
         train=TrainConfig(steps=300, log_every=10, eval_every=100, eval_batches=4, checkpoint_every=100),
     )

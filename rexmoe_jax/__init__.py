@@ -11,15 +11,18 @@ _PUBLIC = {
     "MeshConfig": "config", "ModelConfig": "config", "OptimConfig": "config", "PSRConfig": "config",
     "TrainConfig": "config", "apply_overrides": "config", "load_preset": "config",
     "Decoder": "model", "PSRInputs": "model", "param_counts": "model",
+    "train": "loop.run", "load": "inference", "LoadedModel": "inference", "Sampling": "generate",
 }
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "Decoder", "LossConfig", "MeshConfig", "ModelConfig",
-    "OptimConfig", "PSRConfig", "PSRInputs", "TrainConfig", "apply_overrides", "load_preset", "param_counts",
+    "Config", "ConfigError", "DataConfig", "Decoder", "LoadedModel", "LossConfig", "MeshConfig", "ModelConfig",
+    "OptimConfig", "PSRConfig", "PSRInputs", "Sampling", "TrainConfig", "apply_overrides", "load", "load_preset",
+    "param_counts", "train",
 ]
 
 
 def __getattr__(name):
     if name in _PUBLIC:
-        return getattr(importlib.import_module(f"rexmoe_jax.{_PUBLIC[name]}"), name)
+        module, _, attribute = _PUBLIC[name].partition(".")
+        return getattr(importlib.import_module(f"rexmoe_jax.{module}"), attribute or name)
     raise AttributeError(f"module 'rexmoe_jax' has no attribute {name!r}")

@@ -31,7 +31,7 @@ def _require(condition: bool, message: str) -> None:
 
 Dtype = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
-Dispatch = Literal["dense", "sort", "capacity"]
+Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
 Permute = Literal["xla", "pallas", "reference"]
 
@@ -59,7 +59,8 @@ class ModelConfig:
     dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
     remat: RematPolicy = "none"
     # "sort": dropless (permute -> grouped matmuls -> combine); "capacity": fixed slots per
-    # expert, one batched einsum, overflow dropped; "dense": every expert on every token (oracle).
+    # expert, one batched einsum, overflow dropped; "gather": each token's K experts' weights
+    # gathered (for a few tokens: decoding); "dense": every expert on every token (the oracle).
     dispatch: Dispatch = "sort"
     grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
     permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).

@@ -147,14 +147,29 @@ def _prepared_folder(path: pathlib.Path) -> tuple[TokenDocuments, dict]:
     return TokenDocuments(tokens, offsets), meta
 
 
+def _prepared(config: DataConfig) -> pathlib.Path | None:
+    folder = pathlib.Path(config.corpus) if config.corpus else None
+    return folder if folder is not None and (folder / PREPARED_META).is_file() else None
+
+
+def resolve_tokenizer(config: DataConfig) -> Tokenizer:
+    """data.tokenizer, else the one a prepared corpus names, else the embedded one."""
+    if config.tokenizer:
+        return load_tokenizer(config.tokenizer)
+    prepared = _prepared(config)
+    if prepared is not None:
+        return load_tokenizer(json.loads((prepared / PREPARED_META).read_text())["tokenizer"])
+    return load_tokenizer(EMBEDDED_TOKENIZER)
+
+
 def load_documents(config: DataConfig) -> tuple[TokenDocuments, Tokenizer, int]:
     """The configured corpus as token documents, its tokenizer, and its largest token id."""
-    corpus = pathlib.Path(config.corpus) if config.corpus else None
-    if corpus is not None and (corpus / PREPARED_META).is_file():
-        documents, meta = _prepared_folder(corpus)
-        tokenizer = load_tokenizer(config.tokenizer or meta["tokenizer"])
+    tokenizer = resolve_tokenizer(config)
+    prepared = _prepared(config)
+    if prepared is not None:
+        documents, meta = _prepared_folder(prepared)
         return documents, tokenizer, int(meta["max_token_id"])
-    tokenizer = load_tokenizer(config.tokenizer or EMBEDDED_TOKENIZER)
+    corpus = pathlib.Path(config.corpus) if config.corpus else None
     if corpus is None:
         texts: Iterator[str] = iter(read_embedded_documents())
         docs = _encode_all(tokenizer, texts)

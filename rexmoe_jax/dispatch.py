@@ -60,6 +60,17 @@ def dense_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights) ->
     return jnp.einsum("tpd,tp->td", y_TxPxD, gates_TxP.astype(y_TxPxD.dtype))
 
 
+def gathered_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights) -> jax.Array:
+    """Each token's K experts applied with their weights gathered per token: reads T*K experts'
+    weights whatever the pool size, so it is the path for a handful of tokens (a decode step),
+    where grouped matmuls pay per expert of the pool."""
+    e_TxK = routing.experts_TxK
+    h_TxKxF = nn.silu(jnp.einsum("td,tkdf->tkf", x_TxD, weights.gate_PxDxF[e_TxK])) * jnp.einsum(
+        "td,tkdf->tkf", x_TxD, weights.up_PxDxF[e_TxK])
+    y_TxKxD = jnp.einsum("tkf,tkfd->tkd", h_TxKxF, weights.down_PxFxD[e_TxK])
+    return jnp.einsum("tkd,tk->td", y_TxKxD, routing.gates_TxK.astype(y_TxKxD.dtype))
+
+
 def grouped_swiglu(x_AxD: jax.Array, group_sizes_P: jax.Array, weights: ExpertWeights,
                    implementation: str) -> jax.Array:
     """Rows sorted by expert, group_sizes_P rows per expert, through their experts' SwiGLU.

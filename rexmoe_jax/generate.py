@@ -1,53 +1,173 @@
-"""Sampling text from a trained model (full pool, no PSR).
+"""Text generation: a KV-cache decoder (prefill, then one jitted token step at a time), and the
+full-recompute decoder it is tested against. Both see the full pool (no PSR).
 
-This decoder recomputes the whole (fixed-size) sequence for every new token: simple and
-obviously right, and the oracle for a KV-cache decoder.
+Prompts of different lengths share a batch: each sequence starts at position 0 and writes its
+new tokens at its own positions, so no left padding shifts rotary positions.
+
+    python -m rexmoe_jax.generate --workdir DIR --prompt "And God said" [--prompt ...]
+        [--max-new-tokens 64] [--temperature 0.8] [--top-k 40] [--top-p 0.95] [--seed 0]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rexmoe_jax.config import ModelConfig
+from rexmoe_jax.model import Decoder
 
-def sample_next(logits_BxV: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
-    """Greedy when temperature is 0; otherwise sampling from the top_k (0: all) tokens."""
-    if temperature == 0:
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """temperature 0 is greedy; top_k 0 and top_p 1 keep every token."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"invalid sampling {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+
+
+GREEDY = Sampling()
+
+
+def sample_next(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
+    logits_BxV = logits_BxV.astype(jnp.float32)
+    if sampling.temperature == 0:
         return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-    logits_BxV = logits_BxV.astype(jnp.float32) / temperature
-    if top_k:
-        kth_B1 = jax.lax.top_k(logits_BxV, top_k)[0][:, -1:]
-        logits_BxV = jnp.where(logits_BxV < kth_B1, -jnp.inf, logits_BxV)
+    logits_BxV = logits_BxV / sampling.temperature
+    if sampling.top_k:
+        kth_Bx1 = jax.lax.top_k(logits_BxV, sampling.top_k)[0][:, -1:]
+        logits_BxV = jnp.where(logits_BxV < kth_Bx1, -jnp.inf, logits_BxV)
+    if sampling.top_p < 1:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p.
+        sorted_BxV = jnp.sort(logits_BxV, axis=-1)[:, ::-1]
+        probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+        before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV
+        cutoff_Bx1 = jnp.min(jnp.where(before_BxV < sampling.top_p, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+        logits_BxV = jnp.where(logits_BxV < cutoff_Bx1, -jnp.inf, logits_BxV)
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_tokens", "temperature", "top_k"))
-def _generate(model, params, buffer_BxS, prompt_len, key, *, num_tokens, temperature, top_k):
-    def body(i, carry):
-        buffer, key = carry
-        key, step_key = jax.random.split(key)
-        logits_BxSxV, _ = model.apply({"params": params}, buffer)
-        position = prompt_len + i
-        token_B = sample_next(logits_BxSxV[:, position - 1], step_key, temperature, top_k)
-        return buffer.at[:, position].set(token_B), key
-
-    buffer, _ = jax.lax.fori_loop(0, num_tokens, body, (buffer_BxS, key))
-    return buffer
+def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one non-empty prompt")
+    lengths = np.asarray([len(p) for p in prompts], np.int32)
+    buffer = np.zeros((len(prompts), int(lengths.max()) + new_tokens), np.int32)
+    for row, prompt in enumerate(prompts):
+        buffer[row, :len(prompt)] = prompt
+    return buffer, lengths
 
 
-def generate(model, params, prompt_ids: list[int], num_tokens: int, key: jax.Array, *,
-             temperature: float = 0.8, top_k: int = 40, eod_id: int | None = None) -> list[int]:
-    """Continues `prompt_ids` by `num_tokens` tokens; stops early at `eod_id`."""
-    if not prompt_ids:
-        raise ValueError("generate needs a non-empty prompt")
-    buffer = np.zeros((1, len(prompt_ids) + num_tokens), np.int32)
-    buffer[0, :len(prompt_ids)] = prompt_ids
-    out = _generate(model, params, jnp.asarray(buffer), len(prompt_ids), key,
-                    num_tokens=num_tokens, temperature=temperature, top_k=top_k)
-    new = np.asarray(out[0, len(prompt_ids):]).tolist()
-    if eod_id is not None and eod_id in new:
-        new = new[:new.index(eod_id)]
-    return new
+def _finish(out_BxN: np.ndarray, eod_id: int | None) -> list[list[int]]:
+    result = []
+    for row in np.asarray(out_BxN).tolist():
+        result.append(row[:row.index(eod_id)] if eod_id is not None and eod_id in row else row)
+    return result
+
+
+@functools.partial(jax.jit, static_argnames=("config", "new_tokens", "sampling", "eod_id"))
+def _decode(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+    model = Decoder(config, decode=True)
+    # A step routes one token per sequence: gathering its K experts' weights costs the same for
+    # any pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py).
+    step_model = Decoder(dataclasses.replace(config, dispatch="gather"), decode=True)
+    b, total = buffer_BxL.shape
+    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxL)["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
+    prompt_len = total - new_tokens
+    positions_BxS = jnp.broadcast_to(jnp.arange(prompt_len)[None, :], (b, prompt_len))
+    (logits, _), state = model.apply({"params": params, "cache": cache}, buffer_BxL[:, :prompt_len],
+                                     positions_BxS, mutable=["cache"])
+    last_BxV = logits[jnp.arange(b), lengths_B - 1]
+
+    def step(carry, i):
+        cache, last_BxV, done_B, key = carry
+        key, sample_key = jax.random.split(key)
+        token_B = sample_next(last_BxV, sample_key, sampling)
+        if eod_id is not None:
+            token_B = jnp.where(done_B, eod_id, token_B)
+            done_B = done_B | (token_B == eod_id)
+        (logits, _), state = step_model.apply({"params": params, "cache": cache}, token_B[:, None],
+                                              (lengths_B + i)[:, None], mutable=["cache"])
+        return (state["cache"], logits[:, 0], done_B, key), token_B
+
+    done = jnp.zeros((b,), bool)
+    _, tokens_NxB = jax.lax.scan(step, (state["cache"], last_BxV, done, key), jnp.arange(new_tokens))
+    return tokens_NxB.T
+
+
+def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
+             sampling: Sampling = GREEDY, eod_id: int | None = None) -> list[list[int]]:
+    """Continues each prompt (token ids) by up to `new_tokens` tokens with a KV cache; a
+    sequence ends at `eod_id` (not included)."""
+    buffer, lengths = _prompt_batch(prompts, new_tokens)
+    out = _decode(config, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
+                  new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
+    return _finish(out, eod_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "new_tokens", "sampling", "eod_id"))
+def _recompute(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+    model = Decoder(config)
+    b = buffer_BxL.shape[0]
+
+    def step(carry, i):
+        buffer, done_B, key = carry
+        key, sample_key = jax.random.split(key)
+        logits, _ = model.apply({"params": params}, buffer)
+        token_B = sample_next(logits[jnp.arange(b), lengths_B + i - 1], sample_key, sampling)
+        if eod_id is not None:
+            token_B = jnp.where(done_B, eod_id, token_B)
+            done_B = done_B | (token_B == eod_id)
+        return (buffer.at[jnp.arange(b), lengths_B + i].set(token_B), done_B, key), token_B
+
+    _, tokens_NxB = jax.lax.scan(step, (buffer_BxL, jnp.zeros((b,), bool), key), jnp.arange(new_tokens))
+    return tokens_NxB.T
+
+
+def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
+                      sampling: Sampling = GREEDY, eod_id: int | None = None) -> list[list[int]]:
+    """The same as `generate`, recomputing the whole sequence for every token: the oracle."""
+    buffer, lengths = _prompt_batch(prompts, new_tokens)
+    out = _recompute(config, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
+                     new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
+    return _finish(out, eod_id)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    from rexmoe_jax.config import ConfigError
+    from rexmoe_jax.inference import load
+
+    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        model = load(args.workdir)
+        texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                               sampling=Sampling(args.temperature, args.top_k, args.top_p))
+    except (ConfigError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for prompt, text in zip(args.prompt, texts):
+        print(f"{prompt}{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -75,9 +75,15 @@ def causal_attention(q_BxSxHxK: jax.Array, k_BxTxVxK: jax.Array, v_BxTxVxK: jax.
 
 
 class Attention(nn.Module):
-    """Grouped-query causal self-attention with rotary embeddings."""
+    """Grouped-query causal self-attention with rotary embeddings.
+
+    With `decode`, keys and values are also written into a "cache" collection at the tokens'
+    positions, and queries attend over the whole cache: the cache is sized by the sequence
+    length of the call that creates it (the decoder's init).
+    """
 
     config: ModelConfig
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array) -> jax.Array:
@@ -92,10 +98,29 @@ class Attention(nn.Module):
         q_BxSxHxK = apply_rope(proj("query", cfg.num_heads, "heads"), positions_BxS, cfg.rope_base)
         k_BxSxVxK = apply_rope(proj("key", cfg.num_kv_heads, "kv_heads"), positions_BxS, cfg.rope_base)
         v_BxSxVxK = proj("value", cfg.num_kv_heads, "kv_heads")
-        out_BxSxHxK = causal_attention(q_BxSxHxK, k_BxSxVxK, v_BxSxVxK, positions_BxS, positions_BxS)
+        if self.decode:
+            k_BxSxVxK, v_BxSxVxK, kv_pos_BxS = self._cached(k_BxSxVxK, v_BxSxVxK, positions_BxS)
+        else:
+            kv_pos_BxS = positions_BxS
+        out_BxSxHxK = causal_attention(q_BxSxHxK, k_BxSxVxK, v_BxSxVxK, positions_BxS, kv_pos_BxS)
         out_HxKxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
                                (cfg.num_heads, k, d), jnp.float32)
         return jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, out_HxKxD.astype(dtype))
+
+    def _cached(self, k_BxSxVxK, v_BxSxVxK, positions_BxS):
+        """Writes this call's keys and values at their positions; returns the whole cache.
+
+        Slots past a sequence's last written position hold stale values, but a query at
+        position p only sees slots <= p, and those are written before any query reaches them.
+        """
+        b = positions_BxS.shape[0]
+        cached_k = self.variable("cache", "key", jnp.zeros, k_BxSxVxK.shape, k_BxSxVxK.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v_BxSxVxK.shape, v_BxSxVxK.dtype)
+        rows_Bx1 = jnp.arange(b)[:, None]
+        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxVxK)
+        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxVxK)
+        size = cached_k.value.shape[1]
+        return cached_k.value, cached_v.value, jnp.broadcast_to(jnp.arange(size)[None, :], (b, size))
 
 
 class SwiGLU(nn.Module):

@@ -140,9 +140,11 @@ def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
         results = [session.eval_step(params, session.put(batch)) for batch in session.eval_batches]
     loss = float(np.mean([float(r["loss"]) for r in results]))
     load = np.mean([np.asarray(r["expert_load"]) for r in results], axis=0)
-    routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(session.config.model))
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)),
-            "lbv_max": float(routing["lbv_max"]), "underused_share": float(routing["underused_share"])}, load
+    model = session.config.model
+    routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(model))
+    foreign = metrics_lib.foreign_share(load, model.num_experts, model.reuse)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "lbv_max": float(routing["lbv_max"]),
+            "underused_share": float(routing["underused_share"]), "foreign_share": float(foreign.mean())}, load
 
 
 def _progress(total: int, initial: int):
@@ -229,9 +231,10 @@ def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) 
     train = config.train
     if train.sample_tokens:
         prompt = session.corpus.tokenizer.encode(train.sample_prompt)
-        key = jax.random.fold_in(jax.random.key(train.seed), trainer._SAMPLE_STREAM)
-        new = generate_lib.generate(session.model, session.state.params, prompt, train.sample_tokens, key,
-                                    eod_id=session.corpus.tokenizer.eod_id)
+        key = jax.random.fold_in(jax.random.key(train.seed), trainer.SAMPLE_STREAM)
+        [new] = generate_lib.generate(config.model, session.state.params, [prompt], train.sample_tokens, key,
+                                      sampling=generate_lib.Sampling(temperature=0.8, top_k=40),
+                                      eod_id=session.corpus.tokenizer.eod_id)
         result["sample"] = train.sample_prompt + session.corpus.tokenizer.decode(new)
     return result
 

@@ -36,6 +36,17 @@ def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray) -> dict[str, 
     }
 
 
+def foreign_share(load_LxP, num_experts: int, reuse: int) -> np.ndarray:
+    """Per layer, the share of its assignments that went to experts owned by another layer of
+    its group (layer l owns pool ids j N ... j N + N - 1, j = l mod r); 0 when r = 1. This is
+    what says whether a ReXMoE model uses reuse at all."""
+    load = np.asarray(load_LxP, np.float64)
+    ids = np.arange(load.shape[1])[None, :]
+    first = (np.arange(load.shape[0]) % reuse)[:, None] * num_experts
+    own = (ids >= first) & (ids < first + num_experts)
+    return 1.0 - (load * own).sum(axis=1) / load.sum(axis=1)
+
+
 def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> float:
     """Training FLOPs per token, PaLM's convention: 6 x (active parameters + the output
     projection) for the matmuls, plus 12 L H K S for attention scores and values (the causal

@@ -58,6 +58,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     psr: PSRConfig
     pool_size: int
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD, layer_id, weights: ExpertWeights, positions_BxS,
@@ -65,7 +66,7 @@ class DecoderLayer(nn.Module):
         cfg = self.config
         dtype = dtype_of(cfg.dtype)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, name="attention")(h_BxSxD, positions_BxS)
+        x_BxSxD = x_BxSxD + Attention(cfg, self.decode, name="attention")(h_BxSxD, positions_BxS)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
         available_TxP = None
         if psr_state is not None:
@@ -84,6 +85,7 @@ class LayerGroup(nn.Module):
     config: ModelConfig
     psr: PSRConfig
     size: int
+    decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD, layer_ids_R, positions_BxS, psr: PSRInputs | None):
@@ -101,10 +103,11 @@ class LayerGroup(nn.Module):
         layer = DecoderLayer
         if cfg.remat != "none":
             layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
-        layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+        layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+                         split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.size,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        return layers(cfg, self.psr, pool, name="layers")(
+        return layers(cfg, self.psr, pool, self.decode, name="layers")(
             x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state)
 
 
@@ -113,6 +116,7 @@ class Decoder(nn.Module):
 
     config: ModelConfig
     psr: PSRConfig = PSRConfig()
+    decode: bool = False  # Keep a KV cache ("cache" collection) for incremental decoding.
 
     @nn.compact
     def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
@@ -127,10 +131,11 @@ class Decoder(nn.Module):
 
         stats = []
         for name, layer_ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(cfg)):
-            groups = nn.scan(LayerGroup, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
+            groups = nn.scan(LayerGroup, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
+                             split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast), length=layer_ids_GxR.shape[0],
                              metadata_params={nn.PARTITION_NAME: "groups"})
-            x_BxSxD, block_stats = groups(cfg, self.psr, layer_ids_GxR.shape[1], name=name)(
+            x_BxSxD, block_stats = groups(cfg, self.psr, layer_ids_GxR.shape[1], self.decode, name=name)(
                 x_BxSxD, layer_ids_GxR, positions_BxS, psr)
             stats.append(_flatten_layers(block_stats, cfg.pool_size))
 

@@ -15,7 +15,14 @@ import jax.numpy as jnp
 
 from rexmoe_jax import expert_parallel, losses
 from rexmoe_jax.config import ModelConfig
-from rexmoe_jax.dispatch import ExpertWeights, capacity_experts, dense_experts, route, sorted_experts
+from rexmoe_jax.dispatch import (
+    ExpertWeights,
+    capacity_experts,
+    dense_experts,
+    gathered_experts,
+    route,
+    sorted_experts,
+)
 from rexmoe_jax.layers import SwiGLU, dtype_of, param_init
 
 
@@ -55,6 +62,8 @@ class MoEFFN(nn.Module):
         dropped = jnp.zeros((), jnp.float32)
         if cfg.dispatch == "dense":
             y_TxD = dense_experts(x_TxD, routing, weights)
+        elif cfg.dispatch == "gather":
+            y_TxD = gathered_experts(x_TxD, routing, weights)
         elif not mesh.empty and math.prod(mesh.shape.values()) > 1:
             # On a mesh, each device sorts only its own tokens (and sends them to their experts).
             y_TxD, dropped = expert_parallel.sharded_experts(

@@ -2,13 +2,15 @@
 
 Writes loss.png (training and held-out loss), psr.png (the PSR pool size N_t and the learning
 rate) and expert_load.png (per-layer expert loads over the candidate pool at the last
-evaluation, as LBV: 0 is perfect balance, -1 an idle expert). Needs matplotlib
-(pip install matplotlib).
+evaluation, as LBV: 0 is perfect balance, -1 an idle expert); after python -m
+rexmoe_jax.evaluate, also activation_<set>.png: each layer's expert activation ratios over the
+pool on each input set (the paper's Figure 5). Needs matplotlib (pip install matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -83,6 +85,23 @@ def plot_expert_load(routing: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
+def plot_activation(name: str, routing: dict, path: pathlib.Path) -> None:
+    """A (layers x pool) heatmap of the share of tokens that activate each expert."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    ratios = np.asarray(routing["activation_ratio"], np.float64)
+    fig, ax = plt.subplots(figsize=(min(14, 3 + ratios.shape[1] / 8), 2 + ratios.shape[0] / 3))
+    image = ax.imshow(ratios, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="pool expert", ylabel="layer", title=f"Expert activation ratio on {name}")
+    fig.colorbar(image, ax=ax, label="share of tokens (a row sums to K)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -102,6 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if routing:
         plot_expert_load(routing[-1], output / "expert_load.png")
         written.append("expert_load.png")
+    evaluation = workdir / "eval.json"
+    if evaluation.is_file():
+        for name, analysis in json.loads(evaluation.read_text())["routing"].items():
+            filename = "activation_" + "".join(c if c.isalnum() else "_" for c in name) + ".png"
+            plot_activation(name, analysis, output / filename)
+            written.append(filename)
     print(f"wrote {', '.join(written)} to {output}")
     return 0
 

@@ -24,7 +24,7 @@ from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts,
 from rexmoe_jax.optimizer import learning_rate_schedule
 
 # Independent random streams derived from train.seed.
-_INIT_STREAM, _PSR_STREAM, _SAMPLE_STREAM = 0, 1, 2
+_INIT_STREAM, _PSR_STREAM, SAMPLE_STREAM = 0, 1, 2
 
 
 @flax.struct.dataclass

@@ -134,3 +134,17 @@ def test_capacity_dispatch_drops_exactly_the_overflow():
     expected = dispatch.dense_experts(x, routing._replace(gates_TxK=jnp.where(keep, routing.gates_TxK, 0)), weights)
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
     assert float(dropped) == pytest.approx((~keep).mean()) and float(dropped) > 0
+
+
+def test_gather_dispatch_equals_dense_values_and_gradients():
+    x, weights, routing = random_problem(11, 8, 6, 8, 2, jnp.float32, seed=5)
+
+    def loss(fn):
+        return jax.value_and_grad(lambda x, w, g: jnp.sum(
+            fn(x, routing._replace(gates_TxK=g), w) ** 2), argnums=(0, 1, 2))(x, weights, routing.gates_TxK)
+
+    value, grads = loss(dispatch.gathered_experts)
+    dense_value, dense_grads = loss(dispatch.dense_experts)
+    np.testing.assert_allclose(value, dense_value, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

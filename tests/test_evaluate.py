@@ -1,0 +1,140 @@
+"""Perplexity, multiple-choice scoring, routing analysis, and the evaluate / generate commands."""
+
+import dataclasses
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rexmoe_jax import evaluate, generate, loop, plot
+from rexmoe_jax.config import Config, apply_overrides
+from rexmoe_jax.data import EMBEDDED_TOKENIZER
+from rexmoe_jax.model import Decoder
+from rexmoe_jax.tokenizer import load_tokenizer
+
+CFG = apply_overrides(Config(), ["model.vocab_size=4096", "model.d_model=32", "model.num_layers=2",
+                                 "model.num_heads=2", "model.num_kv_heads=1", "model.expert_ffn=16",
+                                 "model.num_experts=4", "model.top_k=2", "model.reuse=2", "data.seq_len=16"])
+
+
+def params_for(cfg=CFG, seed=0):
+    return nn.meta.unbox(jax.jit(Decoder(cfg.model).init)(jax.random.key(seed), jnp.zeros((1, 4), jnp.int32))["params"])
+
+
+def test_uniform_model_perplexity_is_the_vocabulary_size():
+    params = params_for()
+    params = dict(params, lm_head=jnp.zeros_like(params["lm_head"]))  # every logit 0: uniform
+    batch = np.random.default_rng(0).integers(0, 4096, (2, 17)).astype(np.int32)
+    result = evaluate.held_out_loss(CFG, params, [batch])
+    assert result["eval_ppl"] == pytest.approx(4096, rel=1e-4)
+    assert result["tokens"] == 2 * 16
+
+
+def planted_model(token: int):
+    """Every position's hidden state is the same vector v (identical embeddings, attention and
+    experts silenced), so every position predicts logits l = rms_norm(v) @ W, with W planted
+    to favour `token`. Returns the params and l, computed here by hand."""
+    params = params_for()
+    rng = np.random.default_rng(1)
+    v = rng.standard_normal(32).astype(np.float32)
+    w = rng.standard_normal((32, 4096)).astype(np.float32) * 0.1
+    normed = v / np.sqrt(np.mean(v * v) + CFG.model.norm_eps)
+    w[:, token] += 3.0 * normed / np.dot(normed, normed)  # adds 3 to the planted logit
+    layers = dict(params["groups"]["layers"])
+    layers["attention"] = dict(layers["attention"], out=jnp.zeros_like(layers["attention"]["out"]))
+    groups = dict(params["groups"], layers=layers, experts_down=jnp.zeros_like(params["groups"]["experts_down"]))
+    params = dict(params, groups=groups, token_embed=jnp.tile(v, (4096, 1)), lm_head=jnp.asarray(w))
+    return params, normed @ w
+
+
+def test_scorer_matches_hand_computed_log_likelihood_and_picks_the_planted_answer():
+    tok = load_tokenizer(EMBEDDED_TOKENIZER)
+    planted = tok.encode(" the")[0]
+    params, logits = planted_model(planted)
+    log_probs = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+    context, continuation = tok.encode("In the beginning"), tok.encode(" God created the heaven")
+    got = evaluate.continuation_logprobs(CFG, params, [(context, continuation)])[0]
+    assert got == pytest.approx(float(np.sum(log_probs[continuation])), rel=1e-4)
+
+    question = {"context": "And God said", "choices": [" and there was light", " the the the", " unto Moses"],
+                "label": 1}
+    assert tok.encode(" the the the") == [planted] * 3
+    result = evaluate.score_task(CFG, params, tok, [question, dict(question, label=0)])
+    assert result == {"n": 2, "acc": 0.5, "acc_norm": 0.5}  # right on the planted one, wrong on the other
+
+
+def test_task_file_errors(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
+    with pytest.raises(Exception, match="2 or more"):
+        evaluate.read_task(path)
+    path.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
+    with pytest.raises(Exception, match="label"):
+        evaluate.read_task(path)
+
+
+def test_activation_ratios_sum_to_k_and_foreign_share():
+    params = params_for()
+    batches = [np.random.default_rng(2).integers(0, 4096, (4, 17)).astype(np.int32)]
+    routing = evaluate.routing_analysis(CFG, params, batches)
+    ratios = np.asarray(routing["activation_ratio"])
+    np.testing.assert_allclose(ratios.sum(axis=1), CFG.model.top_k, rtol=1e-6)
+    assert routing["tokens"] == 4 * 16
+    assert all(0 <= f <= 1 for f in routing["foreign_share"])
+    # At r = 1 no expert belongs to another layer.
+    cfg1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, reuse=1))
+    assert evaluate.routing_analysis(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("sampling", [generate.Sampling(), generate.Sampling(1.0, 5, 0.9)], ids=["greedy", "sampled"])
+def test_cached_decoding_equals_recomputing_the_sequence(sampling):
+    cfg = dataclasses.replace(CFG.model, init_std=0.3)  # peaked logits: no near-ties for argmax
+    params = params_for(dataclasses.replace(CFG, model=cfg))
+    prompts = [[5, 17, 300, 42], [9], [100, 200]]
+    key = jax.random.key(3)
+    cached = generate.generate(cfg, params, prompts, 12, key, sampling=sampling)
+    recomputed = generate.generate_uncached(cfg, params, prompts, 12, key, sampling=sampling)
+    assert cached == recomputed and all(len(c) == 12 for c in cached)
+
+
+def test_sampling_filters():
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+    keys = jax.random.split(jax.random.key(0), 400)
+    draw = lambda s: {int(generate.sample_next(logits, k, s)[0]) for k in keys}
+    assert draw(generate.Sampling(1.0, top_k=2)) == {0, 1}
+    assert draw(generate.Sampling(1.0, top_p=0.7)) == {0, 1}  # 0.5 + 0.3 reach 0.7
+    assert draw(generate.Sampling(1.0)) == {0, 1, 2, 3}
+    assert draw(generate.Sampling()) == {0}
+    with pytest.raises(ValueError):
+        generate.Sampling(top_p=0)
+
+
+def test_stop_at_end_of_text():
+    cfg = dataclasses.replace(CFG.model, init_std=0.3)
+    params = params_for(dataclasses.replace(CFG, model=cfg))
+    free = generate.generate(cfg, params, [[5, 6]], 10, jax.random.key(0))[0]
+    stop = free[3]
+    cut = generate.generate(cfg, params, [[5, 6]], 10, jax.random.key(0), eod_id=stop)[0]
+    assert cut == free[:free.index(stop)]
+
+
+def test_commands_on_a_trained_run(tmp_path, capsys):
+    """Train a few steps, then the README's evaluate, generate and plot commands."""
+    workdir = tmp_path / "run"
+    cfg = apply_overrides(CFG, ["data.batch_size=4", "train.steps=6", "train.eval_every=6", "train.eval_batches=1",
+                                "train.sample_tokens=0", "mesh.num_devices=1", "train.log_every=2"])
+    loop.run(cfg, workdir)
+    (tmp_path / "psalm.txt").write_text("The LORD is my shepherd; I shall not want.\n\n" * 20)
+    assert evaluate.main(["--workdir", str(workdir), "--tasks", "examples/tasks/kjv_cloze.jsonl",
+                          "--input-set", f"psalm={tmp_path / 'psalm.txt'}", "--batches", "1"]) == 0
+    report = json.loads((workdir / "eval.json").read_text())
+    assert report["step"] == 6 and report["tasks"]["kjv_cloze"]["n"] == 20
+    assert set(report["routing"]) == {"held-out", "psalm"}
+    assert generate.main(["--workdir", str(workdir), "--prompt", "And God said", "--max-new-tokens", "4"]) == 0
+    assert plot.main(["--workdir", str(workdir)]) == 0
+    assert (workdir / "activation_psalm.png").is_file()
+    out = capsys.readouterr().out
+    assert "task kjv_cloze: 20 questions" in out and "And God said" in out
