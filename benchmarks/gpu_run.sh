@@ -11,5 +11,6 @@ python3 -c "import jax, tokamax; print('jax', jax.__version__, jax.devices())" |
 python3 -m pallas_kernels.grouped_matmul.bench 2>&1 | tee "$OUT/grouped_matmul.txt"
 python3 -m pallas_kernels.token_permute.bench 2>&1 | tee "$OUT/token_permute.txt"
 python3 -m benchmarks.moe_block 2>&1 | tee "$OUT/moe_block.txt"
+python3 -m benchmarks.inference 2>&1 | tee "$OUT/inference.txt"
 # One H100 holds neither model whole with Adam states: 8 layers, 4 x 4,096 tokens per step.
 python3 -m benchmarks.train_step --layers 8 --batch 4 --seq 4096 --steps 10 2>&1 | tee "$OUT/train_step.txt"
