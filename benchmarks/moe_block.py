@@ -11,12 +11,10 @@ scatter-add backward) with this project's pieces; the last column is the speed-u
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.benchmarking import environment, median_seconds, print_table
+from pallas_kernels.benchmarking import environment, median_seconds, parse_args, print_table
 from pallas_kernels.shapes import shapes
 from rexmoe_jax import dispatch
 
@@ -57,10 +55,7 @@ def block_time(shape, options, iters):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="shapes / 16 (a quick run on a CPU)")
-    parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
     rows = []
     for shape in shapes(args.small):
         times = {}

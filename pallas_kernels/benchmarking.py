@@ -15,6 +15,16 @@ import jax
 import jax.numpy as jnp
 
 
+def parse_args(doc: str, argv=None):
+    """The options every shape benchmark takes: --small and --iters."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--small", action="store_true", help="shapes / 16 (a quick run on a CPU)")
+    parser.add_argument("--iters", type=int, default=20)
+    return parser.parse_args(argv)
+
+
 def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> float:
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))

@@ -35,8 +35,7 @@ from rexmoe_jax.dispatch import (
     grouped_swiglu,
     sorted_experts,
 )
-
-BATCH_AXES = ("data", "fsdp", "expert")
+from rexmoe_jax.sharding import BATCH_AXES
 
 
 def _local_expert_rows(x_RxD, local_expert_R, weights: ExpertWeights, implementation: str):

@@ -11,13 +11,11 @@ x (pool, d, f)); its dispatch cost is not included.
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import ceilings, environment, median_seconds, print_table
+from pallas_kernels.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.shapes import shapes
 
@@ -56,10 +54,7 @@ def timed(shape, implementation, iters):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--small", action="store_true", help="shapes / 16 (a quick run on a CPU)")
-    parser.add_argument("--iters", type=int, default=20)
-    args = parser.parse_args(argv)
+    args = parse_args(__doc__, argv)
     peak = ceilings(args.small, iters=args.iters)
     rows = []
     for shape in shapes(args.small):
