@@ -17,11 +17,12 @@ import sys
 import jax
 import orbax.checkpoint as ocp
 
+from rexmoe_jax import sharding
 from rexmoe_jax.config import Config, ConfigError
 
 # Fields that may change between a checkpoint and the run that resumes it without changing
 # what the state holds: how the model is computed, not what it is.
-_FREE_MODEL_FIELDS = {"dtype", "remat", "dispatch", "grouped_matmul", "init_std"}
+_FREE_MODEL_FIELDS = {"dtype", "remat", "dispatch", "grouped_matmul", "permute", "capacity_factor", "init_std"}
 
 
 def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
@@ -62,16 +63,15 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
-    def wait(self) -> None:
-        self._manager.wait_until_finished()
-
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
 
     def _set_aside(self, step: int, err: Exception) -> None:
         target = self.directory / f"{step}.corrupt"
-        (self.directory / str(step)).rename(target)
+        if jax.process_index() == 0:  # One host renames; the others wait for it.
+            (self.directory / str(step)).rename(target)
+        sharding.sync_hosts(f"set aside checkpoint {step}")
         print(f"warning: checkpoint {step} is unreadable ({_short(err)}); moved it to {target} and "
               "fell back to the previous checkpoint", file=sys.stderr, flush=True)
         self._manager.reload()

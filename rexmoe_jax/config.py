@@ -272,6 +272,9 @@ class Config:
                      f"psr.stages={p.stages} exceeds the experts the pool grows by "
                      f"({m.pool_size - initial})")
         _require(m.vocab_size >= 2, "model.vocab_size must be >= 2")
+        _require(self.data.batch_size % self.optim.grad_accum == 0,
+                 f"data.batch_size={self.data.batch_size} is not divisible by optim.grad_accum="
+                 f"{self.optim.grad_accum}")
 
     @property
     def tokens_per_step(self) -> int:

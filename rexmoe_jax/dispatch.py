@@ -139,22 +139,25 @@ def gather_from_slots(y_SxD: jax.Array, slots: Slots, gates_TxK: jax.Array) -> j
     return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
 
 
-def capacity(num_assignments: int, num_buckets: int, capacity_factor: float) -> int:
-    """Slots per bucket: the even share times the factor; factor 0 means every assignment fits."""
+def capacity(num_assignments: int, num_buckets: int, capacity_factor: float, live_share: float = 1.0) -> int:
+    """Slots per bucket: the factor times the even share of the assignments over the live part
+    of the buckets (under PSR only N_t of the pool can be chosen: with live_share = N / pool the
+    buckets are sized for the smallest live pool); factor 0 means every assignment fits."""
     if capacity_factor <= 0:
         return num_assignments
-    return max(1, min(num_assignments, math.ceil(capacity_factor * num_assignments / num_buckets)))
+    even = num_assignments / (num_buckets * live_share)
+    return max(1, min(num_assignments, math.ceil(capacity_factor * even)))
 
 
 def capacity_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights,
-                     capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+                     capacity_factor: float, live_share: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The capacity dispatch: each expert gets C = capacity_factor * T*K / P row slots, filled
     in token order, and one batched einsum runs every expert on its slots (no raggedness, so
     the fastest matmul at small expert widths). Assignments past C are dropped; returns the
-    outputs and the share of dropped assignments."""
+    outputs and the share of dropped assignments. `live_share`: see `capacity`."""
     t, k = routing.experts_TxK.shape
     pool = weights.gate_PxDxF.shape[0]
-    c = capacity(t * k, pool, capacity_factor)
+    c = capacity(t * k, pool, capacity_factor, live_share)
     slots = bucket_slots(routing.experts_TxK.reshape(-1), pool, c)
     x_PxCxD = jnp.where(slots.filled_S[:, None], x_TxD[slots.source_S // k], 0).reshape(pool, c, -1)
     h_PxCxF = nn.silu(jnp.einsum("pcd,pdf->pcf", x_PxCxD, weights.gate_PxDxF)) * jnp.einsum(

@@ -31,7 +31,8 @@ import numpy as np
 
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config, ConfigError
-from rexmoe_jax.model import Decoder, layer_pool_sizes
+from rexmoe_jax.model import Decoder
+from rexmoe_jax.reuse import layer_pool_sizes
 
 _SCORE_BATCH = 8
 

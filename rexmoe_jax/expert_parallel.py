@@ -49,13 +49,13 @@ def _local_expert_rows(x_RxD, local_expert_R, weights: ExpertWeights, implementa
 
 
 def _all_to_all_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, *, num_shards: int,
-                        capacity_factor: float, implementation: str):
+                        capacity_factor: float, live_share: float, implementation: str):
     num_tokens, top_k = experts_TxK.shape
     pool_local = weights.gate_PxDxF.shape[0]
     experts_A = experts_TxK.reshape(-1)
     # Destination device = expert // P_l; C slots per destination, in token order.
     slots = bucket_slots(experts_A // pool_local, num_shards,
-                         capacity(num_tokens * top_k, num_shards, capacity_factor))
+                         capacity(num_tokens * top_k, num_shards, capacity_factor, live_share))
     send_x = jnp.where(slots.filled_S[:, None], x_TxD[slots.source_S // top_k], 0)
     send_e = jnp.where(slots.filled_S, experts_A[slots.source_S] % pool_local, pool_local)
 
@@ -67,8 +67,8 @@ def _all_to_all_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, *
 
 
 def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, *, dispatch: str,
-                    implementation: str, permute_implementation: str,
-                    capacity_factor: float) -> tuple[jax.Array, jax.Array]:
+                    implementation: str, permute_implementation: str, capacity_factor: float,
+                    live_share: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The MoE dispatch over the current mesh: (outputs, share of dropped assignments)."""
     mesh = jax.sharding.get_abstract_mesh()
     num_shards = mesh.shape["expert"]
@@ -85,10 +85,11 @@ def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, 
         r = Routing(gates, experts, None)
         if num_shards > 1:
             y, dropped = _all_to_all_experts(x, gates, experts, w, num_shards=num_shards,
-                                             capacity_factor=capacity_factor, implementation=implementation)
+                                             capacity_factor=capacity_factor, live_share=live_share,
+                                             implementation=implementation)
             y = tensor_sum(y)
         elif dispatch == "capacity":
-            y, dropped = capacity_experts(x, r, w, capacity_factor)
+            y, dropped = capacity_experts(x, r, w, capacity_factor, live_share)
             y = tensor_sum(y)
         else:
             y = sorted_experts(x, r, w, implementation, permute_implementation, reduce_rows=tensor_sum)

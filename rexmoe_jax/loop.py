@@ -20,9 +20,9 @@ from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
-from rexmoe_jax.model import layer_pool_sizes
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
+from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
 
 # Per-step values kept out of metrics.jsonl: the (L, pool) loads go to routing.jsonl at evals.

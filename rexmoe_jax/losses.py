@@ -29,6 +29,8 @@ def load_balancing_loss(expert_load_P: jax.Array, mean_probs_P: jax.Array) -> ja
 
     f_i: the share of token->expert assignments that went to expert i (no gradient flows through
     it); p_i: the mean router probability of expert i. Equals 1 when both are uniform (1/P).
+    Under PSR, f is zero on masked experts while p stays the softmax over the whole pool (as the
+    gates do), so a uniform router still scores 1.
     """
     pool = expert_load_P.shape[-1]
     return pool * jnp.sum(jax.lax.stop_gradient(expert_load_P) * mean_probs_P, axis=-1)

@@ -7,26 +7,37 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax.config import ModelConfig
+from rexmoe_jax.reuse import own_offset
 
 # Decision (the paper plots "under-used experts" without a threshold): an expert is under-used
 # when its load is below half of the uniform share, i.e. LBV < -0.5.
 UNDERUSED_LBV = -0.5
 
 
-def load_balance_violation(load_LxP: jax.Array, pool_sizes_L: np.ndarray) -> jax.Array:
+def _valid(load_LxP, pool_sizes_L, available_LxP):
+    """The experts LBV is taken over: those of the layer's pool (a smaller last group's loads
+    are zero-padded), and of those the ones PSR left available, when that is given."""
+    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < jnp.asarray(pool_sizes_L)[:, None]
+    return valid_LxP if available_LxP is None else valid_LxP & (available_LxP > 0)
+
+
+def load_balance_violation(load_LxP: jax.Array, pool_sizes_L: np.ndarray,
+                           available_LxP: jax.Array | None = None) -> jax.Array:
     """The paper's LBV_i = (load_i - mean load) / mean load per layer and pool expert (0 is
     perfect balance, -1 an idle expert). `load` holds each expert's share of the layer's
-    assignments (rows sum to 1), so the mean load is 1 / pool size. Entries past a layer's
-    pool (a smaller last group, zero-padded) are 0."""
-    pool_L1 = jnp.asarray(pool_sizes_L, jnp.float32)[:, None]
-    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < pool_L1
-    return jnp.where(valid_LxP, load_LxP * pool_L1 - 1.0, 0.0)
+    assignments (rows sum to 1), so the mean load is 1 / (number of experts counted): the pool,
+    or during PSR the experts the mask left available (masked ones cannot be loaded, and would
+    read as idle). Entries not counted are 0."""
+    valid_LxP = _valid(load_LxP, pool_sizes_L, available_LxP)
+    count_L1 = jnp.sum(valid_LxP, axis=-1, keepdims=True).astype(jnp.float32)
+    return jnp.where(valid_LxP, load_LxP * count_L1 - 1.0, 0.0)
 
 
-def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray) -> dict[str, jax.Array]:
+def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray,
+                    available_LxP: jax.Array | None = None) -> dict[str, jax.Array]:
     """Scalars for the log line, plus per-layer maxima (the LBV distribution over layers)."""
-    lbv_LxP = load_balance_violation(load_LxP, pool_sizes_L)
-    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < jnp.asarray(pool_sizes_L)[:, None]
+    lbv_LxP = load_balance_violation(load_LxP, pool_sizes_L, available_LxP)
+    valid_LxP = _valid(load_LxP, pool_sizes_L, available_LxP)
     underused = jnp.sum((lbv_LxP < UNDERUSED_LBV) & valid_LxP) / jnp.sum(valid_LxP)
     return {
         "lbv_max": jnp.max(lbv_LxP),
@@ -42,7 +53,7 @@ def foreign_share(load_LxP, num_experts: int, reuse: int) -> np.ndarray:
     what says whether a ReXMoE model uses reuse at all."""
     load = np.asarray(load_LxP, np.float64)
     ids = np.arange(load.shape[1])[None, :]
-    first = (np.arange(load.shape[0]) % reuse)[:, None] * num_experts
+    first = own_offset(np.arange(load.shape[0]), reuse, num_experts)[:, None]
     own = (ids >= first) & (ids < first + num_experts)
     return 1.0 - (load * own).sum(axis=1) / load.sum(axis=1)
 

@@ -68,14 +68,15 @@ class DecoderLayer(nn.Module):
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
         x_BxSxD = x_BxSxD + Attention(cfg, self.decode, name="attention")(h_BxSxD, positions_BxS)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
-        available_TxP = None
+        available_TxP, live = None, self.pool_size
         if psr_state is not None:
+            live = min(self.psr.initial_experts or cfg.num_experts, self.pool_size)
             key, pool_size_t = psr_state
             available_TxP = reuse.psr_available(
                 key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
-                num_experts=cfg.num_experts, own_offset=(layer_id % cfg.reuse) * cfg.num_experts,
+                num_experts=cfg.num_experts, own_offset=reuse.own_offset(layer_id, cfg.reuse, cfg.num_experts),
                 num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1])
-        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, name="moe")(h_BxSxD, weights, available_TxP)
+        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, live, name="moe")(h_BxSxD, weights, available_TxP)
         return _constrain(x_BxSxD + y_BxSxD), stats
 
 
@@ -96,6 +97,8 @@ class LayerGroup(nn.Module):
             self.param("experts_up", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
             self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
                        (pool, f, d)))
+        # Cast once for the group, not once per layer that shares the pool.
+        weights = ExpertWeights(*(w.astype(dtype_of(cfg.dtype)) for w in weights))
         psr_state = None
         if psr is not None:
             psr_state = (psr.key, reuse.psr_pool_size(psr.step, self.psr, cfg.num_experts, pool))
@@ -160,9 +163,8 @@ def _flatten_layers(stats: RouterStats, pool_size: int) -> RouterStats:
     """(groups, layers, ...) -> (L_block, ...); loads of a smaller last group are zero-padded
     to the full pool so that all layers stack into one (L, r*N) array."""
     flat = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), stats)
-    load_LxP = flat.expert_load_P
-    pad = pool_size - load_LxP.shape[-1]
-    return flat._replace(expert_load_P=jnp.pad(load_LxP, ((0, 0), (0, pad))))
+    pad = ((0, 0), (0, pool_size - flat.expert_load_P.shape[-1]))
+    return flat._replace(expert_load_P=jnp.pad(flat.expert_load_P, pad), available_P=jnp.pad(flat.available_P, pad))
 
 
 def per_layer_norms(tree, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
@@ -178,11 +180,6 @@ def per_layer_norms(tree, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
         pool_sq.append(sum(jnp.sum(jnp.square(tree[name][k].astype(jnp.float32)), axis=(1, 2, 3))
                            for k in ("experts_gate", "experts_up", "experts_down")))
     return jnp.sqrt(jnp.concatenate(layer_sq)), jnp.sqrt(jnp.concatenate(pool_sq))
-
-
-def layer_pool_sizes(config: ModelConfig) -> np.ndarray:
-    """The pool size of every layer, (L,): r*N, or less in a smaller last group."""
-    return np.repeat(np.asarray(config.group_sizes) * config.num_experts, config.group_sizes)
 
 
 def param_counts(params, config: ModelConfig) -> dict[str, int]:

@@ -32,7 +32,8 @@ class RouterStats(NamedTuple):
     load_balance: jax.Array  # Switch loss over the pool; 1.0 for uniform routing
     z_loss: jax.Array
     expert_load_P: jax.Array  # share of the T*K assignments that went to each pool expert
-    dropped: jax.Array  # share of assignments dropped for capacity (expert parallelism only)
+    dropped: jax.Array  # share of assignments dropped for capacity (capacity dispatch, expert parallelism)
+    available_P: jax.Array  # share of tokens that could choose each pool expert (PSR masks the rest)
 
 
 class MoEFFN(nn.Module):
@@ -40,6 +41,7 @@ class MoEFFN(nn.Module):
 
     config: ModelConfig
     pool_size: int
+    live_experts: int  # the fewest experts PSR leaves available; capacity is spread over them
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, weights: ExpertWeights,
@@ -56,10 +58,10 @@ class MoEFFN(nn.Module):
         self.sow("intermediates", "experts", routing.experts_TxK)
         self.sow("intermediates", "gates", routing.gates_TxK)
 
-        dtype = dtype_of(cfg.dtype)
-        weights = ExpertWeights(*(w.astype(dtype) for w in weights))
+        dtype = dtype_of(cfg.dtype)  # `weights` arrive in it: LayerGroup casts the pool once
         mesh = jax.sharding.get_abstract_mesh()
         dropped = jnp.zeros((), jnp.float32)
+        live_share = self.live_experts / self.pool_size
         if cfg.dispatch == "dense":
             y_TxD = dense_experts(x_TxD, routing, weights)
         elif cfg.dispatch == "gather":
@@ -68,9 +70,9 @@ class MoEFFN(nn.Module):
             # On a mesh, each device sorts only its own tokens (and sends them to their experts).
             y_TxD, dropped = expert_parallel.sharded_experts(
                 x_TxD, routing, weights, dispatch=cfg.dispatch, implementation=cfg.grouped_matmul,
-                permute_implementation=cfg.permute, capacity_factor=cfg.capacity_factor)
+                permute_implementation=cfg.permute, capacity_factor=cfg.capacity_factor, live_share=live_share)
         elif cfg.dispatch == "capacity":
-            y_TxD, dropped = capacity_experts(x_TxD, routing, weights, cfg.capacity_factor)
+            y_TxD, dropped = capacity_experts(x_TxD, routing, weights, cfg.capacity_factor, live_share)
         else:
             y_TxD = sorted_experts(x_TxD, routing, weights, cfg.grouped_matmul, cfg.permute)
         y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
@@ -84,5 +86,7 @@ class MoEFFN(nn.Module):
         stats = RouterStats(
             load_balance=losses.load_balancing_loss(expert_load_P, jnp.mean(routing.probs_TxP, axis=0)),
             z_loss=losses.router_z_loss(logits_TxP),
-            expert_load_P=expert_load_P, dropped=dropped)
+            expert_load_P=expert_load_P, dropped=dropped,
+            available_P=(jnp.ones((self.pool_size,), jnp.float32) if available_TxP is None
+                         else jnp.mean(available_TxP.astype(jnp.float32), axis=0)))
         return y_BxSxD, stats

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rexmoe_jax.config import ModelConfig, PSRConfig
 
@@ -28,6 +29,17 @@ def layer_pool(layer: int, num_layers: int, reuse: int, num_experts: int) -> ran
     first = layer_group(layer, reuse) * reuse
     last = min(first + reuse, num_layers)
     return range(first * num_experts, last * num_experts)
+
+
+def own_offset(layer, reuse: int, num_experts: int):
+    """Where layer `layer`'s own N experts start in its group's pool (works on arrays too)."""
+    return (layer % reuse) * num_experts
+
+
+def layer_pool_sizes(config: ModelConfig) -> np.ndarray:
+    """The pool size of every layer, (L,): r*N, or less in a smaller last group."""
+    return np.asarray([len(layer_pool(layer, config.num_layers, config.reuse, config.num_experts))
+                       for layer in range(config.num_layers)])
 
 
 def group_layer_ids(config: ModelConfig) -> list[jax.Array]:
@@ -52,9 +64,12 @@ def _psr_thresholds(psr: PSRConfig, start: int, num_experts: int, pool_size: int
         # start + floor(grow (t - t_s) / span) >= start + k  <=>  t >= t_s + ceil(k span / grow).
         thresholds = [psr.start_step + -(-k * span // grow) for k in range(1, grow + 1)]
         sizes = list(range(start, pool_size + 1))
-    else:  # stepwise: stage i of `stages` begins at t_s + ceil(i span / stages).
+    else:  # stepwise: S jumps spread evenly from t_s to t_e, the first at t_s and the last at t_e.
         stages = psr.stages or max(1, grow // num_experts)
-        thresholds = [psr.start_step + -(-i * span // stages) for i in range(1, stages + 1)]
+        if stages == 1:
+            thresholds = [psr.end_step]
+        else:
+            thresholds = [psr.start_step + -(-i * span // (stages - 1)) for i in range(stages)]
         sizes = [start + grow * i // stages for i in range(stages + 1)]
     return thresholds, sizes
 
@@ -63,10 +78,13 @@ def psr_pool_size(step: jax.Array, psr: PSRConfig, num_experts: int, pool_size: 
     """Eq. 6, the PSR pool size N_t at optimizer step t (traced, so it never recompiles).
 
     linear:   N_t = N for t <= t_s; floor((1 + (r-1)(t - t_s)/(t_e - t_s)) N) up to t_e; r N after.
-    stepwise: the same growth taken in `stages` equal jumps, the i-th at t_s + i (t_e - t_s)/stages
-              (default r - 1 stages of N experts each: the paper's 64 -> 128 -> 192 -> 256).
+    stepwise: the same growth in `stages` equal jumps evenly spread from t_s to t_e (default
+              r - 1 jumps of N experts: with the paper's t_s = 10k and t_e = 30k at r = 4, its
+              stepwise run's 64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k).
     `psr.initial_experts` replaces N as the starting size (N by default; below N it grows the pool
     of a plain MoE, the reviewers' question).
+    Decision (smaller last group, L % r != 0): its pool grows from N to its own size over the
+    same [t_s, t_e], so every group reaches its full pool at t_e.
     """
     start = min(psr.initial_experts or num_experts, pool_size)
     if psr.schedule == "none" or start == pool_size:

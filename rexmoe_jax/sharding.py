@@ -78,9 +78,10 @@ def validate(config: Config, mesh: jax.sharding.Mesh) -> None:
     shape = dict(mesh.shape)
     batch_devices = math.prod(shape[a] for a in BATCH_AXES)
     m = config.model
-    if config.data.batch_size % batch_devices:
-        raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by the {batch_devices} "
-                          "devices of mesh.data x mesh.fsdp x mesh.expert")
+    micro_batch = config.data.batch_size // config.optim.grad_accum
+    if micro_batch % batch_devices:
+        raise ConfigError(f"data.batch_size / optim.grad_accum = {micro_batch} is not divisible by the "
+                          f"{batch_devices} devices of mesh.data x mesh.fsdp x mesh.expert")
     pools = sorted({size * m.num_experts for size in m.group_sizes})
     if any(pool % shape["expert"] for pool in pools):
         raise ConfigError(f"every group's pool ({pools} experts) must divide over mesh.expert={shape['expert']}")
@@ -108,6 +109,14 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def put_batch(host_rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     """A global batch from this process's rows (each host holds only its own shard)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), host_rows)
+
+
+def sync_hosts(name: str) -> None:
+    """Waits until every process reaches this point (nothing to do with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def activate(mesh: jax.sharding.Mesh):

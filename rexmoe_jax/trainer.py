@@ -20,8 +20,9 @@ import optax
 from rexmoe_jax import losses, reuse
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config
-from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts, per_layer_norms
+from rexmoe_jax.model import Decoder, PSRInputs, param_counts, per_layer_norms
 from rexmoe_jax.optimizer import learning_rate_schedule
+from rexmoe_jax.reuse import layer_pool_sizes
 
 # Independent random streams derived from train.seed.
 _INIT_STREAM, _PSR_STREAM, SAMPLE_STREAM = 0, 1, 2
@@ -94,7 +95,8 @@ def make_loss_fn(config: Config, model: Decoder) -> Callable:
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
         total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
         return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P,
-                       "layer_z_loss": stats.z_loss, "dropped": jnp.mean(stats.dropped)}
+                       "layer_z_loss": stats.z_loss, "dropped": jnp.mean(stats.dropped),
+                       "available": stats.available_P}
 
     return loss_fn
 
@@ -140,7 +142,8 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
                                                  config.model.pool_size),
             "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
             "dropped_fraction": aux["dropped"],
-            **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes),
+            # During PSR, balance is measured over the experts each layer could choose.
+            **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes, aux["available"]),
         }
         return new_state, step_metrics
 

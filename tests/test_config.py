@@ -71,3 +71,8 @@ def test_preset_errors(tmp_path):
     bad.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="get_config"):
         load_preset(bad)
+
+
+def test_grad_accum_must_divide_the_batch():
+    with pytest.raises(ConfigError, match="optim.grad_accum=3"):
+        apply_overrides(Config(), ["data.batch_size=16", "optim.grad_accum=3"])

@@ -26,3 +26,21 @@ def test_flops_per_token_by_hand():
                       expert_ffn=4, num_experts=4, top_k=1)
     # 6 * (active + head) + 12 * L * H * K * S
     assert metrics.flops_per_token(cfg, seq_len=10, params_active=1000) == 6 * (1000 + 800) + 12 * 2 * 2 * 4 * 10
+
+
+def test_lbv_over_the_experts_psr_left_available():
+    """Layer of pool 4 where PSR masked experts 2 and 3: loads 0.5 / 0.5 on the two available
+    ones is perfect balance (LBV 0), not two idle experts."""
+    load = jnp.asarray([[0.5, 0.5, 0.0, 0.0]])
+    available = jnp.asarray([[1.0, 1.0, 0.0, 0.0]])
+    np.testing.assert_allclose(metrics.load_balance_violation(load, np.array([4]), available), [[0, 0, 0, 0]])
+    out = metrics.routing_metrics(load, np.array([4]), available)
+    assert float(out["underused_share"]) == 0.0 and float(out["lbv_max"]) == 0.0
+    # Without the mask the same loads read as two idle experts of four.
+    assert float(metrics.routing_metrics(load, np.array([4]))["underused_share"]) == 0.5
+
+
+def test_foreign_share_by_hand():
+    # r = 2, N = 2: layer 0 owns pool ids 0-1, layer 1 owns 2-3.
+    load = np.array([[0.5, 0.25, 0.25, 0.0], [0.1, 0.0, 0.9, 0.0]])
+    np.testing.assert_allclose(metrics.foreign_share(load, num_experts=2, reuse=2), [0.25, 0.1])

@@ -11,7 +11,8 @@ import numpy_reference
 import pytest
 
 from rexmoe_jax.config import ModelConfig, PSRConfig
-from rexmoe_jax.model import Decoder, PSRInputs, layer_pool_sizes, param_counts
+from rexmoe_jax.model import Decoder, PSRInputs, param_counts
+from rexmoe_jax.reuse import layer_pool_sizes
 
 SMALL = ModelConfig(vocab_size=37, d_model=16, num_layers=5, num_heads=4, num_kv_heads=2,
                     expert_ffn=8, num_experts=4, top_k=2, dispatch="dense")

@@ -148,3 +148,16 @@ def test_gather_dispatch_equals_dense_values_and_gradients():
     np.testing.assert_allclose(value, dense_value, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_capacity_is_spread_over_the_live_experts():
+    """With PSR only N of the P = 4N experts can be chosen: capacity sized for the live ones
+    (live_share = 1/4) drops nothing where sizing for the whole pool drops most."""
+    x, weights, _ = random_problem(32, 8, 6, 8, 2, jnp.float32, seed=6)
+    logits = jax.random.normal(jax.random.key(6), (32, 8))
+    available = jnp.broadcast_to(jnp.arange(8) < 2, (32, 8))  # 2 live experts of 8
+    routing = dispatch.route(logits, available, 2, False)
+    _, dropped_pool = dispatch.capacity_experts(x, routing, weights, 1.0)
+    y, dropped_live = dispatch.capacity_experts(x, routing, weights, 1.0, live_share=2 / 8)
+    assert float(dropped_pool) > 0.5 and float(dropped_live) == 0.0
+    np.testing.assert_allclose(y, dispatch.dense_experts(x, routing, weights), rtol=1e-5, atol=1e-6)

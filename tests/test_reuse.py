@@ -65,12 +65,16 @@ def test_linear_pool_size_paper_values():
 
 
 def test_stepwise_matches_the_paper():
-    """64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k (the paper's stepwise 2.3B run)."""
-    psr = PSRConfig(schedule="stepwise", start_step=0, end_step=30_000)
+    """64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k (the paper's stepwise 2.3B run), with
+    the t_s = 10k and t_e = 30k of its linear runs."""
+    psr = PSRConfig(schedule="stepwise", start_step=10_000, end_step=30_000)
     got = {t: int(reuse.psr_pool_size(t, psr, 64, 256))
            for t in (0, 9_999, 10_000, 19_999, 20_000, 29_999, 30_000, 40_000)}
     assert got == {0: 64, 9_999: 64, 10_000: 128, 19_999: 128, 20_000: 192, 29_999: 192,
                    30_000: 256, 40_000: 256}
+    # One stage: the whole pool at once, at t_e.
+    one = PSRConfig(schedule="stepwise", start_step=10, end_step=20, stages=1)
+    assert [int(reuse.psr_pool_size(t, one, 8, 16)) for t in (19, 20)] == [8, 16]
 
 
 def test_no_schedule_and_initial_pool():

@@ -156,7 +156,7 @@ def test_mesh_errors_name_the_fix():
     with pytest.raises(ConfigError, match="multiply to 6"):
         sharding.make_mesh(MeshConfig(data=3, expert=2))
     cfg = apply_overrides(Config(), MODEL + ["data.batch_size=6"] + mesh_overrides((2, 1, 4, 1)))
-    with pytest.raises(ConfigError, match="data.batch_size=6"):
+    with pytest.raises(ConfigError, match="data.batch_size / optim.grad_accum = 6"):
         sharding.validate(cfg, sharding.make_mesh(cfg.mesh))
     cfg = apply_overrides(Config(), MODEL + ["model.num_experts=3", "model.reuse=1"] + mesh_overrides((2, 1, 4, 1)))
     with pytest.raises(ConfigError, match="mesh.expert=4"):
