@@ -72,14 +72,10 @@ def continuation_logprobs(config: Config, params, requests: list[tuple[list[int]
 
 
 def read_task(path: pathlib.Path) -> list[dict]:
+    from rexmoe_jax.sources import json_lines
+
     questions = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, q in json_lines(path):
         ok = (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
               and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
               and isinstance(q.get("label"), int) and 0 <= q["label"] < len(q["choices"]))

@@ -70,20 +70,25 @@ def _read_txt(path: pathlib.Path, txt_documents: str) -> Iterator[str]:
     yield from (p for p in pieces if p.strip())
 
 
-def _read_jsonl(path: pathlib.Path, text_field: str) -> Iterator[str]:
+def json_lines(path: pathlib.Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for each non-blank line of a JSON Lines file."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise ConfigError(f"{path}:{number}: no string field {text_field!r}; "
-                                  "set data.text_field to the field holding the text")
-            if record[text_field].strip():
-                yield record[text_field]
+
+
+def _read_jsonl(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    for number, record in json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise ConfigError(f"{path}:{number}: no string field {text_field!r}; "
+                              "set data.text_field to the field holding the text")
+        if record[text_field].strip():
+            yield record[text_field]
 
 
 def _read_parquet(path: pathlib.Path, text_field: str) -> Iterator[str]:
