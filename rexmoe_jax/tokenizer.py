@@ -7,8 +7,6 @@ import pathlib
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-import numpy as np
-
 from rexmoe_jax.config import ConfigError
 
 END_OF_TEXT = "<|endoftext|>"
@@ -107,8 +105,3 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | pathlib.Path) -
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return HFTokenizer(path)
-
-
-def encode_documents(tokenizer: Tokenizer, documents: Sequence[str]) -> list[np.ndarray]:
-    """Tokenizes each document on its own (the paper's packing starts from these)."""
-    return [np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(documents)]

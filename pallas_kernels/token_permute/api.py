@@ -38,6 +38,17 @@ def _interpret() -> bool:
     return backend == "cpu"
 
 
+def _implementation(name: str, operation: str):
+    """(module, trailing arguments) of an implementation: Pallas also needs interpret mode."""
+    if name == "xla":
+        return xla, ()
+    if name == "pallas":
+        return pallas, (_interpret(),)
+    if name == "reference":
+        return reference, ()
+    raise ValueError(f"unknown {operation} implementation {name!r}; expected xla, pallas or reference")
+
+
 def _check(order_A, inverse_A, rows, top_k):
     if order_A.ndim != 1 or order_A.shape != inverse_A.shape or not jnp.issubdtype(order_A.dtype, jnp.integer):
         raise ValueError(f"order and inverse must be 1-D integer arrays of one length; got {order_A.shape} "
@@ -51,13 +62,8 @@ def permute(x_TxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, top_k: i
     if x_TxD.ndim != 2 or not jnp.issubdtype(x_TxD.dtype, jnp.floating):
         raise ValueError(f"permute expects float x of shape (T, D); got {x_TxD.shape} {x_TxD.dtype}")
     _check(order_A, inverse_A, x_TxD.shape[0], top_k)
-    if implementation == "xla":
-        return xla.permute(x_TxD, order_A, inverse_A, top_k)
-    if implementation == "pallas":
-        return pallas.permute(x_TxD, order_A, inverse_A, top_k, _interpret())
-    if implementation == "reference":
-        return reference.permute(x_TxD, order_A, inverse_A, top_k)
-    raise ValueError(f"unknown permute implementation {implementation!r}; expected xla, pallas or reference")
+    module, extra = _implementation(implementation, "permute")
+    return module.permute(x_TxD, order_A, inverse_A, top_k, *extra)
 
 
 def combine(y_AxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, gates_TxK: jax.Array, *,
@@ -68,10 +74,5 @@ def combine(y_AxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, gates_Tx
     _check(order_A, inverse_A, t, k)
     if y_AxD.shape[0] != t * k:
         raise ValueError(f"y has {y_AxD.shape[0]} rows but gates give {t} x {k} assignments")
-    if implementation == "xla":
-        return xla.combine(y_AxD, order_A, inverse_A, gates_TxK)
-    if implementation == "pallas":
-        return pallas.combine(y_AxD, order_A, inverse_A, gates_TxK, _interpret())
-    if implementation == "reference":
-        return reference.combine(y_AxD, order_A, inverse_A, gates_TxK)
-    raise ValueError(f"unknown combine implementation {implementation!r}; expected xla, pallas or reference")
+    module, extra = _implementation(implementation, "combine")
+    return module.combine(y_AxD, order_A, inverse_A, gates_TxK, *extra)
