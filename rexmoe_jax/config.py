@@ -116,6 +116,7 @@ class ModelConfig:
 PSRSchedule = Literal["none", "linear", "stepwise"]
 MaskGranularity = Literal["layer", "token"]
 MaskOrder = Literal["uniform", "local_first"]
+BalanceOver = Literal["available", "pool"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +130,9 @@ class PSRConfig:
     initial_experts: int = 0  # Pool size up to t_s; 0 means N, the paper's choice.
     granularity: MaskGranularity = "layer"  # One mask per (layer, step), or per token.
     order: MaskOrder = "uniform"  # "local_first" keeps the layer's own N experts available.
+    # The balancing loss under a mask: over the N_t available experts (masked logits get no
+    # gradient from it), or over the whole pool (see losses.load_balancing_loss).
+    balance_over: BalanceOver = "available"
 
     def __post_init__(self):
         _require(self.start_step >= 0, f"psr.start_step must be >= 0, got {self.start_step}")

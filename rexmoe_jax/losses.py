@@ -24,16 +24,27 @@ def cross_entropy(logits_BxSxV: jax.Array, targets_BxS: jax.Array,
     return jnp.sum(nll_BxS * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def load_balancing_loss(expert_load_P: jax.Array, mean_probs_P: jax.Array) -> jax.Array:
-    """Switch Transformer's loss, P * sum_i f_i p_i, over a pool of P experts.
+def load_balancing_loss(expert_load_P: jax.Array, logits_TxP: jax.Array,
+                        available_TxP: jax.Array | None = None, over: str = "available") -> jax.Array:
+    """Switch Transformer's loss, n * sum_i f_i p_i, over the n experts a token could choose.
 
     f_i: the share of token->expert assignments that went to expert i (no gradient flows through
-    it); p_i: the mean router probability of expert i. Equals 1 when both are uniform (1/P).
-    Under PSR, f is zero on masked experts while p stays the softmax over the whole pool (as the
-    gates do), so a uniform router still scores 1.
+    it); p_i: the mean over tokens of the router probability of expert i. Equals 1 when both are
+    uniform.
+    Decision (PSR, `loss.balance_over`): with "available", p is the softmax over the experts the
+    PSR mask left to each token and n = N_t, so masked experts' logits get no gradient from this
+    loss. With "pool", p is the softmax over the whole pool and n = P; masked experts then have
+    f_i = 0 but p_i > 0, and the gradient pushes their logits up.
     """
-    pool = expert_load_P.shape[-1]
-    return pool * jnp.sum(jax.lax.stop_gradient(expert_load_P) * mean_probs_P, axis=-1)
+    logits_TxP = logits_TxP.astype(jnp.float32)
+    pool = logits_TxP.shape[-1]
+    if available_TxP is None or over == "pool":
+        count = jnp.asarray(pool, jnp.float32)
+    else:
+        logits_TxP = jnp.where(available_TxP, logits_TxP, -jnp.inf)
+        count = jnp.mean(jnp.sum(available_TxP, axis=-1, dtype=jnp.float32))  # N_t for every token
+    mean_probs_P = jnp.mean(jax.nn.softmax(logits_TxP, axis=-1), axis=0)
+    return count * jnp.sum(jax.lax.stop_gradient(expert_load_P) * mean_probs_P, axis=-1)
 
 
 def router_z_loss(logits_TxP: jax.Array) -> jax.Array:

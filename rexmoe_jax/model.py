@@ -76,7 +76,7 @@ class DecoderLayer(nn.Module):
                 key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
                 num_experts=cfg.num_experts, own_offset=reuse.own_offset(layer_id, cfg.reuse, cfg.num_experts),
                 num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1])
-        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, live, name="moe")(h_BxSxD, weights, available_TxP)
+        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, live, self.psr.balance_over, name="moe")(h_BxSxD, weights, available_TxP)
         return _constrain(x_BxSxD + y_BxSxD), stats
 
 

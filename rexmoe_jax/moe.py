@@ -42,6 +42,7 @@ class MoEFFN(nn.Module):
     config: ModelConfig
     pool_size: int
     live_experts: int  # the fewest experts PSR leaves available; capacity is spread over them
+    balance_over: str = "available"  # psr.balance_over
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, weights: ExpertWeights,
@@ -84,7 +85,7 @@ class MoEFFN(nn.Module):
         expert_load_P = jnp.bincount(routing.experts_TxK.reshape(-1), length=self.pool_size) / (
             b * s * cfg.top_k)
         stats = RouterStats(
-            load_balance=losses.load_balancing_loss(expert_load_P, jnp.mean(routing.probs_TxP, axis=0)),
+            load_balance=losses.load_balancing_loss(expert_load_P, logits_TxP, available_TxP, self.balance_over),
             z_loss=losses.router_z_loss(logits_TxP),
             expert_load_P=expert_load_P, dropped=dropped,
             available_P=(jnp.ones((self.pool_size,), jnp.float32) if available_TxP is None
