@@ -64,12 +64,9 @@ def _psr_thresholds(psr: PSRConfig, start: int, num_experts: int, pool_size: int
         # start + floor(grow (t - t_s) / span) >= start + k  <=>  t >= t_s + ceil(k span / grow).
         thresholds = [psr.start_step + -(-k * span // grow) for k in range(1, grow + 1)]
         sizes = list(range(start, pool_size + 1))
-    else:  # stepwise: S jumps spread evenly from t_s to t_e, the first at t_s and the last at t_e.
+    else:  # stepwise: S jumps at linspace(t_s, t_e, S): the first always at t_s, the last at t_e.
         stages = psr.stages or max(1, grow // num_experts)
-        if stages == 1:
-            thresholds = [psr.end_step]
-        else:
-            thresholds = [psr.start_step + -(-i * span // (stages - 1)) for i in range(stages)]
+        thresholds = [psr.start_step + -(-i * span // max(stages - 1, 1)) for i in range(stages)]
         sizes = [start + grow * i // stages for i in range(stages + 1)]
     return thresholds, sizes
 
@@ -78,9 +75,11 @@ def psr_pool_size(step: jax.Array, psr: PSRConfig, num_experts: int, pool_size: 
     """Eq. 6, the PSR pool size N_t at optimizer step t (traced, so it never recompiles).
 
     linear:   N_t = N for t <= t_s; floor((1 + (r-1)(t - t_s)/(t_e - t_s)) N) up to t_e; r N after.
-    stepwise: the same growth in `stages` equal jumps evenly spread from t_s to t_e (default
-              r - 1 jumps of N experts: with the paper's t_s = 10k and t_e = 30k at r = 4, its
-              stepwise run's 64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k).
+    stepwise: the same growth in `stages` equal jumps at the steps linspace(t_s, t_e, stages)
+              (rounded up): the first jump is always at t_s, and with two or more the last is at
+              t_e (default r - 1 jumps of N experts: with the paper's t_s = 10k and t_e = 30k at
+              r = 4, its stepwise run's 64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k; at
+              r = 2, the one jump at t_s).
     `psr.initial_experts` replaces N as the starting size (N by default; below N it grows the pool
     of a plain MoE, the reviewers' question).
     Decision (smaller last group, L % r != 0): its pool grows from N to its own size over the

@@ -72,9 +72,12 @@ def test_stepwise_matches_the_paper():
            for t in (0, 9_999, 10_000, 19_999, 20_000, 29_999, 30_000, 40_000)}
     assert got == {0: 64, 9_999: 64, 10_000: 128, 19_999: 128, 20_000: 192, 29_999: 192,
                    30_000: 256, 40_000: 256}
-    # One stage: the whole pool at once, at t_e.
-    one = PSRConfig(schedule="stepwise", start_step=10, end_step=20, stages=1)
-    assert [int(reuse.psr_pool_size(t, one, 8, 16)) for t in (19, 20)] == [8, 16]
+    # One rule for every r: the first jump is at t_s. One stage (r = 2): the whole pool at t_s.
+    one = PSRConfig(schedule="stepwise", start_step=10, end_step=20)
+    assert [int(reuse.psr_pool_size(t, one, 8, 16)) for t in (9, 10, 20)] == [8, 16, 16]
+    # Two stages: at t_s and at t_e.
+    two = PSRConfig(schedule="stepwise", start_step=10, end_step=20, stages=2)
+    assert [int(reuse.psr_pool_size(t, two, 8, 16)) for t in (9, 10, 19, 20)] == [8, 12, 12, 16]
 
 
 def test_no_schedule_and_initial_pool():
