@@ -8,8 +8,8 @@ export PYTHONPATH="/tmp/site:.whl/stubs:$PWD" PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/bench-out}"; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 python3 -c "import jax, tokamax; print('jax', jax.__version__, jax.devices())" | tee -a "$OUT/device.txt"
-python3 -m pallas_kernels.grouped_matmul.bench 2>&1 | tee "$OUT/grouped_matmul.txt"
-python3 -m pallas_kernels.token_permute.bench 2>&1 | tee "$OUT/token_permute.txt"
+python3 -m benchmarks.grouped_matmul 2>&1 | tee "$OUT/grouped_matmul.txt"
+python3 -m benchmarks.token_permute 2>&1 | tee "$OUT/token_permute.txt"
 python3 -m benchmarks.moe_block 2>&1 | tee "$OUT/moe_block.txt"
 python3 -m benchmarks.inference 2>&1 | tee "$OUT/inference.txt"
 # One H100 holds neither model whole with Adam states: 8 layers, 4 x 4,096 tokens per step.

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import environment, median_seconds, print_table
-from rexmoe_jax.config import ModelConfig
+from benchmarks.benchmarking import environment, median_seconds, print_table
+from rexmoe_jax.config import ComputeConfig, ModelConfig
 from rexmoe_jax.evaluate import chosen_experts
 from rexmoe_jax.model import Decoder
 
@@ -39,12 +39,16 @@ def model_config(reuse: int, small: bool) -> ModelConfig:
                            expert_ffn=64, num_experts=8, top_k=2, reuse=reuse)
     # The MoE-0.5BA0.07B dimensions, 8 layers so that r = 8 is one group.
     return ModelConfig(vocab_size=32_000, d_model=768, num_layers=8, num_heads=16, num_kv_heads=2,
-                       expert_ffn=384, num_experts=32, top_k=4, reuse=reuse, dtype="bfloat16")
+                       expert_ffn=384, num_experts=32, top_k=4, reuse=reuse)
 
 
-def measure(config: ModelConfig, batch: int, length: int, new_tokens: int, iters: int):
+def compute_config(small: bool) -> ComputeConfig:
+    return ComputeConfig(dtype="float32" if small else "bfloat16")
+
+
+def measure(config: ModelConfig, compute: ComputeConfig, batch: int, length: int, new_tokens: int, iters: int):
     tokens = jax.random.randint(jax.random.key(1), (batch, length + new_tokens), 0, config.vocab_size)
-    model = Decoder(config, decode=True)
+    model = Decoder(config, compute, decode=True)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     params = variables["params"]
     cache = jax.tree.map(jnp.zeros_like, variables["cache"])
@@ -55,7 +59,7 @@ def measure(config: ModelConfig, batch: int, length: int, new_tokens: int, iters
         (logits, _), state = model.apply({"params": params, "cache": cache}, prompt, positions, mutable=["cache"])
         return logits[:, -1], state["cache"]
 
-    step_model = Decoder(dataclasses.replace(config, dispatch="gather"), decode=True)  # as generate.py
+    step_model = Decoder(config, dataclasses.replace(compute, dispatch="gather"), decode=True)  # as generate.py
 
     @jax.jit
     def decode_step(params, cache, token, position):
@@ -67,9 +71,9 @@ def measure(config: ModelConfig, batch: int, length: int, new_tokens: int, iters
     t_prefill = median_seconds(prefill, params, cache, prompt, iters=iters)
     _, filled = prefill(params, cache, prompt)
     t_decode = median_seconds(decode_step, params, filled, tokens[:, length], jnp.asarray(length), iters=iters)
-    chosen = np.concatenate([np.asarray(b) for b in chosen_experts(config, params, prompt)])
+    chosen = np.concatenate([np.asarray(b) for b in chosen_experts(config, compute, params, prompt)])
     touched = np.mean([len(np.unique(layer)) for layer in chosen])
-    weight_bytes = touched * 3 * config.d_model * config.expert_ffn * jnp.dtype(config.dtype).itemsize
+    weight_bytes = touched * 3 * config.d_model * config.expert_ffn * jnp.dtype(compute.dtype).itemsize
     return batch * length / t_prefill, batch / t_decode, touched, weight_bytes
 
 
@@ -88,14 +92,14 @@ def main(argv=None) -> None:
     for length in lengths:
         base = None
         for reuse in args.reuse:
-            prefill, decode, touched, weight_bytes = measure(model_config(reuse, args.small), batch, length,
+            prefill, decode, touched, weight_bytes = measure(model_config(reuse, args.small), compute_config(args.small), batch, length,
                                                              args.new_tokens, args.iters)
             base = base or (prefill, decode)
             rows.append([str(length), f"r={reuse}", f"{prefill:,.0f}", f"{prefill / base[0]:.2f}",
                          f"{decode:,.0f}", f"{decode / base[1]:.2f}", f"{touched:.1f}", f"{weight_bytes / 1e6:.1f}"])
     cfg = model_config(1, args.small)
     print_table(f"inference, batch {batch}, d {cfg.d_model}, N {cfg.num_experts}, K {cfg.top_k}, "
-                f"{cfg.num_layers} layers, {cfg.dtype} - {environment()}",
+                f"{cfg.num_layers} layers, {compute_config(args.small).dtype} - {environment()}",
                 ["prompt", "reuse", "prefill tokens/s", "vs r=1", "decode tokens/s", "vs r=1",
                  "experts touched per layer", "expert MB read per layer"], rows)
 

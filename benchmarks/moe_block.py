@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.benchmarking import environment, median_seconds, parse_args, print_table
-from pallas_kernels.shapes import shapes
+from benchmarks.benchmarking import environment, median_seconds, parse_args, print_table
+from benchmarks.shapes import shapes
 from rexmoe_jax import dispatch
 
 BASELINE = "tokamax + XLA default gradients"

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import environment, print_table
+from benchmarks.benchmarking import environment, print_table
 from rexmoe_jax import metrics, trainer
 from rexmoe_jax.config import apply_overrides, load_preset
 from rexmoe_jax.optimizer import make_optimizer
@@ -70,7 +70,7 @@ def main(argv=None) -> None:
                 overrides.append(f"model.num_layers={args.layers}")
             if args.small:
                 overrides += ["model.d_model=64", "model.expert_ffn=32", "model.num_heads=4", "model.num_kv_heads=2",
-                              "model.vocab_size=512", "model.dtype=float32", "model.remat=none"]
+                              "model.vocab_size=512", "compute.dtype=float32", "compute.remat=none"]
             config = apply_overrides(load_preset(CONFIGS / f"{name}.py"), overrides + args.overrides)
             seconds = measure(config, args.steps)
             tokens = config.tokens_per_step / seconds

@@ -5,7 +5,16 @@ Not a preset itself: presets call `paper_config(model)` and `with_reuse(config, 
 
 import dataclasses
 
-from rexmoe_jax.config import Config, DataConfig, LossConfig, ModelConfig, OptimConfig, PSRConfig, TrainConfig
+from rexmoe_jax.config import (
+    ComputeConfig,
+    Config,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    PSRConfig,
+    TrainConfig,
+)
 
 # 100B tokens at 512 sequences of 4,096 tokens (2M tokens) per step.
 PAPER_STEPS = 47_684
@@ -16,9 +25,9 @@ def paper_config(model: ModelConfig) -> Config:
     3e-4 cosine to 3e-5 after 100 warm-up steps, bf16 compute with float32 parameters. PSR's
     t_s = 10k and t_e = 30k are set here so an r > 1 variant only switches the schedule on."""
     return Config(
+        model=dataclasses.replace(model, vocab_size=32_000),
         # Expert-parallel buffers at twice the even share: drops are rare and logged.
-        model=dataclasses.replace(model, vocab_size=32_000, dtype="bfloat16", remat="full",
-                                  capacity_factor=2.0),
+        compute=ComputeConfig(dtype="bfloat16", remat="full", capacity_factor=2.0),
         psr=PSRConfig(schedule="none", start_step=10_000, end_step=30_000),
         loss=LossConfig(load_balance=0.01, z_loss=0.001),
         optim=OptimConfig(learning_rate=3e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95,

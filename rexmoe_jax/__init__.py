@@ -6,19 +6,16 @@ does not pay for importing jax.
 
 import importlib
 
+# The public names and the module each lives in ("module.attribute" where the names differ).
 _PUBLIC = {
-    "Config": "config", "ConfigError": "config", "DataConfig": "config", "LossConfig": "config",
-    "MeshConfig": "config", "ModelConfig": "config", "OptimConfig": "config", "PSRConfig": "config",
-    "TrainConfig": "config", "apply_overrides": "config", "load_preset": "config",
+    "ComputeConfig": "config", "Config": "config", "ConfigError": "config", "DataConfig": "config",
+    "LossConfig": "config", "MeshConfig": "config", "ModelConfig": "config", "OptimConfig": "config",
+    "PSRConfig": "config", "TrainConfig": "config", "apply_overrides": "config", "load_preset": "config",
     "Decoder": "model", "PSRInputs": "model", "param_counts": "model",
     "train": "loop.run", "load": "inference", "LoadedModel": "inference", "Sampling": "generate",
 }
 
-__all__ = [
-    "Config", "ConfigError", "DataConfig", "Decoder", "LoadedModel", "LossConfig", "MeshConfig", "ModelConfig",
-    "OptimConfig", "PSRConfig", "PSRInputs", "Sampling", "TrainConfig", "apply_overrides", "load", "load_preset",
-    "param_counts", "train",
-]
+__all__ = sorted(_PUBLIC)  # noqa: PLE0605 - one list of names: _PUBLIC's keys
 
 
 def __getattr__(name):

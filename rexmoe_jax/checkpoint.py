@@ -11,6 +11,7 @@ and nothing is touched.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import pathlib
 import sys
 
@@ -18,27 +19,21 @@ import jax
 import orbax.checkpoint as ocp
 
 from rexmoe_jax import sharding
-from rexmoe_jax.config import Config, ConfigError
-
-# Fields that may change between a checkpoint and the run that resumes it without changing
-# what the state holds: how the model is computed, not what it is.
-_FREE_MODEL_FIELDS = {"dtype", "remat", "dispatch", "grouped_matmul", "permute", "capacity_factor", "init_std"}
+from rexmoe_jax.config import Config, ConfigError, from_dict
 
 
 def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
-    """(incompatible, other) differences between a saved config dict and `config`."""
-    current = config.to_dict()
+    """(incompatible, other) differences between a saved config dict and `config`: a change is
+    incompatible when its section's `state_layout()` (what the train state depends on) differs."""
+    if not saved:  # Nothing recorded: nothing to compare.
+        return [], []
+    saved_config = from_dict(saved)
     incompatible, other = [], []
-    for section, fields in current.items():
-        for name, value in fields.items():
-            old = saved.get(section, {}).get(name, value)
-            if old == value:
-                continue
-            change = f"{section}.{name}: {old!r} -> {value!r}"
-            structural = section == "model" and name not in _FREE_MODEL_FIELDS
-            # Clipping on or off changes the optimizer state's structure; its threshold does not.
-            structural |= section == "optim" and name == "clip_norm" and (old > 0) != (value > 0)
-            (incompatible if structural else other).append(change)
+    for section in dataclasses.fields(Config):
+        old, new = getattr(saved_config, section.name), getattr(config, section.name)
+        changes = [f"{section.name}.{field.name}: {getattr(old, field.name)!r} -> {getattr(new, field.name)!r}"
+                   for field in dataclasses.fields(new) if getattr(old, field.name) != getattr(new, field.name)]
+        (incompatible if old.state_layout() != new.state_layout() else other).extend(changes)
     return incompatible, other
 
 

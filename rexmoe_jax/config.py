@@ -19,6 +19,8 @@ import sys
 import typing
 from typing import Literal
 
+from rexmoe_jax import reuse as reuse_lib
+
 
 class ConfigError(ValueError):
     """An invalid config, preset or override; the message names the offending field."""
@@ -29,6 +31,15 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _Section:
+    """A config section. `state_layout()` is the part of it that the train state's arrays and
+    structure depend on: a checkpoint resumes under a config whose sections all give the same
+    layout, and any other change is only noted."""
+
+    def state_layout(self) -> tuple:
+        return ()
+
+
 Dtype = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 Dispatch = Literal["dense", "sort", "capacity", "gather"]
@@ -37,7 +48,7 @@ Permute = Literal["xla", "pallas", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     """The decoder and its MoE layers (Sec. 1-2 of the method digest)."""
 
     vocab_size: int = 4096
@@ -56,17 +67,6 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
-    dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
-    remat: RematPolicy = "none"
-    # "sort": dropless (permute -> grouped matmuls -> combine); "capacity": fixed slots per
-    # expert, one batched einsum, overflow dropped; "gather": each token's K experts' weights
-    # gathered (for a few tokens: decoding); "dense": every expert on every token (the oracle).
-    dispatch: Dispatch = "sort"
-    grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
-    permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).
-    # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
-    # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
-    capacity_factor: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -91,7 +91,6 @@ class ModelConfig:
         _require(self.rope_base > 0, "model.rope_base must be > 0")
         _require(self.norm_eps > 0, "model.norm_eps must be > 0")
         _require(self.init_std > 0, "model.init_std must be > 0")
-        _require(self.capacity_factor >= 0, "model.capacity_factor must be >= 0")
 
     @property
     def resolved_head_dim(self) -> int:
@@ -105,12 +104,37 @@ class ModelConfig:
     @property
     def group_sizes(self) -> tuple[int, ...]:
         """Layers per group; the last group is smaller when r does not divide L."""
-        full, rest = divmod(self.num_layers, self.reuse)
-        return (self.reuse,) * full + ((rest,) if rest else ())
+        return reuse_lib.group_sizes(self.num_layers, self.reuse)
 
     @property
     def num_groups(self) -> int:
         return len(self.group_sizes)
+
+    def state_layout(self) -> tuple:
+        """What the train state's arrays depend on: every architecture field."""
+        return dataclasses.astuple(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig(_Section):
+    """How the model is computed: none of it changes what a checkpoint holds, so a run may
+    resume under other settings (bf16 instead of float32, another dispatch, remat)."""
+
+    dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
+    remat: RematPolicy = "none"
+    # "sort": dropless (permute -> grouped matmuls -> combine); "capacity": fixed slots per
+    # expert, one batched einsum, overflow dropped; "gather": each token's K experts' weights
+    # gathered (for a few tokens: decoding); "dense": every expert on every token (the oracle).
+    dispatch: Dispatch = "sort"
+    grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
+    permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).
+    # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
+    # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
+    capacity_factor: float = 0.0
+
+    def __post_init__(self):
+        _require(self.capacity_factor >= 0, "compute.capacity_factor must be >= 0")
+
 
 
 PSRSchedule = Literal["none", "linear", "stepwise"]
@@ -120,7 +144,7 @@ BalanceOver = Literal["available", "pool"]
 
 
 @dataclasses.dataclass(frozen=True)
-class PSRConfig:
+class PSRConfig(_Section):
     """Progressive Scaling Routing (Sec. 3): which pool experts a layer may select at step t."""
 
     schedule: PSRSchedule = "none"
@@ -143,8 +167,9 @@ class PSRConfig:
                  f"psr.initial_experts must be >= 0, got {self.initial_experts}")
 
 
+
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class LossConfig(_Section):
     """Auxiliary router losses (a project decision: the paper names none)."""
 
     load_balance: float = 0.01  # Switch-style f.P loss over each layer's pool; 0 turns it off.
@@ -155,8 +180,9 @@ class LossConfig:
         _require(self.z_loss >= 0, "loss.z_loss must be >= 0")
 
 
+
 @dataclasses.dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     """AdamW with warm-up and cosine decay, the paper's recipe (Sec. 5)."""
 
     learning_rate: float = 3e-4
@@ -178,12 +204,16 @@ class OptimConfig:
         _require(self.clip_norm >= 0, "optim.clip_norm must be >= 0")
         _require(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
 
+    def state_layout(self) -> tuple:
+        """Clipping on or off changes the optimizer state's structure; its threshold does not."""
+        return (self.clip_norm > 0,)
+
 
 TxtDocuments = Literal["file", "paragraph", "line"]
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     """Where tokens come from. Empty paths mean the corpus and tokenizer shipped in the package.
 
     `corpus` is a prepared folder (python -m rexmoe_jax.data prepare), or a file, folder or glob
@@ -204,8 +234,9 @@ class DataConfig:
         _require(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
 
 
+
 @dataclasses.dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Section):
     """Device mesh axis sizes; -1 means 'the remaining devices' (at most one axis)."""
 
     data: int = -1
@@ -225,11 +256,12 @@ class MeshConfig:
         _require(self.num_devices >= 0, "mesh.num_devices must be >= 0")
 
 
+
 NonFinite = Literal["stop", "skip"]
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(_Section):
     """The run: length, seed and the host loop's cadences."""
 
     steps: int = 300
@@ -253,9 +285,11 @@ class TrainConfig:
         _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
 
 
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig = ModelConfig()
+    compute: ComputeConfig = ComputeConfig()
     psr: PSRConfig = PSRConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -266,9 +300,9 @@ class Config:
     def __post_init__(self):
         m, p = self.model, self.psr
         if p.schedule != "none":
-            initial = p.initial_experts or m.num_experts
-            _require(initial <= m.pool_size,
-                     f"psr.initial_experts={initial} exceeds the pool size r*N={m.pool_size}")
+            initial = reuse_lib.initial_pool(p.initial_experts, m.num_experts, m.pool_size)
+            _require(p.initial_experts <= m.pool_size,
+                     f"psr.initial_experts={p.initial_experts} exceeds the pool size r*N={m.pool_size}")
             _require(m.top_k <= initial,
                      f"model.top_k={m.top_k} exceeds psr.initial_experts={initial}: "
                      "top-K would have to pick masked experts")
@@ -295,14 +329,29 @@ class Config:
 # Overrides: "section.field=value" strings applied to a Config.
 
 
+def _section_types() -> dict[str, type]:
+    return {f.name: type(f.default) for f in dataclasses.fields(Config)}
+
+
+def _field_type(section: str, name: str):
+    key = f"{section}.{name}"
+    types = _section_types()
+    _require(section in types, f"unknown config key {key!r}; sections are {', '.join(types)}")
+    hints = typing.get_type_hints(types[section])
+    _require(name in hints, f"unknown config key {key!r}; {section} has "
+             f"{', '.join(f.name for f in dataclasses.fields(types[section]))}")
+    return hints[name]
+
+
 def _parse_value(key: str, raw: str, kind) -> object:
-    origin = typing.get_origin(kind)
-    if origin is Literal:
+    """A command-line string as a value of the field's type. Strings are kept exactly."""
+    if typing.get_origin(kind) is Literal:
+        raw = raw.strip()
         choices = typing.get_args(kind)
         _require(raw in choices, f"{key}={raw!r}: expected one of {', '.join(choices)}")
         return raw
     if kind is bool:
-        lowered = raw.lower()
+        lowered = raw.strip().lower()
         _require(lowered in ("true", "false", "1", "0"), f"{key}={raw!r}: expected true or false")
         return lowered in ("true", "1")
     if kind is int:
@@ -320,21 +369,21 @@ def _parse_value(key: str, raw: str, kind) -> object:
     return raw
 
 
-def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Returns `config` with each "section.field=value" applied, validating the result."""
-    changes: dict[str, dict[str, object]] = {}
-    sections = {f.name: f for f in dataclasses.fields(Config)}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        _require(bool(sep), f"override {item!r} is not of the form section.field=value")
-        section, dot, name = key.strip().partition(".")
-        _require(bool(dot) and section in sections,
-                 f"unknown config key {key!r}; sections are {', '.join(sections)}")
-        section_cls = type(getattr(config, section))
-        hints = typing.get_type_hints(section_cls)
-        _require(name in hints, f"unknown config key {key!r}; {section} has "
-                 f"{', '.join(f.name for f in dataclasses.fields(section_cls))}")
-        changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw.strip(), hints[name])
+def _check_value(key: str, value: object, kind) -> object:
+    """A JSON value (config.json) as a value of the field's type, or a ConfigError."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        _require(value in choices, f"{key}={value!r}: expected one of {', '.join(choices)}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    _require(ok, f"{key}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
+    _require(kind is not float or math.isfinite(value), f"{key}={value!r}: expected a finite number")
+    return value
+
+
+def _replace(config: Config, changes: dict[str, dict[str, object]]) -> Config:
     try:
         return dataclasses.replace(config, **{
             section: dataclasses.replace(getattr(config, section), **fields)
@@ -343,13 +392,34 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
         raise ConfigError(str(err)) from None
 
 
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Returns `config` with each "section.field=value" applied, validating the result."""
+    changes: dict[str, dict[str, object]] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        _require(bool(sep), f"override {item!r} is not of the form section.field=value")
+        section, _, name = key.strip().partition(".")
+        kind = _field_type(section, name)
+        changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw, kind)
+    return _replace(config, changes)
+
+
 def from_dict(data: dict) -> Config:
-    """Rebuilds a Config saved with `to_dict` (e.g. a run's config.json)."""
-    overrides = []
+    """Rebuilds a Config saved with `to_dict` (a run's config.json), exactly: from_dict(c.to_dict())
+    == c. A config.json written before the `compute` section existed has its fields under
+    `model`; they are read from there."""
+    compute_fields = {f.name for f in dataclasses.fields(ComputeConfig)}
+    changes: dict[str, dict[str, object]] = {}
     for section, fields in data.items():
+        _require(isinstance(fields, dict), f"config section {section!r} is not a mapping")
         for name, value in fields.items():
-            overrides.append(f"{section}.{name}={json.dumps(value) if isinstance(value, bool) else value}")
-    return apply_overrides(Config(), overrides)
+            if section == "model" and name in compute_fields:
+                section_now = "compute"
+            else:
+                section_now = section
+            kind = _field_type(section_now, name)
+            changes.setdefault(section_now, {})[name] = _check_value(f"{section_now}.{name}", value, kind)
+    return _replace(Config(), changes)
 
 
 def load_preset(path: str | pathlib.Path) -> Config:

@@ -1,21 +1,23 @@
-"""Routing and dispatch as plain functions of arrays: gating (Eq. 2-3), the dense oracle, and the
-sort-based dropless path (permute -> grouped SwiGLU -> combine).
+"""Routing and dispatch as plain functions of arrays: gating (Eq. 2-3), the dense oracle, the
+sort-based dropless path (permute -> grouped SwiGLU -> combine), the capacity path, and
+`local_dispatch`, the one place a dispatch path is chosen.
 
-Shape suffixes: T tokens (batch x sequence, flattened), D model width, P a pool of experts,
-K experts chosen per token, A = T*K assignments, F expert width.
+Shape letters: the glossary at the top of model.py.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import grouped_matmul
+from rexmoe_jax.config import ComputeConfig
+from rexmoe_jax.layers import swiglu
 
 
 class ExpertWeights(NamedTuple):
@@ -51,13 +53,11 @@ def route(logits_TxP: jax.Array, available_TxP: jax.Array | None, top_k: int,
 
 def dense_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights) -> jax.Array:
     """The reference dispatch: every expert on every token, weighted by the (mostly zero) gates."""
-    num_tokens, pool = routing.probs_TxP.shape
+    num_tokens, pool = routing.experts_TxK.shape[0], weights.gate_PxDxF.shape[0]
     gates_TxP = jnp.zeros((num_tokens, pool), jnp.float32).at[
         jnp.arange(num_tokens)[:, None], routing.experts_TxK].add(routing.gates_TxK)
-    h_TxPxF = nn.silu(jnp.einsum("td,pdf->tpf", x_TxD, weights.gate_PxDxF)) * jnp.einsum(
-        "td,pdf->tpf", x_TxD, weights.up_PxDxF)
-    y_TxPxD = jnp.einsum("tpf,pfd->tpd", h_TxPxF, weights.down_PxFxD)
-    return jnp.einsum("tpd,tp->td", y_TxPxD, gates_TxP.astype(y_TxPxD.dtype))
+    y_PxTxD = swiglu(x_TxD[None], *weights)
+    return jnp.einsum("ptd,tp->td", y_PxTxD, gates_TxP.astype(y_PxTxD.dtype))
 
 
 def gathered_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights) -> jax.Array:
@@ -65,10 +65,8 @@ def gathered_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights)
     weights whatever the pool size, so it is the path for a handful of tokens (a decode step),
     where grouped matmuls pay per expert of the pool."""
     e_TxK = routing.experts_TxK
-    h_TxKxF = nn.silu(jnp.einsum("td,tkdf->tkf", x_TxD, weights.gate_PxDxF[e_TxK])) * jnp.einsum(
-        "td,tkdf->tkf", x_TxD, weights.up_PxDxF[e_TxK])
-    y_TxKxD = jnp.einsum("tkf,tkfd->tkd", h_TxKxF, weights.down_PxFxD[e_TxK])
-    return jnp.einsum("tkd,tk->td", y_TxKxD, routing.gates_TxK.astype(y_TxKxD.dtype))
+    y_TxKx1xD = swiglu(x_TxD[:, None, None, :], *(w[e_TxK] for w in weights))
+    return jnp.einsum("tkd,tk->td", y_TxKx1xD[:, :, 0], routing.gates_TxK.astype(y_TxKx1xD.dtype))
 
 
 def grouped_swiglu(x_AxD: jax.Array, group_sizes_P: jax.Array, weights: ExpertWeights,
@@ -78,8 +76,7 @@ def grouped_swiglu(x_AxD: jax.Array, group_sizes_P: jax.Array, weights: ExpertWe
     def matmul(lhs, rhs):
         return grouped_matmul(lhs, rhs, group_sizes_P, implementation=implementation)
 
-    return matmul(nn.silu(matmul(x_AxD, weights.gate_PxDxF)) * matmul(x_AxD, weights.up_PxDxF),
-                  weights.down_PxFxD)
+    return swiglu(x_AxD, *weights, matmul=matmul)
 
 
 def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, implementation: str,
@@ -102,13 +99,13 @@ def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, i
 
 
 class Slots(NamedTuple):
-    """T*K assignments bucketed into fixed-size slots: bucket b holds slots b*C ... b*C + C - 1."""
+    """T*K assignments bucketed into fixed-size slots: bucket e holds slots e*C ... e*C + C - 1."""
 
     order_A: jax.Array  # assignments sorted by bucket (stable)
     slot_A: jax.Array  # sorted assignment -> its slot (meaningful where kept)
     kept_A: jax.Array  # sorted assignment fits in its bucket's C slots
-    source_S: jax.Array  # slot -> the assignment it holds (meaningful where filled)
-    filled_S: jax.Array
+    source_Y: jax.Array  # slot -> the assignment it holds (meaningful where filled)
+    filled_Y: jax.Array
 
 
 def bucket_slots(bucket_A: jax.Array, num_buckets: int, capacity: int) -> Slots:
@@ -117,23 +114,23 @@ def bucket_slots(bucket_A: jax.Array, num_buckets: int, capacity: int) -> Slots:
     assignments = bucket_A.shape[0]
     order_A = jnp.argsort(bucket_A, stable=True)
     bucket_sorted_A = bucket_A[order_A]
-    counts_B = jnp.bincount(bucket_A, length=num_buckets)
-    starts_B = jnp.cumsum(counts_B) - counts_B
-    rank_A = jnp.arange(assignments) - starts_B[bucket_sorted_A]
+    counts_E = jnp.bincount(bucket_A, length=num_buckets)
+    starts_E = jnp.cumsum(counts_E) - counts_E
+    rank_A = jnp.arange(assignments) - starts_E[bucket_sorted_A]
     kept_A = rank_A < capacity
     slot_A = jnp.where(kept_A, bucket_sorted_A * capacity + jnp.minimum(rank_A, capacity - 1), 0)
-    slot_S = jnp.arange(num_buckets * capacity)
-    bucket_S, c_S = slot_S // capacity, slot_S % capacity
-    filled_S = c_S < counts_B[bucket_S]
-    source_S = order_A[jnp.minimum(starts_B[bucket_S] + c_S, assignments - 1)]
-    return Slots(order_A, slot_A, kept_A, source_S, filled_S)
+    slot_Y = jnp.arange(num_buckets * capacity)
+    bucket_Y, c_Y = slot_Y // capacity, slot_Y % capacity
+    filled_Y = c_Y < counts_E[bucket_Y]
+    source_Y = order_A[jnp.minimum(starts_E[bucket_Y] + c_Y, assignments - 1)]
+    return Slots(order_A, slot_A, kept_A, source_Y, filled_Y)
 
 
-def gather_from_slots(y_SxD: jax.Array, slots: Slots, gates_TxK: jax.Array) -> jax.Array:
+def gather_from_slots(y_YxD: jax.Array, slots: Slots, gates_TxK: jax.Array) -> jax.Array:
     """The combine after a slotted dispatch: each kept assignment's row, weighted by its gate
     and summed over the token's K choices; dropped assignments add nothing."""
     t, k = gates_TxK.shape
-    y_sorted_AxD = jnp.where(slots.kept_A[:, None], y_SxD[slots.slot_A], 0)
+    y_sorted_AxD = jnp.where(slots.kept_A[:, None], y_YxD[slots.slot_A], 0)
     inverse_A = token_permute.inverse_permutation(slots.order_A)
     y_TxKxD = y_sorted_AxD[inverse_A].reshape(t, k, -1)
     return jnp.einsum("tkd,tk->td", y_TxKxD, gates_TxK.astype(y_TxKxD.dtype))
@@ -159,9 +156,30 @@ def capacity_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights,
     pool = weights.gate_PxDxF.shape[0]
     c = capacity(t * k, pool, capacity_factor, live_share)
     slots = bucket_slots(routing.experts_TxK.reshape(-1), pool, c)
-    x_PxCxD = jnp.where(slots.filled_S[:, None], x_TxD[slots.source_S // k], 0).reshape(pool, c, -1)
-    h_PxCxF = nn.silu(jnp.einsum("pcd,pdf->pcf", x_PxCxD, weights.gate_PxDxF)) * jnp.einsum(
-        "pcd,pdf->pcf", x_PxCxD, weights.up_PxDxF)
-    y_SxD = jnp.einsum("pcf,pfd->pcd", h_PxCxF, weights.down_PxFxD).reshape(pool * c, -1)
+    x_PxCxD = jnp.where(slots.filled_Y[:, None], x_TxD[slots.source_Y // k], 0).reshape(pool, c, -1)
+    y_YxD = swiglu(x_PxCxD, *weights).reshape(pool * c, -1)
     dropped = jnp.mean((~slots.kept_A).astype(jnp.float32))
-    return gather_from_slots(y_SxD, slots, routing.gates_TxK), dropped
+    return gather_from_slots(y_YxD, slots, routing.gates_TxK), dropped
+
+
+# A dispatch path: (x_TxD, routing, weights, reduce_rows) -> (y_TxD, share of assignments dropped).
+Path = Callable[[jax.Array, Routing, ExpertWeights, Callable], tuple[jax.Array, jax.Array]]
+
+
+def choose_path(compute: ComputeConfig, live_share: float) -> tuple[Path, bool]:
+    """The one place `compute.dispatch` is read: its path, and whether that path runs on each
+    device's own tokens inside shard_map ("sort", "capacity": on every mesh, a one-device one
+    included) or on the whole arrays ("dense", "gather": they read every expert's weights)."""
+    if compute.dispatch == "capacity":
+        def path(x_TxD, routing, weights, reduce_rows):
+            y_TxD, dropped = capacity_experts(x_TxD, routing, weights, compute.capacity_factor, live_share)
+            return reduce_rows(y_TxD), dropped
+        return path, True
+    if compute.dispatch == "sort":
+        def path(x_TxD, routing, weights, reduce_rows):
+            return sorted_experts(x_TxD, routing, weights, compute.grouped_matmul, compute.permute,
+                                  reduce_rows), jnp.zeros((), jnp.float32)
+        return path, True
+    whole = {"dense": dense_experts, "gather": gathered_experts}[compute.dispatch]
+    return (lambda x_TxD, routing, weights, reduce_rows: (whole(x_TxD, routing, weights),
+                                                         jnp.zeros((), jnp.float32))), False

@@ -37,9 +37,9 @@ from rexmoe_jax.reuse import layer_pool_sizes
 _SCORE_BATCH = 8
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _token_logprobs(config, params, inputs_BxS, targets_BxS):
-    logits, _ = Decoder(config).apply({"params": params}, inputs_BxS)
+@functools.partial(jax.jit, static_argnames=("config", "compute"))
+def _token_logprobs(config, compute, params, inputs_BxS, targets_BxS):
+    logits, _ = Decoder(config, compute).apply({"params": params}, inputs_BxS)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0]
 
@@ -66,7 +66,7 @@ def continuation_logprobs(config: Config, params, requests: list[tuple[list[int]
             inputs[row, :len(ids) - 1] = ids[:-1]
             targets[row, :len(ids) - 1] = ids[1:]
             mask[row, len(ids) - 1 - len(continuation):len(ids) - 1] = True
-        logp = np.asarray(_token_logprobs(config.model, params, jnp.asarray(inputs), jnp.asarray(targets)))
+        logp = np.asarray(_token_logprobs(config.model, config.compute, params, jnp.asarray(inputs), jnp.asarray(targets)))
         results += [float(np.sum(logp[row][mask[row]])) for row in range(len(chunk))]
     return results
 
@@ -112,9 +112,9 @@ def sequences_to_batches(sequences, batch_size: int, limit: int | None = None) -
     return [np.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def chosen_experts(config, params, inputs_BxS):
-    _, state = Decoder(config).apply({"params": params}, inputs_BxS, mutable=("intermediates",))
+@functools.partial(jax.jit, static_argnames=("config", "compute"))
+def chosen_experts(config, compute, params, inputs_BxS):
+    _, state = Decoder(config, compute).apply({"params": params}, inputs_BxS, mutable=("intermediates",))
     blocks = [state["intermediates"][name]["layers"]["moe"]["experts"][0]
               for name in ("groups", "last_group") if name in state["intermediates"]]
     # (groups, layers, T, K) per block -> (L, T, K); pool ids are block-local.
@@ -129,7 +129,7 @@ def routing_analysis(config: Config, params, batches: list[np.ndarray]) -> dict:
     counts = np.zeros((m.num_layers, m.pool_size))
     tokens = 0
     for batch in batches:
-        chosen = np.concatenate([np.asarray(b) for b in chosen_experts(m, params, jnp.asarray(batch[:, :-1]))])
+        chosen = np.concatenate([np.asarray(b) for b in chosen_experts(m, config.compute, params, jnp.asarray(batch[:, :-1]))])
         for layer in range(m.num_layers):
             counts[layer] += np.bincount(chosen[layer].reshape(-1), minlength=m.pool_size)[:m.pool_size]
         tokens += chosen.shape[1]
@@ -152,7 +152,7 @@ def held_out_loss(config: Config, params, batches: list[np.ndarray]) -> dict:
     """Mean cross-entropy over every predicted token of the batches, and its perplexity."""
     total, count = 0.0, 0
     for batch in batches:
-        logp = _token_logprobs(config.model, params, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))
+        logp = _token_logprobs(config.model, config.compute, params, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))
         total -= float(jnp.sum(logp))
         count += logp.size
     loss = total / count

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax.config import ModelConfig
+from rexmoe_jax.config import ComputeConfig, ModelConfig
 from rexmoe_jax.model import Decoder
+
+DEFAULT_COMPUTE = ComputeConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +74,12 @@ def _finish(out_BxN: np.ndarray, eod_id: int | None) -> list[list[int]]:
     return result
 
 
-@functools.partial(jax.jit, static_argnames=("config", "new_tokens", "sampling", "eod_id"))
-def _decode(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
-    model = Decoder(config, decode=True)
+@functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
+def _decode(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+    model = Decoder(config, compute, decode=True)
     # A step routes one token per sequence: gathering its K experts' weights costs the same for
     # any pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py).
-    step_model = Decoder(dataclasses.replace(config, dispatch="gather"), decode=True)
+    step_model = Decoder(config, dataclasses.replace(compute, dispatch="gather"), decode=True)
     b, total = buffer_BxL.shape
     cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxL)["cache"])
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
@@ -104,18 +106,19 @@ def _decode(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling,
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
-             sampling: Sampling = GREEDY, eod_id: int | None = None) -> list[list[int]]:
+             sampling: Sampling = GREEDY, eod_id: int | None = None,
+             compute: ComputeConfig = DEFAULT_COMPUTE) -> list[list[int]]:
     """Continues each prompt (token ids) by up to `new_tokens` tokens with a KV cache; a
     sequence ends at `eod_id` (not included)."""
     buffer, lengths = _prompt_batch(prompts, new_tokens)
-    out = _decode(config, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
+    out = _decode(config, compute, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
                   new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
     return _finish(out, eod_id)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "new_tokens", "sampling", "eod_id"))
-def _recompute(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
-    model = Decoder(config)
+@functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
+def _recompute(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+    model = Decoder(config, compute)
     b = buffer_BxL.shape[0]
 
     def step(carry, i):
@@ -133,10 +136,11 @@ def _recompute(config, params, buffer_BxL, lengths_B, key, *, new_tokens, sampli
 
 
 def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
+                      compute: ComputeConfig = DEFAULT_COMPUTE,
                       sampling: Sampling = GREEDY, eod_id: int | None = None) -> list[list[int]]:
     """The same as `generate`, recomputing the whole sequence for every token: the oracle."""
     buffer, lengths = _prompt_batch(prompts, new_tokens)
-    out = _recompute(config, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
+    out = _recompute(config, compute, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
                      new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
     return _finish(out, eod_id)
 

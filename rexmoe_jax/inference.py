@@ -39,7 +39,7 @@ class LoadedModel:
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.tokenizer.encode(p) for p in prompts]
         out = generate(self.config.model, self.params, ids, max_new_tokens, jax.random.key(seed),
-                       sampling=sampling, eod_id=self.tokenizer.eod_id)
+                       sampling=sampling, eod_id=self.tokenizer.eod_id, compute=self.config.compute)
         return [self.tokenizer.decode(tokens) for tokens in out]
 
     def log_likelihood(self, context: str, continuation: str) -> float:

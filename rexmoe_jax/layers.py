@@ -1,16 +1,17 @@
 """The dense parts of a decoder layer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Shape suffixes: B batch, S query positions, T key positions, D model width, H query heads,
-V key/value heads, G query heads per key/value head, K head width, F hidden width.
+Shape letters: the glossary at the top of model.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax.config import ModelConfig
+from rexmoe_jax.config import ComputeConfig, ModelConfig
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -41,37 +42,37 @@ class RMSNorm(nn.Module):
         return (normed * scale_D.reshape((1,) * (normed.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-def apply_rope(x_BxSxHxK: jax.Array, positions_BxS: jax.Array, base: float) -> jax.Array:
+def apply_rope(x_BxSxHxZ: jax.Array, positions_BxS: jax.Array, base: float) -> jax.Array:
     """Rotary position embedding (rotate-half convention), computed in float32."""
-    half = x_BxSxHxK.shape[-1] // 2
-    inv_freq_K2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angles_BxSxK2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq_K2[None, None, :]
-    sin = jnp.sin(angles_BxSxK2)[:, :, None, :]
-    cos = jnp.cos(angles_BxSxK2)[:, :, None, :]
-    x32 = x_BxSxHxK.astype(jnp.float32)
+    half = x_BxSxHxZ.shape[-1] // 2
+    inv_freq_Z2 = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles_BxSxZ2 = positions_BxS[..., None].astype(jnp.float32) * inv_freq_Z2[None, None, :]
+    sin = jnp.sin(angles_BxSxZ2)[:, :, None, :]
+    cos = jnp.cos(angles_BxSxZ2)[:, :, None, :]
+    x32 = x_BxSxHxZ.astype(jnp.float32)
     first, second = x32[..., :half], x32[..., half:]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
-    return rotated.astype(x_BxSxHxK.dtype)
+    return rotated.astype(x_BxSxHxZ.dtype)
 
 
-def causal_attention(q_BxSxHxK: jax.Array, k_BxTxVxK: jax.Array, v_BxTxVxK: jax.Array,
-                     q_pos_BxS: jax.Array, kv_pos_BxT: jax.Array) -> jax.Array:
+def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.Array,
+                     q_pos_BxS: jax.Array, kv_pos_BxU: jax.Array) -> jax.Array:
     """Softmax attention where a query sees the keys at positions <= its own.
 
     Masking by positions rather than by index lets the same function serve a KV cache.
     Query heads are grouped over key/value heads (GQA) without repeating the keys.
     """
-    b, s, h, k = q_BxSxHxK.shape
-    v_heads = k_BxTxVxK.shape[2]
-    q_BxSxVxGxK = q_BxSxHxK.reshape(b, s, v_heads, h // v_heads, k)
-    logits_BxVxGxSxT = jnp.einsum("bsvgk,btvk->bvgst", q_BxSxVxGxK, k_BxTxVxK,
-                                  preferred_element_type=jnp.float32) * k ** -0.5
-    visible_BxSxT = q_pos_BxS[:, :, None] >= kv_pos_BxT[:, None, :]
-    logits_BxVxGxSxT = jnp.where(visible_BxSxT[:, None, None], logits_BxVxGxSxT,
+    b, s, h, z = q_BxSxHxZ.shape
+    kv_heads = k_BxUxJxZ.shape[2]
+    q_BxSxJxQxZ = q_BxSxHxZ.reshape(b, s, kv_heads, h // kv_heads, z)
+    logits_BxJxQxSxU = jnp.einsum("bsjqz,bujz->bjqsu", q_BxSxJxQxZ, k_BxUxJxZ,
+                                  preferred_element_type=jnp.float32) * z ** -0.5
+    visible_BxSxU = q_pos_BxS[:, :, None] >= kv_pos_BxU[:, None, :]
+    logits_BxJxQxSxU = jnp.where(visible_BxSxU[:, None, None], logits_BxJxQxSxU,
                                  jnp.finfo(jnp.float32).min)
-    probs_BxVxGxSxT = jax.nn.softmax(logits_BxVxGxSxT, axis=-1).astype(v_BxTxVxK.dtype)
-    out_BxSxVxGxK = jnp.einsum("bvgst,btvk->bsvgk", probs_BxVxGxSxT, v_BxTxVxK)
-    return out_BxSxVxGxK.reshape(b, s, h, k)
+    probs_BxJxQxSxU = jax.nn.softmax(logits_BxJxQxSxU, axis=-1).astype(v_BxUxJxZ.dtype)
+    out_BxSxJxQxZ = jnp.einsum("bjqsu,bujz->bsjqz", probs_BxJxQxSxU, v_BxUxJxZ)
+    return out_BxSxJxQxZ.reshape(b, s, h, z)
 
 
 class Attention(nn.Module):
@@ -83,65 +84,74 @@ class Attention(nn.Module):
     """
 
     config: ModelConfig
+    compute: ComputeConfig
     decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype, d, k = dtype_of(cfg.dtype), cfg.d_model, cfg.resolved_head_dim
+        dtype, d, z = dtype_of(self.compute.dtype), cfg.d_model, cfg.resolved_head_dim
 
         def proj(name, heads, axis_name):
-            kernel_DxHxK = self.param(name, param_init(cfg.init_std, ("embed", axis_name, "head_dim")),
-                                      (d, heads, k), jnp.float32)
-            return jnp.einsum("bsd,dhk->bshk", x_BxSxD, kernel_DxHxK.astype(dtype))
+            kernel_DxHxZ = self.param(name, param_init(cfg.init_std, ("embed", axis_name, "head_dim")),
+                                      (d, heads, z), jnp.float32)
+            return jnp.einsum("bsd,dhz->bshz", x_BxSxD, kernel_DxHxZ.astype(dtype))
 
-        q_BxSxHxK = apply_rope(proj("query", cfg.num_heads, "heads"), positions_BxS, cfg.rope_base)
-        k_BxSxVxK = apply_rope(proj("key", cfg.num_kv_heads, "kv_heads"), positions_BxS, cfg.rope_base)
-        v_BxSxVxK = proj("value", cfg.num_kv_heads, "kv_heads")
-        if self.decode:
-            k_BxSxVxK, v_BxSxVxK, kv_pos_BxS = self._cached(k_BxSxVxK, v_BxSxVxK, positions_BxS)
+        q_BxSxHxZ = apply_rope(proj("query", cfg.num_heads, "heads"), positions_BxS, cfg.rope_base)
+        k_BxSxJxZ = apply_rope(proj("key", cfg.num_kv_heads, "kv_heads"), positions_BxS, cfg.rope_base)
+        v_BxSxJxZ = proj("value", cfg.num_kv_heads, "kv_heads")
+        if self.decode:  # Attend over the whole cache: U cached positions.
+            k_BxUxJxZ, v_BxUxJxZ, kv_pos_BxU = self._cached(k_BxSxJxZ, v_BxSxJxZ, positions_BxS)
         else:
-            kv_pos_BxS = positions_BxS
-        out_BxSxHxK = causal_attention(q_BxSxHxK, k_BxSxVxK, v_BxSxVxK, positions_BxS, kv_pos_BxS)
-        out_HxKxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
-                               (cfg.num_heads, k, d), jnp.float32)
-        return jnp.einsum("bshk,hkd->bsd", out_BxSxHxK, out_HxKxD.astype(dtype))
+            k_BxUxJxZ, v_BxUxJxZ, kv_pos_BxU = k_BxSxJxZ, v_BxSxJxZ, positions_BxS
+        out_BxSxHxZ = causal_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ, positions_BxS, kv_pos_BxU)
+        out_HxZxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
+                               (cfg.num_heads, z, d), jnp.float32)
+        return jnp.einsum("bshz,hzd->bsd", out_BxSxHxZ, out_HxZxD.astype(dtype))
 
-    def _cached(self, k_BxSxVxK, v_BxSxVxK, positions_BxS):
+    def _cached(self, k_BxSxJxZ, v_BxSxJxZ, positions_BxS):
         """Writes this call's keys and values at their positions; returns the whole cache.
 
         Slots past a sequence's last written position hold stale values, but a query at
         position p only sees slots <= p, and those are written before any query reaches them.
         """
         b = positions_BxS.shape[0]
-        cached_k = self.variable("cache", "key", jnp.zeros, k_BxSxVxK.shape, k_BxSxVxK.dtype)
-        cached_v = self.variable("cache", "value", jnp.zeros, v_BxSxVxK.shape, v_BxSxVxK.dtype)
+        cached_k = self.variable("cache", "key", jnp.zeros, k_BxSxJxZ.shape, k_BxSxJxZ.dtype)
+        cached_v = self.variable("cache", "value", jnp.zeros, v_BxSxJxZ.shape, v_BxSxJxZ.dtype)
         rows_Bx1 = jnp.arange(b)[:, None]
-        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxVxK)
-        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxVxK)
+        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxJxZ)
+        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxJxZ)
         size = cached_k.value.shape[1]
         return cached_k.value, cached_v.value, jnp.broadcast_to(jnp.arange(size)[None, :], (b, size))
 
 
+def swiglu(x, gate, up, down, matmul: Callable = jnp.matmul):
+    """down(silu(gate x) * up x), the FFN of every expert: x (..., D) with weights gate and up
+    (..., D, F) and down (..., F, D), batched as `matmul` batches (jnp.matmul broadcasts leading
+    axes, so x_1xTxD with a pool's P experts gives y_PxTxD; a grouped matmul passes its own)."""
+    return matmul(nn.silu(matmul(x, gate)) * matmul(x, up), down)
+
+
 class SwiGLU(nn.Module):
-    """down(silu(gate x) * up x): the FFN of every expert, and of the shared experts fused.
+    """A dense SwiGLU layer: the shared experts, fused.
 
     S shared experts of width F are one SwiGLU of width S*F: the sum of their outputs is exactly
     the output of the concatenated MLP.
     """
 
     config: ModelConfig
+    compute: ComputeConfig
     hidden: int
 
     @nn.compact
     def __call__(self, x_BxSxD: jax.Array) -> jax.Array:
         cfg = self.config
-        dtype = dtype_of(cfg.dtype)
+        dtype = dtype_of(self.compute.dtype)
 
         def weight(name, shape, names, std):
             return self.param(name, param_init(std, names), shape, jnp.float32).astype(dtype)
 
         d, f = cfg.d_model, self.hidden
-        gate_BxSxF = x_BxSxD @ weight("gate", (d, f), ("embed", "mlp"), cfg.init_std)
-        up_BxSxF = x_BxSxD @ weight("up", (d, f), ("embed", "mlp"), cfg.init_std)
-        return (nn.silu(gate_BxSxF) * up_BxSxF) @ weight("down", (f, d), ("mlp", "embed"), output_init_std(cfg))
+        return swiglu(x_BxSxD, weight("gate", (d, f), ("embed", "mlp"), cfg.init_std),
+                      weight("up", (d, f), ("embed", "mlp"), cfg.init_std),
+                      weight("down", (f, d), ("mlp", "embed"), output_init_std(cfg)))

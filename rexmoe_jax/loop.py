@@ -234,7 +234,7 @@ def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) 
         key = jax.random.fold_in(jax.random.key(train.seed), trainer.SAMPLE_STREAM)
         [new] = generate_lib.generate(config.model, session.state.params, [prompt], train.sample_tokens, key,
                                       sampling=generate_lib.Sampling(temperature=0.8, top_k=40),
-                                      eod_id=session.corpus.tokenizer.eod_id)
+                                      eod_id=session.corpus.tokenizer.eod_id, compute=config.compute)
         result["sample"] = train.sample_prompt + session.corpus.tokenizer.decode(new)
     return result
 

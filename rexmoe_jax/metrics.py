@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax.config import ModelConfig
-from rexmoe_jax.reuse import own_offset
+from rexmoe_jax.reuse import own_experts
 
 # Decision (the paper plots "under-used experts" without a threshold): an expert is under-used
 # when its load is below half of the uniform share, i.e. LBV < -0.5.
@@ -52,10 +52,8 @@ def foreign_share(load_LxP, num_experts: int, reuse: int) -> np.ndarray:
     its group (layer l owns pool ids j N ... j N + N - 1, j = l mod r); 0 when r = 1. This is
     what says whether a ReXMoE model uses reuse at all."""
     load = np.asarray(load_LxP, np.float64)
-    ids = np.arange(load.shape[1])[None, :]
-    first = own_offset(np.arange(load.shape[0]), reuse, num_experts)[:, None]
-    own = (ids >= first) & (ids < first + num_experts)
-    return 1.0 - (load * own).sum(axis=1) / load.sum(axis=1)
+    own_LxP = own_experts(np.arange(load.shape[0]), load.shape[1], reuse, num_experts)
+    return 1.0 - (load * own_LxP).sum(axis=1) / load.sum(axis=1)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> float:

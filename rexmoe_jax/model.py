@@ -19,6 +19,36 @@ Logical axis names (mapped to mesh axes by the one table in sharding.py):
     pool                                           a router's output axis
     groups, layers                                 the two scanned axes
     norm                                           norm scales
+
+Shape letters. Arrays are named with their shape (x_BxSxD: batch x sequence x model width);
+every file of the project, kernels included, uses these letters and only these meanings:
+
+    A  assignments: the T*K (token, chosen expert) pairs
+    B  batch: sequences
+    C  rows per fixed-size bucket: capacity slots of an expert or destination, rows of a block
+    D  model width (d_model)
+    E  buckets rows are sorted into: the groups of a grouped matmul, the experts or the
+       expert-axis devices of a slotted dispatch
+    F  expert hidden width (or the fused shared experts' width)
+    G  groups of layers (L / r, rounded up)
+    H  query heads
+    I  a grouped matmul's input (contracted) width
+    J  key/value heads
+    K  top-k: experts chosen per token
+    L  layers
+    M  rows of a grouped matmul, or of a gather's source
+    N  experts a layer owns (the paper's N; a full pool holds r*N)
+    O  a grouped matmul's output width
+    P  pool: a layer's candidate experts (r*N, fewer in a smaller last group)
+    Q  query heads per key/value head (H / J)
+    R  layers of a group (r, fewer in a smaller last group)
+    S  sequence (query) positions; S1 = S + 1 tokens of a training row
+    T  tokens: B*S flattened
+    U  key/value positions (attention keys: the sequence, or the KV cache)
+    V  vocabulary
+    W  row blocks of the blocked grouped matmul
+    Y  slots: E buckets x C rows
+    Z  head width
 """
 
 from __future__ import annotations
@@ -30,19 +60,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rexmoe_jax import psr as psr_lib
 from rexmoe_jax import reuse
-from rexmoe_jax.config import ModelConfig, PSRConfig
+from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
 from rexmoe_jax.dispatch import ExpertWeights
 from rexmoe_jax.layers import Attention, RMSNorm, dtype_of, output_init_std, param_init
 from rexmoe_jax.moe import MoEFFN, RouterStats
 
 
 class PSRInputs(NamedTuple):
-    """What a training step gives the model for PSR: a key already folded with (seed, step), and
-    the optimizer step. Evaluation and generation pass None: they always see the full pool."""
+    """What a training step gives the model for PSR: a key already folded with (seed, step), the
+    optimizer step, and which of the step's micro-batches this is (gradient accumulation: token
+    masks are drawn for the whole batch, and each micro-batch takes its own rows). Evaluation and
+    generation pass None: they always see the full pool."""
 
     key: jax.Array
     step: jax.Array
+    micro_batch: jax.Array | int = 0
+    micro_batches: int = 1
 
 
 _REMAT_POLICIES = {
@@ -56,27 +91,30 @@ class DecoderLayer(nn.Module):
     """Pre-norm attention and MoE FFN, each added to the residual stream."""
 
     config: ModelConfig
+    compute: ComputeConfig
     psr: PSRConfig
     pool_size: int
     decode: bool = False
 
     @nn.compact
     def __call__(self, x_BxSxD, layer_id, weights: ExpertWeights, positions_BxS,
-                 psr_state: tuple[jax.Array, jax.Array] | None):
-        cfg = self.config
-        dtype = dtype_of(cfg.dtype)
+                 psr_state: tuple[PSRInputs, jax.Array] | None):
+        cfg, compute = self.config, self.compute
+        dtype = dtype_of(compute.dtype)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, self.decode, name="attention")(h_BxSxD, positions_BxS)
+        x_BxSxD = x_BxSxD + Attention(cfg, compute, self.decode, name="attention")(h_BxSxD, positions_BxS)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
         available_TxP, live = None, self.pool_size
         if psr_state is not None:
-            live = min(self.psr.initial_experts or cfg.num_experts, self.pool_size)
-            key, pool_size_t = psr_state
-            available_TxP = reuse.psr_available(
-                key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
-                num_experts=cfg.num_experts, own_offset=reuse.own_offset(layer_id, cfg.reuse, cfg.num_experts),
-                num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1])
-        y_BxSxD, stats = MoEFFN(cfg, self.pool_size, live, self.psr.balance_over, name="moe")(h_BxSxD, weights, available_TxP)
+            inputs, pool_size_t = psr_state
+            live = reuse.initial_pool(self.psr.initial_experts, cfg.num_experts, self.pool_size)
+            available_TxP = psr_lib.available(
+                inputs.key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
+                num_experts=cfg.num_experts, reuse_factor=cfg.reuse,
+                num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1], micro_batch=inputs.micro_batch,
+                micro_batches=inputs.micro_batches)
+        moe = MoEFFN(cfg, compute, self.pool_size, live, self.psr.balance_over, name="moe")
+        y_BxSxD, stats = moe(h_BxSxD, weights, available_TxP)
         return _constrain(x_BxSxD + y_BxSxD), stats
 
 
@@ -84,6 +122,7 @@ class LayerGroup(nn.Module):
     """A group of `size` consecutive layers sharing one pool of size*N experts."""
 
     config: ModelConfig
+    compute: ComputeConfig
     psr: PSRConfig
     size: int
     decode: bool = False
@@ -98,26 +137,27 @@ class LayerGroup(nn.Module):
             self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
                        (pool, f, d)))
         # Cast once for the group, not once per layer that shares the pool.
-        weights = ExpertWeights(*(w.astype(dtype_of(cfg.dtype)) for w in weights))
+        weights = ExpertWeights(*(w.astype(dtype_of(self.compute.dtype)) for w in weights))
         psr_state = None
-        if psr is not None:
-            psr_state = (psr.key, reuse.psr_pool_size(psr.step, self.psr, cfg.num_experts, pool))
+        if psr is not None:  # N_t once per group: its layers share the pool and the schedule.
+            psr_state = (psr, psr_lib.pool_size_t(psr.step, self.psr, cfg.num_experts, pool))
 
         layer = DecoderLayer
-        if cfg.remat != "none":
-            layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        if self.compute.remat != "none":
+            layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.compute.remat], prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                          split_rngs={"params": True},
                          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.size,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        return layers(cfg, self.psr, pool, self.decode, name="layers")(
+        return layers(cfg, self.compute, self.psr, pool, self.decode, name="layers")(
             x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state)
 
 
 class Decoder(nn.Module):
-    """Maps tokens (B, S) to float32 logits (B, S, vocab) and per-layer router statistics."""
+    """Maps tokens (B, S) to float32 logits (B, S, V) and per-layer router statistics."""
 
     config: ModelConfig
+    compute: ComputeConfig = ComputeConfig()
     psr: PSRConfig = PSRConfig()
     decode: bool = False  # Keep a KV cache ("cache" collection) for incremental decoding.
 
@@ -125,7 +165,7 @@ class Decoder(nn.Module):
     def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
                  psr: PSRInputs | None = None) -> tuple[jax.Array, RouterStats]:
         cfg = self.config
-        dtype = dtype_of(cfg.dtype)
+        dtype = dtype_of(self.compute.dtype)
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
@@ -138,8 +178,8 @@ class Decoder(nn.Module):
                              split_rngs={"params": True},
                              in_axes=(0, nn.broadcast, nn.broadcast), length=layer_ids_GxR.shape[0],
                              metadata_params={nn.PARTITION_NAME: "groups"})
-            x_BxSxD, block_stats = groups(cfg, self.psr, layer_ids_GxR.shape[1], self.decode, name=name)(
-                x_BxSxD, layer_ids_GxR, positions_BxS, psr)
+            x_BxSxD, block_stats = groups(cfg, self.compute, self.psr, layer_ids_GxR.shape[1], self.decode,
+                                          name=name)(x_BxSxD, layer_ids_GxR, positions_BxS, psr)
             stats.append(_flatten_layers(block_stats, cfg.pool_size))
 
         x_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxSxD)

@@ -1,12 +1,10 @@
 """The MoE FFN of one layer: its router over the pool, the dispatch path, the router statistics.
 
-Shape suffixes: B batch, S sequence, T = B*S tokens, D model width, P the layer's candidate
-pool (r*N experts, or fewer in a smaller last group).
+Shape letters: the glossary at the top of model.py.
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -14,22 +12,15 @@ import jax
 import jax.numpy as jnp
 
 from rexmoe_jax import expert_parallel, losses
-from rexmoe_jax.config import ModelConfig
-from rexmoe_jax.dispatch import (
-    ExpertWeights,
-    capacity_experts,
-    dense_experts,
-    gathered_experts,
-    route,
-    sorted_experts,
-)
-from rexmoe_jax.layers import SwiGLU, dtype_of, param_init
+from rexmoe_jax.config import ComputeConfig, ModelConfig
+from rexmoe_jax.dispatch import ExpertWeights, choose_path, route
+from rexmoe_jax.layers import SwiGLU, param_init
 
 
 class RouterStats(NamedTuple):
     """Per-layer routing statistics, stacked over layers by the scan."""
 
-    load_balance: jax.Array  # Switch loss over the pool; 1.0 for uniform routing
+    load_balance: jax.Array  # Switch loss over the available experts; 1.0 for uniform routing
     z_loss: jax.Array
     expert_load_P: jax.Array  # share of the T*K assignments that went to each pool expert
     dropped: jax.Array  # share of assignments dropped for capacity (capacity dispatch, expert parallelism)
@@ -37,9 +28,11 @@ class RouterStats(NamedTuple):
 
 
 class MoEFFN(nn.Module):
-    """One layer's MoE FFN: its own router over a pool of experts it may share with its group."""
+    """One layer's MoE FFN: its own router over a pool of experts it may share with its group.
+    With r = 1 the pool is the layer's own N experts: a plain top-K MoE layer."""
 
     config: ModelConfig
+    compute: ComputeConfig
     pool_size: int
     live_experts: int  # the fewest experts PSR leaves available; capacity is spread over them
     balance_over: str = "available"  # psr.balance_over
@@ -59,27 +52,19 @@ class MoEFFN(nn.Module):
         self.sow("intermediates", "experts", routing.experts_TxK)
         self.sow("intermediates", "gates", routing.gates_TxK)
 
-        dtype = dtype_of(cfg.dtype)  # `weights` arrive in it: LayerGroup casts the pool once
-        mesh = jax.sharding.get_abstract_mesh()
-        dropped = jnp.zeros((), jnp.float32)
         live_share = self.live_experts / self.pool_size
-        if cfg.dispatch == "dense":
-            y_TxD = dense_experts(x_TxD, routing, weights)
-        elif cfg.dispatch == "gather":
-            y_TxD = gathered_experts(x_TxD, routing, weights)
-        elif not mesh.empty and math.prod(mesh.shape.values()) > 1:
-            # On a mesh, each device sorts only its own tokens (and sends them to their experts).
+        path, sharded = choose_path(self.compute, live_share)
+        if sharded:
             y_TxD, dropped = expert_parallel.sharded_experts(
-                x_TxD, routing, weights, dispatch=cfg.dispatch, implementation=cfg.grouped_matmul,
-                permute_implementation=cfg.permute, capacity_factor=cfg.capacity_factor, live_share=live_share)
-        elif cfg.dispatch == "capacity":
-            y_TxD, dropped = capacity_experts(x_TxD, routing, weights, cfg.capacity_factor, live_share)
+                x_TxD, routing, weights, path, implementation=self.compute.grouped_matmul,
+                capacity_factor=self.compute.capacity_factor, live_share=live_share)
         else:
-            y_TxD = sorted_experts(x_TxD, routing, weights, cfg.grouped_matmul, cfg.permute)
-        y_BxSxD = y_TxD.reshape(b, s, d).astype(dtype)
+            y_TxD, dropped = path(x_TxD, routing, weights, lambda y: y)
+        # `weights` arrive in the compute dtype: LayerGroup casts the pool once.
+        y_BxSxD = y_TxD.reshape(b, s, d).astype(x_BxSxD.dtype)
         if cfg.num_shared_experts:
             # Decision: shared experts stay per layer; only routed experts are pooled.
-            y_BxSxD = y_BxSxD + SwiGLU(cfg, cfg.num_shared_experts * cfg.expert_ffn,
+            y_BxSxD = y_BxSxD + SwiGLU(cfg, self.compute, cfg.num_shared_experts * cfg.expert_ffn,
                                        name="shared_experts")(x_BxSxD)
 
         expert_load_P = jnp.bincount(routing.experts_TxK.reshape(-1), length=self.pool_size) / (

@@ -126,3 +126,13 @@ def activate(mesh: jax.sharding.Mesh):
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(RULES))
     return stack
+
+
+def current_mesh() -> jax.sharding.AbstractMesh | jax.sharding.Mesh:
+    """The mesh set by `activate`, or a one-device mesh with the same axes when none is, so that
+    a model applied outside a mesh runs the same sharded code as one on a mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty:
+        return mesh
+    return jax.make_mesh((1,) * len(MESH_AXES), MESH_AXES, devices=jax.devices()[:1],
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))

@@ -1,4 +1,4 @@
-"""The train state, the pure jitted steps, and the host loop around them.
+"""The train state and the pure jitted steps (the host loop around them is loop.py).
 
 `train_step(state, batch) -> (state, metrics)` has no side effects. Everything random follows
 from (seed, step): the batch (data.py), the PSR masks (a key folded with the step) and the
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rexmoe_jax import losses, reuse
+from rexmoe_jax import losses
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config
 from rexmoe_jax.model import Decoder, PSRInputs, param_counts, per_layer_norms
@@ -36,7 +36,7 @@ class TrainState:
 
 
 def build_model(config: Config) -> Decoder:
-    return Decoder(config.model, config.psr)
+    return Decoder(config.model, config.compute, config.psr)
 
 
 def _boxed_params(config: Config, model: Decoder):
@@ -68,12 +68,12 @@ def init_state(config: Config, model: Decoder, tx: optax.GradientTransformation,
     return jax.jit(lambda: nn.meta.unbox(_boxed_state(config, model, tx)), out_shardings=shardings)()
 
 
-def psr_inputs(config: Config, step: jax.Array) -> PSRInputs | None:
+def psr_inputs(config: Config, step: jax.Array, micro_batch: jax.Array | int = 0) -> PSRInputs | None:
     """The PSR key for this step: fold (seed, step); each layer folds in its id."""
     if config.psr.schedule == "none":
         return None
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.train.seed), _PSR_STREAM), step)
-    return PSRInputs(key=key, step=step)
+    return PSRInputs(key=key, step=step, micro_batch=micro_batch, micro_batches=config.optim.grad_accum)
 
 
 def summary(config: Config) -> dict[str, int]:
@@ -86,11 +86,12 @@ def summary(config: Config) -> dict[str, int]:
 
 
 def make_loss_fn(config: Config, model: Decoder) -> Callable:
-    """loss_fn(params, tokens (B, S+1), step) -> (total loss, metrics): cross-entropy plus the
-    weighted router losses, with PSR masks for `step`."""
+    """loss_fn(params, tokens (B, S+1), step, micro_batch) -> (total loss, metrics): cross-entropy
+    plus the weighted router losses, with PSR masks for `step`."""
 
-    def loss_fn(params, tokens_BxS1, step):
-        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1], psr=psr_inputs(config, step))
+    def loss_fn(params, tokens_BxS1, step, micro_batch=0):
+        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1],
+                                    psr=psr_inputs(config, step, micro_batch))
         ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
         total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
@@ -108,20 +109,20 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
     grad_fn = jax.value_and_grad(make_loss_fn(config, model), has_aux=True)
 
     def train_step(state: TrainState, tokens_BxS1: jax.Array):
-        def micro_step(tokens):
-            (_, aux), grads = grad_fn(state.params, tokens, state.step)
+        def micro_step(tokens, index=0):
+            (_, aux), grads = grad_fn(state.params, tokens, state.step, index)
             return grads, aux
 
         if accum == 1:
             grads, aux = micro_step(tokens_BxS1)
         else:
-            # Micro-batches share the step, hence the PSR masks, of the optimizer update.
+            # Micro-batches share the step, hence the PSR schedule and masks, of the update.
             micro = tokens_BxS1.reshape(accum, -1, tokens_BxS1.shape[-1])
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
                                  jax.eval_shape(micro_step, micro[0]))
             (grads, aux), _ = jax.lax.scan(
-                lambda carry, tokens: (jax.tree.map(jnp.add, carry, micro_step(tokens)), None),
-                zeros, micro)
+                lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_step(*xs)), None),
+                zeros, (micro, jnp.arange(accum)))
             grads, aux = jax.tree.map(lambda x: x / accum, (grads, aux))
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -138,8 +139,8 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
             "loss": aux["loss"], "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
             "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step), "finite": finite,
             "layer_grad_norm": layer_grad_norm, "group_expert_grad_norm": group_expert_grad_norm,
-            "psr_pool_size": reuse.psr_pool_size(state.step, config.psr, config.model.num_experts,
-                                                 config.model.pool_size),
+            # N_t as this update's masks left it (a full group's layers; see `available`).
+            "psr_pool_size": jnp.round(jnp.max(jnp.sum(aux["available"], axis=-1))).astype(jnp.int32),
             "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
             "dropped_fraction": aux["dropped"],
             # During PSR, balance is measured over the experts each layer could choose.

@@ -4,9 +4,9 @@ running them, not by tests."""
 
 import pytest
 
+from benchmarks import grouped_matmul as gmm_bench
 from benchmarks import moe_block, train_step
-from pallas_kernels.grouped_matmul import bench as gmm_bench
-from pallas_kernels.token_permute import bench as permute_bench
+from benchmarks import token_permute as permute_bench
 
 
 @pytest.mark.parametrize("main,args,columns", [

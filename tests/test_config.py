@@ -1,14 +1,17 @@
-"""Config validation, overrides and presets."""
+"""Config validation, overrides, presets and the exact round trip through config.json."""
 
 import dataclasses
 import json
+import pathlib
 
 import pytest
 
 from rexmoe_jax.config import (
+    ComputeConfig,
     Config,
     ConfigError,
     ModelConfig,
+    OptimConfig,
     PSRConfig,
     apply_overrides,
     from_dict,
@@ -26,7 +29,7 @@ from rexmoe_jax.config import (
     (["model.bogus=1"], "model.bogus"),
     (["bogus.x=1"], "bogus.x"),
     (["model.reuse=two"], "model.reuse"),
-    (["model.dtype=float16"], "model.dtype"),
+    (["compute.dtype=float16"], "compute.dtype"),
     (["model.renormalize_gates=maybe"], "model.renormalize_gates"),
     (["train.steps"], "train.steps"),
     (["optim.learning_rate=nan"], "optim.learning_rate"),
@@ -76,3 +79,46 @@ def test_preset_errors(tmp_path):
 def test_grad_accum_must_divide_the_batch():
     with pytest.raises(ConfigError, match="optim.grad_accum=3"):
         apply_overrides(Config(), ["data.batch_size=16", "optim.grad_accum=3"])
+
+
+PRESETS = sorted((pathlib.Path(__file__).resolve().parent.parent / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if p.stem not in ("__init__", "recipe")],
+                         ids=lambda p: p.stem)
+def test_every_preset_round_trips_exactly(preset):
+    cfg = load_preset(preset)
+    assert from_dict(json.loads(cfg.to_json())) == cfg
+
+
+@pytest.mark.parametrize("prompt", ["In the beginning ", "  leading", "a=b=c", "line\nbreak", "tab\t",
+                                    "quote \" and ' and \\", "ünïcödé — 語", "", "1e3", "true", " "])
+def test_awkward_strings_survive_overrides_and_json(prompt):
+    cfg = apply_overrides(Config(), [f"train.sample_prompt={prompt}", "data.corpus= a b "])
+    assert cfg.train.sample_prompt == prompt and cfg.data.corpus == " a b "
+    assert from_dict(json.loads(cfg.to_json())) == cfg
+
+
+def test_from_dict_checks_types_and_reads_the_old_layout():
+    with pytest.raises(ConfigError, match=r"model\.reuse"):
+        from_dict({"model": {"reuse": "2"}})
+    with pytest.raises(ConfigError, match=r"model\.renormalize_gates"):
+        from_dict({"model": {"renormalize_gates": 1}})
+    with pytest.raises(ConfigError, match=r"model\.bogus"):
+        from_dict({"model": {"bogus": 1}})
+    # A config.json written before the compute section kept these fields under "model".
+    old = from_dict({"model": {"reuse": 1, "dtype": "bfloat16", "dispatch": "capacity"}})
+    assert (old.compute.dtype, old.compute.dispatch) == ("bfloat16", "capacity")
+    assert from_dict({"optim": {"learning_rate": 1}}).optim.learning_rate == 1.0
+
+
+def test_state_layout_is_the_architecture_and_clipping():
+    """What a checkpoint depends on follows from the sections: every model field, whether
+    clipping is on, and nothing else."""
+    base = Config()
+    assert ComputeConfig(dtype="bfloat16", dispatch="dense").state_layout() == base.compute.state_layout()
+    assert dataclasses.replace(base.model, init_std=0.01).state_layout() != base.model.state_layout()
+    assert OptimConfig(clip_norm=0.5).state_layout() == base.optim.state_layout()
+    assert OptimConfig(clip_norm=0).state_layout() != base.optim.state_layout()
+    for section in ("psr", "loss", "data", "mesh", "train"):
+        assert getattr(base, section).state_layout() == ()

@@ -10,16 +10,17 @@ import numpy as np
 import numpy_reference
 import pytest
 
-from rexmoe_jax.config import ModelConfig, PSRConfig
+from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
 from rexmoe_jax.model import Decoder, PSRInputs, param_counts
 from rexmoe_jax.reuse import layer_pool_sizes
 
 SMALL = ModelConfig(vocab_size=37, d_model=16, num_layers=5, num_heads=4, num_kv_heads=2,
-                    expert_ffn=8, num_experts=4, top_k=2, dispatch="dense")
+                    expert_ffn=8, num_experts=4, top_k=2)
+DENSE = ComputeConfig(dispatch="dense")
 
 
-def init(cfg, seed=0, psr=None):
-    model = Decoder(cfg, psr or PSRConfig())
+def init(cfg, seed=0, psr=None, compute=DENSE):
+    model = Decoder(cfg, compute, psr or PSRConfig())
     tokens = jnp.zeros((1, 4), jnp.int32)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), tokens)["params"])
     # Random norm scales, so that a wrong scale would show (they initialise to ones).
@@ -35,8 +36,8 @@ def init(cfg, seed=0, psr=None):
 def test_matches_numpy_reference(reuse, dispatch):
     """r = 1 is the baseline layer-local MoE; r > 1 pools the group's experts, including the
     smaller last group of L = 5 at r = 2 and r = 3. Checked against a NumPy float64 decoder."""
-    cfg = dataclasses.replace(SMALL, reuse=reuse, dispatch=dispatch, num_shared_experts=reuse % 2)
-    model, params = init(cfg)
+    cfg = dataclasses.replace(SMALL, reuse=reuse, num_shared_experts=reuse % 2)
+    model, params = init(cfg, compute=ComputeConfig(dispatch=dispatch))
     tokens = jax.random.randint(jax.random.key(1), (2, 7), 0, cfg.vocab_size)
     logits, _ = jax.jit(model.apply)({"params": params}, tokens)
     expected, _ = numpy_reference.forward(jax.device_get(params), cfg, tokens)
@@ -83,7 +84,7 @@ def test_expert_parameters_do_not_depend_on_reuse():
 def test_group_experts_get_gradient_from_every_layer_of_the_group():
     """An expert of a group's pool has a nonzero gradient exactly when some layer of the group
     chose it; each layer chose, on its own, an expert owned by another layer of the group."""
-    cfg = dataclasses.replace(SMALL, num_layers=3, reuse=3, num_experts=4, top_k=1, dispatch="sort")
+    cfg = dataclasses.replace(SMALL, num_layers=3, reuse=3, num_experts=4, top_k=1)
     apply = jax.jit(lambda m, p, t: m.apply({"params": p}, t, mutable=("intermediates",)), static_argnums=0)
 
     def exclusive_foreign(chosen):
@@ -93,7 +94,7 @@ def test_group_experts_get_gradient_from_every_layer_of_the_group():
 
     # The property needs an input where every layer alone picks a foreign expert: find one.
     for seed in range(20):
-        model, params = init(cfg, seed=seed)
+        model, params = init(cfg, seed=seed, compute=ComputeConfig(dispatch="sort"))
         tokens = jax.random.randint(jax.random.key(seed), (1, 8), 0, cfg.vocab_size)
         chosen = np.asarray(apply(model, params, tokens)[1]["intermediates"]["groups"]["layers"]["moe"]
                             ["experts"][0][0])  # (3 layers, T, 1)
@@ -118,8 +119,8 @@ def test_group_experts_get_gradient_from_every_layer_of_the_group():
 def test_causal_by_gradients(dispatch):
     """The logits at position t have zero gradient with respect to the embeddings of later
     tokens. Every position holds a distinct token id, so embedding rows are positions."""
-    cfg = dataclasses.replace(SMALL, reuse=2, dispatch=dispatch)
-    model, params = init(cfg)
+    cfg = dataclasses.replace(SMALL, reuse=2)
+    model, params = init(cfg, compute=ComputeConfig(dispatch=dispatch))
     tokens = jax.random.permutation(jax.random.key(6), cfg.vocab_size)[:8][None].astype(jnp.int32)
 
     weights_V = jnp.arange(cfg.vocab_size, dtype=jnp.float32)
@@ -155,14 +156,14 @@ def test_psr_masks_are_applied_only_when_given():
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_policies_leave_gradients_unchanged(remat):
-    cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2, dispatch="sort")
-    model, params = init(cfg)
+    cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2)
+    model, params = init(cfg, compute=ComputeConfig(dispatch="sort"))
     tokens = jax.random.randint(jax.random.key(10), (2, 6), 0, cfg.vocab_size)
 
     def grads(m):
         return jax.jit(jax.grad(lambda p: jnp.sum(m.apply({"params": p}, tokens)[0] ** 2)))(params)
 
-    rematted = Decoder(dataclasses.replace(cfg, remat=remat), model.psr)
+    rematted = Decoder(cfg, ComputeConfig(dispatch="sort", remat=remat), model.psr)
     for a, b in zip(jax.tree.leaves(grads(model)), jax.tree.leaves(grads(rematted))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
@@ -172,7 +173,7 @@ def test_bfloat16_compute_keeps_float32_parameters():
     cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2)
     model, params = init(cfg)
     tokens = jax.random.randint(jax.random.key(11), (2, 6), 0, cfg.vocab_size)
-    bf16 = Decoder(dataclasses.replace(cfg, dtype="bfloat16"), model.psr)
+    bf16 = Decoder(cfg, ComputeConfig(dispatch="dense", dtype="bfloat16"), model.psr)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("float32")}
     low, _ = jax.jit(bf16.apply)({"params": params}, tokens)
     high, _ = jax.jit(model.apply)({"params": params}, tokens)

@@ -1,203 +1,59 @@
-"""Gating (Eq. 2-3), the two dispatch paths, and the router losses."""
+"""MoEFFN, one layer's MoE FFN, against a plain top-K MoE layer written in NumPy: r = 1 is that
+layer over its own N experts; r > 1 is the same layer over its group's pool of r*N."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import dispatch, losses
+from rexmoe_jax.config import ComputeConfig, ModelConfig
+from rexmoe_jax.dispatch import ExpertWeights
+from rexmoe_jax.moe import MoEFFN
+
+N, K, D, F = 4, 2, 8, 6
 
 
-def numpy_gating(logits, available, k, renormalize):
+def numpy_moe_layer(x, router, gate, up, down):
+    """softmax router, top-K gates (not renormalised), SwiGLU experts, in float64."""
+    logits = x @ router
     probs = np.exp(logits - logits.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
-    masked = np.where(available, probs, 0.0)  # "scores set to zero" (Sec. 3)
-    chosen = np.argsort(-masked, axis=-1, kind="stable")[:, :k]
-    gates = np.take_along_axis(probs, chosen, -1)
-    if renormalize:
-        gates = gates / gates.sum(-1, keepdims=True)
-    return gates, chosen
+    chosen = np.argsort(-probs, axis=-1, kind="stable")[:, :K]
+    y = np.zeros_like(x)
+    for t in range(x.shape[0]):
+        for e in chosen[t]:
+            h = x[t] @ gate[e]
+            y[t] += probs[t, e] * ((h / (1 + np.exp(-h))) * (x[t] @ up[e])) @ down[e]
+    load = np.bincount(chosen.ravel(), minlength=router.shape[1]) / chosen.size
+    balance = router.shape[1] * np.sum(load * probs.mean(0))
+    return y, chosen, load, balance
 
 
-@pytest.mark.parametrize("renormalize", [False, True])
-def test_gating_is_eq2_eq3(renormalize, maybe_jit):
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((32, 12)).astype(np.float32)
-    avail = rng.random((32, 12)) < 0.6
-    avail[:, :3] = True  # at least K available per token
-    routing = maybe_jit(dispatch.route, static_argnums=(2, 3))(jnp.asarray(logits), jnp.asarray(avail), 3,
-                                                          renormalize)
-    gates, chosen = numpy_gating(logits.astype(np.float64), avail, 3, renormalize)
-    np.testing.assert_array_equal(np.sort(np.asarray(routing.experts_TxK), -1), np.sort(chosen, -1))
-    order = np.argsort(np.asarray(routing.experts_TxK), -1)
-    np.testing.assert_allclose(np.take_along_axis(np.asarray(routing.gates_TxK), order, -1),
-                               np.take_along_axis(gates, np.argsort(chosen, -1), -1), rtol=1e-5)
-    if not renormalize:  # Gates are the softmax over the whole pool: they sum to < 1.
-        assert np.all(np.asarray(routing.gates_TxK).sum(-1) < 1)
+@pytest.mark.parametrize("reuse", [1, 3])
+@pytest.mark.parametrize("dispatch", ["dense", "sort"])
+def test_moe_ffn_is_a_top_k_moe_over_its_pool(reuse, dispatch):
+    pool = reuse * N
+    cfg = ModelConfig(d_model=D, expert_ffn=F, num_experts=N, top_k=K, num_layers=reuse, reuse=reuse)
+    layer = MoEFFN(cfg, ComputeConfig(dispatch=dispatch), pool_size=pool, live_experts=pool)
+    rng = np.random.default_rng(reuse)
+    x = rng.standard_normal((2, 5, D)).astype(np.float32)
+    weights = ExpertWeights(*(0.5 * rng.standard_normal(shape).astype(np.float32)
+                              for shape in [(pool, D, F), (pool, D, F), (pool, F, D)]))
+    router = rng.standard_normal((D, pool)).astype(np.float32)
+    router[:, N:] += 0.5  # favour the experts a layer does not own: r > 1 must route to them
+    params = {"router": router}
 
-
-def test_masked_expert_is_never_selected():
-    """Even when the masked experts hold almost all the probability, or underflow to zero."""
-    logits = np.full((4, 8), -200.0, np.float32)
-    logits[:, :4] = 50.0  # experts 0..3 dominate
-    avail = np.zeros((4, 8), bool)
-    avail[:, 4:] = True  # ... but only 4..7 are available
-    routing = dispatch.route(jnp.asarray(logits), jnp.asarray(avail), 2, False)
-    assert np.all(np.asarray(routing.experts_TxK) >= 4)
-
-
-def random_problem(tokens, d, f, pool, k, dtype, seed):
-    keys = jax.random.split(jax.random.key(seed), 5)
-    x = jax.random.normal(keys[0], (tokens, d), dtype)
-    weights = dispatch.ExpertWeights(*(0.3 * jax.random.normal(kk, shape, dtype) for kk, shape in zip(
-        keys[1:4], [(pool, d, f), (pool, d, f), (pool, f, d)])))
-    # Some experts get no tokens: logits favour the first half of the pool.
-    logits = jax.random.normal(keys[4], (tokens, pool)) + 3.0 * (jnp.arange(pool) < pool // 2)[None, :]
-    return x, weights, dispatch.route(logits, None, k, False)
-
-
-@pytest.mark.parametrize("implementation", ["ragged_dot", "blocked"])
-@pytest.mark.parametrize("tokens,pool,k", [(24, 8, 2), (13, 6, 1), (40, 16, 4)])
-def test_sorted_dispatch_equals_dense_values_and_gradients(implementation, tokens, pool, k):
-    x, weights, routing = random_problem(tokens, 16, 8, pool, k, jnp.float32, seed=tokens)
-
-    def out(fn):
-        def loss(x, weights, gates):
-            y = fn(x, routing._replace(gates_TxK=gates), weights)
-            return jnp.sum(y * jnp.cos(jnp.arange(y.size).reshape(y.shape)))
-        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, weights, routing.gates_TxK)
-
-    dense_value, dense_grads = out(dispatch.dense_experts)
-    sort_value, sort_grads = out(lambda x, r, w: dispatch.sorted_experts(x, r, w, implementation))
-    np.testing.assert_allclose(sort_value, dense_value, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(sort_grads), jax.tree.leaves(dense_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-def test_load_balancing_loss_is_one_for_uniform_routing():
-    pool = 16
-    uniform_logits = jnp.zeros((5, pool))
-    assert float(losses.load_balancing_loss(jnp.full((pool,), 1 / pool), uniform_logits)) == pytest.approx(1.0)
-    # All assignments and (nearly) all probability on one expert: the loss is P.
-    onehot = jnp.zeros((pool,)).at[3].set(1.0)
-    peaked = jnp.zeros((5, pool)).at[:, 3].set(60.0)
-    assert float(losses.load_balancing_loss(onehot, peaked)) == pytest.approx(pool)
-
-
-def numpy_balance(load, logits, available):
-    """n * sum_i f_i p_i with p the softmax over each token's available experts, n = N_t."""
-    z = np.where(available, logits, -np.inf)
-    p = np.exp(z - z.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    return available.sum(-1).mean() * np.sum(load * p.mean(0))
-
-
-def test_load_balancing_loss_under_a_mask_counts_only_available_experts():
-    rng = np.random.default_rng(1)
-    tokens, pool, live = 12, 8, 5
-    logits = rng.standard_normal((tokens, pool)).astype(np.float32)
-    available = np.zeros((tokens, pool), bool)
-    for row in available:
-        row[rng.permutation(pool)[:live]] = True
-    load = rng.random(pool) * available.any(0)
-    load = (load / load.sum()).astype(np.float32)
-    value, grad = jax.value_and_grad(losses.load_balancing_loss, argnums=1)(
-        jnp.asarray(load), jnp.asarray(logits), jnp.asarray(available))
-    assert float(value) == pytest.approx(numpy_balance(load, logits.astype(np.float64), available), rel=1e-5)
-    # Masked logits get no gradient from this loss; available ones do.
-    assert np.all(np.asarray(grad)[~available] == 0)
-    assert np.all(np.abs(np.asarray(grad)[available]) > 0)
-    # Uniform loads and router over the N_t available experts score 1, as over a full pool.
-    same_mask = np.repeat(available[:1], tokens, 0)
-    uniform = losses.load_balancing_loss(jnp.asarray(same_mask[0] / live, jnp.float32),
-                                         jnp.zeros((tokens, pool)), jnp.asarray(same_mask))
-    assert float(uniform) == pytest.approx(1.0, rel=1e-6)
-
-
-def test_load_balancing_loss_over_the_pool_pushes_masked_logits_up():
-    """The other reading (psr.balance_over=pool): masked experts have no load but get gradient."""
-    logits = jnp.zeros((4, 6))
-    available = jnp.asarray([[True] * 3 + [False] * 3] * 4)
-    load = jnp.asarray([0.5, 0.25, 0.25, 0, 0, 0])
-    grad = jax.grad(losses.load_balancing_loss, argnums=1)(load, logits, available, "pool")
-    assert np.all(np.asarray(grad)[:, 3:] < 0)  # descending the loss raises them
-
-
-def test_router_z_loss_by_hand():
-    logits = np.array([[0.0, 0.0], [1.0, 2.0]], np.float32)
-    lse = np.log(np.exp(logits).sum(-1))
-    assert float(losses.router_z_loss(jnp.asarray(logits))) == pytest.approx(np.mean(lse ** 2), rel=1e-6)
-
-
-def test_cross_entropy_by_hand():
-    logits = np.array([[[1.0, 2.0, 0.5], [0.0, 0.0, 0.0]]], np.float32)
-    targets = np.array([[1, 2]])
-    nll = [np.log(np.exp(logits[0, 0]).sum()) - 2.0, np.log(3.0)]
-    assert float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))) == pytest.approx(
-        np.mean(nll), rel=1e-6)
-    mask = jnp.asarray([[True, False]])
-    assert float(losses.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), mask)) == pytest.approx(
-        nll[0], rel=1e-6)
-
-
-@pytest.mark.parametrize("permute", ["xla", "pallas", "reference"])
-def test_sorted_dispatch_with_each_permute_equals_dense(permute):
-    x, weights, routing = random_problem(19, 16, 8, 6, 2, jnp.float32, seed=3)
-
-    def loss(fn):
-        return jax.value_and_grad(lambda x, w, g: jnp.sum(
-            fn(x, routing._replace(gates_TxK=g), w) ** 2), argnums=(0, 1, 2))(x, weights, routing.gates_TxK)
-
-    value, grads = loss(lambda x, r, w: dispatch.sorted_experts(x, r, w, "blocked", permute))
-    dense_value, dense_grads = loss(dispatch.dense_experts)
-    np.testing.assert_allclose(value, dense_value, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-def test_capacity_dispatch_drops_exactly_the_overflow():
-    """Each expert keeps its first C assignments in token order (C = ceil(f T K / P)); with
-    f = 0 nothing is dropped and the result is the dense oracle's."""
-    x, weights, routing = random_problem(24, 8, 6, 8, 2, jnp.float32, seed=4)
-    exact, none_dropped = dispatch.capacity_experts(x, routing, weights, 0.0)
-    np.testing.assert_allclose(exact, dispatch.dense_experts(x, routing, weights), rtol=1e-5, atol=1e-6)
-    assert float(none_dropped) == 0.0
-
-    experts = np.asarray(routing.experts_TxK)
-    capacity = int(np.ceil(1.0 * 24 * 2 / 8))
-    keep, used = np.zeros(experts.shape, bool), {}
-    for t in range(24):
-        for j in range(2):
-            used[experts[t, j]] = used.get(experts[t, j], 0) + 1
-            keep[t, j] = used[experts[t, j]] <= capacity
-    y, dropped = jax.jit(dispatch.capacity_experts, static_argnums=3)(x, routing, weights, 1.0)
-    expected = dispatch.dense_experts(x, routing._replace(gates_TxK=jnp.where(keep, routing.gates_TxK, 0)), weights)
-    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
-    assert float(dropped) == pytest.approx((~keep).mean()) and float(dropped) > 0
-
-
-def test_gather_dispatch_equals_dense_values_and_gradients():
-    x, weights, routing = random_problem(11, 8, 6, 8, 2, jnp.float32, seed=5)
-
-    def loss(fn):
-        return jax.value_and_grad(lambda x, w, g: jnp.sum(
-            fn(x, routing._replace(gates_TxK=g), w) ** 2), argnums=(0, 1, 2))(x, weights, routing.gates_TxK)
-
-    value, grads = loss(dispatch.gathered_experts)
-    dense_value, dense_grads = loss(dispatch.dense_experts)
-    np.testing.assert_allclose(value, dense_value, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(dense_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-
-
-def test_capacity_is_spread_over_the_live_experts():
-    """With PSR only N of the P = 4N experts can be chosen: capacity sized for the live ones
-    (live_share = 1/4) drops nothing where sizing for the whole pool drops most."""
-    x, weights, _ = random_problem(32, 8, 6, 8, 2, jnp.float32, seed=6)
-    logits = jax.random.normal(jax.random.key(6), (32, 8))
-    available = jnp.broadcast_to(jnp.arange(8) < 2, (32, 8))  # 2 live experts of 8
-    routing = dispatch.route(logits, available, 2, False)
-    _, dropped_pool = dispatch.capacity_experts(x, routing, weights, 1.0)
-    y, dropped_live = dispatch.capacity_experts(x, routing, weights, 1.0, live_share=2 / 8)
-    assert float(dropped_pool) > 0.5 and float(dropped_live) == 0.0
-    np.testing.assert_allclose(y, dispatch.dense_experts(x, routing, weights), rtol=1e-5, atol=1e-6)
+    (y, stats), state = jax.jit(lambda p: layer.apply({"params": p}, jnp.asarray(x), weights, None,
+                                                      mutable=["intermediates"]))(params)
+    want_y, want_chosen, want_load, want_balance = numpy_moe_layer(
+        x.reshape(-1, D).astype(np.float64), router.astype(np.float64), *(np.float64(w) for w in weights))
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, D), want_y, rtol=2e-4, atol=2e-5)
+    chosen = np.asarray(state["intermediates"]["experts"][0])
+    np.testing.assert_array_equal(np.sort(chosen, -1), np.sort(want_chosen, -1))
+    np.testing.assert_allclose(np.asarray(stats.expert_load_P), want_load, rtol=1e-6)
+    assert float(stats.load_balance) == pytest.approx(want_balance, rel=1e-5)
+    if reuse > 1:
+        assert chosen.max() >= N  # routes over the pool, beyond its own N experts
+    assert nn.meta.unbox(layer.init(jax.random.key(0), jnp.asarray(x), weights, None))["params"][
+        "router"].shape == (D, pool)

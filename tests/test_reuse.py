@@ -1,10 +1,9 @@
-"""Groups and pools (Eq. 4), the PSR pool size (Eq. 6) and the PSR masks."""
+"""Groups and pools (Eq. 4), own experts, and the PSR schedule (Eq. 6) as integers."""
 
+import bisect
 import math
 from fractions import Fraction
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -35,6 +34,23 @@ def test_the_paper_7b_layout():
     assert list(reuse.layer_pool(31, 32, 3, 64)) == list(range(30 * 64, 32 * 64))
 
 
+def pool_size(t, psr, n, pool):
+    """N_t read off reuse.psr_schedule's thresholds."""
+    thresholds, sizes = reuse.psr_schedule(psr, n, pool)
+    return sizes[bisect.bisect_right(thresholds, t)]
+
+
+def test_own_experts_and_initial_pool():
+    """Layer l owns pool ids (l mod r) N ... (l mod r) N + N - 1, written out by hand for r = 3."""
+    own = reuse.own_experts(np.arange(4), 9, 3, 3)
+    expected = np.zeros((4, 9), bool)
+    for layer, first in zip(range(4), (0, 3, 6, 0)):
+        expected[layer, first:first + 3] = True
+    np.testing.assert_array_equal(own, expected)
+    assert reuse.initial_pool(0, 8, 32) == 8 and reuse.initial_pool(2, 8, 32) == 2
+    assert reuse.initial_pool(0, 8, 4) == 4  # never above a smaller last group's pool
+
+
 def eq6(t, t_s, t_e, r, n):
     """Eq. 6 in exact rational arithmetic."""
     if t <= t_s:
@@ -51,16 +67,15 @@ def test_linear_pool_size_is_eq6(r, n, t_s, t_e):
     mid = (t_s + t_e) // 2
     steps = [0, t_s - 1, t_s, t_s + 1, mid, mid + 1, t_e - 1, t_e, t_e + 1, 10 * t_e]
     steps += list(np.random.default_rng(0).integers(t_s, t_e + 1, 50))
-    fn = jax.jit(lambda t: reuse.psr_pool_size(t, psr, n, r * n))
     for t in steps:
         t = max(int(t), 0)
-        assert int(fn(t)) == eq6(t, t_s, t_e, r, n), t
+        assert pool_size(t, psr, n, r * n) == eq6(t, t_s, t_e, r, n), t
 
 
 def test_linear_pool_size_paper_values():
     """The paper's 2.3B R4 run: N = 64, t_s = 10k, t_e = 30k: 64 before, 160 halfway, 256 after."""
     psr = PSRConfig(schedule="linear", start_step=10_000, end_step=30_000)
-    sizes = [int(reuse.psr_pool_size(t, psr, 64, 256)) for t in (0, 10_000, 20_000, 30_000, 47_700)]
+    sizes = [pool_size(t, psr, 64, 256) for t in (0, 10_000, 20_000, 30_000, 47_700)]
     assert sizes == [64, 64, 160, 256, 256]
 
 
@@ -68,57 +83,20 @@ def test_stepwise_matches_the_paper():
     """64 -> 128 -> 192 -> 256 at steps 10k, 20k and 30k (the paper's stepwise 2.3B run), with
     the t_s = 10k and t_e = 30k of its linear runs."""
     psr = PSRConfig(schedule="stepwise", start_step=10_000, end_step=30_000)
-    got = {t: int(reuse.psr_pool_size(t, psr, 64, 256))
+    got = {t: pool_size(t, psr, 64, 256)
            for t in (0, 9_999, 10_000, 19_999, 20_000, 29_999, 30_000, 40_000)}
     assert got == {0: 64, 9_999: 64, 10_000: 128, 19_999: 128, 20_000: 192, 29_999: 192,
                    30_000: 256, 40_000: 256}
     # One rule for every r: the first jump is at t_s. One stage (r = 2): the whole pool at t_s.
     one = PSRConfig(schedule="stepwise", start_step=10, end_step=20)
-    assert [int(reuse.psr_pool_size(t, one, 8, 16)) for t in (9, 10, 20)] == [8, 16, 16]
+    assert [pool_size(t, one, 8, 16) for t in (9, 10, 20)] == [8, 16, 16]
     # Two stages: at t_s and at t_e.
     two = PSRConfig(schedule="stepwise", start_step=10, end_step=20, stages=2)
-    assert [int(reuse.psr_pool_size(t, two, 8, 16)) for t in (9, 10, 19, 20)] == [8, 12, 12, 16]
+    assert [pool_size(t, two, 8, 16) for t in (9, 10, 19, 20)] == [8, 12, 12, 16]
 
 
 def test_no_schedule_and_initial_pool():
-    assert int(reuse.psr_pool_size(0, PSRConfig(), 8, 32)) == 32
+    assert pool_size(0, PSRConfig(), 8, 32) == 32
     # PSR inside a plain MoE (r = 1): grow from 2 to all 8 experts between steps 0 and 6.
     psr = PSRConfig(schedule="linear", start_step=0, end_step=6, initial_experts=2)
-    assert [int(reuse.psr_pool_size(t, psr, 8, 8)) for t in range(8)] == [2, 3, 4, 5, 6, 7, 8, 8]
-
-
-def available(psr, step_key, layer, n_t, pool=16, n=4, tokens=3):
-    return np.asarray(reuse.psr_available(step_key, jnp.asarray(layer), jnp.asarray(n_t), psr=psr,
-                                          pool_size=pool, num_experts=n,
-                                          own_offset=jnp.asarray((layer % (pool // n)) * n),
-                                          num_tokens=tokens))
-
-
-def test_mask_counts_and_determinism():
-    psr = PSRConfig(schedule="linear", start_step=0, end_step=10)
-    key = lambda step: jax.random.fold_in(jax.random.key(0), step)
-    for n_t in (4, 7, 16):
-        mask = available(psr, key(3), 1, n_t)
-        assert mask.shape == (1, 16) and mask.sum() == n_t
-    np.testing.assert_array_equal(available(psr, key(3), 1, 6), available(psr, key(3), 1, 6))
-    assert not np.array_equal(available(psr, key(3), 1, 6), available(psr, key(4), 1, 6))
-    assert not np.array_equal(available(psr, key(3), 1, 6), available(psr, key(3), 2, 6))
-
-
-def test_mask_is_uniform_over_the_pool():
-    """Each expert is available in about N_t / P of the steps."""
-    psr = PSRConfig(schedule="linear", start_step=0, end_step=10)
-    fn = jax.jit(lambda k: reuse.psr_available(k, jnp.asarray(0), jnp.asarray(6), psr=psr,
-                                                pool_size=16, num_experts=4, own_offset=jnp.asarray(0),
-                                                num_tokens=1))
-    freq = np.mean([np.asarray(fn(jax.random.key(s)))[0] for s in range(2000)], axis=0)
-    np.testing.assert_allclose(freq, 6 / 16, atol=0.05)
-
-
-def test_local_first_and_per_token_masks():
-    psr = PSRConfig(schedule="linear", start_step=0, end_step=10, order="local_first", granularity="token")
-    key = jax.random.key(5)
-    mask = available(psr, key, layer=2, n_t=6, tokens=5)  # layer 2 owns pool ids 8..11
-    assert mask.shape == (5, 16) and np.all(mask.sum(-1) == 6)
-    assert np.all(mask[:, 8:12])
-    assert len({row.tobytes() for row in mask}) > 1  # tokens draw their own masks
+    assert [pool_size(t, psr, 8, 8) for t in range(8)] == [2, 3, 4, 5, 6, 7, 8, 8]

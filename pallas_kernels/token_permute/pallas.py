@@ -47,11 +47,11 @@ def _call(kernel, grid, idx, operands, in_specs, out_spec, out_shape, scratch, i
                           interpret=pltpu.InterpretParams() if interpret else False)(idx, *operands)
 
 
-def gather_rows(src_MxD, idx_N, scale_N, *, block: int = 8, interpret: bool = False):
+def gather_rows(src_MxD, idx_A, scale_A, *, block: int = 8, interpret: bool = False):
     """out[i] = scale[i] * src[idx[i]] (scale in float32), shape (N, D)."""
-    n, d = idx_N.shape[0], src_MxD.shape[1]
-    idx = _pad_rows(idx_N.astype(jnp.int32), block)
-    scale = _pad_rows(scale_N.astype(jnp.float32)[:, None], block)
+    n, d = idx_A.shape[0], src_MxD.shape[1]
+    idx = _pad_rows(idx_A.astype(jnp.int32), block)
+    scale = _pad_rows(scale_A.astype(jnp.float32)[:, None], block)
 
     def kernel(idx_ref, scale_ref, src_hbm, out_ref, rows_vmem, sem):
         _fetch_rows(idx_ref, src_hbm, rows_vmem, sem, pl.program_id(0) * block, block)

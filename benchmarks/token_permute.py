@@ -1,7 +1,7 @@
 """Benchmark: permute + combine at the paper's MoE shapes, against the copy bandwidth measured
 in the same run.
 
-    python -m pallas_kernels.token_permute.bench [--small] [--iters N]
+    python -m benchmarks.token_permute [--small] [--iters N]
 
 Bytes counted per call are the rows each kernel must read and write (A = tokens x K rows of D
 elements): permute A D in and A D out; combine A D in and T D out; their backward passes the
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
+from benchmarks.shapes import shapes
 from pallas_kernels import token_permute
-from pallas_kernels.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
-from pallas_kernels.shapes import shapes
 
 
 def implementations() -> list[str]:

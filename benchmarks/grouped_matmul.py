@@ -1,7 +1,7 @@
 """Benchmark: the expert matmul (one SwiGLU projection, rows x d -> f) per implementation at the
 paper's MoE shapes, against the dense matmul ceiling measured in the same run.
 
-    python -m pallas_kernels.grouped_matmul.bench [--small] [--iters N]
+    python -m benchmarks.grouped_matmul [--small] [--iters N]
 
 Rows are tokens x K, routed uniformly over the pool. TFLOP/s counts useful FLOPs only
 (2 rows d f forward; three times that for forward + backward, dX and dW). "capacity 1.25" is
@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
+from benchmarks.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
+from benchmarks.shapes import shapes
 from pallas_kernels.grouped_matmul import grouped_matmul
-from pallas_kernels.shapes import shapes
 
 
 def implementations() -> list[str]:
