@@ -9,7 +9,15 @@ from pallas_kernels import token_permute
 
 # Fixed per dtype: float32 gathers are exact up to summation order; bf16 rounds once per op.
 TOLERANCE = {jnp.float32: {"rtol": 1e-5, "atol": 1e-6}, jnp.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
-IMPLEMENTATIONS = ["xla", "pallas", "reference"]
+JAX_VERSION = tuple(int(part) for part in jax.__version__.split(".")[:2])
+# Mosaic GPU's interpret mode (plgpu.InterpretGPUParams) arrived in jax 0.12 (Python >= 3.11 wheels
+# of it need 3.12 here); .ci/run runs these tests in a second, Python 3.12 leg.
+needs_gpu_interpret = pytest.mark.skipif(
+    JAX_VERSION < (0, 12), reason=f"Mosaic GPU interpret mode needs jax >= 0.12; this is jax {jax.__version__}")
+# (implementation, interpret): "pallas" on CPU runs the TPU kernels in interpret mode by default.
+IMPLEMENTATIONS = [pytest.param("xla", None, id="xla"), pytest.param("pallas", None, id="pallas"),
+                   pytest.param("pallas", "gpu", id="pallas-gpu-interpret", marks=needs_gpu_interpret),
+                   pytest.param("reference", None, id="reference")]
 
 
 def problem(tokens, top_k, pool, d, dtype, seed):
@@ -50,18 +58,18 @@ CASES = [(13, 2, 8, 16), (8, 1, 4, 8), (21, 4, 16, 8)]  # tokens not a multiple 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}K{c[1]}" for c in CASES])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_values_and_gradients_match_numpy(implementation, case, dtype):
+@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS)
+def test_values_and_gradients_match_numpy(implementation, interpret, case, dtype):
     p = problem(*case, dtype, seed=case[0])
     order, inverse, k = jnp.asarray(p["order"]), jnp.asarray(p["inverse"]), p["k"]
     x, y = jnp.asarray(p["x"], dtype), jnp.asarray(p["y"], dtype)
     gates = jnp.asarray(p["gates"])
 
     def perm(x):
-        return token_permute.permute(x, order, inverse, k, implementation=implementation)
+        return token_permute.permute(x, order, inverse, k, implementation=implementation, interpret=interpret)
 
     def comb(y, gates):
-        return token_permute.combine(y, order, inverse, gates, implementation=implementation)
+        return token_permute.combine(y, order, inverse, gates, implementation=implementation, interpret=interpret)
 
     permuted, permute_vjp = jax.vjp(perm, x)
     combined, combine_vjp = jax.vjp(comb, y, gates)
@@ -86,6 +94,10 @@ def test_inverse_permutation_and_input_checks():
         token_permute.permute(jnp.ones((2, 4), jnp.int32), jnp.arange(4), jnp.arange(4), 2)
     with pytest.raises(ValueError, match="y has 3 rows"):
         token_permute.combine(jnp.ones((3, 4)), jnp.arange(4), jnp.arange(4), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="applies to implementation='pallas' only"):
+        token_permute.permute(x, jnp.arange(4), jnp.arange(4), 2, interpret="gpu")
+    with pytest.raises(ValueError, match="unknown interpret mode"):
+        token_permute.permute(x, jnp.arange(4), jnp.arange(4), 2, implementation="pallas", interpret="cuda")
 
 
 def test_xla_gradients_contain_no_scatter():
