@@ -4,7 +4,7 @@ The same three row gathers as the Mosaic TPU kernels in pallas.py, behind the sa
 so that forward and backward passes are gathers by a permutation or its inverse (no scatter, no
 atomics):
 
-    gather_rows     out[m]    = scale[m] * src[idx[m]]                 permute (no scale); combine's dy
+    gather_rows     out[a]    = scale[a] * src[idx[a]]                 permute (no scale); combine's dy
     gather_combine  out[t]    = sum_k w[t, k] * src[idx[t K + k]]      combine; permute's dx (no w)
     gather_dot      out[t, k] = <dy[t], src[idx[t K + k]]>             combine's d gates
 
@@ -18,6 +18,10 @@ copy (a contiguous row, hence `cp.async.bulk` without a descriptor or the 256-el
 limit), all the rows of a block arriving on one barrier. Register work goes one row at a time,
 a row being one vector spread over the warpgroup's 128 threads: on a GPU the width D must be a
 multiple of 128 (interpret mode takes any D whose row is a whole number of 16-byte units).
+
+`interpret`: False on a GPU; True, or the plgpu.InterpretGPUParams to use, runs a kernel in GPU
+interpret mode on the CPU (jax >= 0.12), with blocks of 4 rows over two CTAs so that test sizes
+go through the whole pipeline.
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ class _Plan:
 
 
 def _plan(rows: int, fan_in: int, row_bytes: int, interpret: bool) -> _Plan:
-    if interpret:  # Small blocks over two CTAs: test sizes then take several steps, a tail, an uneven split.
+    if interpret:  # Test sizes then take several steps per CTA, a tail block and an uneven split.
         block, ctas = 4, 2
     else:
         block, ctas = max(1, min(_MAX_BLOCK, _SLOT_BYTES // (fan_in * row_bytes))), _MAX_CTAS
@@ -77,9 +81,9 @@ def _plan(rows: int, fan_in: int, row_bytes: int, interpret: bool) -> _Plan:
     return _Plan(rows, fan_in, block, -(-blocks // steps), steps)
 
 
-def _per_block(values_N, plan: _Plan, dtype):
+def _per_block(values_A, plan: _Plan, dtype):
     """(ctas * steps, meta): block b's entries in row b, padded with zeros (index 0 is a valid row)."""
-    padded = jnp.pad(values_N.astype(dtype), (0, plan.ctas * plan.steps * plan.gathered - values_N.shape[0]))
+    padded = jnp.pad(values_A.astype(dtype), (0, plan.ctas * plan.steps * plan.gathered - values_A.shape[0]))
     return jnp.pad(padded.reshape(-1, plan.gathered), ((0, 0), (0, plan.meta - plan.gathered)))
 
 
@@ -201,16 +205,16 @@ def _slots(plan: _Plan, metas_gmem, src_gmem, arrivals: int):
 
 # The kernels.
 
-def gather_rows(src_MxD, idx_M, scale_M=None, *, interpret=False):
-    """out[m] = scale[m] * src[idx[m]] (scale in float32; without one, a plain copy), shape (M, D)."""
-    _check_width(src_MxD, interpret)
-    m, d = idx_M.shape[0], src_MxD.shape[1]
-    plan = _plan(m, 1, d * src_MxD.dtype.itemsize, interpret)
-    metas = [_per_block(idx_M, plan, jnp.int32)]
-    if scale_M is not None:
-        metas.append(_per_block(scale_M, plan, jnp.float32))
+def gather_rows(src_TxD, idx_A, scale_A=None, *, interpret=False):
+    """out[a] = scale[a] * src[idx[a]] (scale in float32; without one, a plain copy), shape (A, D)."""
+    _check_width(src_TxD, interpret)
+    a, d = idx_A.shape[0], src_TxD.shape[1]
+    plan = _plan(a, 1, d * src_TxD.dtype.itemsize, interpret)
+    metas = [_per_block(idx_A, plan, jnp.int32)]
+    if scale_A is not None:
+        metas.append(_per_block(scale_A, plan, jnp.float32))
     body = functools.partial(_gather_rows_body, plan)
-    return _call(plan, body, (*metas, src_MxD), jax.ShapeDtypeStruct((m, d), src_MxD.dtype), interpret)
+    return _call(plan, body, (*metas, src_TxD), jax.ShapeDtypeStruct((a, d), src_TxD.dtype), interpret)
 
 
 def _gather_rows_body(plan: _Plan, *refs):
