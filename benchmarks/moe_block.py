@@ -76,7 +76,8 @@ def main(argv=None) -> None:
             t = times.get(row[1])
             row[4] = f"{base / t:.2f}x" if base and t else ""
     print_table(f"MoE block forward + backward, bf16, median of {args.iters} - {environment()}; dense matmul "
-                f"{peak['matmul_flops'] / 1e12:.3g} TFLOP/s, copy bandwidth {peak['copy_bytes_per_s'] / 1e9:.0f} GB/s",
+                f"{peak['matmul_flops'] / 1e12:.3g} TFLOP/s, copy bandwidth "
+                f"{peak['copy_bytes_per_s'] / 1e9:.0f} GB/s",
                 ["shape", "combination", "fwd+bwd (ms)", "tokens/s", f"vs {BASELINE}"], rows)
 
 

@@ -79,13 +79,14 @@ def main(argv=None) -> None:
         for implementation in implementations():
             try:
                 t_p, t_c, t_b, rate = measure(shape, implementation, args.iters)
-            except Exception as err:  # noqa: BLE001 - a row that fails (a kernel that does not compile) says so.
+            except Exception as err:  # noqa: BLE001 - a failing row says why.
                 rows.append([shape.name, implementation, _failure(err), "", "", "", ""])
                 continue
             rows.append([shape.name, implementation, f"{t_p * 1e6:.0f}", f"{t_c * 1e6:.0f}",
                          f"{t_b * 1e6:.0f}", f"{rate / 1e9:.0f}", f"{100 * rate / peak['copy_bytes_per_s']:.0f}%"])
     print_table(f"permute + combine, bf16, median of {args.iters} - {environment()}; copy bandwidth "
-                f"{peak['copy_bytes_per_s'] / 1e9:.0f} GB/s, dense matmul {peak['matmul_flops'] / 1e12:.3g} TFLOP/s",
+                f"{peak['copy_bytes_per_s'] / 1e9:.0f} GB/s, dense matmul "
+                f"{peak['matmul_flops'] / 1e12:.3g} TFLOP/s",
                 ["shape", "implementation", "permute fwd (us)", "combine fwd (us)", "both fwd+bwd (us)",
                  "fwd+bwd GB/s", "of copy BW"], rows)
 

@@ -13,12 +13,15 @@ JAX_VERSION = tuple(int(part) for part in jax.__version__.split(".")[:2])
 # Mosaic GPU's interpret mode (plgpu.InterpretGPUParams) arrived in jax 0.12, which needs Python 3.12
 # (the main environment is Python 3.11 with jax 0.10.2): .ci/run runs them in a second, 3.12 leg.
 needs_gpu_interpret = pytest.mark.skipif(
-    JAX_VERSION < (0, 12), reason=f"Mosaic GPU interpret mode needs jax >= 0.12; this is jax {jax.__version__}")
+    JAX_VERSION < (0, 12),
+    reason=f"Mosaic GPU interpret mode needs jax >= 0.12; this is jax {jax.__version__}")
 # On a GPU, "pallas" is the Mosaic GPU kernels, which want widths that are multiples of 128.
-gpu_widths = pytest.mark.skipif(jax.default_backend() == "gpu", reason="these widths are below the Mosaic GPU "
-                                "kernels' multiple of 128; tests/test_gpu.py checks them at D = 512")
+gpu_widths = pytest.mark.skipif(
+    jax.default_backend() == "gpu",
+    reason="these widths are below the Mosaic GPU kernels' multiple of 128; tests/test_gpu.py checks D = 512")
 # (implementation, interpret): "pallas" on CPU runs the TPU kernels in interpret mode by default.
-IMPLEMENTATIONS = [pytest.param("xla", None, id="xla"), pytest.param("pallas", None, id="pallas", marks=gpu_widths),
+IMPLEMENTATIONS = [pytest.param("xla", None, id="xla"),
+                   pytest.param("pallas", None, id="pallas", marks=gpu_widths),
                    pytest.param("pallas", "gpu", id="pallas-gpu-interpret", marks=needs_gpu_interpret),
                    pytest.param("reference", None, id="reference")]
 
@@ -72,7 +75,8 @@ def test_values_and_gradients_match_numpy(implementation, interpret, case, dtype
         return token_permute.permute(x, order, inverse, k, implementation=implementation, interpret=interpret)
 
     def comb(y, gates):
-        return token_permute.combine(y, order, inverse, gates, implementation=implementation, interpret=interpret)
+        return token_permute.combine(y, order, inverse, gates, implementation=implementation,
+                                     interpret=interpret)
 
     permuted, permute_vjp = jax.vjp(perm, x)
     combined, combine_vjp = jax.vjp(comb, y, gates)
@@ -133,12 +137,12 @@ def test_mosaic_gpu_pipeline_is_race_free():
     params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="zero")
     order, inverse, k = jnp.asarray(p["order"]), jnp.asarray(p["inverse"]), p["k"]
     y, gates, cot_c = jnp.asarray(p["y"]), jnp.asarray(p["gates"]), jnp.asarray(p["cot_c"])
-    got = (mosaic_gpu.gather_rows(jnp.asarray(p["x"]), order // k, interpret=params),
+    gathered = (mosaic_gpu.gather_rows(jnp.asarray(p["x"]), order // k, interpret=params),
            mosaic_gpu.gather_combine(jnp.asarray(p["cot_p"]), inverse, top_k=k, interpret=params),
            mosaic_gpu.gather_combine(y, inverse, gates, top_k=k, interpret=params),
            mosaic_gpu.gather_rows(cot_c, order // k, gates.reshape(-1)[order], interpret=params),
            mosaic_gpu.gather_dot(y, inverse, cot_c, k, interpret=params))
-    for got, want, name in zip(got, numpy_expected(p), ("permute", "d x", "combine", "d y", "d gates")):
+    for got, want, name in zip(gathered, numpy_expected(p), ("permute", "d x", "combine", "d y", "d gates")):
         np.testing.assert_allclose(np.asarray(got), want, err_msg=name, **TOLERANCE[jnp.float32])
 
 
@@ -156,7 +160,8 @@ def test_mosaic_gpu_kernels_lower_for_a_gpu_with_gathers_only():
         return jnp.sum(mosaic_gpu.combine(rows + y, order, order, gates).astype(jnp.float32))
 
     args = (jnp.zeros((t, d), jnp.bfloat16), jnp.zeros((t * k, d), jnp.bfloat16), jnp.zeros((t, k)))
-    text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
     # permute; d x, d y, d gates (combine's own output is not needed by the gradient).
     assert text.count("custom_call @mosaic_gpu") == 4 and "stablehlo.scatter" not in text
     with pytest.raises(ValueError, match="multiple of 128"):

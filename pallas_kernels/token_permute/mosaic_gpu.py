@@ -101,7 +101,8 @@ def _stage_meta(plan: _Plan, metas_gmem, metas_smem, barrier):
     """Copies this CTA's run of per-block indices and weights into SMEM, and waits for them."""
     first = jax.lax.axis_index(_GRID) * plan.steps
     for meta_gmem, meta_smem in zip(metas_gmem, metas_smem):
-        plgpu.copy_gmem_to_smem(meta_gmem.at[pl.ds(first, plan.steps)], meta_smem, barrier, oob_mode=_IN_BOUNDS)
+        plgpu.copy_gmem_to_smem(meta_gmem.at[pl.ds(first, plan.steps)], meta_smem, barrier,
+                                oob_mode=_IN_BOUNDS)
     plgpu.barrier_wait(barrier)
 
 
@@ -149,7 +150,8 @@ def _store_rows(plan: _Plan, out_smem, out_gmem, step):
 
     @pl.when(block == plan.blocks - 1)
     def _():
-        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, plan.tail)], out_gmem.at[pl.ds(block * plan.block, plan.tail)])
+        plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, plan.tail)],
+                                out_gmem.at[pl.ds(block * plan.block, plan.tail)])
 
 
 def _fetch_block(plan: _Plan, src_gmem, step, dst_smem, barrier):
