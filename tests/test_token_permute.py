@@ -129,12 +129,10 @@ def test_mosaic_gpu_pipeline_is_race_free():
     and an uneven split of blocks, under the interpreter's race detector: a read of a row slot
     that does not wait for its copies, or a refill that does not wait for the store before it,
     raises. Expected values are the NumPy oracle's."""
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-
     from pallas_kernels.token_permute import mosaic_gpu
 
     p = problem(21, 2, 8, 16, jnp.float32, seed=1)
-    params = plgpu.InterpretGPUParams(detect_races=True, uninitialized_memory="zero")
+    params = mosaic_gpu.interpret_params(detect_races=True)
     order, inverse, k = jnp.asarray(p["order"]), jnp.asarray(p["inverse"]), p["k"]
     y, gates, cot_c = jnp.asarray(p["y"]), jnp.asarray(p["gates"]), jnp.asarray(p["cot_c"])
     gathered = (mosaic_gpu.gather_rows(jnp.asarray(p["x"]), order // k, interpret=params),

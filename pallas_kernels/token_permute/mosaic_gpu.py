@@ -19,9 +19,9 @@ limit), all the rows of a block arriving on one barrier. Register work goes one 
 a row being one vector spread over the warpgroup's 128 threads: on a GPU the width D must be a
 multiple of 128 (interpret mode takes any D whose row is a whole number of 16-byte units).
 
-`interpret`: False on a GPU; True, or the plgpu.InterpretGPUParams to use, runs a kernel in GPU
-interpret mode on the CPU (jax >= 0.12), with blocks of 4 rows over two CTAs so that test sizes
-go through the whole pipeline.
+`interpret`: False on a GPU; True, or `interpret_params(...)`, runs a kernel in GPU interpret
+mode on the CPU (jax >= 0.12), with blocks of 4 rows over two CTAs so that test sizes go through
+the whole pipeline.
 """
 
 from __future__ import annotations
@@ -183,14 +183,20 @@ def _each_row(count: int, body):
     jax.lax.fori_loop(0, count, step, None)
 
 
-def _call(plan: _Plan, body, operands, out_shape, interpret):
-    """Runs body on a grid of CTAs: on the GPU, or in GPU interpret mode (True: with zeroed memory;
-    or the InterpretGPUParams given, as a test that detects races passes)."""
-    if interpret and not hasattr(plgpu, "InterpretGPUParams"):
+def interpret_params(*, detect_races: bool = False):
+    """GPU interpret mode with zeroed memory; with detect_races, a data race between the threads
+    and the simulated TMA unit raises (the tests check the pipeline's waits that way)."""
+    if not hasattr(plgpu, "InterpretGPUParams"):
         raise NotImplementedError(f"GPU interpret mode (plgpu.InterpretGPUParams) needs jax >= 0.12; "
                                   f"this is jax {jax.__version__}")
+    return plgpu.InterpretGPUParams(uninitialized_memory="zero", detect_races=detect_races)
+
+
+def _call(plan: _Plan, body, operands, out_shape, interpret):
+    """Runs body on a grid of CTAs: on the GPU, or in GPU interpret mode (True, or the parameters
+    from interpret_params)."""
     if interpret is True:
-        interpret = plgpu.InterpretGPUParams(uninitialized_memory="zero")
+        interpret = interpret_params()
     kernel = plgpu.kernel(body, out_type=out_shape, grid=(plan.ctas,), grid_names=(_GRID,),
                           interpret=interpret or None)
     return kernel(*operands)
