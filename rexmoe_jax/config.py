@@ -44,7 +44,7 @@ Dtype = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
-Permute = Literal["xla", "pallas", "reference"]
+Permute = Literal["auto", "xla", "pallas", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,9 @@ class ComputeConfig(_Section):
     # gathered (for a few tokens: decoding); "dense": every expert on every token (the oracle).
     dispatch: Dispatch = "sort"
     grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
-    permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).
+    # The token gathers around them (pallas_kernels/token_permute); auto: the Pallas kernels on
+    # GPU and TPU, XLA's gathers on CPU (where Pallas only interprets).
+    permute: Permute = "auto"
     # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
     # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0

@@ -14,6 +14,9 @@ float32 or the activations' dtype; combine accumulates in float32. Implementatio
                kernels in TPU interpret mode.
   "reference"  plain indexing with XLA's own gradients (scatter-adds): the oracle, and the
                baseline a user would otherwise get.
+  "auto"       "pallas" on GPU and TPU, where the kernels' gathers replace XLA's gather
+               fusions (on GPU only for widths the Mosaic GPU kernels take, D % 128 == 0);
+               "xla" on CPU, where Pallas runs only in interpret mode (slow).
 
 `interpret` picks, for "pallas" only, which kernels to run on the CPU whatever the backend:
 "tpu" (TPU interpret mode) or "gpu" (GPU interpret mode, which needs jax >= 0.12). Left None,
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.token_permute import mosaic_gpu, pallas, reference, xla
 
-Implementation = Literal["xla", "pallas", "reference"]
+Implementation = Literal["auto", "xla", "pallas", "reference"]
 Interpret = Literal["tpu", "gpu"]
 
 
@@ -51,8 +54,19 @@ def _pallas(interpret: Interpret | None):
     raise ValueError(f"unknown interpret mode {interpret!r}; expected 'tpu', 'gpu' or None")
 
 
-def _implementation(name: str, operation: str, interpret: Interpret | None):
+def resolve(implementation: Implementation, width: int) -> str:
+    """The concrete implementation "auto" stands for on the default backend, for rows of `width`."""
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "tpu" or (backend == "gpu" and width % mosaic_gpu.ROW_ALIGN == 0):
+        return "pallas"
+    return "xla"
+
+
+def _implementation(name: str, operation: str, interpret: Interpret | None, width: int):
     """(module, trailing arguments) of an implementation: Pallas also needs interpret mode."""
+    name = resolve(name, width) if interpret is None else name
     if name != "pallas" and interpret is not None:
         raise ValueError(f"interpret={interpret!r} applies to implementation='pallas' only, not {name!r}")
     if name == "xla":
@@ -62,7 +76,7 @@ def _implementation(name: str, operation: str, interpret: Interpret | None):
         return module, (flag,)
     if name == "reference":
         return reference, ()
-    raise ValueError(f"unknown {operation} implementation {name!r}; expected xla, pallas or reference")
+    raise ValueError(f"unknown {operation} implementation {name!r}; expected auto, xla, pallas or reference")
 
 
 def _check(order_A, inverse_A, rows, top_k):
@@ -78,7 +92,7 @@ def permute(x_TxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, top_k: i
     if x_TxD.ndim != 2 or not jnp.issubdtype(x_TxD.dtype, jnp.floating):
         raise ValueError(f"permute expects float x of shape (T, D); got {x_TxD.shape} {x_TxD.dtype}")
     _check(order_A, inverse_A, x_TxD.shape[0], top_k)
-    module, extra = _implementation(implementation, "permute", interpret)
+    module, extra = _implementation(implementation, "permute", interpret, x_TxD.shape[1])
     return module.permute(x_TxD, order_A, inverse_A, top_k, *extra)
 
 
@@ -90,5 +104,5 @@ def combine(y_AxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, gates_Tx
     _check(order_A, inverse_A, t, k)
     if y_AxD.shape[0] != t * k:
         raise ValueError(f"y has {y_AxD.shape[0]} rows but gates give {t} x {k} assignments")
-    module, extra = _implementation(implementation, "combine", interpret)
+    module, extra = _implementation(implementation, "combine", interpret, y_AxD.shape[1])
     return module.combine(y_AxD, order_A, inverse_A, gates_TxK, *extra)

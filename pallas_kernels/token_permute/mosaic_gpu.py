@@ -41,6 +41,7 @@ _SLOTS = 2  # Row slots per CTA: block j + 1 is fetched while block j is compute
 _SLOT_BYTES = 32 * 1024
 _MAX_CTAS = 2 * 132  # Two per SM of an H100 SXM; more only adds per-CTA set-up.
 _MAX_BLOCK = 64
+ROW_ALIGN = 128  # On a GPU a row is one vector over a warpgroup's 128 threads.
 _IN_BOUNDS = plgpu.OOBFillMode.PROMISE_IN_BOUNDS  # Indices are permutations: never out of bounds.
 
 
@@ -90,7 +91,7 @@ def _per_block(values_A, plan: _Plan, dtype):
 def _check_width(src, interpret):
     if src.shape[1] * src.dtype.itemsize % 16:
         raise ValueError(f"rows of {src.shape[1]} x {src.dtype} are not whole 16-byte units, which TMA moves")
-    if not interpret and src.shape[1] % 128:
+    if not interpret and src.shape[1] % ROW_ALIGN:
         raise ValueError(f"on a GPU the Mosaic GPU token permute needs a width that is a multiple of 128 "
                          f"(one row is one vector over a warpgroup); got {src.shape[1]}")
 
