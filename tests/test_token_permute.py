@@ -164,3 +164,13 @@ def test_mosaic_gpu_kernels_lower_for_a_gpu_with_gathers_only():
     assert text.count("custom_call @mosaic_gpu") == 4 and "stablehlo.scatter" not in text
     with pytest.raises(ValueError, match="multiple of 128"):
         mosaic_gpu.gather_rows(jnp.zeros((8, 64)), jnp.arange(8))
+
+
+def test_auto_is_xla_on_cpu_and_pallas_elsewhere(monkeypatch):
+    from pallas_kernels.token_permute import api
+
+    assert api.resolve("auto", 256) == "xla" and api.resolve("reference", 256) == "reference"
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+    assert api.resolve("auto", 64) == "pallas"
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    assert (api.resolve("auto", 256), api.resolve("auto", 200)) == ("pallas", "xla")  # GPU rows: D % 128
