@@ -67,25 +67,25 @@ def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray
     return buffer, lengths
 
 
-def _finish(out_BxN: np.ndarray, eod_id: int | None) -> list[list[int]]:
+def _finish(out_BxS: np.ndarray, eod_id: int | None) -> list[list[int]]:
     result = []
-    for row in np.asarray(out_BxN).tolist():
+    for row in np.asarray(out_BxS).tolist():
         result.append(row[:row.index(eod_id)] if eod_id is not None and eod_id in row else row)
     return result
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
-def _decode(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+def _decode(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute, decode=True)
     # A step routes one token per sequence: gathering its K experts' weights costs the same for
     # any pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py).
     step_model = Decoder(config, dataclasses.replace(compute, dispatch="gather"), decode=True)
-    b, total = buffer_BxL.shape
-    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxL)["cache"])
+    b, total = buffer_BxS.shape
+    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxS)["cache"])
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
     prompt_len = total - new_tokens
     positions_BxS = jnp.broadcast_to(jnp.arange(prompt_len)[None, :], (b, prompt_len))
-    (logits, _), state = model.apply({"params": params, "cache": cache}, buffer_BxL[:, :prompt_len],
+    (logits, _), state = model.apply({"params": params, "cache": cache}, buffer_BxS[:, :prompt_len],
                                      positions_BxS, mutable=["cache"])
     last_BxV = logits[jnp.arange(b), lengths_B - 1]
 
@@ -101,8 +101,8 @@ def _decode(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, 
         return (state["cache"], logits[:, 0], done_B, key), token_B
 
     done = jnp.zeros((b,), bool)
-    _, tokens_NxB = jax.lax.scan(step, (state["cache"], last_BxV, done, key), jnp.arange(new_tokens))
-    return tokens_NxB.T
+    _, tokens_SxB = jax.lax.scan(step, (state["cache"], last_BxV, done, key), jnp.arange(new_tokens))
+    return tokens_SxB.T
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
@@ -117,9 +117,9 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
-def _recompute(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+def _recompute(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute)
-    b = buffer_BxL.shape[0]
+    b = buffer_BxS.shape[0]
 
     def step(carry, i):
         buffer, done_B, key = carry
@@ -131,8 +131,8 @@ def _recompute(config, compute, params, buffer_BxL, lengths_B, key, *, new_token
             done_B = done_B | (token_B == eod_id)
         return (buffer.at[jnp.arange(b), lengths_B + i].set(token_B), done_B, key), token_B
 
-    _, tokens_NxB = jax.lax.scan(step, (buffer_BxL, jnp.zeros((b,), bool), key), jnp.arange(new_tokens))
-    return tokens_NxB.T
+    _, tokens_SxB = jax.lax.scan(step, (buffer_BxS, jnp.zeros((b,), bool), key), jnp.arange(new_tokens))
+    return tokens_SxB.T
 
 
 def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,

@@ -11,19 +11,9 @@ import pathlib
 
 import numpy as np
 
+from rexmoe_jax.plot import pyplot
 from rexmoe_jax.study import Study
 from rexmoe_jax.study_stats import mean_interval
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit('error: the report draws with matplotlib: pip install -e ".[plot]"') from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _color(study: Study, arm: str) -> str:
@@ -58,7 +48,7 @@ def loss_curves(study: Study, found: dict, group: str, path: pathlib.Path) -> bo
     arms = [a.name for a in study.arms if a.group == group and found[a.name]]
     if not arms:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax, pool_ax) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top = []
     for arm in arms:
@@ -88,7 +78,7 @@ def differences(study: Study, found: dict, path: pathlib.Path) -> bool:
     arms = [a.name for a in study.arms if a.name != study.baseline and set(found[a.name]) & set(base)]
     if not arms:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     groups = sorted({study.arm(a).group for a in arms}, key=[a.group for a in study.arms].index)
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 3.2 * len(groups)), sharex=True, squeeze=False)
     for ax, group in zip(axes[:, 0], groups):
@@ -117,7 +107,7 @@ def expert_loads(study: Study, found: dict, path: pathlib.Path) -> bool:
     arms = [a for a in study.heatmaps if found[a]]
     if not arms:
         return False
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import TwoSlopeNorm
 
     fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 4), squeeze=False)
@@ -139,7 +129,7 @@ def routing(study: Study, found: dict, path: pathlib.Path) -> bool:
     """Under-used share and largest LBV over training (held-out, full pool), and the final
     cross-layer share by layer."""
     arms = [a.name for a in study.arms if found[a.name]]
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for arm in arms:
         runs = list(found[arm].values())

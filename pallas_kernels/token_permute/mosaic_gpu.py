@@ -34,6 +34,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.token_permute.gather_vjp import RowGathers, permute_and_combine
+
 _GRID = "cta"
 _SLOTS = 2  # Row slots per CTA: block j + 1 is fetched while block j is computed.
 # Bytes of gathered rows per slot: two slots of 32 KiB and the output block leave room for two
@@ -339,41 +341,10 @@ def _gather_dot_body(plan: _Plan, idx_gmem, src_gmem, dy_gmem, out_gmem):
     pl.run_scoped(scoped, *_slots(plan, [idx_gmem], src_gmem, plan.gathered + 1), dy, out)
 
 
-# The autodiff wrappers: forward and backward are the kernels above (as in pallas.py).
+# The autodiff wrappers (gather_vjp.py): forward and backward are the kernels above.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def permute(x_TxD, order_A, inverse_A, top_k, interpret=False):
-    return gather_rows(x_TxD, order_A // top_k, interpret=interpret)
-
-
-def _permute_fwd(x_TxD, order_A, inverse_A, top_k, interpret):
-    return permute(x_TxD, order_A, inverse_A, top_k, interpret), (order_A, inverse_A)
-
-
-def _permute_bwd(top_k, interpret, residuals, dout_AxD):
-    _, inverse_A = residuals
-    return gather_combine(dout_AxD, inverse_A, top_k=top_k, interpret=interpret), None, None
-
-
-permute.defvjp(_permute_fwd, _permute_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def combine(y_AxD, order_A, inverse_A, gates_TxK, interpret=False):
-    return gather_combine(y_AxD, inverse_A, gates_TxK, top_k=gates_TxK.shape[1], interpret=interpret)
-
-
-def _combine_fwd(y_AxD, order_A, inverse_A, gates_TxK, interpret):
-    return combine(y_AxD, order_A, inverse_A, gates_TxK, interpret), (y_AxD, order_A, inverse_A, gates_TxK)
-
-
-def _combine_bwd(interpret, residuals, dout_TxD):
-    y_AxD, order_A, inverse_A, gates_TxK = residuals
-    k = gates_TxK.shape[1]
-    scale_A = jnp.take(gates_TxK.reshape(-1).astype(jnp.float32), order_A)
-    dy = gather_rows(dout_TxD.astype(y_AxD.dtype), order_A // k, scale_A, interpret=interpret)
-    dgates = gather_dot(y_AxD, inverse_A, dout_TxD, k, interpret=interpret)
-    return dy, None, None, dgates.astype(gates_TxK.dtype)
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
+permute, combine = permute_and_combine(RowGathers(
+    lambda src, idx, scale, interpret: gather_rows(src, idx, scale, interpret=interpret),
+    lambda src, idx, weights, interpret, *, top_k: gather_combine(src, idx, weights, top_k=top_k,
+                                                                  interpret=interpret),
+    lambda src, idx, dy, interpret, *, top_k: gather_dot(src, idx, dy, top_k, interpret=interpret)))
