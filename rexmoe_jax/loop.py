@@ -7,7 +7,6 @@ import dataclasses
 import math
 import pathlib
 import sys
-import tempfile
 import time
 
 import jax
@@ -24,6 +23,7 @@ from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
+from rexmoe_jax.workdir import locked
 
 # Per-step values kept out of metrics.jsonl: the (L, pool) loads go to routing.jsonl at evals.
 _NOT_LOGGED = ("expert_load", "finite")
@@ -31,16 +31,6 @@ _NOT_LOGGED = ("expert_load", "finite")
 
 class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss, gradient or weight and train.nonfinite is "stop"."""
-
-
-def check_workdir(workdir: pathlib.Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--workdir {str(workdir)!r} is not writable ({err.strerror}); "
-                          "choose another folder") from None
 
 
 def _first_nonfinite(record: dict) -> str:
@@ -101,7 +91,6 @@ def _compiled_steps(config: Config, model, tx, mesh, shardings):
 
 def _open(config: Config, workdir: pathlib.Path) -> _Session:
     """Checks the inputs, then builds or restores the state; raises ConfigError on bad input."""
-    check_workdir(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate(config, mesh)
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
@@ -211,9 +200,14 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
 
 
 def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the final
-    evaluation (with a generated sample), or {"stopped_at": step} after a stop request."""
-    stop = stop or StopRequest()
+    """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
+    lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
+    step} after a stop request."""
+    with locked(workdir, writer=jax.process_index() == 0):
+        return _run(config, workdir, stop or StopRequest())
+
+
+def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
     session = _open(config, workdir)
     if jax.process_index() == 0:
         print(f"training steps {session.start + 1}-{config.train.steps} of {config.tokens_per_step:,} tokens "
