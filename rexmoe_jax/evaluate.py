@@ -240,13 +240,13 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int,
     model = load(workdir)
     if output is not None:
         _check_output(output)
+    set_batches = {name: _input_set(name, files, model, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(model.config.data, model.config.train.seed, model.config.model.vocab_size)
     held_out = corpus.eval_batches(model.config.data.batch_size, batches)
     report = {"step": model.step, **held_out_loss(model.config, model.params, held_out),
               "routing": {"held-out": routing_analysis(model.config, model.params, held_out)}, "tasks": {}}
-    for name, files in set_files:
-        set_batches = _input_set(name, files, model, batches)
-        report["routing"][name] = routing_analysis(model.config, model.params, set_batches)
+    for name, batches_of_set in set_batches.items():
+        report["routing"][name] = routing_analysis(model.config, model.params, batches_of_set)
     for name, questions_of_task in questions.items():
         report["tasks"][name] = score_task(model.config, model.params, model.tokenizer, questions_of_task)
     return report

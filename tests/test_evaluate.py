@@ -134,6 +134,7 @@ def _label_true(path):
     (lambda t: (_not_utf8(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: not UTF-8 text"),
     (lambda t: (_label_true(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: expected"),
     (lambda t: ["--input-set", f"psalms={t / 'missing.txt'}"], "--input-set psalms="),
+    (lambda t: ((t / "s.txt").write_bytes(b"\xff\xfe"), ["--input-set", f"s={t / 's.txt'}"])[1], "not UTF-8"),
     (lambda t: ["--batches", "0"], "--batches must be >= 1, got 0"),
     (lambda t: ["--output", str(t / "no" / "such" / "eval.json")], "eval.json' cannot be written"),
 ])
