@@ -72,31 +72,36 @@ def _drop_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
-class _NoOrbaxTracebacks(logging.Filter):
+class _OrbaxNoise(logging.Filter):
     """Orbax logs the traceback of every failed save or restore from its threads (hundreds of
     lines for one full disk) and then raises the same error to the caller, which reports it in
-    one line. Those logged tracebacks are dropped; orbax's other messages pass."""
+    one line; and it warns about what this module does on purpose (reading the meta item
+    alone, opening a run read-only). Those records are dropped; orbax's others pass."""
+
+    _ON_PURPOSE = ("was found in the checkpoint, but could not be restored", "Given directory is read only")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return not (record.exc_info or any(text in str(record.msg) for text in self._ON_PURPOSE))
 
 
-def _quiet_orbax_tracebacks() -> None:
+def _quiet_orbax() -> None:
     absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _NoOrbaxTracebacks) for f in absl_logger.filters):
-        absl_logger.addFilter(_NoOrbaxTracebacks())
+    if not any(isinstance(f, _OrbaxNoise) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxNoise())
 
 
 class Checkpointer:
     """`read_only` opens the checkpoints of a run without creating, renaming or deleting anything."""
 
     def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False):
-        _quiet_orbax_tracebacks()
+        _quiet_orbax()
         _drop_closed_loop_reports()
         self.directory = (workdir / "checkpoints").resolve()
         self.read_only = read_only
         if read_only:
-            options = ocp.CheckpointManagerOptions(read_only=True)
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:  # Temporary folders left by a killed save are removed first: a save would trip on them.
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
                                                    cleanup_tmp_directories=True)

@@ -2,6 +2,7 @@
 from an unreadable checkpoint to the previous one, read-only use, and failed saves."""
 
 import contextlib
+import logging
 import pathlib
 import resource
 import shutil
@@ -116,7 +117,7 @@ def test_incompatible_only_when_the_saved_config_differs(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["1.corrupt", "2.corrupt"]
 
 
-def test_read_only_skips_an_unreadable_checkpoint_and_changes_nothing(tmp_path, capsys):
+def test_read_only_skips_an_unreadable_checkpoint_and_changes_nothing(tmp_path, capsys, caplog):
     state = two_checkpoints(tmp_path)
     (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
@@ -125,6 +126,7 @@ def test_read_only_skips_an_unreadable_checkpoint_and_changes_nothing(tmp_path, 
     checkpointer.close()
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     assert "checkpoint 2 in" in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # no orbax noise
 
 
 def test_read_only_creates_no_folder(tmp_path):
