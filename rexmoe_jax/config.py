@@ -439,14 +439,35 @@ def load_preset(path: str | pathlib.Path) -> Config:
     except SyntaxError as err:
         raise ConfigError(f"config file {str(path)!r} line {err.lineno}: {err.msg}") from None
     except Exception as err:  # noqa: BLE001 - a preset is user code: anything can go wrong in it.
-        detail = (str(err).strip().splitlines() or [""])[0]
-        raise ConfigError(f"config file {str(path)!r} failed: {type(err).__name__}: {detail}") from None
+        detail = _wrong_field(err) or f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        raise ConfigError(f"config file {str(path)!r} failed: {detail}") from None
     _require(isinstance(config, Config),
              f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
     try:  # The round trip checks every field's type, which the dataclasses do not.
         return from_dict(config.to_dict())
     except ConfigError as err:
         raise ConfigError(f"get_config() in {str(path)!r}: {err}") from None
+
+
+def _wrong_field(err: Exception) -> str | None:
+    """A field of the wrong type makes a section's validation fail with a TypeError ("'>=' not
+    supported ..."); the section it was checking is still in the traceback, so the field is
+    named from there."""
+    if not isinstance(err, TypeError):
+        return None
+    names = {kind: name for name, kind in _section_types().items()}
+    tb = err.__traceback__
+    while tb is not None:
+        section = tb.tb_frame.f_locals.get("self")
+        if type(section) in names:
+            hints = typing.get_type_hints(type(section))
+            for field in dataclasses.fields(section):
+                try:
+                    _check_value(f"{names[type(section)]}.{field.name}", getattr(section, field.name), hints[field.name])
+                except ConfigError as wrong:
+                    return str(wrong)
+        tb = tb.tb_next
+    return None
 
 
 def _import_preset(path: pathlib.Path):

@@ -83,7 +83,7 @@ def test_preset_errors(tmp_path):
     ("import not_a_module_anywhere\n", r"failed: ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
     ("def get_config():\n    return {'model': {}}\n", r"returned dict, not Config"),
     ("from rexmoe_jax.config import Config, ModelConfig\n"
-     "def get_config():\n    return Config(model=ModelConfig(d_model='big'))\n", r"failed: TypeError"),
+     "def get_config():\n    return Config(model=ModelConfig(d_model='big'))\n", r"failed: model.d_model='big': expected int, got str"),
     ("from rexmoe_jax.config import Config, TrainConfig\n"
      "def get_config():\n    return Config(train=TrainConfig(sample_prompt=3))\n",
      r"train.sample_prompt=3: expected str, got int"),
