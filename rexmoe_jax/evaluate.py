@@ -33,6 +33,7 @@ from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.model import Decoder
 from rexmoe_jax.reuse import layer_pool_sizes
+from rexmoe_jax.runlog import json_safe
 
 _SCORE_BATCH = 8
 
@@ -74,11 +75,13 @@ def continuation_logprobs(config: Config, params, requests: list[tuple[list[int]
 def read_task(path: pathlib.Path) -> list[dict]:
     from rexmoe_jax.sources import json_lines
 
+    if not path.is_file():
+        raise ConfigError(f"task file {str(path)!r} does not exist")
     questions = []
     for number, q in json_lines(path):
         ok = (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
               and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
-              and isinstance(q.get("label"), int) and 0 <= q["label"] < len(q["choices"]))
+              and type(q.get("label")) is int and 0 <= q["label"] < len(q["choices"]))  # not a bool
         if not ok:
             raise ConfigError(f'{path}:{number}: expected {{"context": str, "choices": [2 or more str], '
                               '"label": index of the right choice}')
@@ -159,21 +162,29 @@ def held_out_loss(config: Config, params, batches: list[np.ndarray]) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "tokens": count}
 
 
-def _input_set(spec: str, model, batches: int) -> tuple[str, list[np.ndarray]]:
-    from rexmoe_jax import data as data_lib
+def _input_set_files(spec: str) -> tuple[str, list[pathlib.Path]]:
     from rexmoe_jax import sources
 
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ConfigError(f"--input-set {spec!r}: expected NAME=PATH")
-    files = sources.corpus_files(path)
+    files = sources.corpus_files(path, setting=f"--input-set {name}")
+    if sources.is_tokenized(files):
+        raise ConfigError(f"--input-set {name}: {path!r} holds token files; give text")
+    return name, files
+
+
+def _input_set(name: str, files: list[pathlib.Path], model, batches: int) -> list[np.ndarray]:
+    from rexmoe_jax import data as data_lib
+    from rexmoe_jax import sources
+
     texts = list(sources.read_text_documents(files, model.config.data.text_field, "paragraph"))
     docs = data_lib.TokenDocuments.from_documents(
         [np.asarray(model.tokenizer.encode(t), np.int32) for t in texts], model.tokenizer.eod_id)
     sequences = data_lib.pack(docs, np.arange(len(docs)), model.config.data.seq_len, None)
     if len(sequences) == 0:
-        raise ConfigError(f"--input-set {name}: {path!r} is shorter than one sequence")
-    return name, sequences_to_batches(sequences, model.config.data.batch_size, batches * model.config.data.batch_size)
+        raise ConfigError(f"--input-set {name}: {', '.join(map(str, files))} is shorter than one sequence")
+    return sequences_to_batches(sequences, model.config.data.batch_size, batches * model.config.data.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,32 +199,56 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="held-out (and input-set) batches")
     parser.add_argument("--output", default=None, help="JSON results (default: WORKDIR/eval.json)")
     args = parser.parse_args(argv)
+    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
     try:
-        report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches)
+        report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output)
+        text = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
+        try:
+            output.write_text(text)
+        except OSError as err:
+            raise ConfigError(f"--output {str(output)!r} cannot be written ({err.strerror})") from None
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
-    output.write_text(json.dumps(report, indent=1) + "\n")
     print_report(report)
     print(f"wrote {output}")
     return 0
 
 
-def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int) -> dict:
+def _check_output(path: pathlib.Path) -> None:
+    """Fails now, not after the evaluation, when the results could not be written."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output {str(path)!r} cannot be written ({err.strerror})") from None
+    if not existed:
+        path.unlink()
+
+
+def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int,
+                 output: pathlib.Path | None = None) -> dict:
+    """Every input (task files, input sets, `output`) is checked before the evaluation starts."""
     from rexmoe_jax import data as data_lib
     from rexmoe_jax.inference import load
 
+    if batches < 1:
+        raise ConfigError(f"--batches must be >= 1, got {batches}")
+    questions = {pathlib.Path(path).stem: read_task(pathlib.Path(path)) for path in tasks}
+    set_files = [_input_set_files(spec) for spec in input_sets]
     model = load(workdir)
+    if output is not None:
+        _check_output(output)
+    set_batches = {name: _input_set(name, files, model, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(model.config.data, model.config.train.seed, model.config.model.vocab_size)
     held_out = corpus.eval_batches(model.config.data.batch_size, batches)
     report = {"step": model.step, **held_out_loss(model.config, model.params, held_out),
               "routing": {"held-out": routing_analysis(model.config, model.params, held_out)}, "tasks": {}}
-    for spec in input_sets:
-        name, set_batches = _input_set(spec, model, batches)
-        report["routing"][name] = routing_analysis(model.config, model.params, set_batches)
-    for path in map(pathlib.Path, tasks):
-        report["tasks"][path.stem] = score_task(model.config, model.params, model.tokenizer, read_task(path))
+    for name, batches_of_set in set_batches.items():
+        report["routing"][name] = routing_analysis(model.config, model.params, batches_of_set)
+    for name, questions_of_task in questions.items():
+        report["tasks"][name] = score_task(model.config, model.params, model.tokenizer, questions_of_task)
     return report
 
 

@@ -60,6 +60,8 @@ def sample_next(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> ja
 def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
+    if new_tokens < 1:
+        raise ValueError(f"the number of new tokens must be >= 1, got {new_tokens}")
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     buffer = np.zeros((len(prompts), int(lengths.max()) + new_tokens), np.int32)
     for row, prompt in enumerate(prompts):
@@ -162,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.max_new_tokens < 1:  # Checked before the checkpoint is read.
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         model = load(args.workdir)
         texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
                                sampling=Sampling(args.temperature, args.top_k, args.top_p))

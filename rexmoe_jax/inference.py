@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -38,6 +39,10 @@ class LoadedModel:
         """The continuation of each prompt (without the prompt), stopping at end-of-text."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.tokenizer.encode(p) for p in prompts]
+        longest, trained = max(map(len, ids), default=0), self.config.data.seq_len
+        if longest + max_new_tokens > trained:  # Rotary positions past training: no error, worse text.
+            print(f"warning: a prompt of {longest} tokens plus {max_new_tokens} new ones runs past the {trained} "
+                  "positions the model was trained on (data.seq_len); expect worse text", file=sys.stderr, flush=True)
         out = generate(self.config.model, self.params, ids, max_new_tokens, jax.random.key(seed),
                        sampling=sampling, eod_id=self.tokenizer.eod_id, compute=self.config.compute)
         return [self.tokenizer.decode(tokens) for tokens in out]
@@ -73,13 +78,20 @@ def load(workdir: str | pathlib.Path) -> LoadedModel:
         raise ConfigError(f"{str(workdir)!r} has no config.json; is it a training run's --workdir?")
     import json
 
-    config = from_dict(json.loads(config_file.read_text()))
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{str(config_file)!r} is not readable JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{str(config_file)!r} holds no config")
+    config = from_dict(saved)
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh saved it
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
                             jax.eval_shape(lambda: trainer.init_state(config, model, tx)))
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    # Read-only: loading a model never creates, renames or deletes anything in the run.
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
     restored = checkpointer.restore(abstract, config)
     checkpointer.close()
     if restored is None:
