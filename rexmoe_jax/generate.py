@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     from rexmoe_jax.config import ConfigError
-    from rexmoe_jax.inference import load
+    from rexmoe_jax.restore import restore
 
     parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -162,14 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        model = load(args.workdir)
-        texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                               sampling=Sampling(args.temperature, args.top_k, args.top_p))
+        run = restore(args.workdir)
+        out = generate(run.config.model, run.params, [run.tokenizer.encode(p) for p in args.prompt],
+                       args.max_new_tokens, jax.random.key(args.seed),
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                       eod_id=run.tokenizer.eod_id, compute=run.config.compute)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}\n")
+    for prompt, tokens in zip(args.prompt, out):
+        print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
     return 0
 
 
