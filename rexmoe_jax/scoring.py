@@ -171,7 +171,7 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
     logprob, wrong = np.zeros(len(requests)), np.zeros(len(requests))
     computed = 0
     for rows in build(cut_requests, width):
-        arrays = {k: jnp.asarray(v) for k, v in dataclasses.asdict(rows).items() if k != "owner"}
+        arrays = {f.name: jnp.asarray(getattr(rows, f.name)) for f in dataclasses.fields(rows) if f.name != "owner"}
         logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
                                    implementation == "packed")
         owned = rows.owner >= 0
