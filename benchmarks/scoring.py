@@ -57,8 +57,10 @@ def _model(workdir: str | None, small: bool):
 
     config = get_config()
     if small:
-        config = dataclasses.replace(config, model=dataclasses.replace(config.model, d_model=32, expert_ffn=32))
-    return config, trainer.init_params(config, trainer.build_model(config)), load_tokenizer(EMBEDDED_TOKENIZER)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, d_model=32,
+                                                                       expert_ffn=32))
+    params = trainer.init_params(config, trainer.build_model(config))
+    return config, params, load_tokenizer(EMBEDDED_TOKENIZER)
 
 
 def measure(config, params, requests, implementation: str) -> tuple[scoring.Scores, float]:
@@ -85,10 +87,12 @@ def main(argv=None) -> None:
             scores, seconds = measure(config, params, requests, implementation)
             before = before or seconds
             rows.append([name, "before (padded)" if implementation == "padded" else "after (packed)",
-                         f"{scores.computed:,}", f"{scores.scored:,}", f"{scores.computed / scores.scored:.1f}",
+                         f"{scores.computed:,}", f"{scores.scored:,}",
+                         f"{scores.computed / scores.scored:.1f}",
                          f"{seconds:.2f}", f"{before / seconds:.1f}x"])
     m = config.model
-    print_table(f"scoring, d {m.d_model}, {m.num_layers} layers, seq_len {config.data.seq_len} - {environment()}",
+    print_table(f"scoring, d {m.d_model}, {m.num_layers} layers, seq_len {config.data.seq_len} - "
+                f"{environment()}",
                 ["task", "scorer", "positions computed", "positions scored", "computed / scored",
                  "seconds (warm)", "speed-up"], rows)
 

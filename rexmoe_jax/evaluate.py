@@ -53,7 +53,8 @@ def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
     routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(model))
     foreign = metrics_lib.foreign_share(load, model.num_experts, model.reuse)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "lbv_max": float(routing["lbv_max"]),
-            "underused_share": float(routing["underused_share"]), "foreign_share": float(foreign.mean())}, load
+            "underused_share": float(routing["underused_share"]),
+            "foreign_share": float(foreign.mean())}, load
 
 
 def routing_report(load: np.ndarray, tokens: int, model: ModelConfig) -> dict:
@@ -107,7 +108,8 @@ def _input_set(spec: str, run, batches: int) -> tuple[str, list[np.ndarray]]:
     sequences = data_lib.pack(docs, np.arange(len(docs)), run.config.data.seq_len, None)
     if len(sequences) == 0:
         raise ConfigError(f"--input-set {name}: {path!r} is shorter than one sequence")
-    return name, sequences_to_batches(sequences, run.config.data.batch_size, batches * run.config.data.batch_size)
+    size = run.config.data.batch_size
+    return name, sequences_to_batches(sequences, size, batches * size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +171,9 @@ def print_report(report: dict) -> None:
                                                           routing["foreign_share"])):
             print(f"  {layer:5d}  {lbv:7.2f}  {100 * under:9.0f}%  {100 * foreign:8.1f}%")
     for name, result in report["tasks"].items():
-        print(f"\ntask {name}: {result['n']} questions, acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f}, "
-              f"acc_bytes {result['acc_bytes']:.3f} ({result['tokens_computed']:,} token positions computed for "
+        print(f"\ntask {name}: {result['n']} questions, acc {result['acc']:.3f}, "
+              f"acc_norm {result['acc_norm']:.3f}, acc_bytes {result['acc_bytes']:.3f} "
+              f"({result['tokens_computed']:,} token positions computed for "
               f"{result['tokens_scored']:,} scored)")
 
 

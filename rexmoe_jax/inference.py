@@ -63,7 +63,8 @@ class LoadedModel(Run):
         """Summed log-likelihood of each whole text after end-of-text, over windows of
         data.seq_len tokens that advance by `stride` (default data.seq_len: lm_eval's windows)."""
         ids = [self.tokenizer.encode(t) for t in texts]
-        return scoring.rolling_loglikelihood(self.config, self.params, ids, self.tokenizer.eod_id, stride).tolist()
+        scores = scoring.rolling_loglikelihood(self.config, self.params, ids, self.tokenizer.eod_id, stride)
+        return scores.tolist()
 
     def perplexity(self, texts: list[str], stride: int | None = None) -> float:
         """exp(mean negative log-likelihood per token) over the texts, of any length (see

@@ -59,7 +59,8 @@ class RexMoeLM(TemplateLM):
     def tok_decode(self, tokens: Sequence[int]) -> str:
         return self.run.tokenizer.decode(tokens)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
+                              **kwargs) -> list[tuple[float, bool]]:
         scores = scoring.score(self.run.config, self.run.params, [(c, x) for _, c, x in requests])
         results = [(float(lp), bool(g)) for lp, g in zip(scores.logprob, scores.greedy)]
         for (key, _, _), result in zip(requests, results):
@@ -115,7 +116,8 @@ def task_config(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path).resolve()
     delimiters = {q.get("delimiter", "") for q in tasks.read_task(path)}
     if len(delimiters) > 1:
-        raise ValueError(f"{path}: lm_eval takes one target_delimiter per task; the file has {sorted(delimiters)}")
+        raise ValueError(f"{path}: lm_eval takes one target_delimiter per task; "
+                         f"the file has {sorted(delimiters)}")
     return {"task": path.stem, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
             "doc_to_choice": "choices", "doc_to_target": "label", "target_delimiter": delimiters.pop(),

@@ -102,7 +102,8 @@ class DecoderLayer(nn.Module):
         cfg, compute = self.config, self.compute
         dtype = dtype_of(compute.dtype)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, compute, self.decode, name="attention")(h_BxSxD, positions_BxS, segments)
+        attention = Attention(cfg, compute, self.decode, name="attention")
+        x_BxSxD = x_BxSxD + attention(h_BxSxD, positions_BxS, segments)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
         available_TxP, live = None, self.pool_size
         if psr_state is not None:
@@ -168,7 +169,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
-                 psr: PSRInputs | None = None, segments: Segments | None = None) -> tuple[jax.Array, RouterStats]:
+                 psr: PSRInputs | None = None,
+                 segments: Segments | None = None) -> tuple[jax.Array, RouterStats]:
         cfg = self.config
         dtype = dtype_of(self.compute.dtype)
         if positions_BxS is None:

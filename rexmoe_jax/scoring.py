@@ -171,7 +171,8 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
     logprob, wrong = np.zeros(len(requests)), np.zeros(len(requests))
     computed = 0
     for rows in build(cut_requests, width):
-        arrays = {f.name: jnp.asarray(getattr(rows, f.name)) for f in dataclasses.fields(rows) if f.name != "owner"}
+        arrays = {f.name: jnp.asarray(getattr(rows, f.name))
+                  for f in dataclasses.fields(rows) if f.name != "owner"}
         logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
                                    implementation == "packed")
         owned = rows.owner >= 0
@@ -182,7 +183,8 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
     return Scores(logprob, wrong == 0, computed, scored)
 
 
-def rolling_windows(tokens: Sequence[int], prefix_id: int, seq_len: int, stride: int | None = None) -> list[Request]:
+def rolling_windows(tokens: Sequence[int], prefix_id: int, seq_len: int,
+                    stride: int | None = None) -> list[Request]:
     """Requests that score every token of `tokens` once, after `prefix_id` (end-of-text).
 
     Each window scores the next `stride` tokens given as many tokens before them as fit in

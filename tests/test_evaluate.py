@@ -64,8 +64,8 @@ def test_scorer_matches_hand_computed_log_likelihood_and_picks_the_planted_answe
     assert tok.encode(" the the the") == [planted] * 3
     result = tasks.score_task(CFG, params, tok, [question, dict(question, label=0)])
     # Right on the planted one, wrong on the other.
-    assert {k: result[k] for k in ("n", "acc", "acc_norm", "acc_bytes")} == {"n": 2, "acc": 0.5, "acc_norm": 0.5,
-                                                                            "acc_bytes": 0.5}
+    got = {k: result[k] for k in ("n", "acc", "acc_norm", "acc_bytes")}
+    assert got == {"n": 2, "acc": 0.5, "acc_norm": 0.5, "acc_bytes": 0.5}
 
 
 def test_task_file_errors(tmp_path):

@@ -27,11 +27,13 @@ GENESIS = ("In the beginning God created the heaven and the earth. And the earth
 # context, choices with and without a leading space, non-ASCII, an empty context, a context
 # longer than data.seq_len = 16 tokens, and multi-token choices.
 EDGE = [
-    {"context": "In the beginning God created ", "choices": ["the heaven and the earth.", "a parking lot."], "label": 0},
-    {"context": "And God said,\n", "choices": ["Let there be light", " Let there be light"], "label": 1},
-    {"context": "The LORD is my shepherd;  ", "choices": [" I shall not want.", "I shall not want."], "label": 0},
-    {"context": "Ἐν ἀρχῇ ἦν ὁ λόγος: in the beginning was the", "choices": [" Word", " λόγος", " café crème"],
+    {"context": "In the beginning God created ", "choices": ["the heaven and the earth.", "a parking lot."],
      "label": 0},
+    {"context": "And God said,\n", "choices": ["Let there be light", " Let there be light"], "label": 1},
+    {"context": "The LORD is my shepherd;  ", "choices": [" I shall not want.", "I shall not want."],
+     "label": 0},
+    {"context": "Ἐν ἀρχῇ ἦν ὁ λόγος: in the beginning was the", "label": 0,
+     "choices": [" Word", " λόγος", " café crème"]},
     {"context": "", "choices": ["In the beginning", " And God said", "Æsir"], "label": 0},
     {"context": GENESIS, "choices": [" And the Spirit of God moved upon the face of the waters.", " Amen"],
      "label": 0},
@@ -50,8 +52,9 @@ SPACED = [
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("lm_eval") / "run"
-    loop.run(apply_overrides(CFG, ["data.batch_size=4", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
-                                   "train.sample_tokens=0", "mesh.num_devices=1"]), workdir)
+    config = apply_overrides(CFG, ["data.batch_size=4", "train.steps=2", "train.eval_every=2",
+                                   "train.eval_batches=1", "train.sample_tokens=0", "mesh.num_devices=1"])
+    loop.run(config, workdir)
     return workdir
 
 
@@ -106,7 +109,8 @@ def test_documented_command_runs_the_registered_model(workdir, task_files, tmp_p
     results = json.loads(pathlib.Path(results).read_text())["results"]
     for name in ("edge", "spaced"):
         [samples] = glob.glob(str(tmp_path / "**" / f"samples_{name}_*.jsonl"), recursive=True)
-        samples = [json.loads(line) for line in pathlib.Path(samples).read_text(encoding="utf-8").splitlines()]
+        lines = pathlib.Path(samples).read_text(encoding="utf-8").splitlines()
+        samples = [json.loads(line) for line in lines]
         check_against(workdir, task_files, name, results[name], samples)
 
 
@@ -117,9 +121,12 @@ def test_rolling_and_generation_requests(workdir):
     windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
         model.tok_encode(text), model.eot_token_id, model.max_length, 1)]
     assert len(windows) > 2
-    assert rolled == pytest.approx(float(by_hand(model.run.config, model.run.params, windows)[0].sum()), abs=1e-3)
+    expected = float(by_hand(model.run.config, model.run.params, windows)[0].sum())
+    assert rolled == pytest.approx(expected, abs=1e-3)
 
-    request = lambda until: Instance("generate_until", {}, ("And God said", {"until": until, "max_gen_toks": 12}), 0)
+    def request(until):
+        return Instance("generate_until", {}, ("And God said", {"until": until, "max_gen_toks": 12}), 0)
+
     [free] = model.generate_until([request([])])
     stop = free[len(free) // 2:][:2] or "x"
     [cut] = model.generate_until([request([stop])])

@@ -27,7 +27,8 @@ def requests():
     out = []
     for length in (1, 2, 5, 9, 15, 30):
         context = rng.integers(1, 4096, length).tolist()
-        out += [(context, rng.integers(1, 4096, rng.integers(1, 5)).tolist()) for _ in range(5 if length == 9 else 3)]
+        choices = 5 if length == 9 else 3
+        out += [(context, rng.integers(1, 4096, rng.integers(1, 5)).tolist()) for _ in range(choices)]
     return out + [([7], [8] * SEQ)]
 
 
