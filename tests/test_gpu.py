@@ -8,6 +8,7 @@ import pytest
 
 from pallas_kernels.grouped_matmul import grouped_matmul
 from rexmoe_jax import dispatch
+from test_collectives import numpy_ragged_all_to_all, random_case, run_on_devices
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
@@ -32,3 +33,13 @@ def test_sorted_dispatch_on_gpu_matches_dense():
     got = dispatch.sorted_experts(x, routing, weights, "auto", "xla")
     want = dispatch.dense_experts(x, routing, weights)
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 3e-3  # tf32-class matmuls
+
+
+def test_native_ragged_all_to_all_matches_the_numpy_model():
+    """The real op, on as many GPUs as there are (up to 4), against the same NumPy model as the
+    CPU emulation."""
+    devices = min(4, jax.device_count())
+    case = random_case(0, devices)
+    got, want = run_on_devices(case, "native", jax.jit), numpy_ragged_all_to_all(*case)
+    for device in range(devices):
+        np.testing.assert_array_equal(got[device], want[device])
