@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         jax.distributed.initialize()  # Finds the coordinator on TPU pods, SLURM, Open MPI, ...
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
+    from rexmoe_jax.workdir import WriteError
 
     if jax.process_index() != 0:  # Only process 0 prints; every process trains.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -106,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     except loop.NonFiniteError as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except WriteError as err:  # A full disk or lost permission: retrying as is cannot help.
+        print(f"error: {err}", file=sys.stderr)
+        return 4
     if "eval_ppl" in result:
         print(f"held-out perplexity: {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f})")
     if "sample" in result:

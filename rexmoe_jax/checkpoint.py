@@ -3,16 +3,26 @@ config, the data position), the last `keep` kept, and resume from the newest rea
 
 Orbax writes each checkpoint into a temporary folder and renames it when complete, so a crash
 during a save never leaves a half-written checkpoint as the latest. A checkpoint that cannot be
-read is moved aside (to <step>.corrupt, never deleted) and the previous one is used. A
-checkpoint written by an incompatible config stops the run with the differing fields named,
-and nothing is touched.
+restored, whatever is missing or garbled in it, is moved aside (to <step>.corrupt, never
+deleted) and the previous one is used; a read-only user (evaluate, generate) skips it instead
+and changes nothing. Only a saved config that really differs in a section's state layout stops
+the run, with the differing fields named, and nothing is touched.
+
+A save that fails (a full disk, no permission) raises `WriteError` with one line, at the next
+step when it failed in the background, and leaves no temporary folder behind; the checkpoints
+written before it stay.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
+import itertools
+import logging
+import os
 import pathlib
+import shutil
 import sys
 
 import jax
@@ -20,6 +30,9 @@ import orbax.checkpoint as ocp
 
 from rexmoe_jax import sharding
 from rexmoe_jax.config import Config, ConfigError, from_dict
+from rexmoe_jax.workdir import WriteError, failure_reason
+
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Where orbax writes a checkpoint before renaming it.
 
 
 def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
@@ -42,28 +55,124 @@ def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
 
 
+def _drop_closed_loop_reports() -> None:
+    """A failed restore or save closes orbax's event loop while TensorStore still completes the
+    other reads or writes; each completion then reports "RuntimeError: Event loop is closed" as
+    an unraisable exception, dozens of tracebacks for one fallback. Those, and only those, are
+    dropped; the failure itself is reported in one line."""
+    previous = sys.unraisablehook
+    if getattr(previous, "drops_closed_loop_reports", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+            previous(args)
+
+    hook.drops_closed_loop_reports = True
+    sys.unraisablehook = hook
+
+
+class _OrbaxNoise(logging.Filter):
+    """Orbax logs the traceback of every failed save or restore from its threads (hundreds of
+    lines for one full disk) and then raises the same error to the caller, which reports it in
+    one line; and it warns about what this module does on purpose (reading the meta item
+    alone, opening a run read-only). Those records are dropped; orbax's others pass."""
+
+    _ON_PURPOSE = ("was found in the checkpoint, but could not be restored", "Given directory is read only")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        return not (record.exc_info or any(text in str(record.msg) for text in self._ON_PURPOSE))
+
+
+def _quiet_orbax() -> None:
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _OrbaxNoise) for f in absl_logger.filters):
+        absl_logger.addFilter(_OrbaxNoise())
+
+
 class Checkpointer:
-    def __init__(self, workdir: pathlib.Path, keep: int):
+    """`read_only` opens the checkpoints of a run without creating, renaming or deleting anything."""
+
+    def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False):
+        _quiet_orbax()
+        _drop_closed_loop_reports()
         self.directory = (workdir / "checkpoints").resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+        self.read_only = read_only
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        else:  # Temporary folders left by a killed save are removed first: a save would trip on them.
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                                   cleanup_tmp_directories=True)
         # Handlers named up front, so metadata and single items can be read before any save.
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._saving: int | None = None  # The step whose save may still run in the background.
+        self._failed = self._closed = False
 
     def steps(self) -> list[int]:
-        return sorted(self._manager.all_steps())
+        """The steps with a checkpoint on disk (not one still being written)."""
+        return sorted(s for s in self._manager.all_steps() if (self.directory / str(s)).is_dir())
 
     def save(self, step: int, state, meta: dict) -> None:
         """Starts an asynchronous save; the write completes in the background."""
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        self._finish()  # Orbax would wait for the previous save too, and blame its failure on this one.
+        try:
+            self._manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types.
+            self._fail(step, err)
+        self._saving = step
+
+    def check(self) -> None:
+        """Raises WriteError if the background save has failed; returns at once while it runs."""
+        if self._saving is not None and not self._manager.is_saving_in_progress():
+            self._finish()
+
+    def settle(self) -> list[int]:
+        """Waits for a save in progress, whatever its outcome, and returns the steps on disk."""
+        with contextlib.suppress(WriteError):
+            self._finish()
+        return self.steps()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._finish()
+        finally:
+            try:
+                self._manager.close()
+            except Exception:  # noqa: BLE001
+                if not self._failed:  # Orbax raises a reported failure again: once is enough.
+                    raise
 
-    def _set_aside(self, step: int, err: Exception) -> None:
+    def _finish(self) -> None:
+        step, self._saving = self._saving, None
+        if step is None:
+            return
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            self._fail(step, err)
+
+    def _fail(self, step: int, err: Exception) -> None:
+        self._failed = True
+        shutil.rmtree(self.directory / f"{step}{_TMP_SUFFIX}", ignore_errors=True)
+        raise WriteError(f"{failure_reason(err)} while saving step {step} in {self.directory}") from None
+
+    def _unusable(self, step: int, err: Exception) -> None:
+        if self.read_only:
+            print(f"warning: checkpoint {step} in {self.directory} is unreadable ({_short(err)}); using the "
+                  "previous one", file=sys.stderr, flush=True)
+            return
         target = self.directory / f"{step}.corrupt"
+        for copy in itertools.count(2):  # Never overwrite an earlier set-aside checkpoint.
+            if not target.exists():
+                break
+            target = self.directory / f"{step}.corrupt.{copy}"
         if jax.process_index() == 0:  # One host renames; the others wait for it.
             (self.directory / str(step)).rename(target)
         sharding.sync_hosts(f"set aside checkpoint {step}")
@@ -71,33 +180,39 @@ class Checkpointer:
               "fell back to the previous checkpoint", file=sys.stderr, flush=True)
         self._manager.reload()
 
+    def _meta(self, step: int) -> dict:
+        meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+            raise ValueError("its meta record holds no config")
+        return meta
+
     def restore(self, abstract_state, config: Config) -> tuple[object, dict] | None:
         """The newest readable checkpoint as (state, meta), or None when there is none.
 
-        Raises ConfigError, touching nothing, when the newest readable checkpoint was written by
-        an incompatible config.
+        Raises ConfigError, touching nothing, when the newest readable checkpoint's saved config
+        is incompatible with `config`.
         """
         for step in reversed(self.steps()):
             try:
-                meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-                shapes = self._manager.item_metadata(step)["state"]
+                meta = self._meta(step)
             except Exception as err:  # noqa: BLE001 - any failure to read means unusable.
-                self._set_aside(step, err)
+                self._unusable(step, err)
                 continue
-            incompatible, other = config_changes(meta.get("config", {}), config)
-            if incompatible or _leaf_shapes(shapes) != _leaf_shapes(abstract_state):
+            incompatible, other = config_changes(meta["config"], config)
+            if incompatible:
                 raise ConfigError(
                     f"checkpoint {self.directory / str(step)} was written by an incompatible config "
-                    f"({'; '.join(incompatible) or 'array shapes differ'}); resume with its settings "
-                    "or use a new --workdir")
-            if other:
-                print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
-            try:
+                    f"({'; '.join(incompatible)}); resume with its settings or use a new --workdir")
+            try:  # The configs agree, so arrays that do not fit mean missing or garbled files.
+                if _leaf_shapes(self._manager.item_metadata(step)["state"]) != _leaf_shapes(abstract_state):
+                    raise ValueError("its array metadata is missing or does not fit the config's shapes")
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
-            except Exception as err:  # noqa: BLE001 - truncated or corrupted arrays.
-                self._set_aside(step, err)
+            except Exception as err:  # noqa: BLE001 - missing, truncated or garbled array files.
+                self._unusable(step, err)
                 continue
+            if other:
+                print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
             return restored["state"], meta
         return None
 

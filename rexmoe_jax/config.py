@@ -44,7 +44,7 @@ Dtype = Literal["float32", "bfloat16"]
 RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
-Permute = Literal["xla", "pallas", "reference"]
+Permute = Literal["auto", "xla", "pallas", "reference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,9 @@ class ComputeConfig(_Section):
     # gathered (for a few tokens: decoding); "dense": every expert on every token (the oracle).
     dispatch: Dispatch = "sort"
     grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
-    permute: Permute = "xla"  # The token gathers around them (see pallas_kernels/token_permute).
+    # The token gathers around them (pallas_kernels/token_permute); auto: the Pallas kernels on
+    # GPU and TPU, XLA's gathers on CPU (where Pallas only interprets).
+    permute: Permute = "auto"
     # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
     # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0
@@ -283,6 +285,8 @@ class TrainConfig(_Section):
         _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
         _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
+        _require(self.sample_tokens == 0 or self.sample_prompt != "",
+                 "train.sample_prompt is empty; give the sample a prompt or set train.sample_tokens=0")
 
 
 
@@ -423,22 +427,60 @@ def from_dict(data: dict) -> Config:
 
 
 def load_preset(path: str | pathlib.Path) -> Config:
-    """Loads `get_config()` from a preset file; presets in one folder may import each other."""
+    """Loads `get_config()` from a preset file; presets in one folder may import each other.
+    Whatever goes wrong in the file (a syntax error, an exception, a field of the wrong type)
+    is a ConfigError naming the file."""
     path = pathlib.Path(path)
     _require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
+    try:
+        module = _import_preset(path)
+        _require(callable(getattr(module, "get_config", None)), f"config file {str(path)!r} defines no get_config()")
+        config = module.get_config()
+    except ConfigError:
+        raise
+    except SyntaxError as err:
+        raise ConfigError(f"config file {str(path)!r} line {err.lineno}: {err.msg}") from None
+    except Exception as err:  # noqa: BLE001 - a preset is user code: anything can go wrong in it.
+        detail = _wrong_field(err) or f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        raise ConfigError(f"config file {str(path)!r} failed: {detail}") from None
+    _require(isinstance(config, Config),
+             f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
+    try:  # The round trip checks every field's type, which the dataclasses do not.
+        return from_dict(config.to_dict())
+    except ConfigError as err:
+        raise ConfigError(f"get_config() in {str(path)!r}: {err}") from None
+
+
+def _wrong_field(err: Exception) -> str | None:
+    """A field of the wrong type makes a section's validation fail with a TypeError ("'>=' not
+    supported ..."); the section it was checking is still in the traceback, so the field is
+    named from there."""
+    if not isinstance(err, TypeError):
+        return None
+    names = {kind: name for name, kind in _section_types().items()}
+    tb = err.__traceback__
+    while tb is not None:
+        section = tb.tb_frame.f_locals.get("self")
+        if type(section) in names:
+            hints = typing.get_type_hints(type(section))
+            for field in dataclasses.fields(section):
+                try:
+                    _check_value(f"{names[type(section)]}.{field.name}", getattr(section, field.name), hints[field.name])
+                except ConfigError as wrong:
+                    return str(wrong)
+        tb = tb.tb_next
+    return None
+
+
+def _import_preset(path: pathlib.Path):
     package_dir = path.parent
     if (package_dir / "__init__.py").is_file():
         # Import as package.module so presets can build on each other with relative imports.
         root = str(package_dir.parent.resolve())
         if root not in sys.path:
             sys.path.insert(0, root)
-        module = importlib.import_module(f"{package_dir.name}.{path.stem}")
-    else:
-        spec = importlib.util.spec_from_file_location(f"_rexmoe_preset_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    _require(hasattr(module, "get_config"), f"config file {str(path)!r} defines no get_config()")
-    config = module.get_config()
-    _require(isinstance(config, Config),
-             f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
-    return config
+        return importlib.import_module(f"{package_dir.name}.{path.stem}")
+    spec = importlib.util.spec_from_file_location(f"_rexmoe_preset_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -134,12 +134,30 @@ def _encode_all(tokenizer: Tokenizer, texts: Iterator[str], chunk: int = 1024) -
     yield from (np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(batch))
 
 
+_META_KEYS = {"tokenizer": str, "dtype": str, "num_tokens": int, "num_documents": int, "max_token_id": int}
+
+
+def _prepared_meta(path: pathlib.Path) -> dict:
+    """A prepared corpus's meta.json, with the keys training reads checked."""
+    file = path / PREPARED_META
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{str(file)!r} is not readable JSON ({err}); prepare the corpus again") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{str(file)!r} holds no JSON object; prepare the corpus again")
+    for key, kind in _META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise ConfigError(f"{str(file)!r} has no {kind.__name__} {key!r}; prepare the corpus again")
+    return meta
+
+
 def _prepared_folder(path: pathlib.Path) -> tuple[TokenDocuments, dict]:
-    meta = json.loads((path / PREPARED_META).read_text())
+    meta = _prepared_meta(path)
     try:
         tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r")
         offsets = np.load(path / "offsets.npy", mmap_mode="r")
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, TypeError) as err:
         raise ConfigError(f"prepared corpus {str(path)!r} is incomplete ({err}); prepare it again") from None
     if len(tokens) != meta["num_tokens"] or len(offsets) != meta["num_documents"] + 1:
         raise ConfigError(f"prepared corpus {str(path)!r} does not match its meta.json (truncated?); "
@@ -158,7 +176,7 @@ def resolve_tokenizer(config: DataConfig) -> Tokenizer:
         return load_tokenizer(config.tokenizer)
     prepared = _prepared(config)
     if prepared is not None:
-        return load_tokenizer(json.loads((prepared / PREPARED_META).read_text())["tokenizer"])
+        return load_tokenizer(_prepared_meta(prepared)["tokenizer"])
     return load_tokenizer(EMBEDDED_TOKENIZER)
 
 

@@ -31,6 +31,7 @@ import numpy as np
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config, ConfigError, ModelConfig
 from rexmoe_jax.reuse import layer_pool_sizes
+from rexmoe_jax.runlog import json_safe
 
 
 def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
@@ -94,22 +95,30 @@ def sequences_to_batches(sequences, batch_size: int, limit: int | None = None) -
     return [np.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
-def _input_set(spec: str, run, batches: int) -> tuple[str, list[np.ndarray]]:
-    from rexmoe_jax import data as data_lib
+def _input_set_files(spec: str) -> tuple[str, list[pathlib.Path]]:
     from rexmoe_jax import sources
 
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:
         raise ConfigError(f"--input-set {spec!r}: expected NAME=PATH")
-    files = sources.corpus_files(path)
+    files = sources.corpus_files(path, setting=f"--input-set {name}")
+    if sources.is_tokenized(files):
+        raise ConfigError(f"--input-set {name}: {path!r} holds token files; give text")
+    return name, files
+
+
+def _input_set(name: str, files: list[pathlib.Path], run, batches: int) -> list[np.ndarray]:
+    from rexmoe_jax import data as data_lib
+    from rexmoe_jax import sources
+
     texts = list(sources.read_text_documents(files, run.config.data.text_field, "paragraph"))
     docs = data_lib.TokenDocuments.from_documents(
         [np.asarray(run.tokenizer.encode(t), np.int32) for t in texts], run.tokenizer.eod_id)
     sequences = data_lib.pack(docs, np.arange(len(docs)), run.config.data.seq_len, None)
     if len(sequences) == 0:
-        raise ConfigError(f"--input-set {name}: {path!r} is shorter than one sequence")
+        raise ConfigError(f"--input-set {name}: {', '.join(map(str, files))} is shorter than one sequence")
     size = run.config.data.batch_size
-    return name, sequences_to_batches(sequences, size, batches * size)
+    return sequences_to_batches(sequences, size, batches * size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,38 +134,61 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out (and input-set) batches (default: train.eval_batches, as training)")
     parser.add_argument("--output", default=None, help="JSON results (default: WORKDIR/eval.json)")
     args = parser.parse_args(argv)
+    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
     try:
-        report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches)
+        report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output)
+        text = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
+        try:
+            output.write_text(text)
+        except OSError as err:
+            raise ConfigError(f"--output {str(output)!r} cannot be written ({err.strerror})") from None
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
-    output.write_text(json.dumps(report, indent=1) + "\n")
     print_report(report)
     print(f"wrote {output}")
     return 0
 
 
-def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None) -> dict:
+def _check_output(path: pathlib.Path) -> None:
+    """Fails now, not after the evaluation, when the results could not be written."""
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output {str(path)!r} cannot be written ({err.strerror})") from None
+    if not existed:
+        path.unlink()
+
+
+def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None,
+                 output: pathlib.Path | None = None) -> dict:
+    """Every input (task files, input sets, `output`) is checked before the evaluation starts."""
     from rexmoe_jax import data as data_lib
     from rexmoe_jax import tasks as tasks_lib
     from rexmoe_jax.restore import restore
 
+    if batches is not None and batches < 1:
+        raise ConfigError(f"--batches must be >= 1, got {batches}")
+    questions = {pathlib.Path(path).stem: tasks_lib.read_task(path) for path in tasks}
+    set_files = [_input_set_files(spec) for spec in input_sets]
     run = restore(workdir)
     config = run.config
     batches = batches or config.train.eval_batches
+    if output is not None:
+        _check_output(output)
+    set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
     scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model)
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
     report = {"step": run.step, **scalars, "tokens": tokens,
               "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}
-    for spec in input_sets:
-        name, set_batches = _input_set(spec, run, batches)
-        report["routing"][name] = routing_of(config, run.params, set_batches)
-    for path in map(pathlib.Path, tasks):
-        questions = tasks_lib.read_task(path)
-        report["tasks"][path.stem] = tasks_lib.score_task(config, run.params, run.tokenizer, questions)
+    for name, batches_of_set in set_batches.items():
+        report["routing"][name] = routing_of(config, run.params, batches_of_set)
+    for name, questions_of_task in questions.items():
+        report["tasks"][name] = tasks_lib.score_task(config, run.params, run.tokenizer, questions_of_task)
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -60,6 +61,8 @@ def sample_next(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> ja
 def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one non-empty prompt")
+    if new_tokens < 1:
+        raise ValueError(f"the number of new tokens must be >= 1, got {new_tokens}")
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     buffer = np.zeros((len(prompts), int(lengths.max()) + new_tokens), np.int32)
     for row, prompt in enumerate(prompts):
@@ -67,25 +70,34 @@ def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray
     return buffer, lengths
 
 
-def _finish(out_BxN: np.ndarray, eod_id: int | None) -> list[list[int]]:
+def warn_past_training(prompts: list[list[int]], new_tokens: int, seq_len: int) -> None:
+    """Rotary positions past training raise no error but give worse text: say so."""
+    longest = max(map(len, prompts), default=0)
+    if longest + new_tokens > seq_len:
+        print(f"warning: a prompt of {longest} tokens plus {new_tokens} new ones runs past the {seq_len} "
+              "positions the model was trained on (data.seq_len); expect worse text",
+              file=sys.stderr, flush=True)
+
+
+def _finish(out_BxS: np.ndarray, eod_id: int | None) -> list[list[int]]:
     result = []
-    for row in np.asarray(out_BxN).tolist():
+    for row in np.asarray(out_BxS).tolist():
         result.append(row[:row.index(eod_id)] if eod_id is not None and eod_id in row else row)
     return result
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
-def _decode(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+def _decode(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute, decode=True)
     # A step routes one token per sequence: gathering its K experts' weights costs the same for
     # any pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py).
     step_model = Decoder(config, dataclasses.replace(compute, dispatch="gather"), decode=True)
-    b, total = buffer_BxL.shape
-    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxL)["cache"])
+    b, total = buffer_BxS.shape
+    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxS)["cache"])
     cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), cache)
     prompt_len = total - new_tokens
     positions_BxS = jnp.broadcast_to(jnp.arange(prompt_len)[None, :], (b, prompt_len))
-    (logits, _), state = model.apply({"params": params, "cache": cache}, buffer_BxL[:, :prompt_len],
+    (logits, _), state = model.apply({"params": params, "cache": cache}, buffer_BxS[:, :prompt_len],
                                      positions_BxS, mutable=["cache"])
     last_BxV = logits[jnp.arange(b), lengths_B - 1]
 
@@ -101,8 +113,8 @@ def _decode(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, 
         return (state["cache"], logits[:, 0], done_B, key), token_B
 
     done = jnp.zeros((b,), bool)
-    _, tokens_NxB = jax.lax.scan(step, (state["cache"], last_BxV, done, key), jnp.arange(new_tokens))
-    return tokens_NxB.T
+    _, tokens_SxB = jax.lax.scan(step, (state["cache"], last_BxV, done, key), jnp.arange(new_tokens))
+    return tokens_SxB.T
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
@@ -117,9 +129,9 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
-def _recompute(config, compute, params, buffer_BxL, lengths_B, key, *, new_tokens, sampling, eod_id):
+def _recompute(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute)
-    b = buffer_BxL.shape[0]
+    b = buffer_BxS.shape[0]
 
     def step(carry, i):
         buffer, done_B, key = carry
@@ -131,8 +143,8 @@ def _recompute(config, compute, params, buffer_BxL, lengths_B, key, *, new_token
             done_B = done_B | (token_B == eod_id)
         return (buffer.at[jnp.arange(b), lengths_B + i].set(token_B), done_B, key), token_B
 
-    _, tokens_NxB = jax.lax.scan(step, (buffer_BxL, jnp.zeros((b,), bool), key), jnp.arange(new_tokens))
-    return tokens_NxB.T
+    _, tokens_SxB = jax.lax.scan(step, (buffer_BxS, jnp.zeros((b,), bool), key), jnp.arange(new_tokens))
+    return tokens_SxB.T
 
 
 def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
@@ -147,7 +159,6 @@ def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from rexmoe_jax.config import ConfigError
     from rexmoe_jax.restore import restore
@@ -162,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
+        if args.max_new_tokens < 1:  # Checked before the checkpoint is read.
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
         run = restore(args.workdir)
-        out = generate(run.config.model, run.params, [run.tokenizer.encode(p) for p in args.prompt],
-                       args.max_new_tokens, jax.random.key(args.seed),
+        prompts = [run.tokenizer.encode(p) for p in args.prompt]
+        warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
+        out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
                        sampling=Sampling(args.temperature, args.top_k, args.top_p),
                        eod_id=run.tokenizer.eod_id, compute=run.config.compute)
     except (ConfigError, ValueError) as err:

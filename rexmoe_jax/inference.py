@@ -25,7 +25,7 @@ import numpy as np
 
 from rexmoe_jax import data as data_lib
 from rexmoe_jax import evaluate, scoring, tasks
-from rexmoe_jax.generate import GREEDY, Sampling, generate
+from rexmoe_jax.generate import GREEDY, Sampling, generate, warn_past_training
 from rexmoe_jax.restore import Run, restore
 
 
@@ -45,6 +45,7 @@ class LoadedModel(Run):
         strings are cut on the text afterwards."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         ids = [self.tokenizer.encode(p) or [self.tokenizer.eod_id] for p in prompts]
+        warn_past_training(ids, max_new_tokens, self.config.data.seq_len)
         out = generate(self.config.model, self.params, ids, max_new_tokens, jax.random.key(seed),
                        sampling=sampling, eod_id=self.tokenizer.eod_id, compute=self.config.compute)
         return [cut_at_stop(self.tokenizer.decode(tokens), stop) for tokens in out]

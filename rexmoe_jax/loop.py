@@ -7,7 +7,6 @@ import dataclasses
 import math
 import pathlib
 import sys
-import tempfile
 import time
 
 import jax
@@ -24,6 +23,7 @@ from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
+from rexmoe_jax.workdir import WriteError, failure_reason, locked
 
 # Per-step values kept out of metrics.jsonl: the (L, pool) loads go to routing.jsonl at evals.
 _NOT_LOGGED = ("expert_load", "finite")
@@ -33,14 +33,20 @@ class NonFiniteError(RuntimeError):
     """A step produced a non-finite loss, gradient or weight and train.nonfinite is "stop"."""
 
 
-def check_workdir(workdir: pathlib.Path) -> None:
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
-            pass
-    except OSError as err:
-        raise ConfigError(f"--workdir {str(workdir)!r} is not writable ({err.strerror}); "
-                          "choose another folder") from None
+class _StoppedDuringStartup(Exception):
+    """A stop request arrived before the first step: nothing new to compile, run or save."""
+
+
+def _check_stop(stop: StopRequest) -> None:
+    if stop.requested(0):
+        raise _StoppedDuringStartup
+
+
+def _intact(steps: list[int]) -> str:
+    if not steps:
+        return "no checkpoint was written before it"
+    names = f"{', '.join(map(str, steps[:-1]))} and {steps[-1]}" if len(steps) > 1 else str(steps[0])
+    return f"checkpoint{'s' if len(steps) > 1 else ''} {names} {'are' if len(steps) > 1 else 'is'} intact"
 
 
 def _first_nonfinite(record: dict) -> str:
@@ -99,12 +105,14 @@ def _compiled_steps(config: Config, model, tx, mesh, shardings):
     return train_step, eval_step
 
 
-def _open(config: Config, workdir: pathlib.Path) -> _Session:
-    """Checks the inputs, then builds or restores the state; raises ConfigError on bad input."""
-    check_workdir(workdir)
+def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
+    """Checks the inputs, then builds or restores the state; raises ConfigError on bad input.
+    A stop request is honoured between the slow parts, before anything is compiled or written."""
+    _check_stop(stop)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate(config, mesh)
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
+    _check_stop(stop)
     eval_batches = corpus.eval_batches(config.data.batch_size, config.train.eval_batches)
     fingerprint = {"train_sequences": len(corpus.train), "train_tokens": corpus.train.num_tokens}
 
@@ -114,8 +122,12 @@ def _open(config: Config, workdir: pathlib.Path) -> _Session:
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     abstract = trainer.abstract_state(config, model, tx, shardings)
     restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
+    _check_stop(stop)
     if jax.process_index() == 0:
-        (workdir / "config.json").write_text(config.to_json() + "\n")
+        try:
+            (workdir / "config.json").write_text(config.to_json() + "\n")
+        except OSError as err:
+            raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is None:
         state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
     else:
@@ -147,6 +159,13 @@ def _progress(total: int, initial: int):
                 disable=None if jax.process_index() == 0 else True)
 
 
+def _write_evaluation(log: RunLog, bar, evaluation: dict, load: np.ndarray, pool_sizes: np.ndarray) -> None:
+    log.write(evaluation)
+    log.write_routing(evaluation["step"], load, pool_sizes)
+    bar.write(f"step {evaluation['step']}: eval loss {evaluation['eval_loss']:.4f}, "
+              f"perplexity {evaluation['eval_ppl']:.2f}")
+
+
 def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, dict | None]:
     """Steps from s.start to the end or a stop request; returns (last step, last evaluation)."""
     cfg, total = s.config.train, s.config.train.steps
@@ -173,41 +192,57 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
         for step in range(s.start + 1, total + 1):
             with sharding.activate(s.mesh):
                 s.state, metrics = s.train_step(s.state, s.put(next(s.batches)))
+            s.checkpointer.check()  # A save that failed in the background stops the run here.
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
                 pending = None
             if step % cfg.log_every == 0 or step == total:
                 pending = (step, metrics)
+            evaluation = None
             if step % cfg.eval_every == 0 or step == total:
-                last_eval, load = evaluate(s, s.state.params)
-                last_eval = {"step": step, **last_eval}
-                log.write(last_eval)
-                log.write_routing(step, load, pool_sizes)
-                bar.write(f"step {step}: eval loss {last_eval['eval_loss']:.4f}, "
-                          f"perplexity {last_eval['eval_ppl']:.2f}")
+                evaluation, load = evaluate(s, s.state.params)
+                last_eval = evaluation = {"step": step, **evaluation}
             bar.update(1)
             stopping = stop.requested(step)
-            if stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+            saving = stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if saving:
                 if not bool(metrics["finite"]) and cfg.nonfinite == "stop":
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
                 s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
                                                     "data": s.batches.state(), "data_fingerprint": s.fingerprint})
+            if evaluation is not None:  # After the save: a log that cannot be written loses no step.
+                _write_evaluation(log, bar, evaluation, load, pool_sizes)
+            if saving:
+                log.sync()
             if stopping:
                 break
         if pending is not None:
             write_train(*pending)
+        s.checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
+    except WriteError as err:
+        raise WriteError(f"{err}; {_intact(s.checkpointer.settle())}") from None
     finally:
         bar.close()
-        s.checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
+        s.checkpointer.close()
         log.close()
     return step, last_eval
 
 
 def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint. Returns the final
-    evaluation (with a generated sample), or {"stopped_at": step} after a stop request."""
-    stop = stop or StopRequest()
-    session = _open(config, workdir)
+    """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
+    lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
+    step} after a stop request (step None when it came during start-up)."""
+    with locked(workdir, writer=jax.process_index() == 0):
+        return _run(config, workdir, stop or StopRequest())
+
+
+def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
+    try:
+        session = _open(config, workdir, stop)
+    except _StoppedDuringStartup:
+        print(f"stopped by {stop.signal_name or 'request'} during start-up, before compiling; nothing new "
+              "to save", flush=True)
+        return {"stopped_at": None}
     if jax.process_index() == 0:
         print(f"training steps {session.start + 1}-{config.train.steps} of {config.tokens_per_step:,} tokens "
               f"({len(session.corpus.train):,} training sequences, {len(session.eval_batches)} eval batches) "

@@ -63,7 +63,7 @@ import numpy as np
 from rexmoe_jax import psr as psr_lib
 from rexmoe_jax import reuse
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
-from rexmoe_jax.dispatch import ExpertWeights
+from rexmoe_jax.dispatch import ExpertWeights, kernel_aligned
 from rexmoe_jax.layers import Attention, RMSNorm, Segments, dtype_of, output_init_std, param_init
 from rexmoe_jax.moe import MoEFFN, RouterStats
 
@@ -138,8 +138,10 @@ class LayerGroup(nn.Module):
             self.param("experts_up", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
             self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
                        (pool, f, d)))
-        # Cast once for the group, not once per layer that shares the pool.
+        # Cast (and pad for the grouped-matmul kernel) once for the group, not once per layer
+        # that shares the pool.
         weights = ExpertWeights(*(w.astype(dtype_of(self.compute.dtype)) for w in weights))
+        weights = kernel_aligned(weights, self.compute)
         psr_state = None
         if psr is not None:  # N_t once per group: its layers share the pool and the schedule.
             psr_state = (psr, psr_lib.pool_size_t(psr.step, self.psr, cfg.num_experts, pool))

@@ -19,11 +19,12 @@ import numpy as np
 from rexmoe_jax.runlog import METRICS_FILE, ROUTING_FILE, read_records
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or a one-line error without matplotlib."""
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("error: plotting needs matplotlib: pip install matplotlib") from None
+        raise SystemExit('error: plotting needs matplotlib: pip install -e ".[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -31,7 +32,7 @@ def _pyplot():
 
 
 def plot_losses(records: list[dict], path: pathlib.Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -47,7 +48,7 @@ def plot_losses(records: list[dict], path: pathlib.Path) -> None:
 
 
 def plot_psr(records: list[dict], path: pathlib.Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     train = [r for r in records if "psr_pool_size" in r]
     steps = [r["step"] for r in train]
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -64,7 +65,7 @@ def plot_psr(records: list[dict], path: pathlib.Path) -> None:
 
 def plot_expert_load(routing: dict, path: pathlib.Path) -> None:
     """A (layers x pool) heatmap of LBV; entries past a smaller last group's pool are blank."""
-    plt = _pyplot()
+    plt = pyplot()
     load = np.asarray(routing["expert_load"], np.float64)
     pools = np.asarray(routing["pool_sizes"])[:, None]
     lbv = np.where(np.arange(load.shape[1])[None, :] < pools, load * pools - 1.0, np.nan)
@@ -87,7 +88,7 @@ def plot_expert_load(routing: dict, path: pathlib.Path) -> None:
 
 def plot_activation(name: str, routing: dict, path: pathlib.Path) -> None:
     """A (layers x pool) heatmap of the share of tokens that activate each expert."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import MaxNLocator
 
     ratios = np.asarray(routing["activation_ratio"], np.float64)

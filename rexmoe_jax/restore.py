@@ -32,7 +32,13 @@ def read_config(workdir: pathlib.Path) -> Config:
     config_file = workdir / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{str(workdir)!r} has no config.json; is it a training run's --workdir?")
-    return from_dict(json.loads(config_file.read_text()))
+    try:
+        saved = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{str(config_file)!r} is not readable JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{str(config_file)!r} holds no config")
+    return from_dict(saved)
 
 
 def restore(workdir: str | pathlib.Path) -> Run:
@@ -44,7 +50,8 @@ def restore(workdir: str | pathlib.Path) -> Run:
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)  # the optimizer state is in the checkpoint
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    # Read-only: loading a model never creates, renames or deletes anything in the run.
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
     try:
         restored = checkpointer.restore(trainer.abstract_state(config, model, tx, device), config)
     finally:

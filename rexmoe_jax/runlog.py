@@ -1,36 +1,85 @@
 """What a run writes besides checkpoints: metrics.jsonl (one JSON object per log or eval step),
 routing.jsonl (the per-layer expert loads over the pool at each evaluation), and TensorBoard
-event files when tensorboardX is installed. Only process 0 writes."""
+event files when tensorboardX is installed. Only process 0 writes.
+
+Non-finite values (a diverged loss) are written as null, so strict JSON parsers read every line.
+A write that fails (a full disk, no permission) raises `WriteError` naming the file and step.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import pathlib
+import sys
 
 import jax
 import numpy as np
+
+from rexmoe_jax.workdir import WriteError, failure_reason
 
 METRICS_FILE = "metrics.jsonl"
 ROUTING_FILE = "routing.jsonl"
 
 
-def read_records(path: pathlib.Path) -> list[dict]:
+def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:
+    """The JSON objects of a .jsonl file, line by line. A line that is not one (the torn last
+    line of a process killed mid-write) is dropped, with a warning naming it."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:  # Also a UnicodeDecodeError: torn inside a multi-byte character.
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            elif warn:
+                print(f"warning: {path}:{number} is not a complete JSON record (a write cut short?); "
+                      "dropped it", file=sys.stderr, flush=True)
+    return records
 
 
 def _truncate(path: pathlib.Path, step: int) -> None:
-    """Drops records after `step` (written by a run that was stopped before its next checkpoint;
-    the resumed run writes them again), replacing the file atomically."""
+    """Keeps the records up to `step` (the ones after it were written by a run stopped before
+    its next checkpoint; the resumed run writes them again) and drops broken lines, replacing
+    the file atomically."""
+    if not path.is_file():
+        return
     records = read_records(path)
-    kept = [r for r in records if r.get("step", 0) <= step]
-    if len(kept) == len(records):
+    kept = [r for r in records if isinstance(r.get("step"), int) and r["step"] <= step]
+    text = "".join(_line(r) for r in kept)
+    if text.encode() == path.read_bytes():
         return
     partial = path.with_suffix(path.suffix + ".partial")
-    partial.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-    os.replace(partial, path)
+    try:
+        partial.write_text(text)
+        os.replace(partial, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        raise WriteError(f"{failure_reason(err)} while rewriting {path} to resume at step {step}") from None
+
+
+def json_safe(value):
+    """NaN and infinities, which strict JSON has no spelling for, as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _line(record: dict) -> str:
+    return json.dumps(json_safe(record), sort_keys=True, allow_nan=False) + "\n"
 
 
 def to_host(metrics: dict) -> dict:
@@ -59,8 +108,24 @@ class RunLog:
         self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resumed_step + 1)
 
     def _append(self, path: pathlib.Path, record: dict) -> None:
-        with open(path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+        try:
+            with open(path, "a") as f:
+                f.write(_line(record))
+        except OSError as err:
+            raise WriteError(f"{failure_reason(err)} while writing {path} at step {record['step']}") from None
+
+    def sync(self) -> None:
+        """Flushes both files to the disk: called at checkpoints, so a machine that crashes after
+        a checkpoint does not lose the lines it holds."""
+        if not self.enabled:
+            return
+        for path in (self.metrics_path, self.routing_path):
+            if path.is_file():
+                try:
+                    with open(path, "rb+") as f:
+                        os.fsync(f.fileno())
+                except OSError as err:
+                    raise WriteError(f"{failure_reason(err)} while syncing {path}") from None
 
     def write(self, record: dict) -> None:
         """One metrics.jsonl line (and its scalars to TensorBoard)."""

@@ -20,8 +20,9 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".arrayrecord", ".array_record")
 
 
-def corpus_files(pattern: str) -> list[pathlib.Path]:
-    """The corpus files named by a path, a folder (its supported files, sorted) or a glob."""
+def corpus_files(pattern: str, setting: str = "data.corpus") -> list[pathlib.Path]:
+    """The corpus files named by a path, a folder (its supported files, sorted) or a glob;
+    `setting` is the option the pattern came from, for the messages."""
     path = pathlib.Path(pattern)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES)
@@ -30,7 +31,7 @@ def corpus_files(pattern: str) -> list[pathlib.Path]:
     else:
         files = sorted(pathlib.Path(p) for p in glob.glob(pattern, recursive=True) if pathlib.Path(p).is_file())
     if not files:
-        raise ConfigError(f"data.corpus={pattern!r} matches no file; give a file, a folder or a glob "
+        raise ConfigError(f"{setting}={pattern!r} matches no file; give a file, a folder or a glob "
                           f"of {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)} files")
     unknown = [f for f in files if f.suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES]
     if unknown:
@@ -38,7 +39,7 @@ def corpus_files(pattern: str) -> list[pathlib.Path]:
                           f"{', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)}")
     kinds = {f.suffix in TOKEN_SUFFIXES for f in files}
     if len(kinds) > 1:
-        raise ConfigError(f"data.corpus={pattern!r} mixes text and token files; use one kind")
+        raise ConfigError(f"{setting}={pattern!r} mixes text and token files; use one kind")
     return files
 
 
@@ -72,8 +73,16 @@ def _read_txt(path: pathlib.Path, txt_documents: str) -> Iterator[str]:
 
 def json_lines(path: pathlib.Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed object) for each non-blank line of a JSON Lines file."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; bytes, so bad UTF-8 names its line
+    except OSError as err:
+        raise ConfigError(f"{str(path)!r} cannot be read ({err.strerror})") from None
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not UTF-8 text (byte {err.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -93,6 +102,7 @@ def _read_jsonl(path: pathlib.Path, text_field: str) -> Iterator[str]:
 
 def _read_parquet(path: pathlib.Path, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError("reading Parquet needs pyarrow: pip install pyarrow") from None
@@ -103,6 +113,10 @@ def _read_parquet(path: pathlib.Path, text_field: str) -> Iterator[str]:
     if text_field not in table.schema_arrow.names:
         raise ConfigError(f"Parquet file {str(path)!r} has no column {text_field!r} (columns: "
                           f"{', '.join(table.schema_arrow.names)}); set data.text_field")
+    kind = table.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ConfigError(f"Parquet file {str(path)!r}: column {text_field!r} holds {kind}, not text; "
+                          "set data.text_field to the text column")
     for batch in table.iter_batches(columns=[text_field], batch_size=4096):
         yield from (text for text in batch.column(0).to_pylist() if text and text.strip())
 
@@ -125,6 +139,9 @@ def _read_npy(path: pathlib.Path, eod_id: int) -> Iterator[np.ndarray]:
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
         raise ConfigError(f"token file {str(path)!r} holds {stream.dtype} of shape {stream.shape}; "
                           "expected a 1-D integer token stream")
+    if stream.size and int(stream.min()) < 0:
+        raise ConfigError(f"token file {str(path)!r} holds negative token ids (down to {int(stream.min())}); "
+                          "token ids run from 0 to the vocabulary size - 1")
     ends = np.flatnonzero(np.asarray(stream) == eod_id)
     start = 0
     for end in ends.tolist() + [len(stream)]:
@@ -146,7 +163,11 @@ def _read_array_record(path: pathlib.Path) -> Iterator[np.ndarray]:
             if len(record) % 4:
                 raise ConfigError(f"ArrayRecord file {str(path)!r} has a record of {len(record)} bytes; "
                                   "expected little-endian int32 token ids")
-            yield np.frombuffer(record, "<i4").astype(np.int32)
+            tokens = np.frombuffer(record, "<i4").astype(np.int32)
+            if tokens.size and tokens.min() < 0:
+                raise ConfigError(f"ArrayRecord file {str(path)!r} holds negative token ids; token ids run "
+                                  "from 0 to the vocabulary size - 1")
+            yield tokens
     reader.close()
 
 

@@ -52,15 +52,18 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
 def _valid(q) -> bool:
     return (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
             and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
-            and isinstance(q.get("label"), int) and 0 <= q["label"] < len(q["choices"])
+            and type(q.get("label")) is int and 0 <= q["label"] < len(q["choices"])  # not a bool
             and isinstance(q.get("delimiter", ""), str))
 
 
 def read_task(path: pathlib.Path | str) -> list[dict]:
     from rexmoe_jax.sources import json_lines
 
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task file {str(path)!r} does not exist")
     questions = []
-    for number, q in json_lines(pathlib.Path(path)):
+    for number, q in json_lines(path):
         if not _valid(q):
             raise ConfigError(f'{path}:{number}: expected {{"context": str, "choices": [2 or more str], '
                               '"label": index of the right choice, "delimiter": optional str}')

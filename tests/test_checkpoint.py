@@ -1,12 +1,24 @@
-"""The checkpointer on its own: which config changes a checkpoint resumes under, and falling
-back from an unreadable checkpoint to the previous one."""
+"""The checkpointer on its own: which config changes a checkpoint resumes under, falling back
+from an unreadable checkpoint to the previous one, read-only use, and failed saves."""
+
+import contextlib
+import logging
+import pathlib
+import resource
+import shutil
+import signal
+import sys
+import time
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from rexmoe_jax.checkpoint import Checkpointer, config_changes
-from rexmoe_jax.config import Config, apply_overrides
+from rexmoe_jax.config import Config, ConfigError, apply_overrides
+from rexmoe_jax.workdir import WriteError
 
 
 def test_config_changes_follow_the_sections():
@@ -26,23 +38,137 @@ def test_config_changes_follow_the_sections():
     assert config_changes(legacy, Config()) == ([], ["compute.dtype: 'bfloat16' -> 'float32'"])
 
 
-def test_unreadable_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, capsys):
-    state = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones((3,))}
-    checkpointer = Checkpointer(tmp_path, keep=3)
+def two_checkpoints(workdir, arrays=2, size=6):
+    """Checkpoints 1 and 2 of a small state (step s holds s * the base arrays)."""
+    state = {f"a{i}": jnp.arange(size, dtype=jnp.float32) + i for i in range(arrays)}
+    checkpointer = Checkpointer(workdir, keep=3)
     for step in (1, 2):
-        checkpointer.save(step, jax.tree.map(lambda x, s=step: x * s, state), {"step": step, "config": {}})
+        checkpointer.save(step, jax.tree.map(lambda x, s=step: x * s, state), {"step": step, "config": Config().to_dict()})
     checkpointer.close()
-    # Garble every array file of checkpoint 2.
-    for path in (tmp_path / "checkpoints" / "2" / "state").rglob("*"):
-        if path.is_file() and "METADATA" not in path.name:
-            path.write_bytes(b"garbage")
+    return state
+
+
+def _halve(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _files(folder, name):
+    return [p for p in folder.rglob(name) if p.is_file()]
+
+
+CORRUPTIONS = {
+    "missing state/_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
+    "garbage state/_METADATA": lambda d: (d / "state" / "_METADATA").write_bytes(b"garbage"),
+    "missing meta": lambda d: shutil.rmtree(d / "meta"),
+    "garbage meta": lambda d: [p.write_bytes(b"\x00garbage") for p in _files(d / "meta", "metadata")],
+    "meta without a config": lambda d: [p.write_text("[]") for p in _files(d / "meta", "metadata")],
+    "truncated array files": lambda d: [_halve(p) for p in _files(d / "state", "*") if p.parent.name == "d"],
+    "garbage array files": lambda d: [p.write_bytes(b"garbage") for p in _files(d / "state", "*")
+                                      if p.parent.name == "d"],
+    "missing array files": lambda d: [shutil.rmtree(p) for p in (d / "state").rglob("d") if p.is_dir()],
+    "garbage manifest": lambda d: [p.write_bytes(b"garbage") for p in _files(d / "state", "manifest.ocdbt")],
+    "empty folder": lambda d: (shutil.rmtree(d), d.mkdir()),
+}
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_any_unreadable_checkpoint_is_set_aside_and_the_previous_one_restored(tmp_path, capfd, corruption):
+    state = two_checkpoints(tmp_path, arrays=24, size=20_000)
+    folder = tmp_path / "checkpoints"
+    CORRUPTIONS[corruption](folder / "2")
     checkpointer = Checkpointer(tmp_path, keep=3)
     restored, meta = checkpointer.restore(jax.eval_shape(lambda: state), Config())
     checkpointer.close()
     assert meta["step"] == 1
-    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(6.0).reshape(2, 3))
-    assert (tmp_path / "checkpoints" / "2.corrupt").is_dir()
-    assert "checkpoint 2 is unreadable" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.asarray(restored["a3"]), np.arange(20_000, dtype=np.float32) + 3)
+    assert (folder / "2.corrupt").is_dir() and not (folder / "2").exists()
+    err = capfd.readouterr().err
+    # One warning line; no "Event loop is closed" or orbax tracebacks around it.
+    assert [line for line in err.splitlines() if line.strip()] == [
+        line for line in err.splitlines() if line.startswith("warning: checkpoint 2 is unreadable")]
+    assert err.count("warning:") == 1
+
+
+def test_a_step_set_aside_twice_keeps_both_copies(tmp_path):
+    state = two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    (folder / "2.corrupt").mkdir()
+    (folder / "2.corrupt" / "earlier").write_text("kept")
+    (folder / "2" / "state" / "_METADATA").unlink()
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    assert checkpointer.restore(jax.eval_shape(lambda: state), Config())[1]["step"] == 1
+    checkpointer.close()
+    assert (folder / "2.corrupt" / "earlier").read_text() == "kept" and (folder / "2.corrupt.2").is_dir()
+
+
+def test_incompatible_only_when_the_saved_config_differs(tmp_path):
+    """A different model is refused naming the field, touching nothing; the same config with
+    arrays that do not fit is a damaged checkpoint, set aside."""
+    state = two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    other = apply_overrides(Config(), ["model.d_model=64"])
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    with pytest.raises(ConfigError, match=r"incompatible config \(model.d_model: 128 -> 64\)"):
+        checkpointer.restore(jax.eval_shape(lambda: state), other)
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]
+    wrong_shapes = {name: jax.ShapeDtypeStruct((7,), jnp.float32) for name in state}
+    assert checkpointer.restore(wrong_shapes, Config()) is None
+    checkpointer.close()
+    assert sorted(p.name for p in folder.iterdir()) == ["1.corrupt", "2.corrupt"]
+
+
+def test_read_only_skips_an_unreadable_checkpoint_and_changes_nothing(tmp_path, capsys, caplog):
+    state = two_checkpoints(tmp_path)
+    (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    checkpointer = Checkpointer(tmp_path, keep=3, read_only=True)
+    assert checkpointer.restore(jax.eval_shape(lambda: state), Config())[1]["step"] == 1
+    checkpointer.close()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert "checkpoint 2 in" in capsys.readouterr().err
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []  # no orbax noise
+
+
+def test_read_only_creates_no_folder(tmp_path):
+    checkpointer = Checkpointer(tmp_path / "run", keep=3, read_only=True)
+    assert checkpointer.restore({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, Config()) is None
+    checkpointer.close()
+    assert not (tmp_path / "run").exists()
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` fail with EFBIG, as a full disk fails them with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an error, not the end of the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_failed_background_save_surfaces_at_the_next_check(tmp_path, caplog):
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    meta = {"step": 1, "config": {}}
+    checkpointer.save(1, {"w": jnp.zeros((4,))}, meta)
+    assert checkpointer.settle() == [1]
+    big = {"w": jax.random.normal(jax.random.key(0), (300_000,))}  # 1.2 MB, past the limit
+    with file_size_limit(64 * 1024):
+        checkpointer.save(2, big, dict(meta, step=2))  # returns: the write fails in the background
+        deadline = time.time() + 120
+        with pytest.raises(WriteError) as err:
+            while time.time() < deadline:
+                checkpointer.check()
+                time.sleep(0.05)
+    assert str(err.value) == f"file too large while saving step 2 in {checkpointer.directory}"
+    assert not [r for r in caplog.records if r.exc_info]  # orbax's logged tracebacks are dropped
+    assert sorted(p.name for p in checkpointer.directory.iterdir()) == ["1"]  # no temporary folder
+    checkpointer.close()  # the failure is not raised a second time
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    assert checkpointer.restore({"w": jax.ShapeDtypeStruct((4,), jnp.float32)}, Config())[1]["step"] == 1
+    checkpointer.close()
 
 
 def test_no_checkpoint_restores_nothing(tmp_path):
@@ -50,3 +176,19 @@ def test_no_checkpoint_restores_nothing(tmp_path):
     assert checkpointer.restore({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, Config()) is None
     checkpointer.close()
 
+
+
+def test_closed_event_loop_reports_are_dropped_and_others_kept(monkeypatch):
+    """The reports a failed restore leaves behind ("Event loop is closed", from TensorStore
+    completing reads after orbax closed its loop) are dropped; any other unraisable error
+    still reaches the previous hook."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    Checkpointer(pathlib.Path("unused"), keep=1, read_only=True).close()
+    report = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("Event loop is closed"),
+                                   exc_traceback=None, err_msg=None, object=None)
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("real"), exc_traceback=None,
+                                  err_msg=None, object=None)
+    sys.unraisablehook(report)
+    sys.unraisablehook(other)
+    assert seen == [other]

@@ -77,3 +77,53 @@ def test_errors_are_one_line_and_nonzero(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def one_line_error(capsys, argv) -> str:
+    assert train.main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), lines
+    return lines[0]
+
+
+@pytest.mark.parametrize("source", ["def get_config(:\n", "def get_config():\n    raise ValueError('boom')\n",
+                                    "def get_config():\n    return 3\n"], ids=["syntax", "raises", "wrong-type"])
+def test_a_broken_preset_exits_2_naming_it(tmp_path, capsys, source):
+    (tmp_path / "preset.py").write_text(source)
+    assert str(tmp_path / "preset.py") in one_line_error(capsys, ["--config", str(tmp_path / "preset.py"), "--dry-run"])
+
+
+def test_an_empty_sample_prompt_exits_2_before_training(capsys):
+    assert "train.sample_prompt" in one_line_error(capsys, ["--dry-run", "train.sample_prompt="])
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("c.jsonl", b'{"text": "caf\xe9"}\n', "c.jsonl:1: not UTF-8 text"),
+    ("c.npy", None, "c.npy' holds negative token ids"),
+])
+def test_a_bad_corpus_exits_2_naming_the_file(tmp_path, capsys, name, content, message):
+    """Through train.py and the loop: the corpus is read before anything is compiled."""
+    import numpy as np
+
+    if content is None:
+        np.save(tmp_path / name, np.asarray([3, -1, 0], np.int32))
+    else:
+        (tmp_path / name).write_bytes(content)
+    tokenizer = ["data.tokenizer=" + str(ROOT / "rexmoe_jax" / "assets" / "tokenizer.json")] * (name == "c.npy")
+    line = one_line_error(capsys, ["--workdir", str(tmp_path / "run"), f"data.corpus={tmp_path / name}",
+                                   "mesh.num_devices=1", *tokenizer])
+    assert message in line
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # nothing written, lock released
+
+
+def test_a_failed_write_exits_4_with_one_line(tmp_path, capsys, monkeypatch):
+    from rexmoe_jax import loop
+    from rexmoe_jax.workdir import WriteError
+
+    def full_disk(*args, **kwargs):
+        raise WriteError("no space left on device while saving step 30 in DIR; checkpoints 10 and 20 are intact")
+
+    monkeypatch.setattr(loop, "run", full_disk)
+    assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1"]) == 4
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: no space left on device while saving step 30 in DIR; checkpoints 10 and 20 are intact"]

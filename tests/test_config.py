@@ -33,6 +33,7 @@ from rexmoe_jax.config import (
     (["model.renormalize_gates=maybe"], "model.renormalize_gates"),
     (["train.steps"], "train.steps"),
     (["optim.learning_rate=nan"], "optim.learning_rate"),
+    (["train.sample_prompt="], "train.sample_prompt"),  # an empty prompt cannot be continued
 ])
 def test_invalid_overrides_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
@@ -76,6 +77,25 @@ def test_preset_errors(tmp_path):
         load_preset(bad)
 
 
+@pytest.mark.parametrize("source,message", [
+    ("def get_config(:\n", r"line 1: invalid syntax"),
+    ("def get_config():\n    raise ValueError('boom')\n", r"failed: ValueError: boom"),
+    ("import not_a_module_anywhere\n", r"failed: ModuleNotFoundError: No module named 'not_a_module_anywhere'"),
+    ("def get_config():\n    return {'model': {}}\n", r"returned dict, not Config"),
+    ("from rexmoe_jax.config import Config, ModelConfig\n"
+     "def get_config():\n    return Config(model=ModelConfig(d_model='big'))\n", r"failed: model.d_model='big': expected int, got str"),
+    ("from rexmoe_jax.config import Config, TrainConfig\n"
+     "def get_config():\n    return Config(train=TrainConfig(sample_prompt=3))\n",
+     r"train.sample_prompt=3: expected str, got int"),
+])
+def test_a_broken_preset_is_one_line_naming_the_file(tmp_path, source, message):
+    path = tmp_path / "preset.py"
+    path.write_text(source)
+    with pytest.raises(ConfigError, match=message) as err:
+        load_preset(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_grad_accum_must_divide_the_batch():
     with pytest.raises(ConfigError, match="optim.grad_accum=3"):
         apply_overrides(Config(), ["data.batch_size=16", "optim.grad_accum=3"])
@@ -94,7 +114,7 @@ def test_every_preset_round_trips_exactly(preset):
 @pytest.mark.parametrize("prompt", ["In the beginning ", "  leading", "a=b=c", "line\nbreak", "tab\t",
                                     "quote \" and ' and \\", "ünïcödé — 語", "", "1e3", "true", " "])
 def test_awkward_strings_survive_overrides_and_json(prompt):
-    cfg = apply_overrides(Config(), [f"train.sample_prompt={prompt}", "data.corpus= a b "])
+    cfg = apply_overrides(Config(), [f"train.sample_prompt={prompt}", "data.corpus= a b ", "train.sample_tokens=0"])
     assert cfg.train.sample_prompt == prompt and cfg.data.corpus == " a b "
     assert from_dict(json.loads(cfg.to_json())) == cfg
 

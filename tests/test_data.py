@@ -166,6 +166,10 @@ def test_train_tokenizer_command(tmp_path, capsys):
     (lambda p: (p / "c.csv").write_text("a,b\n"), "unsupported type"),
     (lambda p: (p / "c.txt").write_bytes(b"\xff\xfe bad"), "not UTF-8"),
     (lambda p: (p / "c.npy").write_bytes(b"nonsense"), "not a readable .npy"),
+    (lambda p: (p / "c.jsonl").write_bytes(b'{"text": "\xff"}\n'), r"c.jsonl:1: not UTF-8 text"),
+    (lambda p: __import__("pyarrow.parquet").parquet.write_table(
+        __import__("pyarrow").table({"text": [1, 2]}), p / "c.parquet"), "column 'text' holds int64, not text"),
+    (lambda p: np.save(p / "c.npy", np.asarray([4, -1, 0], np.int32)), "negative token ids"),
 ])
 def test_bad_corpus_inputs(tmp_path, setup, message, tokenizer_file):
     setup(tmp_path)
@@ -173,6 +177,22 @@ def test_bad_corpus_inputs(tmp_path, setup, message, tokenizer_file):
     cfg = DataConfig(corpus=str(tmp_path / name), tokenizer=str(tokenizer_file))
     with pytest.raises(ConfigError, match=message):
         data.build_corpus(cfg, seed=0, vocab_size=300)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda meta: "{not json", "meta.json' is not readable JSON"),
+    (lambda meta: json.dumps({k: v for k, v in meta.items() if k != "num_tokens"}), "has no int 'num_tokens'"),
+    (lambda meta: json.dumps(dict(meta, tokenizer=3)), "has no str 'tokenizer'"),
+    (lambda meta: "[1, 2]", "holds no JSON object"),
+])
+def test_prepared_corpus_with_a_broken_meta_json(tmp_path, tokenizer_file, damage, message):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    data.prepare(str(tmp_path / "c.jsonl"), str(tokenizer_file), tmp_path / "prepared")
+    meta_file = tmp_path / "prepared" / "meta.json"
+    meta_file.write_text(damage(json.loads(meta_file.read_text())))
+    with pytest.raises(ConfigError, match=message) as err:
+        data.build_corpus(DataConfig(corpus=str(tmp_path / "prepared"), seq_len=8), seed=0, vocab_size=300)
+    assert str(meta_file) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_tokens_outside_the_vocabulary_and_short_data(tmp_path, tokenizer_file):

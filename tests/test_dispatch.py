@@ -135,3 +135,24 @@ def test_capacity_is_spread_over_the_live_experts():
     y, dropped_live = dispatch.capacity_experts(x, routing, weights, 1.0, live_share=2 / 8)
     assert float(dropped_pool) > 0.5 and float(dropped_live) == 0.0
     np.testing.assert_allclose(y, dispatch.dense_experts(x, routing, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_aligned_pool_is_exact_in_values_and_gradients():
+    """Padding F to tokamax's 64 once per group changes nothing: same outputs, and the gradients
+    of the unpadded weights are those of the padded pool's real part."""
+    from rexmoe_jax.config import ComputeConfig
+
+    x, weights, routing = random_problem(20, 16, 24, 6, 2, jnp.float32, seed=3)
+    tokamax = ComputeConfig(grouped_matmul="tokamax")
+    assert dispatch.kernel_aligned(weights, tokamax).gate_PxDxF.shape == (6, 16, 64)
+    assert dispatch.kernel_aligned(weights, ComputeConfig(grouped_matmul="blocked")) is weights
+
+    def loss(weights, aligned):
+        w = dispatch.kernel_aligned(weights, tokamax) if aligned else weights
+        y = dispatch.sorted_experts(x, routing, w, "reference")
+        return jnp.sum(y * jnp.sin(jnp.arange(y.size).reshape(y.shape)))
+
+    (plain, g_plain), (padded, g_padded) = (jax.value_and_grad(loss)(weights, a) for a in (False, True))
+    np.testing.assert_allclose(padded, plain, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_padded), jax.tree.leaves(g_plain)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

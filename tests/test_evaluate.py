@@ -3,6 +3,7 @@ evaluate / generate commands."""
 
 import dataclasses
 import json
+import shutil
 
 import flax.linen as nn
 import jax
@@ -76,6 +77,9 @@ def test_task_file_errors(tmp_path):
     path.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
     with pytest.raises(Exception, match="label"):
         tasks.read_task(path)
+    path.write_text('{"context": "a", "choices": ["b", "c"], "label": true}\n')  # a bool is not an index
+    with pytest.raises(Exception, match="label"):
+        tasks.read_task(path)
     path.write_text('{"context": "a", "choices": ["b", "c"], "label": 0, "delimiter": 1}\n')
     with pytest.raises(Exception, match="delimiter"):
         tasks.read_task(path)
@@ -94,12 +98,21 @@ def test_activation_ratios_sum_to_k_and_foreign_share():
     assert evaluate.routing_of(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
 
 
-def test_commands_on_a_trained_run(tmp_path, capsys):
-    """Train a few steps, then the README's evaluate, generate and plot commands."""
-    workdir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A few steps of training, with checkpoints at steps 3 and 6."""
+    workdir = tmp_path_factory.mktemp("trained") / "run"
     cfg = apply_overrides(CFG, ["data.batch_size=4", "train.steps=6", "train.eval_every=6", "train.eval_batches=1",
-                                "train.sample_tokens=0", "mesh.num_devices=1", "train.log_every=2"])
+                                "train.sample_tokens=0", "mesh.num_devices=1", "train.log_every=2",
+                                "train.checkpoint_every=3"])
     loop.run(cfg, workdir)
+    return workdir
+
+
+def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
+    """The README's evaluate, generate and plot commands."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
     (tmp_path / "psalm.txt").write_text("The LORD is my shepherd; I shall not want.\n\n" * 20)
     assert evaluate.main(["--workdir", str(workdir), "--tasks", "examples/tasks/kjv_cloze.jsonl",
                           "--input-set", f"psalm={tmp_path / 'psalm.txt'}", "--batches", "1"]) == 0
@@ -116,3 +129,56 @@ def test_commands_on_a_trained_run(tmp_path, capsys):
     assert (workdir / "activation_psalm.png").is_file()
     out = capsys.readouterr().out
     assert "task kjv_cloze: 20 questions" in out and "And God said" in out
+
+
+def _not_utf8(path):
+    path.write_bytes(b'{"context": "caf\xe9", "choices": ["a", "b"], "label": 0}\n')
+
+
+def _label_true(path):
+    path.write_text('{"context": "a", "choices": [" b", " c"], "label": true}\n')
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda t: ["--tasks", str(t / "missing.jsonl")], "missing.jsonl' does not exist"),
+    (lambda t: (_not_utf8(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: not UTF-8 text"),
+    (lambda t: (_label_true(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: expected"),
+    (lambda t: ["--input-set", f"psalms={t / 'missing.txt'}"], "--input-set psalms="),
+    (lambda t: ((t / "s.txt").write_bytes(b"\xff\xfe"), ["--input-set", f"s={t / 's.txt'}"])[1], "not UTF-8"),
+    (lambda t: ["--batches", "0"], "--batches must be >= 1, got 0"),
+    (lambda t: ["--output", str(t / "no" / "such" / "eval.json")], "eval.json' cannot be written"),
+])
+def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tmp_path, capsys, monkeypatch,
+                                                                 make_args, message):
+    def evaluation_ran(*args, **kwargs):
+        raise AssertionError("the held-out evaluation ran before the inputs were checked")
+
+    monkeypatch.setattr(evaluate, "held_out", evaluation_ran)
+    args = make_args(tmp_path)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert evaluate.main(["--workdir", str(trained_run), *args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no output, no folder
+    assert not (trained_run / "eval.json").exists()
+
+
+def test_read_only_tools_change_nothing_in_the_run(trained_run, tmp_path, capsys):
+    """An unreadable newest checkpoint is skipped, not renamed; a run with no checkpoint gets
+    no checkpoints/ folder."""
+    workdir = tmp_path / "run"
+    shutil.copytree(trained_run, workdir)
+    (workdir / "checkpoints" / "6" / "state" / "_METADATA").unlink()
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    assert evaluate.main(["--workdir", str(workdir), "--batches", "1", "--output", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["step"] == 3
+    assert generate.main(["--workdir", str(workdir), "--prompt", "And", "--max-new-tokens", "2"]) == 0
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+    assert "checkpoint 6 in" in capsys.readouterr().err
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(workdir / "config.json", fresh / "config.json")
+    assert generate.main(["--workdir", str(fresh), "--prompt", "And"]) == 2
+    assert "has no checkpoint yet" in capsys.readouterr().err
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]

@@ -40,3 +40,26 @@ def test_stop_at_end_of_text():
     stop = free[3]
     cut = generate.generate(cfg, params, [[5, 6]], 10, jax.random.key(0), eod_id=stop)[0]
     assert cut == free[:free.index(stop)]
+
+
+def test_new_token_count_is_checked_before_anything_is_loaded(tmp_path, capsys):
+    assert generate.main(["--workdir", str(tmp_path / "none"), "--prompt", "x", "--max-new-tokens", "-3"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == ["error: --max-new-tokens must be >= 1, got -3"]
+    with pytest.raises(ValueError, match="new tokens must be >= 1, got 0"):
+        generate.generate(CFG.model, params_for(), [[1, 2]], 0, jax.random.key(0))
+
+
+def test_a_prompt_longer_than_the_trained_length_is_generated_with_a_warning(capsys):
+    from rexmoe_jax.data import EMBEDDED_TOKENIZER
+    from rexmoe_jax.inference import LoadedModel
+    from rexmoe_jax.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(EMBEDDED_TOKENIZER)
+    model = LoadedModel(CFG, params_for(), tokenizer, step=0)
+    prompt = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
+    assert len(tokenizer.encode(prompt)) > CFG.data.seq_len
+    assert len(model.generate(prompt, max_new_tokens=2)) == 1
+    err = capsys.readouterr().err
+    assert f"runs past the {CFG.data.seq_len} positions the model was trained on" in err
+    model.generate("And", max_new_tokens=2)
+    assert capsys.readouterr().err == ""  # within the trained length: no warning

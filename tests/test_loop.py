@@ -1,10 +1,12 @@
 """The host loop: runs that stop (preemption, crashes, non-finite steps) and resume exactly,
 checkpoint fallback, config changes on resume, and a short run on the embedded corpus."""
 
+import errno
 import json
 import math
 import os
 import pathlib
+import resource
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
 from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import read_records
+from rexmoe_jax.workdir import WriteError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -107,24 +110,33 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
     assert_same_run(tmp_path, uninterrupted)
 
 
-def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted):
-    """A crash after step 7 (no save): the run restarts from checkpoint 4, drops the logged
-    steps 5-7 and writes them again, identically."""
+def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted, capsys):
+    """A crash after step 7 (no save) in the middle of writing a line: the run restarts from
+    checkpoint 4, drops the torn line with a warning and the logged steps 5-7, and writes them
+    again, identically."""
     loop.run(config(), tmp_path, stop=StopAt(7))
     (tmp_path / "checkpoints" / "7").rename(tmp_path / "lost")  # as if the process died before saving
     assert max(r["step"] for r in metrics(tmp_path)) == 7
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "loss": 7.1')  # killed mid-write
     loop.run(config(), tmp_path)
+    assert "is not a complete JSON record" in capsys.readouterr().err
     assert_same_run(tmp_path, uninterrupted)
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
+    """Checkpoint 6 lost its state/_METADATA: not "an incompatible config" but a damaged
+    checkpoint. Loading the run skips it and renames nothing; training sets it aside and
+    resumes from 4 (other kinds of damage: test_checkpoint.py)."""
+    from rexmoe_jax.inference import load
+
     loop.run(config(), tmp_path, stop=StopAt(6))  # checkpoints 4 and 6
-    for path in (tmp_path / "checkpoints" / "6").rglob("*"):
-        if path.is_file() and path.parent.name == "d":  # the array data files
-            path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    (tmp_path / "checkpoints" / "6" / "state" / "_METADATA").unlink()
+    assert load(tmp_path).step == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "6"]
     loop.run(config(), tmp_path)
     err = capsys.readouterr().err
-    assert "checkpoint 6 is unreadable" in err and "fell back" in err
+    assert "checkpoint 6 is unreadable" in err and "fell back" in err and "Event loop is closed" not in err
     assert (tmp_path / "checkpoints" / "6.corrupt").is_dir()  # set aside, not deleted
     assert_same_run(tmp_path, uninterrupted)
 
@@ -172,10 +184,108 @@ def test_nonfinite_skip_keeps_training(tmp_path):
     bad = ["optim.learning_rate=1e30", "optim.clip_norm=0", "psr.schedule=none", "train.nonfinite=skip"]
     result = loop.run(config(*bad), tmp_path)
     assert result["step"] == 12
-    records = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
-    assert any(not np.isfinite(r["param_norm"]) or not np.isfinite(r["loss"]) for r in records)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=reject_constant) for line in lines]  # strict JSON
+    assert any(r.get("param_norm", 0) is None or r.get("loss", 0) is None for r in records)
     state = final_params(tmp_path, config(*bad))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not strict JSON")
+
+
+class FullDiskAfter(StopRequest):
+    """From `step` on, files cannot grow past 256 KiB (EFBIG, as a full disk gives ENOSPC): the
+    next checkpoint fails in the background. Records the lock file's holder meanwhile."""
+
+    def __init__(self, step, workdir):
+        super().__init__()
+        self.step, self.workdir, self.holder, self.limits = step, workdir, None, None
+
+    def requested(self, step):
+        if step == self.step:
+            self.holder = json.loads((self.workdir / "run.lock").read_text())["pid"]
+            self.limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, self.limits[1]))
+        if step == self.step + 2:
+            time.sleep(2)  # the failed write is over long before: the next step must notice it
+        return False
+
+    def restore(self):
+        if self.limits is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, self.limits)
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+
+
+def test_a_failed_background_save_stops_at_the_next_step_and_keeps_the_rest(tmp_path, uninterrupted):
+    """Checkpoint 8 cannot be written: one line naming the step and the intact checkpoint,
+    raised at the first step after the failure (not at the next save, 12), no temporary folder,
+    the lock released; the same command then resumes from 4 to the uninterrupted run."""
+    full = FullDiskAfter(7, tmp_path)
+    try:
+        with pytest.raises(WriteError) as err:
+            loop.run(config(), tmp_path, stop=full)
+    finally:
+        full.restore()
+    assert str(err.value) == (f"file too large while saving step 8 in {tmp_path / 'checkpoints'}; "
+                              "checkpoint 4 is intact")
+    assert full.holder == os.getpid() and not (tmp_path / "run.lock").exists()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert max(r["step"] for r in metrics(tmp_path)) <= 9  # stopped within two steps of the save
+    loop.run(config(), tmp_path)
+    assert_same_run(tmp_path, uninterrupted)
+
+
+def test_an_unwritable_log_loses_no_step(tmp_path, monkeypatch):
+    """metrics.jsonl becomes unwritable at step 8, whose evaluation line comes after its
+    checkpoint was started: the run stops with checkpoints 4 and 8 on disk."""
+    from rexmoe_jax import runlog
+
+    class RefuseLogsFrom(StopAt):
+        def requested(self, step):
+            if step == self.step:  # after step 8 ran, before its checkpoint and evaluation line
+                monkeypatch.setattr(runlog, "open", refuse, raising=False)
+            return False
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(WriteError) as err:
+        loop.run(config("train.eval_every=4"), tmp_path, stop=RefuseLogsFrom(8))
+    assert str(err.value) == (f"permission denied while writing {tmp_path / 'metrics.jsonl'} at step 8; "
+                              "checkpoints 4 and 8 are intact")
+    assert saved_steps(tmp_path) == [4, 8]
+
+
+def test_a_stop_during_start_up_ends_before_compiling_with_nothing_new(tmp_path):
+    """The stop request comes before the first step: no step, no save, no new file."""
+    stop = StopRequest()
+    stop.signal_name = "SIGTERM"  # as the handler sets it
+    assert loop.run(config(), tmp_path / "fresh", stop=stop) == {"stopped_at": None}
+    assert list((tmp_path / "fresh").iterdir()) == []  # the lock is gone too
+    loop.run(config(), tmp_path / "resumed", stop=StopAt(4))
+    before = snapshot(tmp_path / "resumed")
+    assert loop.run(config(), tmp_path / "resumed", stop=stop) == {"stopped_at": None}
+    assert snapshot(tmp_path / "resumed") == before
+
+
+def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
+    """train.py gets SIGTERM as soon as it has printed its config, while it is still starting:
+    it exits 0 before compiling, without a checkpoint."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *SMALL]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().startswith("config ")
+    proc.send_signal(signal.SIGTERM)
+    start = time.perf_counter()
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "during start-up, before compiling; nothing new to save" in out
+    assert time.perf_counter() - start < 60  # seconds on an idle machine; generous under load
+    assert not (tmp_path / "checkpoints").exists() or saved_steps(tmp_path) == []
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path):

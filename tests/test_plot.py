@@ -22,6 +22,7 @@ def test_truncate_on_resume_and_host_values(tmp_path):
 def test_plot_writes_three_pngs(tmp_path, capsys):
     records = [{"step": s, "loss": 5 - s / 10, "psr_pool_size": 8 + s // 5, "lr": 1e-3} for s in range(1, 21)]
     records.append({"step": 20, "eval_loss": 3.2, "eval_ppl": 24.5})
+    records[5]["loss"] = None  # a non-finite loss, as metrics.jsonl writes it
     (tmp_path / runlog.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     load = np.full((3, 8), 1 / 8)
     load[2, 4:] = 0.0  # a smaller last group of pool 4

@@ -1,10 +1,14 @@
 """metrics.jsonl and routing.jsonl: records written per step, and a resumed run's view of them."""
 
+import errno
 import json
+import os
 
 import numpy as np
+import pytest
 
 from rexmoe_jax import runlog
+from rexmoe_jax.workdir import WriteError
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):
@@ -25,3 +29,51 @@ def test_resume_drops_records_after_the_checkpoint(tmp_path):
 def test_to_host_gives_json_numbers_and_lists():
     record = runlog.to_host({"loss": np.float32(1.5), "layer": np.array([0.123456789, 2.0])})
     assert json.loads(json.dumps(record)) == {"loss": 1.5, "layer": [0.12346, 2.0]}
+
+
+def test_a_torn_last_line_is_dropped_with_a_warning_and_the_log_resumes(tmp_path, capsys):
+    """A process killed mid-write leaves half a line; resuming drops it instead of crashing."""
+    path = tmp_path / "metrics.jsonl"
+    whole = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in whole) + '{"step": 3, "lo')
+    log = runlog.RunLog(tmp_path, resumed_step=2)
+    assert f"{path}:3 is not a complete JSON record" in capsys.readouterr().err
+    log.write({"step": 3, "loss": 1.0})
+    log.close()
+    assert runlog.read_records(path) == whole + [{"step": 3, "loss": 1.0}]
+    assert path.read_text().count("\n") == 3  # the torn piece is gone from the file
+
+
+def test_non_finite_values_are_written_as_null(tmp_path):
+    log = runlog.RunLog(tmp_path, resumed_step=0)
+    log.write({"step": 1, "loss": float("nan"), "grad_norm": float("inf"), "layer_lbv_max": [0.5, float("-inf")]})
+    log.close()
+    line = (tmp_path / "metrics.jsonl").read_text()
+
+    def reject(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    assert json.loads(line, parse_constant=reject) == {"step": 1, "loss": None, "grad_norm": None,
+                                                        "layer_lbv_max": [0.5, None]}
+
+
+def test_a_failed_write_names_the_file_and_step(tmp_path, monkeypatch):
+    log = runlog.RunLog(tmp_path, resumed_step=0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full_disk)
+    with pytest.raises(WriteError) as err:
+        log.write({"step": 7, "loss": 1.0})
+    assert str(err.value) == f"no space left on device while writing {tmp_path / 'metrics.jsonl'} at step 7"
+
+
+def test_sync_flushes_to_disk(tmp_path, monkeypatch):
+    log = runlog.RunLog(tmp_path, resumed_step=0)
+    log.write({"step": 1, "loss": 1.0})
+    log.write_routing(1, np.full((1, 2), 0.5), np.array([2]))
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    log.sync()
+    assert synced == [str(tmp_path / "metrics.jsonl"), str(tmp_path / "routing.jsonl")]

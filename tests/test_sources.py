@@ -1,10 +1,13 @@
 """Reading corpora: file patterns, documents from text formats, and token documents."""
 
 import json
+import re
 
 import numpy as np
+import pytest
 
 from rexmoe_jax import sources
+from rexmoe_jax.config import ConfigError
 
 
 def test_text_documents_per_format(tmp_path):
@@ -27,3 +30,41 @@ def test_token_documents_split_at_end_of_text_and_array_records_round_trip(tmp_p
     sources.write_array_record(tmp_path / "t.arrayrecord", documents)
     back = list(sources.read_token_documents([tmp_path / "t.arrayrecord"], eod_id=0))
     assert [d.tolist() for d in back] == [[1, 2, 3], [70_000]]
+
+
+def test_jsonl_with_bytes_that_are_not_utf8_names_the_file_and_line(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(path))}:2: not UTF-8 text") as err:
+        list(sources.read_text_documents([path], "text", "paragraph"))
+    assert "\n" not in str(err.value)
+
+
+def test_a_missing_json_lines_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="missing.jsonl' cannot be read"):
+        list(sources.json_lines(tmp_path / "missing.jsonl"))
+
+
+def test_parquet_text_column_holding_integers(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "c.parquet")
+    with pytest.raises(ConfigError, match=r"c.parquet'.*column 'text' holds int64, not text"):
+        list(sources.read_text_documents([tmp_path / "c.parquet"], "text", "paragraph"))
+
+
+def test_negative_token_ids_are_refused(tmp_path):
+    np.save(tmp_path / "t.npy", np.asarray([5, -3, 0, 7], np.int32))
+    with pytest.raises(ConfigError, match=r"t.npy' holds negative token ids \(down to -3\)"):
+        list(sources.read_token_documents([tmp_path / "t.npy"], eod_id=0))
+    sources.write_array_record(tmp_path / "t.arrayrecord", [np.asarray([1, -2], np.int32)])
+    with pytest.raises(ConfigError, match="t.arrayrecord' holds negative token ids"):
+        list(sources.read_token_documents([tmp_path / "t.arrayrecord"], eod_id=0))
+
+
+def test_missing_files_blame_the_setting_they_came_from(tmp_path):
+    with pytest.raises(ConfigError, match="^--input-set psalms="):
+        sources.corpus_files(str(tmp_path / "missing.txt"), setting="--input-set psalms")
+    with pytest.raises(ConfigError, match="^data.corpus="):
+        sources.corpus_files(str(tmp_path / "missing.txt"))

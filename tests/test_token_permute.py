@@ -9,7 +9,21 @@ from pallas_kernels import token_permute
 
 # Fixed per dtype: float32 gathers are exact up to summation order; bf16 rounds once per op.
 TOLERANCE = {jnp.float32: {"rtol": 1e-5, "atol": 1e-6}, jnp.bfloat16: {"rtol": 2e-2, "atol": 2e-2}}
-IMPLEMENTATIONS = ["xla", "pallas", "reference"]
+JAX_VERSION = tuple(int(part) for part in jax.__version__.split(".")[:2])
+# Mosaic GPU's interpret mode (plgpu.InterpretGPUParams) arrived in jax 0.12, which needs Python 3.12
+# (the main environment is Python 3.11 with jax 0.10.2): .ci/run runs them in a second, 3.12 leg.
+needs_gpu_interpret = pytest.mark.skipif(
+    JAX_VERSION < (0, 12),
+    reason=f"Mosaic GPU interpret mode needs jax >= 0.12; this is jax {jax.__version__}")
+# On a GPU, "pallas" is the Mosaic GPU kernels, which want widths that are multiples of 128.
+gpu_widths = pytest.mark.skipif(
+    jax.default_backend() == "gpu",
+    reason="these widths are below the Mosaic GPU kernels' multiple of 128; tests/test_gpu.py checks D = 512")
+# (implementation, interpret): "pallas" on CPU runs the TPU kernels in interpret mode by default.
+IMPLEMENTATIONS = [pytest.param("xla", None, id="xla"),
+                   pytest.param("pallas", None, id="pallas", marks=gpu_widths),
+                   pytest.param("pallas", "gpu", id="pallas-gpu-interpret", marks=needs_gpu_interpret),
+                   pytest.param("reference", None, id="reference")]
 
 
 def problem(tokens, top_k, pool, d, dtype, seed):
@@ -50,18 +64,19 @@ CASES = [(13, 2, 8, 16), (8, 1, 4, 8), (21, 4, 16, 8)]  # tokens not a multiple 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"T{c[0]}K{c[1]}" for c in CASES])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
-def test_values_and_gradients_match_numpy(implementation, case, dtype):
+@pytest.mark.parametrize("implementation,interpret", IMPLEMENTATIONS)
+def test_values_and_gradients_match_numpy(implementation, interpret, case, dtype):
     p = problem(*case, dtype, seed=case[0])
     order, inverse, k = jnp.asarray(p["order"]), jnp.asarray(p["inverse"]), p["k"]
     x, y = jnp.asarray(p["x"], dtype), jnp.asarray(p["y"], dtype)
     gates = jnp.asarray(p["gates"])
 
     def perm(x):
-        return token_permute.permute(x, order, inverse, k, implementation=implementation)
+        return token_permute.permute(x, order, inverse, k, implementation=implementation, interpret=interpret)
 
     def comb(y, gates):
-        return token_permute.combine(y, order, inverse, gates, implementation=implementation)
+        return token_permute.combine(y, order, inverse, gates, implementation=implementation,
+                                     interpret=interpret)
 
     permuted, permute_vjp = jax.vjp(perm, x)
     combined, combine_vjp = jax.vjp(comb, y, gates)
@@ -86,6 +101,10 @@ def test_inverse_permutation_and_input_checks():
         token_permute.permute(jnp.ones((2, 4), jnp.int32), jnp.arange(4), jnp.arange(4), 2)
     with pytest.raises(ValueError, match="y has 3 rows"):
         token_permute.combine(jnp.ones((3, 4)), jnp.arange(4), jnp.arange(4), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match="applies to implementation='pallas' only"):
+        token_permute.permute(x, jnp.arange(4), jnp.arange(4), 2, interpret="gpu")
+    with pytest.raises(ValueError, match="unknown interpret mode"):
+        token_permute.permute(x, jnp.arange(4), jnp.arange(4), 2, implementation="pallas", interpret="cuda")
 
 
 def test_xla_gradients_contain_no_scatter():
@@ -102,3 +121,56 @@ def test_xla_gradients_contain_no_scatter():
 
     assert "scatter" not in backward_program("xla")
     assert "scatter" in backward_program("reference")  # XLA's own gradient of a gather
+
+
+@needs_gpu_interpret
+def test_mosaic_gpu_pipeline_is_race_free():
+    """The five gathers the Mosaic GPU path runs, each over several blocks per CTA, a tail block
+    and an uneven split of blocks, under the interpreter's race detector: a read of a row slot
+    that does not wait for its copies, or a refill that does not wait for the store before it,
+    raises. Expected values are the NumPy oracle's."""
+    from pallas_kernels.token_permute import mosaic_gpu
+
+    p = problem(21, 2, 8, 16, jnp.float32, seed=1)
+    params = mosaic_gpu.interpret_params(detect_races=True)
+    order, inverse, k = jnp.asarray(p["order"]), jnp.asarray(p["inverse"]), p["k"]
+    y, gates, cot_c = jnp.asarray(p["y"]), jnp.asarray(p["gates"]), jnp.asarray(p["cot_c"])
+    gathered = (mosaic_gpu.gather_rows(jnp.asarray(p["x"]), order // k, interpret=params),
+           mosaic_gpu.gather_combine(jnp.asarray(p["cot_p"]), inverse, top_k=k, interpret=params),
+           mosaic_gpu.gather_combine(y, inverse, gates, top_k=k, interpret=params),
+           mosaic_gpu.gather_rows(cot_c, order // k, gates.reshape(-1)[order], interpret=params),
+           mosaic_gpu.gather_dot(y, inverse, cot_c, k, interpret=params))
+    for got, want, name in zip(gathered, numpy_expected(p), ("permute", "d x", "combine", "d y", "d gates")):
+        np.testing.assert_allclose(np.asarray(got), want, err_msg=name, **TOLERANCE[jnp.float32])
+
+
+def test_mosaic_gpu_kernels_lower_for_a_gpu_with_gathers_only():
+    """No GPU here, but lowering for CUDA runs Mosaic GPU's layout inference and its SMEM budget
+    check: at a paper width (D = 512, bf16, K = 8) permute and combine, forward and backward,
+    become Mosaic GPU kernels and no scatter. A width that is not a multiple of 128 is refused."""
+    from pallas_kernels.token_permute import mosaic_gpu
+
+    t, k, d = 256, 8, 512
+    order = jnp.asarray(np.random.default_rng(0).permutation(t * k), jnp.int32)
+
+    def loss(x, y, gates):
+        rows = mosaic_gpu.permute(x, order, order, k)
+        return jnp.sum(mosaic_gpu.combine(rows + y, order, order, gates).astype(jnp.float32))
+
+    args = (jnp.zeros((t, d), jnp.bfloat16), jnp.zeros((t * k, d), jnp.bfloat16), jnp.zeros((t, k)))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    # permute; d x, d y, d gates (combine's own output is not needed by the gradient).
+    assert text.count("custom_call @mosaic_gpu") == 4 and "stablehlo.scatter" not in text
+    with pytest.raises(ValueError, match="multiple of 128"):
+        mosaic_gpu.gather_rows(jnp.zeros((8, 64)), jnp.arange(8))
+
+
+def test_auto_is_xla_on_cpu_and_pallas_elsewhere(monkeypatch):
+    from pallas_kernels.token_permute import api
+
+    assert api.resolve("auto", 256) == "xla" and api.resolve("reference", 256) == "reference"
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "tpu")
+    assert api.resolve("auto", 64) == "pallas"
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    assert (api.resolve("auto", 256), api.resolve("auto", 200)) == ("pallas", "xla")  # GPU rows: D % 128

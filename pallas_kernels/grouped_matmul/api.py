@@ -41,6 +41,12 @@ def resolve(implementation: Implementation) -> str:
     return "ragged_dot"
 
 
+def alignment(implementation: Implementation) -> int:
+    """The multiple the widths I and O should be of for `implementation` (1: any). Callers that
+    reuse weights across calls pad them once to this, and the call pads nothing."""
+    return _TOKAMAX_ALIGN if resolve(implementation) == "tokamax" else 1
+
+
 def _tokamax(lhs_MxI, rhs_ExIxO, group_sizes_E, preferred_element_type):
     try:
         import tokamax

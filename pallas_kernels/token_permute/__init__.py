@@ -1,5 +1,5 @@
 """Token permute and combine for MoE dispatch; see api.py for shapes and implementations."""
 
-from pallas_kernels.token_permute.api import Implementation, combine, inverse_permutation, permute
+from pallas_kernels.token_permute.api import Implementation, Interpret, combine, inverse_permutation, permute
 
-__all__ = ["Implementation", "combine", "inverse_permutation", "permute"]
+__all__ = ["Implementation", "Interpret", "combine", "inverse_permutation", "permute"]

@@ -9,9 +9,18 @@ float32 or the activations' dtype; combine accumulates in float32. Implementatio
 
   "xla"        jnp.take gathers; the backward passes are gathers by the inverse permutation
                (no scatter-add). Every backend; the default.
-  "pallas"     the same math as Pallas kernels: Mosaic TPU on TPU, TPU interpret mode on CPU.
+  "pallas"     the same math as Pallas kernels: Mosaic TPU on TPU (pallas.py), Mosaic GPU on GPU
+               (mosaic_gpu.py, TMA: Hopper or newer, D a multiple of 128), and on CPU the TPU
+               kernels in TPU interpret mode.
   "reference"  plain indexing with XLA's own gradients (scatter-adds): the oracle, and the
                baseline a user would otherwise get.
+  "auto"       "pallas" on GPU and TPU, where the kernels' gathers replace XLA's gather
+               fusions (on GPU only for widths the Mosaic GPU kernels take, D % 128 == 0);
+               "xla" on CPU, where Pallas runs only in interpret mode (slow).
+
+`interpret` picks, for "pallas" only, which kernels to run on the CPU whatever the backend:
+"tpu" (TPU interpret mode) or "gpu" (GPU interpret mode, which needs jax >= 0.12). Left None,
+the backend decides as above.
 """
 
 from __future__ import annotations
@@ -21,32 +30,53 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.token_permute import pallas, reference, xla
+from pallas_kernels.token_permute import mosaic_gpu, pallas, reference, xla
 
-Implementation = Literal["xla", "pallas", "reference"]
+Implementation = Literal["auto", "xla", "pallas", "reference"]
+Interpret = Literal["tpu", "gpu"]
 
 
 def inverse_permutation(order_A: jax.Array) -> jax.Array:
     return jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0], dtype=order_A.dtype))
 
 
-def _interpret() -> bool:
+def _pallas(interpret: Interpret | None):
+    """(kernel module, interpret flag) for "pallas": the backend's own kernels, or those asked for."""
+    if interpret is None:
+        backend = jax.default_backend()
+        if backend == "gpu":
+            return mosaic_gpu, False
+        return pallas, backend == "cpu"  # No GPU interpret mode by default: it needs jax >= 0.12.
+    if interpret == "tpu":
+        return pallas, True
+    if interpret == "gpu":
+        return mosaic_gpu, True
+    raise ValueError(f"unknown interpret mode {interpret!r}; expected 'tpu', 'gpu' or None")
+
+
+def resolve(implementation: Implementation, width: int) -> str:
+    """The concrete implementation "auto" stands for on the default backend, for rows of `width`."""
+    if implementation != "auto":
+        return implementation
     backend = jax.default_backend()
-    if backend == "gpu":
-        raise ValueError("the 'pallas' token permute targets TPU (and CPU interpret mode); on GPU use "
-                         "implementation='xla', whose backward passes are gathers as well")
-    return backend == "cpu"
+    if backend == "tpu" or (backend == "gpu" and width % mosaic_gpu.ROW_ALIGN == 0):
+        return "pallas"
+    return "xla"
 
 
-def _implementation(name: str, operation: str):
+def _implementation(name: str, operation: str, interpret: Interpret | None, width: int):
     """(module, trailing arguments) of an implementation: Pallas also needs interpret mode."""
+    name = resolve(name, width) if interpret is None else name
+    if name != "pallas" and interpret is not None:
+        raise ValueError(f"interpret={interpret!r} applies to implementation='pallas' only, not {name!r}")
     if name == "xla":
         return xla, ()
     if name == "pallas":
-        return pallas, (_interpret(),)
+        module, flag = _pallas(interpret)
+        return module, (flag,)
     if name == "reference":
         return reference, ()
-    raise ValueError(f"unknown {operation} implementation {name!r}; expected xla, pallas or reference")
+    raise ValueError(f"unknown {operation} implementation {name!r}; expected auto, xla, pallas or reference")
 
 
 def _check(order_A, inverse_A, rows, top_k):
@@ -58,21 +88,21 @@ def _check(order_A, inverse_A, rows, top_k):
 
 
 def permute(x_TxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, top_k: int, *,
-            implementation: Implementation = "xla") -> jax.Array:
+            implementation: Implementation = "xla", interpret: Interpret | None = None) -> jax.Array:
     if x_TxD.ndim != 2 or not jnp.issubdtype(x_TxD.dtype, jnp.floating):
         raise ValueError(f"permute expects float x of shape (T, D); got {x_TxD.shape} {x_TxD.dtype}")
     _check(order_A, inverse_A, x_TxD.shape[0], top_k)
-    module, extra = _implementation(implementation, "permute")
+    module, extra = _implementation(implementation, "permute", interpret, x_TxD.shape[1])
     return module.permute(x_TxD, order_A, inverse_A, top_k, *extra)
 
 
 def combine(y_AxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, gates_TxK: jax.Array, *,
-            implementation: Implementation = "xla") -> jax.Array:
+            implementation: Implementation = "xla", interpret: Interpret | None = None) -> jax.Array:
     if y_AxD.ndim != 2 or gates_TxK.ndim != 2:
         raise ValueError(f"combine expects y (A, D) and gates (T, K); got {y_AxD.shape} and {gates_TxK.shape}")
     t, k = gates_TxK.shape
     _check(order_A, inverse_A, t, k)
     if y_AxD.shape[0] != t * k:
         raise ValueError(f"y has {y_AxD.shape[0]} rows but gates give {t} x {k} assignments")
-    module, extra = _implementation(implementation, "combine")
+    module, extra = _implementation(implementation, "combine", interpret, y_AxD.shape[1])
     return module.combine(y_AxD, order_A, inverse_A, gates_TxK, *extra)

@@ -15,12 +15,12 @@ TPU wants blocks of 8 rows and widths that are multiples of 128 for full speed.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.token_permute.gather_vjp import RowGathers, permute_and_combine
 
 
 def _pad_rows(x, multiple):
@@ -104,43 +104,21 @@ def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int = 8, interpret:
     return out[:t]
 
 
-# The autodiff wrappers: forward and backward are the kernels above.
+# The autodiff wrappers (gather_vjp.py): forward and backward are the kernels above.
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def permute(x_TxD, order_A, inverse_A, top_k, interpret=False):
-    ones = jnp.ones(order_A.shape, jnp.float32)
-    return gather_rows(x_TxD, order_A // top_k, ones, interpret=interpret)
-
-
-def _permute_fwd(x_TxD, order_A, inverse_A, top_k, interpret):
-    return permute(x_TxD, order_A, inverse_A, top_k, interpret), (order_A, inverse_A)
+def _rows(src_MxD, idx_A, scale_A, interpret):
+    scale_A = jnp.ones(idx_A.shape, jnp.float32) if scale_A is None else scale_A
+    return gather_rows(src_MxD, idx_A, scale_A, interpret=interpret)
 
 
-def _permute_bwd(top_k, interpret, residuals, dout_AxD):
-    _, inverse_A = residuals
-    ones = jnp.ones((inverse_A.shape[0] // top_k, top_k), jnp.float32)
-    return gather_combine(dout_AxD, inverse_A, ones, interpret=interpret), None, None
+def _combine(src_AxD, idx_A, weights_TxK, interpret, *, top_k):
+    if weights_TxK is None:
+        weights_TxK = jnp.ones((idx_A.shape[0] // top_k, top_k), jnp.float32)
+    return gather_combine(src_AxD, idx_A, weights_TxK, interpret=interpret)
 
 
-permute.defvjp(_permute_fwd, _permute_bwd)
+def _dot(src_AxD, idx_A, dy_TxD, interpret, *, top_k):
+    return gather_dot(src_AxD, idx_A, dy_TxD, top_k, interpret=interpret)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def combine(y_AxD, order_A, inverse_A, gates_TxK, interpret=False):
-    return gather_combine(y_AxD, inverse_A, gates_TxK, interpret=interpret)
-
-
-def _combine_fwd(y_AxD, order_A, inverse_A, gates_TxK, interpret):
-    return combine(y_AxD, order_A, inverse_A, gates_TxK, interpret), (y_AxD, order_A, inverse_A, gates_TxK)
-
-
-def _combine_bwd(interpret, residuals, dout_TxD):
-    y_AxD, order_A, inverse_A, gates_TxK = residuals
-    k = gates_TxK.shape[1]
-    scale_A = jnp.take(gates_TxK.reshape(-1).astype(jnp.float32), order_A)
-    dy = gather_rows(dout_TxD.astype(y_AxD.dtype), order_A // k, scale_A, interpret=interpret)
-    dgates = gather_dot(y_AxD, inverse_A, dout_TxD, k, interpret=interpret)
-    return dy, None, None, dgates.astype(gates_TxK.dtype)
-
-
-combine.defvjp(_combine_fwd, _combine_bwd)
+permute, combine = permute_and_combine(RowGathers(_rows, _combine, _dot))

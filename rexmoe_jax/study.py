@@ -1,0 +1,278 @@
+"""Reproduction studies: a TOML study file of arms x seeds, run as a resumable queue, reported.
+
+    python -m rexmoe_jax.study run studies/NAME.toml [--corpus DIR] [--parallel N] [--cores-per-run C]
+    python -m rexmoe_jax.study report studies/NAME.toml
+
+A study file names a preset, overrides shared by every arm ([base]), the budget ([budget]: the
+train.* cadences), the seeds, the arms (each a name and its own overrides, optionally fewer
+seeds) and the questions the report answers. `run` trains every (arm, seed) as a subprocess of
+train.py in RUNS/<study>/<arm>/seed<k>, at most --parallel at once, each pinned to its own cores
+with its thread pools sized to them, the first seed of every arm before any second seed. A run
+whose record exists is skipped; an interrupted one resumes from its checkpoints (train.py does
+that given the same folder). Each finished run leaves a compact JSON record in the results
+folder (see study_record.py); `report` turns the records into docs/reproduction.md
+(see study_report.py). SIGTERM or SIGINT stops the children cleanly (they checkpoint and exit),
+and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import re
+import sys
+import tomllib
+
+from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRAIN_SCRIPT = ROOT / "train.py"
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Study-file keys mapped to train.* fields; budget.steps is required, the rest optional.
+_BUDGET_KEYS = ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_every", "keep_checkpoints")
+# Metrics a question may compare, read from a run record (study_record.py).
+METRICS = ("final_eval_loss", "final_underused_share", "final_lbv_max", "final_foreign_share")
+
+
+class StudyError(ValueError):
+    """A bad study file, or results that do not belong to it; the message names the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    name: str
+    overrides: tuple[str, ...]
+    seeds: tuple[int, ...]
+    group: str  # Arms of a group share a figure in the report ("core", "reviewers", ...).
+    about: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    """"Is `arm` different from `against` in `metric`?", answered by paired seeds."""
+
+    text: str
+    arm: str
+    against: str
+    metric: str  # One of METRICS, or "eval_loss@STEP" (the held-out loss at an eval step).
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    name: str
+    title: str
+    path: pathlib.Path
+    preset: pathlib.Path
+    corpus: str  # How to build the corpus; non-empty means `run` needs --corpus.
+    baseline: str
+    base: tuple[str, ...]  # [budget] as train.* overrides, then [base].
+    steps: int
+    arms: tuple[Arm, ...]
+    questions: tuple[Question, ...]
+    heatmaps: tuple[str, ...]  # Arms whose final expert loads the report draws.
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def overrides(self, arm: Arm, seed: int) -> list[str]:
+        """The run's overrides as recorded: everything but the machine's corpus path."""
+        return [*self.base, *arm.overrides, f"train.seed={seed}"]
+
+    def queue(self) -> list[tuple[Arm, int]]:
+        """Every (arm, seed), seed-major: all first seeds, then all second seeds, ..., so
+        partial results cover every arm."""
+        depth = max(len(a.seeds) for a in self.arms)
+        return [(a, a.seeds[i]) for i in range(depth) for a in self.arms if i < len(a.seeds)]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a study file. Every problem is a StudyError naming the key, the arm or the question.
+
+
+def _flatten(table: dict, prefix: str = "") -> dict[str, object]:
+    """{"model": {"reuse": 4}} and {"model.reuse": 4} both -> {"model.reuse": 4}: TOML's dotted
+    keys nest, quoted ones do not, and a study file may use either."""
+    flat = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _override_list(table: object, where: str) -> tuple[str, ...]:
+    if not isinstance(table, dict):
+        raise StudyError(f"{where} must be a table of config keys, e.g. {{\"model.reuse\" = 4}}")
+    items = []
+    for key, value in _flatten(table).items():
+        if isinstance(value, bool):  # Before int: bool is an int in Python.
+            text = "true" if value else "false"
+        elif isinstance(value, (int, float, str)):
+            text = str(value)
+        else:
+            raise StudyError(f"{where}: {key} must be a number, string or boolean, got {type(value).__name__}")
+        items.append(f"{key}={text}")
+    return tuple(items)
+
+
+def _check_keys(table: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(table) - set(allowed))
+    if unknown:
+        raise StudyError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+
+
+def _required(table: dict, key: str, kind: type, where: str):
+    if key not in table:
+        raise StudyError(f"{where}: {key!r} is missing")
+    value = table[key]
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise StudyError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _budget(table: object) -> tuple[int, tuple[str, ...]]:
+    if not isinstance(table, dict):
+        raise StudyError("[budget] is missing; it needs at least steps")
+    _check_keys(table, _BUDGET_KEYS, "[budget]")
+    steps = _required(table, "steps", int, "[budget]")
+    if table.get("checkpoint_every", 0) <= 0:
+        raise StudyError("[budget] checkpoint_every must be > 0, so that an interrupted run loses little")
+    return steps, tuple(f"train.{key}={table[key]}" for key in _BUDGET_KEYS if key in table)
+
+
+def _arm(table: object, seeds: tuple[int, ...], index: int) -> Arm:
+    if not isinstance(table, dict):
+        raise StudyError(f"[[arm]] number {index + 1} is not a table")
+    name = _required(table, "name", str, f"[[arm]] number {index + 1}")
+    where = f"arm {name!r}"
+    _check_keys(table, ("name", "about", "group", "seeds", "set"), where)
+    if not _NAME.fullmatch(name):
+        raise StudyError(f"{where}: a name may hold letters, digits, '.', '_' and '-' (it names a folder)")
+    count = table.get("seeds", len(seeds))
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= len(seeds):
+        raise StudyError(f"{where}: seeds must be an integer from 1 to {len(seeds)} (the study's seeds)")
+    return Arm(name, _override_list(table.get("set", {}), where), seeds[:count],
+               str(table.get("group", "core")), str(table.get("about", "")))
+
+
+def _question(table: object, arms: set[str], index: int) -> Question:
+    where = f"[[question]] number {index + 1}"
+    if not isinstance(table, dict):
+        raise StudyError(f"{where} is not a table")
+    _check_keys(table, ("text", "arm", "against", "metric"), where)
+    question = Question(_required(table, "text", str, where), _required(table, "arm", str, where),
+                        _required(table, "against", str, where), str(table.get("metric", "final_eval_loss")))
+    for name in (question.arm, question.against):
+        if name not in arms:
+            raise StudyError(f"{where}: no arm named {name!r}")
+    if question.metric not in METRICS and not re.fullmatch(r"eval_loss@\d+", question.metric):
+        raise StudyError(f"{where}: metric {question.metric!r} is not one of {', '.join(METRICS)} "
+                         "or eval_loss@STEP")
+    return question
+
+
+def _check_configs(study: Study) -> None:
+    """Builds every arm's config now, so a bad override stops the study before any training."""
+    try:
+        preset = load_preset(study.preset)
+    except ConfigError as err:
+        raise StudyError(f"preset: {err}") from None
+    for arm in study.arms:
+        try:
+            config = apply_overrides(preset, study.overrides(arm, arm.seeds[0]))
+        except ConfigError as err:
+            raise StudyError(f"arm {arm.name!r}: {err}") from None
+        if config.train.steps != study.steps:
+            raise StudyError(f"arm {arm.name!r} changes train.steps; the budget is the same for every arm")
+
+
+def load_study(path: str | pathlib.Path) -> Study:
+    """Reads and validates a study file; raises StudyError naming what is wrong."""
+    path = pathlib.Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise StudyError(f"cannot read {str(path)!r} ({err.strerror})") from None
+    except tomllib.TOMLDecodeError as err:
+        raise StudyError(f"not valid TOML ({err})") from None
+    _check_keys(raw, ("name", "title", "preset", "corpus", "baseline", "seeds", "budget", "base", "arm",
+                      "question", "heatmaps"), "top level")
+    name = _required(raw, "name", str, "top level")
+    if not _NAME.fullmatch(name):
+        raise StudyError("name may hold letters, digits, '.', '_' and '-' (it names folders)")
+    seeds = _required(raw, "seeds", list, "top level")
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise StudyError("seeds must be a non-empty list of distinct integers >= 0")
+    steps, budget = _budget(raw.get("budget"))
+    arms = tuple(_arm(table, tuple(seeds), i) for i, table in enumerate(_required(raw, "arm", list, "top level")))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        raise StudyError(f"arm {next(n for n in names if names.count(n) > 1)!r} is defined twice")
+    baseline = _required(raw, "baseline", str, "top level")
+    for arm_name in (baseline, *raw.get("heatmaps", [])):
+        if arm_name not in names:
+            raise StudyError(f"baseline or heatmaps: no arm named {arm_name!r}")
+    questions = tuple(_question(t, set(names), i) for i, t in enumerate(raw.get("question", [])))
+    study = Study(name, str(raw.get("title", name)), path, ROOT / _required(raw, "preset", str, "top level"),
+                  str(raw.get("corpus", "")), baseline, budget + _override_list(raw.get("base", {}), "[base]"),
+                  steps, arms, questions, tuple(raw.get("heatmaps", [])))
+    _check_configs(study)
+    return study
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.study", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train the study's runs that have no record yet")
+    run.add_argument("study", help="the study file (TOML)")
+    run.add_argument("--corpus", default="", help="the prepared corpus folder the study file asks for")
+    run.add_argument("--runs", default=str(ROOT / "runs"), help="root of the run folders (default: runs/)")
+    run.add_argument("--results", default=None, help="records folder (default: studies/results/<study>)")
+    run.add_argument("--parallel", type=int, default=1, help="trainings at once (default 1)")
+    run.add_argument("--cores-per-run", type=int, default=1, help="cores pinned to each training (default 1)")
+    run.add_argument("--cores", default="", help="cores to use, e.g. 1 or 0-3 (default: all this process may use)")
+    run.add_argument("--dry-run", action="store_true", help="print the queue and exit")
+    report = commands.add_parser("report", help="write docs/reproduction.md and its figures from the records")
+    report.add_argument("study", help="the study file (TOML)")
+    report.add_argument("--results", default=None, help="records folder (default: studies/results/<study>)")
+    report.add_argument("--output", default=str(ROOT / "docs" / "reproduction.md"),
+                        help="the Markdown file; figures go to a folder of the same stem beside it")
+    return parser.parse_args(argv)
+
+
+def results_folder(study: Study, given: str | None) -> pathlib.Path:
+    return pathlib.Path(given) if given else ROOT / "studies" / "results" / study.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        study = load_study(args.study)
+    except StudyError as err:
+        print(f"error: study file {args.study}: {err}", file=sys.stderr)
+        return 2
+    try:
+        results = results_folder(study, args.results)
+        if args.command == "report":
+            from rexmoe_jax import study_report
+
+            return study_report.write_report(study, results, pathlib.Path(args.output))
+        from rexmoe_jax import study_runner
+
+        return study_runner.run(study, study_runner.Options.from_args(args, study, results))
+    except StudyError as err:  # Options, or records that do not belong to the study.
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

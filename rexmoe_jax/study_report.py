@@ -1,0 +1,226 @@
+"""docs/reproduction.md from a study's records: intervals, paired differences, verdicts.
+
+Every number is a mean over seeds with a 95% Student-t interval, and every comparison is
+paired: arm minus the other arm on the same seed, which shares its data order, held-out set and
+initial routers' random stream, so seed-to-seed noise cancels. A verdict says "lower" or
+"higher" only when the paired interval excludes zero; with fewer than two paired seeds it says
+that there are not enough runs yet. Missing runs are listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pathlib
+
+import numpy as np
+
+from rexmoe_jax import study_figures
+from rexmoe_jax.study import Study
+from rexmoe_jax.study_record import load_record
+from rexmoe_jax.study_stats import mean_interval, paired_difference
+
+# metric -> (what it is, unit, what "lower" means, what "higher" means)
+_METRICS = {
+    "final_eval_loss": ("final held-out loss", "nats", "better", "worse"),
+    "final_underused_share": ("final share of under-used experts", "", "more balanced", "less balanced"),
+    "final_lbv_max": ("final largest LBV", "", "more balanced", "less balanced"),
+    "final_foreign_share": ("final share of cross-layer assignments", "", "less cross-layer routing",
+                            "more cross-layer routing"),
+}
+
+
+def metric_value(record: dict, metric: str) -> float | None:
+    if metric.startswith("eval_loss@"):
+        step = int(metric.split("@")[1])
+        steps = record["eval"]["step"]
+        return record["eval"]["eval_loss"][steps.index(step)] if step in steps else None
+    return record["final"].get(metric.removeprefix("final_"))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_records(study: Study, results: pathlib.Path) -> dict[str, dict[int, dict]]:
+    """arm -> seed -> record, for the planned runs that have one."""
+    found: dict[str, dict[int, dict]] = {arm.name: {} for arm in study.arms}
+    for arm, seed in study.queue():
+        record = load_record(results / arm.name / f"seed{seed}.json", study.overrides(arm, seed))
+        if record is not None:
+            found[arm.name][seed] = record
+    return found
+
+
+def _values(records: dict[int, dict], metric: str) -> dict[int, float]:
+    return {seed: metric_value(r, metric) for seed, r in records.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _tokens(n: float | None) -> str:
+    if n is None:
+        return "unknown"
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
+
+
+def _status(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
+    planned = len(study.queue())
+    done = sum(len(v) for v in found.values())
+    lines = ["## Status", "", f"{done} of {planned} planned runs are recorded."]
+    missing = [f"`{a.name}` seed{'s' if len(a.seeds) - len(found[a.name]) > 1 else ''} "
+               + ", ".join(str(s) for s in a.seeds if s not in found[a.name])
+               for a in study.arms if len(found[a.name]) < len(a.seeds)]
+    if missing:
+        lines.append("Missing: " + "; ".join(missing) + ". Everything below uses only the recorded runs.")
+    absent = [a.name for a in study.arms if not found[a.name]]
+    if absent:
+        lines.append(f"Arms with no run yet: {', '.join(f'`{n}`' for n in absent)}.")
+    return lines + [""]
+
+
+def _corpus_line(corpus: dict, train_tokens: int | None, epochs: float) -> str:
+    if "num_documents" not in corpus:
+        return f"- Corpus `{corpus.get('name')}` (not a prepared folder: its token count is not recorded)."
+    return (f"- Corpus `{corpus['name']}`: {corpus['num_documents']:,} documents, {_tokens(corpus['num_tokens'])} "
+            f"tokens ({corpus['vocab_size']:,}-token tokenizer); training split {_tokens(train_tokens)} tokens, so "
+            f"a run reads {epochs:.3f} of an epoch"
+            + (": text repeats within a run." if epochs > 1 else ": no text repeats within a run."))
+
+
+def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
+    records = [r for runs in found.values() for r in runs.values()]
+    if not records:
+        return ["## Setup", "", "No run is recorded yet.", ""]
+    first = records[0]
+    config, tokens, corpus = first["config"], first["tokens"], first["corpus"]
+    walls = [r["time"]["wall_seconds"] for r in records]
+    epochs = max((r["tokens"]["epochs"] or 0) for r in records)
+    lines = ["## Setup", "",
+             f"- Preset `{study.preset.relative_to(study.preset.parent.parent)}` with, for every arm:",
+             "", "  ```", *(f"  {o}" for o in study.base), "  ```", "",
+             (f"- {study.steps:,} steps of {config['data']['batch_size']} x {config['data']['seq_len']} = "
+              f"{tokens['per_step']:,} tokens: {_tokens(tokens['trained'])} tokens per run; PSR t_s = "
+              f"{config['psr']['start_step']:,}, t_e = {config['psr']['end_step']:,} (where an arm turns PSR on)."),
+             _corpus_line(corpus, tokens["corpus_train"], epochs),
+             f"- Held-out evaluation: {_tokens(tokens['per_eval'])} tokens every {config['train']['eval_every']} steps.",
+             (f"- Wall time: {sum(walls) / 3600:.1f} h in all over {len(records)} runs "
+              f"({min(walls) / 60:.0f} to {max(walls) / 60:.0f} min each) on {first['cpu'] or 'an unnamed CPU'}, "
+              f"{first['cores_per_run']} core(s) per run."),
+             f"- Code: commit(s) {', '.join(sorted({c[:10] for r in records for c in r['commits']}))}"
+             + (" (some with uncommitted changes)." if any(r["dirty"] for r in records) else "."), "",
+             "| arm | what | overrides | parameters (total / active / router) | seeds done | min per run | tokens/s |",
+             "|---|---|---|---|---|---|---|"]
+    for arm in study.arms:
+        runs = list(found[arm.name].values())
+        sizes = runs[0]["sizes"] if runs else None
+        size = (f"{sizes['params_total'] / 1e6:.2f}M / {sizes['params_active'] / 1e6:.2f}M / "
+                f"{sizes['params_router'] / 1e3:.1f}k") if sizes else "-"
+        minutes = f"{np.mean([r['time']['wall_seconds'] for r in runs]) / 60:.0f}" if runs else "-"
+        rate = f"{np.mean([r['time']['tokens_per_sec'] or 0 for r in runs]):,.0f}" if runs else "-"
+        lines.append(f"| `{arm.name}` | {arm.about} | {' '.join(f'`{o}`' for o in arm.overrides) or '-'} | {size} "
+                     f"| {len(runs)} of {len(arm.seeds)} | {minutes} | {rate} |")
+    return lines + [""]
+
+
+def _results(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
+    baseline = _values(found[study.baseline], "final_eval_loss")
+    lines = ["## Held-out loss at the end", "",
+             (f"Means over seeds with 95% Student-t intervals; the last column is the paired difference "
+              f"to `{study.baseline}` on the same seeds (negative: lower loss than the baseline)."), "",
+             "| arm | final held-out loss | perplexity | minus baseline, paired |", "|---|---|---|---|"]
+    for arm in study.arms:
+        values = _values(found[arm.name], "final_eval_loss")
+        loss = mean_interval(values.values())
+        if loss is None:
+            lines.append(f"| `{arm.name}` | no run yet | | |")
+            continue
+        diff = paired_difference(values, baseline) if arm.name != study.baseline else None
+        lines.append(f"| `{arm.name}` | {loss.text()} | {math.exp(loss.mean):.2f} | "
+                     f"{diff.text(signed=True) if diff else '-'} |")
+    return lines + [""]
+
+
+def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
+    step = question.metric.split("@")[-1]
+    what, unit, lower, higher = _METRICS.get(question.metric, (f"held-out loss at step {step}", "nats", "better",
+                                                               "worse"))
+    diff = paired_difference(_values(found[question.arm], question.metric),
+                             _values(found[question.against], question.metric))
+    planned = min(len(study.arm(question.arm).seeds), len(study.arm(question.against).seeds))
+    if diff is None or diff.n < 2:
+        return (f"Not enough runs yet: {diff.n if diff else 0} paired seed(s) of {planned} planned; "
+                "an interval needs at least two.")
+    unit = f" {unit}" if unit else ""
+    numbers = (f"`{question.arm}` minus `{question.against}` in {what}: {diff.mean:+.3f}{unit} "
+               f"(95% CI {diff.low:+.3f} to {diff.high:+.3f}, {diff.n} paired seeds"
+               + (f" of {planned} planned)" if diff.n < planned else ")"))
+    if diff.high < 0:
+        return f"**Lower ({lower})**: {numbers}."
+    if diff.low > 0:
+        return f"**Higher ({higher})**: {numbers}."
+    return f"**No difference resolved** at this budget: {numbers}; the interval includes zero."
+
+
+def _questions(study: Study, found) -> list[str]:
+    lines = ["## Questions", ""]
+    for i, question in enumerate(study.questions, 1):
+        lines += [f"{i}. **{question.text}** {verdict(study, found, question)}", ""]
+    return lines
+
+
+def _routing(study: Study, found) -> list[str]:
+    lines = ["## Routing at the end", "",
+             ("On the held-out text over the full pool (no PSR mask): the largest LBV = (load - mean) / mean, "
+              "the share of experts with less than half the uniform load, and the share of assignments that "
+              "go to experts owned by another layer of the group (0 at r = 1). Means with 95% intervals."), "",
+             "| arm | largest LBV | under-used share | cross-layer share | cross-layer share by layer (mean) |",
+             "|---|---|---|---|---|"]
+    for arm in study.arms:
+        runs = found[arm.name]
+        if not runs:
+            continue
+        cells = [mean_interval(_values(runs, m).values()).text(2) for m in
+                 ("final_lbv_max", "final_underused_share", "final_foreign_share")]
+        by_layer = np.mean([r["routing"]["foreign_share_by_layer"][-1] for r in runs.values()], axis=0)
+        lines.append(f"| `{arm.name}` | {' | '.join(cells)} | {' '.join(f'{v:.2f}' for v in by_layer)} |")
+    return lines + [""]
+
+
+def _closing(study: Study, found) -> list[str]:
+    if not study.questions:
+        return []
+    question = study.questions[0]
+    records = [r for r in found[question.arm].values()]
+    tokens = _tokens(records[0]["tokens"]["trained"]) if records else "?"
+    diff = paired_difference(_values(found[question.arm], question.metric),
+                             _values(found[question.against], question.metric))
+    if diff is None or diff.n < 2:
+        line = f"`{question.arm}` vs `{question.against}`: not enough runs yet."
+    else:
+        line = (f"`{question.arm}` vs `{question.against}`: {diff.mean:+.3f} nats (95% CI {diff.low:+.3f} to "
+                f"{diff.high:+.3f}), {diff.n} seeds, {tokens} tokens per run.")
+    return ["## Closing note", "", line, verdict(study, found, question), ""]
+
+
+def write_report(study: Study, results: pathlib.Path, output: pathlib.Path) -> int:
+    """Writes the report and its figures; returns 0 (partial results are reported as such)."""
+    found = load_records(study, results)
+    figures = output.with_suffix("")
+    figures.mkdir(parents=True, exist_ok=True)
+    pictures = study_figures.draw_all(study, found, figures) if any(found.values()) else []
+    source = os.path.relpath(study.path.resolve(), output.parent.parent.resolve())
+    lines = [f"# Reproduction study: {study.title}", "",
+             (f"Written by `python -m rexmoe_jax.study report {source}` from the records in "
+              f"`{os.path.relpath(results.resolve(), output.parent.parent.resolve())}`; regenerate it rather than "
+              "edit it."), "",
+             *_status(study, found), *_setup(study, found), *_results(study, found), *_questions(study, found),
+             *_routing(study, found), "## Figures", ""]
+    for name, caption in pictures:
+        lines += [f"![{caption}]({figures.name}/{name})", "", f"*{caption}*", ""]
+    lines += _closing(study, found)
+    output.write_text("\n".join(lines).rstrip() + "\n")
+    print(f"wrote {output} and {len(pictures)} figure(s) in {figures}")
+    return 0

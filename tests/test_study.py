@@ -1,0 +1,306 @@
+"""The study runner, its records and its report, with a fake trainer (no training, no jax).
+
+The fake trainer is a small script that accepts train.py's command line, writes the files a run
+writes (config.json, metrics.jsonl, routing.jsonl), resumes from its own metrics, stops cleanly
+on SIGTERM, and ends at a held-out loss given by a formula the tests know:
+4 - 0.1 r + 0.01 seed^2 r.
+"""
+
+import json
+import math
+import os
+import pathlib
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rexmoe_jax import study, study_record, study_report, study_runner
+from rexmoe_jax.study_stats import mean_interval, paired_difference, t_quantile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+FAKE_TRAINER = """
+import json, math, os, pathlib, signal, sys, time
+sys.path.insert(0, {root!r})
+from rexmoe_jax.config import apply_overrides, load_preset
+
+args = sys.argv[1:]
+workdir = pathlib.Path(args[args.index("--workdir") + 1])
+config = apply_overrides(load_preset(args[args.index("--config") + 1]),
+                         [a for a in args if "=" in a and not a.startswith("--")])
+m, t = config.model, config.train
+if "--dry-run" in args:
+    print("parameters: ...")
+    print(json.dumps({{"params_total": 1000 * m.pool_size, "params_active": 500, "params_router": 10 * m.pool_size,
+                      "params_embedding": 100, "pool_size": m.pool_size, "num_groups": m.num_groups,
+                      "tokens_per_step": config.tokens_per_step}}))
+    sys.exit(0)
+stop = []
+signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+workdir.mkdir(parents=True, exist_ok=True)
+(workdir / "config.json").write_text(config.to_json())
+metrics = workdir / "metrics.jsonl"
+done = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+start = max((r["step"] for r in done), default=0)
+with open(workdir / "calls.jsonl", "a") as f:
+    f.write(json.dumps({{"from_step": start, "env": {{k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS")}},
+                        "cores": sorted(os.sched_getaffinity(0))}}) + "\\n")
+final = 4.0 - 0.1 * m.reuse + 0.01 * t.seed ** 2 * m.reuse
+for step in range(start + 1, t.steps + 1):
+    time.sleep(float(os.environ.get("FAKE_STEP_SECONDS", "0")))
+    loss = final + 0.1 * (t.steps - step)
+    lines = [{{"step": step, "loss": loss, "psr_pool_size": m.num_experts, "lbv_max": 0.5, "lbv_min": -0.5,
+               "underused_share": 0.1, "tokens_per_sec": 1000.0, "lr": 1e-3}}]
+    if step % t.eval_every == 0 or step == t.steps:
+        lines.append({{"step": step, "eval_loss": loss, "eval_ppl": math.exp(loss), "lbv_max": 0.4,
+                       "underused_share": 0.05 * m.reuse, "foreign_share": 0.0 if m.reuse == 1 else 0.3}})
+        load = [[1.0 / m.pool_size] * m.pool_size for _ in range(m.num_layers)]
+        with open(workdir / "routing.jsonl", "a") as f:
+            f.write(json.dumps({{"step": step, "pool_sizes": [m.pool_size] * m.num_layers, "expert_load": load}}) + "\\n")
+    with open(metrics, "a") as f:
+        f.write("".join(json.dumps(line) + "\\n" for line in lines))
+    if stop:
+        sys.exit(0)
+"""
+
+STUDY = """
+name = "unit"
+preset = "configs/tiny.py"
+baseline = "base"
+seeds = [0, 1, 2]
+heatmaps = ["base", "reuse"]
+
+[budget]
+steps = {steps}
+eval_every = 3
+log_every = 1
+checkpoint_every = 2
+
+[base]
+train.sample_tokens = 0
+
+[[arm]]
+name = "base"
+set = {{ "model.reuse" = 1, "psr.schedule" = "none" }}
+
+[[arm]]
+name = "reuse"
+seeds = 2
+group = "other"
+set = {{ model = {{ reuse = 2 }} }}
+
+[[question]]
+text = "Does reuse lower the loss?"
+arm = "reuse"
+against = "base"
+"""
+
+
+def _final_loss(reuse: int, seed: int) -> float:
+    return 4.0 - 0.1 * reuse + 0.01 * seed ** 2 * reuse
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """(study, options) for the two-arm study above, trained by the fake trainer on one core."""
+
+    def make(steps: int = 6) -> tuple[study.Study, study_runner.Options]:
+        (tmp_path / "fake_train.py").write_text(FAKE_TRAINER.format(root=str(ROOT)))
+        (tmp_path / "unit.toml").write_text(STUDY.format(steps=steps))
+        spec = study.load_study(tmp_path / "unit.toml")
+        options = study_runner.Options(corpus="", runs=tmp_path / "runs" / "unit", results=tmp_path / "results",
+                                       slots=((min(os.sched_getaffinity(0)),),),
+                                       train_script=tmp_path / "fake_train.py", poll_seconds=0.02)
+        return spec, options
+
+    return make
+
+
+def _calls(options, arm: str, seed: int) -> list[dict]:
+    return study_record.read_jsonl(options.runs / arm / f"seed{seed}" / "calls.jsonl")
+
+
+def test_queue_is_seed_major(setup):
+    spec, _ = setup()
+    assert [(a.name, s) for a, s in spec.queue()] == [("base", 0), ("reuse", 0), ("base", 1), ("reuse", 1),
+                                                      ("base", 2)]
+    assert spec.overrides(spec.arm("reuse"), 1) == [
+        "train.steps=6", "train.eval_every=3", "train.log_every=1", "train.checkpoint_every=2",
+        "train.sample_tokens=0", "model.reuse=2", "train.seed=1"]
+
+
+def test_skips_recorded_runs_resumes_unfinished_and_pins(setup, capsys):
+    spec, options = setup()
+    recorded = options.results / "base" / "seed0.json"
+    recorded.parent.mkdir(parents=True)
+    recorded.write_text(json.dumps({"overrides": spec.overrides(spec.arm("base"), 0), "marker": 1}))
+    # reuse seed 0 was interrupted after step 4 of 6.
+    partial = options.runs / "reuse" / "seed0"
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 5)))
+
+    assert study_runner.run(spec, options) == 0
+    assert json.loads(recorded.read_text())["marker"] == 1  # untouched
+    assert not (options.runs / "base" / "seed0").exists()  # never started
+    assert [c["from_step"] for c in _calls(options, "reuse", 0)] == [4]
+    assert [c["from_step"] for c in _calls(options, "base", 1)] == [0]
+    call = _calls(options, "base", 1)[0]
+    assert call["cores"] == list(options.slots[0])
+    assert "intra_op_parallelism_threads=1" in call["env"]["XLA_FLAGS"] and call["env"]["OMP_NUM_THREADS"] == "1"
+    for arm, seed in (("base", 1), ("base", 2), ("reuse", 0), ("reuse", 1)):
+        record = json.loads((options.results / arm / f"seed{seed}.json").read_text())
+        reuse = 1 if arm == "base" else 2
+        assert record["final"]["eval_loss"] == pytest.approx(_final_loss(reuse, seed))
+        assert record["eval"]["step"][-1] == 6 and record["train"]["step"][-1] == 6
+        assert record["tokens"]["trained"] == 6 * 16 * 128
+        assert record["sizes"]["pool_size"] == 8 * reuse
+        assert record["routing"]["foreign_share_by_layer"][-1] == pytest.approx(
+            [0.0] * 4 if reuse == 1 else [0.5] * 4)  # uniform loads over a pool of 2 layers' experts
+    assert "4 to go" in capsys.readouterr().out
+    # A second sitting finds everything recorded and starts nothing.
+    assert study_runner.run(spec, options) == 0
+    assert len(_calls(options, "base", 1)) == 1
+
+
+def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monkeypatch):
+    spec, options = setup(steps=40)
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
+    metrics = options.runs / "base" / "seed0" / "metrics.jsonl"
+
+    def interrupt():
+        deadline = time.time() + 20
+        while time.time() < deadline and len(study_record.read_jsonl(metrics)) < 3:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        thread = threading.Thread(target=interrupt)
+        thread.start()
+        assert study_runner.run(spec, options) == 0
+        thread.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    stopped_at = study_record.last_step(metrics.parent)
+    assert 3 <= stopped_at < 40
+    assert not (options.results / "base" / "seed0.json").exists()
+    assert not (options.runs / "reuse").exists()  # nothing new starts after a signal
+    [attempt] = study_record.read_jsonl(metrics.parent / study_record.ATTEMPTS_FILE)
+    assert attempt["exit"] == 0 and attempt["to_step"] == stopped_at
+
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0")
+    assert study_runner.run(spec, options) == 0
+    assert [c["from_step"] for c in _calls(options, "base", 0)] == [0, stopped_at]
+    record = json.loads((options.results / "base" / "seed0.json").read_text())
+    assert record["time"]["attempts"] == 2
+
+
+def test_records_are_written_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "arm" / "seed0.json"
+    study_record.write_atomic(path, {"b": [1, 2], "a": {"x": 1.5}})
+    assert json.loads(path.read_text()) == {"a": {"x": 1.5}, "b": [1, 2]}
+    assert [p.name for p in path.parent.iterdir()] == ["seed0.json"]
+
+    def crash(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(study_record.os, "replace", crash)
+    with pytest.raises(OSError):
+        study_record.write_atomic(path, {"a": "new"})
+    assert json.loads(path.read_text()) == {"a": {"x": 1.5}, "b": [1, 2]}  # the old record survives whole
+
+
+def test_t_quantile_matches_the_printed_table():
+    for df, table in ((1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (9, 2.2622), (30, 2.0423)):
+        assert t_quantile(df) == pytest.approx(table, abs=1e-4)
+
+
+def test_interval_and_paired_difference_by_hand():
+    values = np.array([1.0, 2.0, 4.0])
+    half = 4.3027 * np.std(values, ddof=1) / np.sqrt(3)
+    interval = mean_interval(values)
+    assert (interval.mean, interval.low, interval.high, interval.n) == pytest.approx(
+        (7 / 3, 7 / 3 - half, 7 / 3 + half, 3), abs=1e-4)
+    assert mean_interval([5.0]).low is None
+    # Seed 5 has no partner and is left out; the differences are -0.1, +0.1, -0.3.
+    diff = paired_difference({0: 3.0, 1: 3.5, 2: 2.9, 5: 9.0}, {0: 3.1, 1: 3.4, 2: 3.2})
+    half = 4.3027 * 0.2 / math.sqrt(3)
+    assert (diff.mean, diff.low, diff.high, diff.n) == pytest.approx((-0.1, -0.1 - half, -0.1 + half, 3), abs=1e-4)
+
+
+def test_report_from_fake_records(setup, tmp_path):
+    spec, options = setup()
+    assert study_runner.run(spec, options) == 0
+    output = tmp_path / "docs" / "reproduction.md"
+    assert study_report.write_report(spec, options.results, output) == 0
+    text = output.read_text()
+    # reuse minus base on seeds 0 and 1: -0.1 and -0.09.
+    diffs = np.array([_final_loss(2, s) - _final_loss(1, s) for s in (0, 1)])
+    half = 12.7062 * diffs.std(ddof=1) / math.sqrt(2)
+    assert f"{diffs.mean():+.3f} nats (95% CI {diffs.mean() - half:+.3f} to {diffs.mean() + half:+.3f}" in text
+    assert "**Lower (better)**" in text
+    assert "5 of 5 planned runs are recorded." in text
+    for name in ("eval_loss_core.png", "eval_loss_other.png", "eval_loss_vs_baseline.png", "expert_load.png",
+                 "routing.png"):
+        assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_flags_missing_runs_and_arms(setup, tmp_path, monkeypatch):
+    spec, options = setup()
+    assert study_runner.run(spec, options) == 0
+    for seed in (0, 1):  # the reuse arm has not run yet; base seed 2 is missing too
+        (options.results / "reuse" / f"seed{seed}.json").unlink()
+    (options.results / "base" / "seed2.json").unlink()
+    monkeypatch.setattr(study_report.study_figures, "draw_all", lambda *_: [])  # drawn in the test above
+    output = tmp_path / "reproduction.md"
+    study_report.write_report(spec, options.results, output)
+    text = output.read_text()
+    assert "2 of 5 planned runs are recorded." in text
+    assert "Missing: `base` seed 2; `reuse` seeds 0, 1." in text
+    assert "Arms with no run yet: `reuse`." in text
+    assert "Not enough runs yet: 0 paired seed(s) of 2 planned" in text
+
+
+def test_a_record_made_with_other_settings_stops_the_runner(setup):
+    spec, options = setup()
+    stale = options.results / "base" / "seed0.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"overrides": ["model.reuse=1", "train.seed=0"]}))
+    with pytest.raises(study.StudyError, match="was made with other settings"):
+        study_runner.run(spec, options)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("name = \"unit\"", "name = \"unit\"\ncolour = 1"), "top level: unknown key 'colour'"),
+    (("reuse = 2", "reuse = 2, bogus = 1"), "arm 'reuse': unknown config key 'model.bogus'"),
+    (("checkpoint_every = 2", "checkpoint_every = 0"), "checkpoint_every must be > 0"),
+    (("seeds = 2", "seeds = 4"), "arm 'reuse': seeds must be an integer from 1 to 3"),
+    (("against = \"base\"", "against = \"nobody\""), "no arm named 'nobody'"),
+    (("name = \"reuse\"", "name = \"base\""), "arm 'base' is defined twice"),
+    (("steps = 6", "steps = 6\nsteps = 7"), "not valid TOML"),
+])
+def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(STUDY.format(steps=6).replace(*edit, 1))
+    with pytest.raises(study.StudyError, match=message.replace("(", r"\(")):
+        study.load_study(path)
+    assert study.main(["report", str(path), "--results", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: study file {path}: ") and "\n" not in err
+
+
+def test_the_runner_needs_the_corpus_the_study_names(tmp_path, capsys):
+    path = tmp_path / "corpus.toml"
+    path.write_text(STUDY.format(steps=6).replace("name = \"unit\"", "name = \"unit\"\ncorpus = \"build it\""))
+    assert study.main(["run", str(path), "--dry-run"]) == 2
+    assert "pass --corpus DIR" in capsys.readouterr().err
+
+
+def test_the_shipped_study_file_is_valid():
+    for path in (ROOT / "studies").glob("*.toml"):
+        spec = study.load_study(path)
+        assert spec.steps >= 2500 and {"core", "reviewers"} <= {a.group for a in spec.arms}
