@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +30,17 @@ import numpy as np
 
 from benchmarks.benchmarking import environment, median_seconds, print_table
 from rexmoe_jax.config import ComputeConfig, ModelConfig
-from rexmoe_jax.evaluate import chosen_experts
 from rexmoe_jax.model import Decoder
+
+
+@functools.partial(jax.jit, static_argnames=("config", "compute"))
+def chosen_experts(config, compute, params, inputs_BxS):
+    """Each layer's chosen pool experts (L, T, K), read from the router's sown intermediates."""
+    _, state = Decoder(config, compute).apply({"params": params}, inputs_BxS, mutable=("intermediates",))
+    blocks = [state["intermediates"][name]["layers"]["moe"]["experts"][0]
+              for name in ("groups", "last_group") if name in state["intermediates"]]
+    # (groups, layers, T, K) per block -> (L, T, K); pool ids are block-local.
+    return [b.reshape((-1,) + b.shape[2:]) for b in blocks]
 
 
 def model_config(reuse: int, small: bool) -> ModelConfig:

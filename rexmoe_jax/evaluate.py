@@ -1,7 +1,11 @@
 """Evaluation of a trained run: held-out perplexity, routing analysis, zero-shot multiple choice.
 
     python -m rexmoe_jax.evaluate --workdir DIR [--tasks arc.jsonl piqa.jsonl ...]
-        [--input-set bible=kjv.txt --input-set code=manpages.txt ...] [--batches 8]
+        [--input-set bible=kjv.txt --input-set code=manpages.txt ...] [--batches N]
+
+Held-out loss and routing come from `held_out`, the same function training's evaluations call,
+on the same held-out batches (the first --batches, by default train.eval_batches, as training
+uses), so eval.json and the eval lines of metrics.jsonl cannot disagree.
 
 Routing, per layer: the paper's LBV and share of under-used experts; activation ratios over
 the candidate pool (the share of tokens that pick each expert; they sum to K); and how often a
@@ -9,13 +13,8 @@ layer picks experts owned by other layers of its group (zero at r = 1; the quant
 whether reuse is used at all). With --input-set, ratios are reported per input set, as the
 paper's Figure 5 compares tasks.
 
-Multiple choice, as lm-evaluation-harness scores it: each choice's continuation is scored by
-its summed log-likelihood given the context; `acc` picks the highest sum, `acc_norm` the
-highest sum per byte of the choice. Task files are JSON Lines, one question per line:
-
-    {"context": "In the beginning God created", "choices": [" the heaven and the earth.", ...], "label": 0}
-
-(choices carry their leading space, as in lm-evaluation-harness). Results go to DIR/eval.json.
+Multiple choice (task files: rexmoe_jax/tasks.py) is scored as lm-evaluation-harness scores it:
+acc, acc_norm (per character) and acc_bytes (per byte). Results go to DIR/eval.json.
 """
 
 from __future__ import annotations
@@ -30,120 +29,46 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax import metrics as metrics_lib
-from rexmoe_jax.config import Config, ConfigError
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.config import Config, ConfigError, ModelConfig
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import json_safe
 
-_SCORE_BATCH = 8
 
+def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
+             put=jnp.asarray) -> tuple[dict, np.ndarray]:
+    """Mean next-token loss over `batches` (rows of S + 1 tokens), its perplexity, and routing
+    on the full pool: the scalars of an eval line, and the (L, pool) expert loads.
 
-@functools.partial(jax.jit, static_argnames=("config", "compute"))
-def _token_logprobs(config, compute, params, inputs_BxS, targets_BxS):
-    logits, _ = Decoder(config, compute).apply({"params": params}, inputs_BxS)
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, targets_BxS[..., None], axis=-1)[..., 0]
-
-
-def continuation_logprobs(config: Config, params, requests: list[tuple[list[int], list[int]]]) -> list[float]:
-    """Summed log p(continuation | context) for (context ids, continuation ids) pairs.
-
-    Each pair is scored in one window of data.seq_len tokens (the context is cut from the left
-    when it does not fit); windows are padded to that length, so one compilation serves all.
+    `eval_step` is trainer.make_eval_step jitted (training passes its sharded one, and `put`
+    to place its host's rows); batches are weighted by their tokens.
     """
-    length = config.data.seq_len
-    results = []
-    for start in range(0, len(requests), _SCORE_BATCH):
-        chunk = requests[start:start + _SCORE_BATCH]
-        inputs = np.zeros((_SCORE_BATCH, length), np.int32)
-        targets = np.zeros((_SCORE_BATCH, length), np.int32)
-        mask = np.zeros((_SCORE_BATCH, length), bool)
-        for row, (context, continuation) in enumerate(chunk):
-            if not continuation or not context:
-                raise ValueError("every scored pair needs a non-empty context and continuation")
-            if len(continuation) > length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens exceeds data.seq_len={length}")
-            ids = (list(context) + list(continuation))[-(length + 1):]
-            inputs[row, :len(ids) - 1] = ids[:-1]
-            targets[row, :len(ids) - 1] = ids[1:]
-            mask[row, len(ids) - 1 - len(continuation):len(ids) - 1] = True
-        logp = np.asarray(_token_logprobs(config.model, config.compute, params, jnp.asarray(inputs), jnp.asarray(targets)))
-        results += [float(np.sum(logp[row][mask[row]])) for row in range(len(chunk))]
-    return results
-
-
-def read_task(path: pathlib.Path) -> list[dict]:
-    from rexmoe_jax.sources import json_lines
-
-    if not path.is_file():
-        raise ConfigError(f"task file {str(path)!r} does not exist")
-    questions = []
-    for number, q in json_lines(path):
-        ok = (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
-              and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
-              and type(q.get("label")) is int and 0 <= q["label"] < len(q["choices"]))  # not a bool
-        if not ok:
-            raise ConfigError(f'{path}:{number}: expected {{"context": str, "choices": [2 or more str], '
-                              '"label": index of the right choice}')
-        questions.append(q)
-    if not questions:
-        raise ConfigError(f"task file {str(path)!r} holds no questions")
-    return questions
-
-
-def score_task(config: Config, params, tokenizer, questions: list[dict]) -> dict:
-    """Accuracy with summed log-likelihood (acc) and with log-likelihood per byte (acc_norm)."""
-    requests = []
-    for q in questions:
-        context = tokenizer.encode(q["context"]) or [tokenizer.eod_id]
-        requests += [(context, tokenizer.encode(choice)) for choice in q["choices"]]
-    scores = continuation_logprobs(config, params, requests)
-    acc = acc_norm = 0
-    position = 0
-    for q in questions:
-        n = len(q["choices"])
-        s = np.asarray(scores[position:position + n])
-        norm = s / np.asarray([len(c.encode("utf-8")) for c in q["choices"]])
-        acc += int(np.argmax(s) == q["label"])
-        acc_norm += int(np.argmax(norm) == q["label"])
-        position += n
-    return {"n": len(questions), "acc": acc / len(questions), "acc_norm": acc_norm / len(questions)}
-
-
-def sequences_to_batches(sequences, batch_size: int, limit: int | None = None) -> list[np.ndarray]:
-    rows = [sequences[i] for i in range(min(len(sequences), limit or len(sequences)))]
-    return [np.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
-
-
-@functools.partial(jax.jit, static_argnames=("config", "compute"))
-def chosen_experts(config, compute, params, inputs_BxS):
-    _, state = Decoder(config, compute).apply({"params": params}, inputs_BxS, mutable=("intermediates",))
-    blocks = [state["intermediates"][name]["layers"]["moe"]["experts"][0]
-              for name in ("groups", "last_group") if name in state["intermediates"]]
-    # (groups, layers, T, K) per block -> (L, T, K); pool ids are block-local.
-    return [b.reshape((-1,) + b.shape[2:]) for b in blocks]
-
-
-def routing_analysis(config: Config, params, batches: list[np.ndarray]) -> dict:
-    """Per-layer activation ratios over the pool (sum to K), LBV, under-used share, and the
-    share of picks of experts owned by other layers of the group."""
-    m = config.model
-    pools = layer_pool_sizes(m)
-    counts = np.zeros((m.num_layers, m.pool_size))
-    tokens = 0
+    losses, loads, tokens = [], [], []
     for batch in batches:
-        chosen = np.concatenate([np.asarray(b) for b in chosen_experts(m, config.compute, params, jnp.asarray(batch[:, :-1]))])
-        for layer in range(m.num_layers):
-            counts[layer] += np.bincount(chosen[layer].reshape(-1), minlength=m.pool_size)[:m.pool_size]
-        tokens += chosen.shape[1]
-    ratios = counts / tokens
-    routing = metrics_lib.routing_metrics(jnp.asarray(ratios / m.top_k), pools)
-    lbv = np.asarray(metrics_lib.load_balance_violation(jnp.asarray(ratios / m.top_k), pools))
-    valid = np.arange(m.pool_size)[None, :] < pools[:, None]
+        result = eval_step(params, put(batch))
+        losses.append(float(result["loss"]))
+        loads.append(np.asarray(result["expert_load"], np.float64))
+        tokens.append(batch.shape[0] * (batch.shape[1] - 1))
+    weights = np.asarray(tokens, np.float64) / sum(tokens)
+    loss = float(np.dot(weights, losses))
+    load = np.tensordot(weights, np.stack(loads), 1)
+    routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(model))
+    foreign = metrics_lib.foreign_share(load, model.num_experts, model.reuse)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "lbv_max": float(routing["lbv_max"]),
+            "underused_share": float(routing["underused_share"]),
+            "foreign_share": float(foreign.mean())}, load
+
+
+def routing_report(load: np.ndarray, tokens: int, model: ModelConfig) -> dict:
+    """Per layer: activation ratios over the pool (rows sum to K), the share of picks of experts
+    owned by other layers of the group, LBV maxima and under-used shares, from `held_out`'s loads."""
+    pools = layer_pool_sizes(model)
+    routing = metrics_lib.routing_metrics(jnp.asarray(load), pools)
+    lbv = np.asarray(metrics_lib.load_balance_violation(jnp.asarray(load), pools))
+    valid = np.arange(model.pool_size)[None, :] < pools[:, None]
     return {
         "tokens": tokens,
-        "activation_ratio": ratios.round(6).tolist(),
-        "foreign_share": metrics_lib.foreign_share(ratios, m.num_experts, m.reuse).round(6).tolist(),
+        "activation_ratio": (load * model.top_k).round(6).tolist(),
+        "foreign_share": metrics_lib.foreign_share(load, model.num_experts, model.reuse).round(6).tolist(),
         "layer_lbv_max": np.asarray(routing["layer_lbv_max"]).round(4).tolist(),
         "layer_underused_share": (((lbv < metrics_lib.UNDERUSED_LBV) & valid).sum(1) / valid.sum(1)).tolist(),
         "lbv_max": float(routing["lbv_max"]),
@@ -151,15 +76,23 @@ def routing_analysis(config: Config, params, batches: list[np.ndarray]) -> dict:
     }
 
 
-def held_out_loss(config: Config, params, batches: list[np.ndarray]) -> dict:
-    """Mean cross-entropy over every predicted token of the batches, and its perplexity."""
-    total, count = 0.0, 0
-    for batch in batches:
-        logp = _token_logprobs(config.model, config.compute, params, jnp.asarray(batch[:, :-1]), jnp.asarray(batch[:, 1:]))
-        total -= float(jnp.sum(logp))
-        count += logp.size
-    loss = total / count
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "tokens": count}
+@functools.lru_cache(maxsize=4)
+def eval_step_for(config: Config):
+    """trainer.make_eval_step, jitted for the default device (training compiles its own)."""
+    from rexmoe_jax import trainer
+
+    return jax.jit(trainer.make_eval_step(config, trainer.build_model(config)))
+
+
+def routing_of(config: Config, params, batches: list[np.ndarray]) -> dict:
+    """routing_report of `batches` (rows of S + 1 tokens)."""
+    _, load = held_out(eval_step_for(config), params, batches, config.model)
+    return routing_report(load, sum(b.shape[0] * (b.shape[1] - 1) for b in batches), config.model)
+
+
+def sequences_to_batches(sequences, batch_size: int, limit: int | None = None) -> list[np.ndarray]:
+    rows = [sequences[i] for i in range(min(len(sequences), limit or len(sequences)))]
+    return [np.stack(rows[i:i + batch_size]) for i in range(0, len(rows), batch_size)]
 
 
 def _input_set_files(spec: str) -> tuple[str, list[pathlib.Path]]:
@@ -174,17 +107,18 @@ def _input_set_files(spec: str) -> tuple[str, list[pathlib.Path]]:
     return name, files
 
 
-def _input_set(name: str, files: list[pathlib.Path], model, batches: int) -> list[np.ndarray]:
+def _input_set(name: str, files: list[pathlib.Path], run, batches: int) -> list[np.ndarray]:
     from rexmoe_jax import data as data_lib
     from rexmoe_jax import sources
 
-    texts = list(sources.read_text_documents(files, model.config.data.text_field, "paragraph"))
+    texts = list(sources.read_text_documents(files, run.config.data.text_field, "paragraph"))
     docs = data_lib.TokenDocuments.from_documents(
-        [np.asarray(model.tokenizer.encode(t), np.int32) for t in texts], model.tokenizer.eod_id)
-    sequences = data_lib.pack(docs, np.arange(len(docs)), model.config.data.seq_len, None)
+        [np.asarray(run.tokenizer.encode(t), np.int32) for t in texts], run.tokenizer.eod_id)
+    sequences = data_lib.pack(docs, np.arange(len(docs)), run.config.data.seq_len, None)
     if len(sequences) == 0:
         raise ConfigError(f"--input-set {name}: {', '.join(map(str, files))} is shorter than one sequence")
-    return sequences_to_batches(sequences, model.config.data.batch_size, batches * model.config.data.batch_size)
+    size = run.config.data.batch_size
+    return sequences_to_batches(sequences, size, batches * size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -196,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
     parser.add_argument("--input-set", action="append", default=[], metavar="NAME=PATH",
                         help="text to route and report activation ratios for, separately")
-    parser.add_argument("--batches", type=int, default=8, help="held-out (and input-set) batches")
+    parser.add_argument("--batches", type=int, default=None,
+                        help="held-out (and input-set) batches (default: train.eval_batches, as training)")
     parser.add_argument("--output", default=None, help="JSON results (default: WORKDIR/eval.json)")
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
@@ -227,28 +162,33 @@ def _check_output(path: pathlib.Path) -> None:
         path.unlink()
 
 
-def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int,
+def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None,
                  output: pathlib.Path | None = None) -> dict:
     """Every input (task files, input sets, `output`) is checked before the evaluation starts."""
     from rexmoe_jax import data as data_lib
-    from rexmoe_jax.inference import load
+    from rexmoe_jax import tasks as tasks_lib
+    from rexmoe_jax.restore import restore
 
-    if batches < 1:
+    if batches is not None and batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {batches}")
-    questions = {pathlib.Path(path).stem: read_task(pathlib.Path(path)) for path in tasks}
+    questions = {pathlib.Path(path).stem: tasks_lib.read_task(path) for path in tasks}
     set_files = [_input_set_files(spec) for spec in input_sets]
-    model = load(workdir)
+    run = restore(workdir)
+    config = run.config
+    batches = batches or config.train.eval_batches
     if output is not None:
         _check_output(output)
-    set_batches = {name: _input_set(name, files, model, batches) for name, files in set_files}
-    corpus = data_lib.build_corpus(model.config.data, model.config.train.seed, model.config.model.vocab_size)
-    held_out = corpus.eval_batches(model.config.data.batch_size, batches)
-    report = {"step": model.step, **held_out_loss(model.config, model.params, held_out),
-              "routing": {"held-out": routing_analysis(model.config, model.params, held_out)}, "tasks": {}}
+    set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
+    corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
+    eval_batches = corpus.eval_batches(config.data.batch_size, batches)
+    scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model)
+    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
+    report = {"step": run.step, **scalars, "tokens": tokens,
+              "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}
     for name, batches_of_set in set_batches.items():
-        report["routing"][name] = routing_analysis(model.config, model.params, batches_of_set)
+        report["routing"][name] = routing_of(config, run.params, batches_of_set)
     for name, questions_of_task in questions.items():
-        report["tasks"][name] = score_task(model.config, model.params, model.tokenizer, questions_of_task)
+        report["tasks"][name] = tasks_lib.score_task(config, run.params, run.tokenizer, questions_of_task)
     return report
 
 
@@ -263,7 +203,10 @@ def print_report(report: dict) -> None:
                                                           routing["foreign_share"])):
             print(f"  {layer:5d}  {lbv:7.2f}  {100 * under:9.0f}%  {100 * foreign:8.1f}%")
     for name, result in report["tasks"].items():
-        print(f"\ntask {name}: {result['n']} questions, acc {result['acc']:.3f}, acc_norm {result['acc_norm']:.3f}")
+        print(f"\ntask {name}: {result['n']} questions, acc {result['acc']:.3f}, "
+              f"acc_norm {result['acc_norm']:.3f}, acc_bytes {result['acc_bytes']:.3f} "
+              f"({result['tokens_computed']:,} token positions computed for "
+              f"{result['tokens_scored']:,} scored)")
 
 
 if __name__ == "__main__":

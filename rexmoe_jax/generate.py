@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -67,6 +68,15 @@ def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray
     for row, prompt in enumerate(prompts):
         buffer[row, :len(prompt)] = prompt
     return buffer, lengths
+
+
+def warn_past_training(prompts: list[list[int]], new_tokens: int, seq_len: int) -> None:
+    """Rotary positions past training raise no error but give worse text: say so."""
+    longest = max(map(len, prompts), default=0)
+    if longest + new_tokens > seq_len:
+        print(f"warning: a prompt of {longest} tokens plus {new_tokens} new ones runs past the {seq_len} "
+              "positions the model was trained on (data.seq_len); expect worse text",
+              file=sys.stderr, flush=True)
 
 
 def _finish(out_BxS: np.ndarray, eod_id: int | None) -> list[list[int]]:
@@ -149,10 +159,9 @@ def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    import sys
 
     from rexmoe_jax.config import ConfigError
-    from rexmoe_jax.inference import load
+    from rexmoe_jax.restore import restore
 
     parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -166,14 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.max_new_tokens < 1:  # Checked before the checkpoint is read.
             raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        model = load(args.workdir)
-        texts = model.generate(args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                               sampling=Sampling(args.temperature, args.top_k, args.top_p))
+        run = restore(args.workdir)
+        prompts = [run.tokenizer.encode(p) for p in args.prompt]
+        warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
+        out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
+                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
+                       eod_id=run.tokenizer.eod_id, compute=run.config.compute)
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for prompt, text in zip(args.prompt, texts):
-        print(f"{prompt}{text}\n")
+    for prompt, tokens in zip(args.prompt, out):
+        print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
     return 0
 
 

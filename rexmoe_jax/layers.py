@@ -6,6 +6,7 @@ Shape letters: the glossary at the top of model.py.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -55,9 +56,27 @@ def apply_rope(x_BxSxHxZ: jax.Array, positions_BxS: jax.Array, base: float) -> j
     return rotated.astype(x_BxSxHxZ.dtype)
 
 
+class Segments(NamedTuple):
+    """Several sequences packed into one row (scoring, not training): each token names its
+    document and its branch. A token sees the earlier tokens of its own document that are in
+    the shared trunk (branch 0) or in its own branch, so the choices of a question can follow
+    one copy of its context without seeing each other. Positions restart per document."""
+
+    document_BxS: jax.Array
+    branch_BxS: jax.Array
+
+    def visible(self) -> jax.Array:
+        """(B, S, U) with S = U: whether query s may see key u, apart from causality."""
+        doc, branch = self.document_BxS, self.branch_BxS
+        same_doc_BxSxU = doc[:, :, None] == doc[:, None, :]
+        return same_doc_BxSxU & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
+
+
 def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.Array,
-                     q_pos_BxS: jax.Array, kv_pos_BxU: jax.Array) -> jax.Array:
-    """Softmax attention where a query sees the keys at positions <= its own.
+                     q_pos_BxS: jax.Array, kv_pos_BxU: jax.Array,
+                     segments: Segments | None = None) -> jax.Array:
+    """Softmax attention where a query sees the keys at positions <= its own (and, with
+    `segments`, only those of its document and branch).
 
     Masking by positions rather than by index lets the same function serve a KV cache.
     Query heads are grouped over key/value heads (GQA) without repeating the keys.
@@ -68,6 +87,8 @@ def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.
     logits_BxJxQxSxU = jnp.einsum("bsjqz,bujz->bjqsu", q_BxSxJxQxZ, k_BxUxJxZ,
                                   preferred_element_type=jnp.float32) * z ** -0.5
     visible_BxSxU = q_pos_BxS[:, :, None] >= kv_pos_BxU[:, None, :]
+    if segments is not None:
+        visible_BxSxU = visible_BxSxU & segments.visible()
     logits_BxJxQxSxU = jnp.where(visible_BxSxU[:, None, None], logits_BxJxQxSxU,
                                  jnp.finfo(jnp.float32).min)
     probs_BxJxQxSxU = jax.nn.softmax(logits_BxJxQxSxU, axis=-1).astype(v_BxUxJxZ.dtype)
@@ -88,7 +109,8 @@ class Attention(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array) -> jax.Array:
+    def __call__(self, x_BxSxD: jax.Array, positions_BxS: jax.Array,
+                 segments: Segments | None = None) -> jax.Array:
         cfg = self.config
         dtype, d, z = dtype_of(self.compute.dtype), cfg.d_model, cfg.resolved_head_dim
 
@@ -104,7 +126,9 @@ class Attention(nn.Module):
             k_BxUxJxZ, v_BxUxJxZ, kv_pos_BxU = self._cached(k_BxSxJxZ, v_BxSxJxZ, positions_BxS)
         else:
             k_BxUxJxZ, v_BxUxJxZ, kv_pos_BxU = k_BxSxJxZ, v_BxSxJxZ, positions_BxS
-        out_BxSxHxZ = causal_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ, positions_BxS, kv_pos_BxU)
+        if self.decode and segments is not None:
+            raise ValueError("packed segments and the KV cache do not mix")
+        out_BxSxHxZ = causal_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ, positions_BxS, kv_pos_BxU, segments)
         out_HxZxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
                                (cfg.num_heads, z, d), jnp.float32)
         return jnp.einsum("bshz,hzd->bsd", out_BxSxHxZ, out_HxZxD.astype(dtype))

@@ -15,10 +15,10 @@ import numpy as np
 
 from rexmoe_jax import data as data_lib
 from rexmoe_jax import generate as generate_lib
-from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.evaluate import held_out
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.reuse import layer_pool_sizes
@@ -120,8 +120,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            jax.eval_shape(lambda: trainer.init_state(config, model, tx)), shardings)
+    abstract = trainer.abstract_state(config, model, tx, shardings)
     restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
     _check_stop(stop)
     if jax.process_index() == 0:
@@ -147,16 +146,10 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
 
 
 def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
-    """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads."""
+    """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads:
+    evaluate.held_out, the function the evaluate command uses too."""
     with sharding.activate(session.mesh):
-        results = [session.eval_step(params, session.put(batch)) for batch in session.eval_batches]
-    loss = float(np.mean([float(r["loss"]) for r in results]))
-    load = np.mean([np.asarray(r["expert_load"]) for r in results], axis=0)
-    model = session.config.model
-    routing = metrics_lib.routing_metrics(jnp.asarray(load), layer_pool_sizes(model))
-    foreign = metrics_lib.foreign_share(load, model.num_experts, model.reuse)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "lbv_max": float(routing["lbv_max"]),
-            "underused_share": float(routing["underused_share"]), "foreign_share": float(foreign.mean())}, load
+        return held_out(session.eval_step, params, session.eval_batches, session.config.model, session.put)
 
 
 def _progress(total: int, initial: int):
@@ -282,8 +275,7 @@ def compile_report(config: Config) -> dict:
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                         jax.eval_shape(lambda: trainer.init_state(config, model, tx)), shardings)
+    state = trainer.abstract_state(config, model, tx, shardings)
     batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh))
     train_step, _ = _compiled_steps(config, model, tx, mesh, shardings)

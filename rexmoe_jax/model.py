@@ -64,7 +64,7 @@ from rexmoe_jax import psr as psr_lib
 from rexmoe_jax import reuse
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
 from rexmoe_jax.dispatch import ExpertWeights, kernel_aligned
-from rexmoe_jax.layers import Attention, RMSNorm, dtype_of, output_init_std, param_init
+from rexmoe_jax.layers import Attention, RMSNorm, Segments, dtype_of, output_init_std, param_init
 from rexmoe_jax.moe import MoEFFN, RouterStats
 
 
@@ -98,11 +98,12 @@ class DecoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxSxD, layer_id, weights: ExpertWeights, positions_BxS,
-                 psr_state: tuple[PSRInputs, jax.Array] | None):
+                 psr_state: tuple[PSRInputs, jax.Array] | None, segments: Segments | None):
         cfg, compute = self.config, self.compute
         dtype = dtype_of(compute.dtype)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="attn_norm")(x_BxSxD)
-        x_BxSxD = x_BxSxD + Attention(cfg, compute, self.decode, name="attention")(h_BxSxD, positions_BxS)
+        attention = Attention(cfg, compute, self.decode, name="attention")
+        x_BxSxD = x_BxSxD + attention(h_BxSxD, positions_BxS, segments)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
         available_TxP, live = None, self.pool_size
         if psr_state is not None:
@@ -128,7 +129,8 @@ class LayerGroup(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x_BxSxD, layer_ids_R, positions_BxS, psr: PSRInputs | None):
+    def __call__(self, x_BxSxD, layer_ids_R, positions_BxS, psr: PSRInputs | None,
+                 segments: Segments | None):
         cfg = self.config
         pool, d, f = self.size * cfg.num_experts, cfg.d_model, cfg.expert_ffn
         weights = ExpertWeights(
@@ -149,14 +151,18 @@ class LayerGroup(nn.Module):
             layer = nn.remat(DecoderLayer, policy=_REMAT_POLICIES[self.compute.remat], prevent_cse=False)
         layers = nn.scan(layer, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                          split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.size,
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                         length=self.size,
                          metadata_params={nn.PARTITION_NAME: "layers"})
         return layers(cfg, self.compute, self.psr, pool, self.decode, name="layers")(
-            x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state)
+            x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state, segments)
 
 
 class Decoder(nn.Module):
-    """Maps tokens (B, S) to float32 logits (B, S, V) and per-layer router statistics."""
+    """Maps tokens (B, S) to float32 logits (B, S, V) and per-layer router statistics.
+
+    `segments` packs several sequences into a row (layers.Segments; scoring only); routing is
+    per token, so with a dropless dispatch packing changes no token's output."""
 
     config: ModelConfig
     compute: ComputeConfig = ComputeConfig()
@@ -165,7 +171,8 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens_BxS: jax.Array, positions_BxS: jax.Array | None = None,
-                 psr: PSRInputs | None = None) -> tuple[jax.Array, RouterStats]:
+                 psr: PSRInputs | None = None,
+                 segments: Segments | None = None) -> tuple[jax.Array, RouterStats]:
         cfg = self.config
         dtype = dtype_of(self.compute.dtype)
         if positions_BxS is None:
@@ -178,10 +185,11 @@ class Decoder(nn.Module):
         for name, layer_ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(cfg)):
             groups = nn.scan(LayerGroup, variable_axes={"params": 0, "intermediates": 0, "cache": 0},
                              split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast, nn.broadcast), length=layer_ids_GxR.shape[0],
+                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+                             length=layer_ids_GxR.shape[0],
                              metadata_params={nn.PARTITION_NAME: "groups"})
             x_BxSxD, block_stats = groups(cfg, self.compute, self.psr, layer_ids_GxR.shape[1], self.decode,
-                                          name=name)(x_BxSxD, layer_ids_GxR, positions_BxS, psr)
+                                          name=name)(x_BxSxD, layer_ids_GxR, positions_BxS, psr, segments)
             stats.append(_flatten_layers(block_stats, cfg.pool_size))
 
         x_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="final_norm")(x_BxSxD)

@@ -62,6 +62,15 @@ def state_shardings(config: Config, model: Decoder, tx: optax.GradientTransforma
     return sharding.logical_shardings(jax.eval_shape(lambda: _boxed_state(config, model, tx)), mesh)
 
 
+def abstract_state(config: Config, model: Decoder, tx: optax.GradientTransformation, shardings) -> TrainState:
+    """The train state's shapes and dtypes with `shardings` (a tree, or one sharding for every
+    leaf): what a restore reads a checkpoint into, and what compiling from shapes needs."""
+    shapes = jax.eval_shape(lambda: init_state(config, model, tx))
+    if not isinstance(shardings, TrainState):
+        shardings = jax.tree.map(lambda _: shardings, shapes)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+
+
 def init_state(config: Config, model: Decoder, tx: optax.GradientTransformation,
                shardings: TrainState | None = None) -> TrainState:
     """The initial state, created directly with `shardings` (no full copy on one device)."""

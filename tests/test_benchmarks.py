@@ -5,7 +5,7 @@ running them, not by tests."""
 import pytest
 
 from benchmarks import grouped_matmul as gmm_bench
-from benchmarks import moe_block, train_step
+from benchmarks import moe_block, scoring, train_step
 from benchmarks import token_permute as permute_bench
 
 
@@ -15,6 +15,7 @@ from benchmarks import token_permute as permute_bench
     (moe_block.main, ["--small", "--iters", "1"], "| vs tokamax + XLA default gradients |"),
     (train_step.main, ["--small", "--presets", "moe_0p5b_a0p07b", "--layers", "4", "--batch", "2", "--seq", "32",
                        "--steps", "1"], "| r=4 / r=1 |"),
+    (scoring.main, ["--small", "--questions", "20"], "| speed-up |"),
 ])
 def test_benchmark_prints_its_table(main, args, columns, capsys):
     main(args)

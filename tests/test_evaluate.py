@@ -1,4 +1,5 @@
-"""Perplexity, multiple-choice scoring, routing analysis, and the evaluate / generate commands."""
+"""Held-out evaluation (shared with training), multiple-choice scoring, routing analysis, and the
+evaluate / generate commands."""
 
 import dataclasses
 import json
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import evaluate, generate, loop, plot
+from rexmoe_jax import evaluate, generate, loop, plot, scoring, tasks
 from rexmoe_jax.config import Config, apply_overrides
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
 from rexmoe_jax.model import Decoder
@@ -29,9 +30,8 @@ def test_uniform_model_perplexity_is_the_vocabulary_size():
     params = params_for()
     params = dict(params, lm_head=jnp.zeros_like(params["lm_head"]))  # every logit 0: uniform
     batch = np.random.default_rng(0).integers(0, 4096, (2, 17)).astype(np.int32)
-    result = evaluate.held_out_loss(CFG, params, [batch])
+    result, _ = evaluate.held_out(evaluate.eval_step_for(CFG), params, [batch], CFG.model)
     assert result["eval_ppl"] == pytest.approx(4096, rel=1e-4)
-    assert result["tokens"] == 2 * 16
 
 
 def planted_model(token: int):
@@ -57,40 +57,45 @@ def test_scorer_matches_hand_computed_log_likelihood_and_picks_the_planted_answe
     params, logits = planted_model(planted)
     log_probs = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
     context, continuation = tok.encode("In the beginning"), tok.encode(" God created the heaven")
-    got = evaluate.continuation_logprobs(CFG, params, [(context, continuation)])[0]
+    got = scoring.score(CFG, params, [(context, continuation)]).logprob[0]
     assert got == pytest.approx(float(np.sum(log_probs[continuation])), rel=1e-4)
 
     question = {"context": "And God said", "choices": [" and there was light", " the the the", " unto Moses"],
                 "label": 1}
     assert tok.encode(" the the the") == [planted] * 3
-    result = evaluate.score_task(CFG, params, tok, [question, dict(question, label=0)])
-    assert result == {"n": 2, "acc": 0.5, "acc_norm": 0.5}  # right on the planted one, wrong on the other
+    result = tasks.score_task(CFG, params, tok, [question, dict(question, label=0)])
+    # Right on the planted one, wrong on the other.
+    got = {k: result[k] for k in ("n", "acc", "acc_norm", "acc_bytes")}
+    assert got == {"n": 2, "acc": 0.5, "acc_norm": 0.5, "acc_bytes": 0.5}
 
 
 def test_task_file_errors(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
     with pytest.raises(Exception, match="2 or more"):
-        evaluate.read_task(path)
+        tasks.read_task(path)
     path.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
     with pytest.raises(Exception, match="label"):
-        evaluate.read_task(path)
+        tasks.read_task(path)
     path.write_text('{"context": "a", "choices": ["b", "c"], "label": true}\n')  # a bool is not an index
     with pytest.raises(Exception, match="label"):
-        evaluate.read_task(path)
+        tasks.read_task(path)
+    path.write_text('{"context": "a", "choices": ["b", "c"], "label": 0, "delimiter": 1}\n')
+    with pytest.raises(Exception, match="delimiter"):
+        tasks.read_task(path)
 
 
 def test_activation_ratios_sum_to_k_and_foreign_share():
     params = params_for()
     batches = [np.random.default_rng(2).integers(0, 4096, (4, 17)).astype(np.int32)]
-    routing = evaluate.routing_analysis(CFG, params, batches)
+    routing = evaluate.routing_of(CFG, params, batches)
     ratios = np.asarray(routing["activation_ratio"])
     np.testing.assert_allclose(ratios.sum(axis=1), CFG.model.top_k, rtol=1e-6)
     assert routing["tokens"] == 4 * 16
     assert all(0 <= f <= 1 for f in routing["foreign_share"])
     # At r = 1 no expert belongs to another layer.
     cfg1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, reuse=1))
-    assert evaluate.routing_analysis(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
+    assert evaluate.routing_of(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +118,11 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
                           "--input-set", f"psalm={tmp_path / 'psalm.txt'}", "--batches", "1"]) == 0
     report = json.loads((workdir / "eval.json").read_text())
     assert report["step"] == 6 and report["tasks"]["kjv_cloze"]["n"] == 20
+    # One evaluation function: the command's numbers are training's last eval line's.
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last_eval = [r for r in logged if "eval_loss" in r][-1]
+    for name in ("eval_loss", "lbv_max", "underused_share", "foreign_share"):
+        assert report[name] == pytest.approx(last_eval[name], rel=1e-5, abs=1e-6), name
     assert set(report["routing"]) == {"held-out", "psalm"}
     assert generate.main(["--workdir", str(workdir), "--prompt", "And God said", "--max-new-tokens", "4"]) == 0
     assert plot.main(["--workdir", str(workdir)]) == 0
@@ -143,7 +153,7 @@ def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tm
     def evaluation_ran(*args, **kwargs):
         raise AssertionError("the held-out evaluation ran before the inputs were checked")
 
-    monkeypatch.setattr(evaluate, "held_out_loss", evaluation_ran)
+    monkeypatch.setattr(evaluate, "held_out", evaluation_ran)
     args = make_args(tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     assert evaluate.main(["--workdir", str(trained_run), *args]) == 2

@@ -1,0 +1,106 @@
+"""Zero-shot multiple choice, scored request for request as lm-evaluation-harness scores it.
+
+A task file is JSON Lines, one question per line:
+
+    {"context": "In the beginning God created", "choices": [" the heaven and the earth.", ...],
+     "label": 0, "delimiter": ""}
+
+`delimiter` (optional, default "") is lm_eval's `target_delimiter`: each choice is scored as the
+continuation delimiter + choice. lm_eval's own tasks (ARC, PIQA, HellaSwag, ...) put the space
+there, "delimiter": " " with choices written without it; it matters for acc_norm, which divides
+by the length of the choice alone.
+
+Each (context, delimiter + choice) becomes tokens as lm_eval's causal models do: whitespace at
+the end of the context moves to the start of the continuation, the two are encoded together
+and split after the context's own tokens; an empty context is the end-of-text token (or the
+continuation's first token, when that is end-of-text). Then, per question:
+  acc        the choice with the highest summed log-likelihood;
+  acc_norm   the highest log-likelihood per character of the choice;
+  acc_bytes  the highest log-likelihood per UTF-8 byte of the choice;
+ties going to the first choice, as numpy's argmax (lm_eval's) does.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from rexmoe_jax import scoring
+from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.tokenizer import Tokenizer
+
+METRICS = ("acc", "acc_norm", "acc_bytes")
+
+
+def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context ids, continuation ids) split as lm-evaluation-harness splits them (module docstring)."""
+    if not continuation:
+        raise ValueError("the continuation to score is empty")
+    if not context:
+        ids = tokenizer.encode(continuation)
+        return ([tokenizer.eod_id], ids) if ids[0] != tokenizer.eod_id else (ids[:1], ids[1:])
+    kept = context.rstrip()
+    if not kept:  # lm_eval would condition on nothing at all; say so instead.
+        raise ValueError("a context of whitespace only leaves nothing to condition on; use an empty context")
+    # Trailing whitespace is tokenized with the word after it, not alone at the end of the context.
+    context_ids = tokenizer.encode(kept)
+    whole = tokenizer.encode(kept + context[len(kept):] + continuation)
+    return context_ids, whole[len(context_ids):]
+
+
+def _valid(q) -> bool:
+    return (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
+            and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
+            and type(q.get("label")) is int and 0 <= q["label"] < len(q["choices"])  # not a bool
+            and isinstance(q.get("delimiter", ""), str))
+
+
+def read_task(path: pathlib.Path | str) -> list[dict]:
+    from rexmoe_jax.sources import json_lines
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"task file {str(path)!r} does not exist")
+    questions = []
+    for number, q in json_lines(path):
+        if not _valid(q):
+            raise ConfigError(f'{path}:{number}: expected {{"context": str, "choices": [2 or more str], '
+                              '"label": index of the right choice, "delimiter": optional str}')
+        questions.append(q)
+    if not questions:
+        raise ConfigError(f"task file {str(path)!r} holds no questions")
+    return questions
+
+
+def task_requests(tokenizer: Tokenizer, questions: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """One request per (question, choice), in order."""
+    return [encode_pair(tokenizer, q["context"], q.get("delimiter", "") + choice)
+            for q in questions for choice in q["choices"]]
+
+
+def choice_loglikelihoods(config: Config, params, tokenizer: Tokenizer, questions: list[dict],
+                          implementation: str = "packed") -> tuple[list[np.ndarray], scoring.Scores]:
+    """Per question, the summed log-likelihood of each choice; and the scorer's cost."""
+    scores = scoring.score(config, params, task_requests(tokenizer, questions), implementation)
+    ends = np.cumsum([len(q["choices"]) for q in questions])
+    return np.split(scores.logprob, ends[:-1]), scores
+
+
+def accuracy(questions: list[dict], loglikelihoods: list[np.ndarray]) -> dict:
+    """acc, acc_norm (per character) and acc_bytes (per byte), as lm_eval computes them."""
+    hits = dict.fromkeys(METRICS, 0)
+    for q, ll in zip(questions, loglikelihoods):
+        chars = np.asarray([len(c) for c in q["choices"]], float)
+        size = np.asarray([len(c.encode("utf-8")) for c in q["choices"]], float)
+        for name, value in (("acc", ll), ("acc_norm", ll / chars), ("acc_bytes", ll / size)):
+            hits[name] += int(np.argmax(value) == q["label"])
+    return {"n": len(questions), **{name: hits[name] / len(questions) for name in METRICS}}
+
+
+def score_task(config: Config, params, tokenizer: Tokenizer, questions: list[dict],
+               implementation: str = "packed") -> dict:
+    """acc, acc_norm and acc_bytes of a task, and the token positions computed and scored."""
+    loglikelihoods, scores = choice_loglikelihoods(config, params, tokenizer, questions, implementation)
+    return {**accuracy(questions, loglikelihoods), "tokens_computed": scores.computed,
+            "tokens_scored": scores.scored}
