@@ -9,6 +9,7 @@ import pytest
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import grouped_matmul
 from rexmoe_jax import dispatch
+from test_collectives import numpy_ragged_all_to_all, random_case, run_on_devices
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
@@ -60,3 +61,13 @@ def test_mosaic_gpu_token_permute_matches_reference():
     for got, want in zip((got_out, *got_grads), (want_out, *want_grads)):
         got, want = got.astype(jnp.float32), want.astype(jnp.float32)
         assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) < 1e-2
+
+
+def test_native_ragged_all_to_all_matches_the_numpy_model():
+    """The real op, on as many GPUs as there are (up to 4), against the same NumPy model as the
+    CPU emulation."""
+    devices = min(4, jax.device_count())
+    case = random_case(0, devices)
+    got, want = run_on_devices(case, "native", jax.jit), numpy_ragged_all_to_all(*case)
+    for device in range(devices):
+        np.testing.assert_array_equal(got[device], want[device])
