@@ -45,6 +45,7 @@ RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch"]
 Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
 Permute = Literal["auto", "xla", "pallas", "reference"]
+ExpertExchange = Literal["auto", "ragged", "fixed"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +131,12 @@ class ComputeConfig(_Section):
     # The token gathers around them (pallas_kernels/token_permute); auto: the Pallas kernels on
     # GPU and TPU, XLA's gathers on CPU (where Pallas only interprets).
     permute: Permute = "auto"
-    # Slots per expert ("capacity" dispatch) or per destination device (expert parallelism), as a
-    # multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
+    # How tokens travel to their experts' devices when mesh.expert > 1: "ragged" sends each device
+    # exactly its rows (dropless; ragged_all_to_all), "fixed" in equal buffers sized by
+    # capacity_factor; "auto" is ragged on GPU and TPU, fixed on CPU (which lacks the op).
+    expert_exchange: ExpertExchange = "auto"
+    # Slots per expert ("capacity" dispatch) or per destination device (the "fixed" exchange), as
+    # a multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0
 
     def __post_init__(self):

@@ -180,20 +180,30 @@ def capacity_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights,
 Path = Callable[[jax.Array, Routing, ExpertWeights, Callable], tuple[jax.Array, jax.Array]]
 
 
-def choose_path(compute: ComputeConfig, live_share: float) -> tuple[Path, bool]:
-    """The one place `compute.dispatch` is read: its path, and whether that path runs on each
-    device's own tokens inside shard_map ("sort", "capacity": on every mesh, a one-device one
-    included) or on the whole arrays ("dense", "gather": they read every expert's weights)."""
+class Choice(NamedTuple):
+    path: Path
+    sharded: bool  # runs on each device's own tokens inside shard_map (else on the whole arrays)
+    exchange: str  # with an expert axis: "ragged" (exact rows) or "fixed" (equal buffers)
+
+
+def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
+    """The one place `compute.dispatch` and `compute.expert_exchange` are read: the path, whether
+    it runs on each device's own tokens inside shard_map ("sort", "capacity": on every mesh, a
+    one-device one included) or on the whole arrays ("dense", "gather": they read every expert's
+    weights), and how tokens travel between devices of an expert axis."""
+    exchange = compute.expert_exchange
+    if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
+        exchange = "fixed" if jax.default_backend() == "cpu" else "ragged"
     if compute.dispatch == "capacity":
         def path(x_TxD, routing, weights, reduce_rows):
             y_TxD, dropped = capacity_experts(x_TxD, routing, weights, compute.capacity_factor, live_share)
             return reduce_rows(y_TxD), dropped
-        return path, True
+        return Choice(path, True, exchange)
     if compute.dispatch == "sort":
         def path(x_TxD, routing, weights, reduce_rows):
             return sorted_experts(x_TxD, routing, weights, compute.grouped_matmul, compute.permute,
                                   reduce_rows), jnp.zeros((), jnp.float32)
-        return path, True
+        return Choice(path, True, exchange)
     whole = {"dense": dense_experts, "gather": gathered_experts}[compute.dispatch]
-    return (lambda x_TxD, routing, weights, reduce_rows: (whole(x_TxD, routing, weights),
-                                                         jnp.zeros((), jnp.float32))), False
+    return Choice(lambda x_TxD, routing, weights, reduce_rows: (whole(x_TxD, routing, weights),
+                                                                jnp.zeros((), jnp.float32)), False, exchange)

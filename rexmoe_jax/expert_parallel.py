@@ -1,21 +1,27 @@
 """The MoE dispatch on a device mesh: inside `jax.shard_map`, each device sorts only its own
 tokens, and with an expert axis the tokens travel to the devices holding their experts and back.
 
-A group's pool of P = r*N experts is split over the E devices of the expert axis (P/E each:
-expert p lives on device p // (P/E)). Per device, with T local tokens and K choices each:
+A group's pool of P = r*N experts is split over the E devices of the expert axis (P_l = P/E
+each: expert p lives on device p // P_l). Per device, with T local tokens and K choices each,
+the T*K assignments are sorted by expert, hence by destination device. Then one of two
+exchanges (`compute.expert_exchange`, chosen by dispatch.choose_path):
 
-  1. sort the T*K assignments by expert, hence by destination device, and pack them into an
-     (E, C, D) send buffer, C slots per destination (assignments beyond C are dropped);
-  2. all_to_all over the expert axis: device e receives every device's slots for its experts;
-  3. run the received rows through the local experts (sorted again by local expert, one
-     grouped matmul per projection; empty slots give zeros);
-  4. all_to_all back, and combine: each kept assignment's row, weighted by its gate, summed
-     over the token's K choices.
+"ragged" (dropless; the default on GPU and TPU). The per-expert row counts of every device are
+all-gathered (E x P int32), from which every device knows where each of its slices lands. One
+ragged_all_to_all sends each destination exactly its rows, placed by local expert and then by
+sender, so the local experts run on contiguous rows (one grouped matmul per projection) with
+no second sort; a second ragged_all_to_all sends the results back into the sender's sorted
+order, and the combine weights them by the gates. Each device sends T*K rows each way; its
+receive buffer holds E*T*K rows, the worst case (every token routed to one device).
 
-The capacity C is T*K (compute.capacity_factor = 0: nothing can be dropped) or
-ceil(capacity_factor * T*K / E), filled in token order. XLA:CPU has no ragged all-to-all, so the buffers have a fixed
-size; the share of dropped assignments is returned as a metric. Expert widths split over the
-tensor axis give partial sums of the down projection, added with a psum.
+"fixed". Assignments are packed into an (E, C, D) buffer, C slots per destination, filled in
+token order (past C they are dropped); all_to_all there, the local experts (sorted again by
+local expert; empty slots give zeros), all_to_all back. C is T*K (compute.capacity_factor = 0:
+nothing can be dropped, E times the ragged traffic) or ceil(capacity_factor * T*K / E); the
+share of dropped assignments is returned as a metric.
+
+Expert widths split over the tensor axis give partial sums of the down projection, added with
+a psum over "tensor" before the combine.
 """
 
 from __future__ import annotations
@@ -24,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import token_permute
 from pallas_kernels.token_permute import inverse_permutation
-from rexmoe_jax import sharding
+from rexmoe_jax import collectives, sharding
 from rexmoe_jax.dispatch import (
     ExpertWeights,
     Path,
@@ -66,26 +73,68 @@ def _all_to_all_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, *
     return gather_from_slots(y_S, slots, gates_TxK), jnp.mean((~slots.kept_A).astype(jnp.float32))
 
 
+def _exclusive_cumsum(counts, axis=-1):
+    return jnp.cumsum(counts, axis=axis) - counts
+
+
+def _ragged_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, reduce_rows, *, num_shards: int,
+                    implementation: str, permute: str):
+    top_k = experts_TxK.shape[1]
+    pool_local = weights.gate_PxDxF.shape[0]
+    experts_A = experts_TxK.reshape(-1)
+    order_A = jnp.argsort(experts_A, stable=True).astype(jnp.int32)
+    inverse_A = inverse_permutation(order_A)
+    x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute)
+
+    # c[s, r, p]: rows device s sends to local expert p of device r. Slice g = r*P_l + p of a
+    # sender is its rows for expert g; receiver r keeps them by expert p, then by sender s.
+    counts_P = jnp.bincount(experts_A, length=num_shards * pool_local).astype(jnp.int32)
+    counts_ExP = jax.lax.all_gather(counts_P, "expert")
+    c_ExExL = counts_ExP.reshape(num_shards, num_shards, pool_local)
+    block_start_ExL = _exclusive_cumsum(jnp.sum(c_ExExL, axis=0))  # [r, p]: expert p's rows on r
+    landing_ExExL = block_start_ExL[None] + _exclusive_cumsum(c_ExExL, axis=0)  # [s, r, p]
+    sorted_start_ExP = _exclusive_cumsum(counts_ExP)  # [s, g]: expert g's rows in s's sorted order
+    me = jax.lax.axis_index("expert")
+
+    def exchange(operand, rows_out, *offsets_and_sizes):
+        output = jnp.zeros_like(operand, shape=(rows_out, operand.shape[1]))  # typed per device, as the rows
+        return collectives.ragged_all_to_all(operand, output, *offsets_and_sizes, axis_name="expert")
+
+    mine_to_ExL = c_ExExL[me]  # [r, p]: what I send
+    to_me_ExL = c_ExExL[:, me]  # [s, p]: what I receive
+    received_YxD = exchange(x_AxD, num_shards * experts_A.shape[0], sorted_start_ExP[me], counts_P,
+                            landing_ExExL[me].reshape(-1), to_me_ExL.reshape(-1))
+    y_YxD = grouped_swiglu(received_YxD, jnp.sum(to_me_ExL, axis=0), weights, implementation)
+    back_start_ExL = sorted_start_ExP.reshape(num_shards, num_shards, pool_local)[:, me]  # [s, p]
+    y_AxD = exchange(y_YxD, experts_A.shape[0], landing_ExExL[:, me].reshape(-1), to_me_ExL.reshape(-1),
+                     back_start_ExL.reshape(-1), mine_to_ExL.reshape(-1))
+    return token_permute.combine(reduce_rows(y_AxD), order_A, inverse_A, gates_TxK, implementation=permute)
+
+
 def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, local: Path, *,
-                    implementation: str, capacity_factor: float,
+                    exchange: str, implementation: str, capacity_factor: float, permute: str = "xla",
                     live_share: float = 1.0) -> tuple[jax.Array, jax.Array]:
     """The MoE dispatch over the current mesh (a one-device mesh when none is set, so one device
     runs the same code as many): (outputs, share of dropped assignments). `local` is the path
     each device runs on its own tokens when the expert axis has one device; with more, tokens
-    travel to their experts' devices in fixed-size buffers."""
+    travel to their experts' devices by the `exchange` ("ragged" or "fixed", see the module doc)."""
     mesh = sharding.current_mesh()
     num_shards = mesh.shape["expert"]
 
     # Each tensor shard holds a slice of F, so its down projections are partial sums: psum them
     # (with one shard the psum is free, and it tells shard_map the result is the same on every
-    # shard). Local paths sum their rows before the combine, whose custom gradient expects
-    # complete rows.
+    # shard). Paths that combine with token_permute sum their rows before the combine, whose
+    # custom gradient expects complete rows.
     def tensor_sum(y):
         return jax.lax.psum(y, "tensor")
 
     def body(x, gates, experts, gate_w, up_w, down_w):
         w = ExpertWeights(gate_w, up_w, down_w)
-        if num_shards > 1:
+        if num_shards > 1 and exchange == "ragged":
+            y = _ragged_experts(x, gates, experts, w, tensor_sum, num_shards=num_shards,
+                                implementation=implementation, permute=permute)
+            dropped = jnp.zeros((), jnp.float32)
+        elif num_shards > 1:
             y, dropped = _all_to_all_experts(x, gates, experts, w, num_shards=num_shards,
                                              capacity_factor=capacity_factor, live_share=live_share,
                                              implementation=implementation)

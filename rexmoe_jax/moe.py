@@ -53,13 +53,14 @@ class MoEFFN(nn.Module):
         self.sow("intermediates", "gates", routing.gates_TxK)
 
         live_share = self.live_experts / self.pool_size
-        path, sharded = choose_path(self.compute, live_share)
-        if sharded:
+        choice = choose_path(self.compute, live_share)
+        if choice.sharded:
             y_TxD, dropped = expert_parallel.sharded_experts(
-                x_TxD, routing, weights, path, implementation=self.compute.grouped_matmul,
-                capacity_factor=self.compute.capacity_factor, live_share=live_share)
+                x_TxD, routing, weights, choice.path, exchange=choice.exchange,
+                implementation=self.compute.grouped_matmul, capacity_factor=self.compute.capacity_factor,
+                permute=self.compute.permute, live_share=live_share)
         else:
-            y_TxD, dropped = path(x_TxD, routing, weights, lambda y: y)
+            y_TxD, dropped = choice.path(x_TxD, routing, weights, lambda y: y)
         # `weights` arrive in the compute dtype: LayerGroup casts the pool once.
         y_BxSxD = y_TxD.reshape(b, s, d).astype(x_BxSxD.dtype)
         if cfg.num_shared_experts:

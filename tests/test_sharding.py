@@ -50,8 +50,19 @@ def one_device(reuse):
 def test_one_step_equals_one_device(reuse, mesh_name):
     """The loss and every gradient match one device within 1e-5 (relative, float32), with the
     PSR mask of step 3 applied."""
+    assert_matches_one_device(reuse, mesh_overrides(MESHES[mesh_name]))
+
+
+@pytest.mark.parametrize("mesh_name", ["2x1x4x1 (data x expert)", "2x1x2x2 (data x expert x tensor)"])
+def test_ragged_exchange_equals_one_device(mesh_name):
+    """The dropless ragged exchange (the default on GPU and TPU; emulated on CPU) in the whole
+    model, against the unsharded model."""
+    assert_matches_one_device(4, mesh_overrides(MESHES[mesh_name]) + ["compute.expert_exchange=ragged"])
+
+
+def assert_matches_one_device(reuse, overrides):
     cfg = apply_overrides(Config(), MODEL + [f"model.reuse={reuse}", "psr.schedule=linear", "psr.end_step=20"]
-                          + mesh_overrides(MESHES[mesh_name]))
+                          + overrides)
     ref_total, ref_aux, ref_grads = one_device(reuse)
     total, aux, grads = loss_and_grads(cfg, sharding.make_mesh(cfg.mesh))
     np.testing.assert_allclose(total, ref_total, rtol=1e-5)
