@@ -1,0 +1,109 @@
+"""Starts N processes of one command on this machine as one multi-process JAX run: to try
+multi-host training on a laptop, and for the multi-process tests.
+
+    python -m rexmoe_jax.launch -n 2 -- train.py --distributed --simulate-devices 2 \\
+        mesh.data=2 mesh.expert=2
+
+Process i gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES=N and
+JAX_PROCESS_ID=i. A command that starts with a .py file or -m runs with this Python. SIGTERM or
+SIGINT to the launcher is passed on to every process (each in its own session, so that a Ctrl-C
+in the terminal reaches them once, through the launcher); they stop together after a step and
+save it. When a process fails, the others get SIGTERM and, --grace seconds later, SIGKILL; if
+the launcher itself is killed, so are they (Linux). The exit status is 0 when every process
+exits 0, else the first failure's (128 + n for signal n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_env(index: int, count: int, port: int) -> dict[str, str]:
+    """The environment of process `index` of `count`: train.py --distributed reads it."""
+    return dict(os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count),
+                JAX_PROCESS_ID=str(index), PYTHONUNBUFFERED="1")
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: the kernel sends it SIGKILL when the launcher dies (Linux), so
+    a killed launcher leaves no process behind."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
+def _status(code: int) -> str:
+    return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
+
+
+class Group:
+    """The N processes; `wait` returns the launcher's exit status."""
+
+    def __init__(self, command: list[str], count: int, port: int, grace: float):
+        if command[0].endswith(".py") or command[0] == "-m":  # a script or module: this Python
+            command = [sys.executable, *command]
+        self.grace = grace
+        self.procs = [subprocess.Popen(command, env=process_env(i, count, port), start_new_session=True,
+                                       preexec_fn=_die_with_parent) for i in range(count)]
+
+    def signal_all(self, signum: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def wait(self) -> int:
+        failure, killing_at = None, None
+        while any(proc.poll() is None for proc in self.procs):
+            time.sleep(0.1)
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code not in (None, 0) and failure is None:
+                    failure = code
+                    print(f"launch: process {i} exited with {_status(code)}; stopping the others",
+                          file=sys.stderr, flush=True)
+                    self.signal_all(signal.SIGTERM)
+                    killing_at = time.monotonic() + self.grace
+            if killing_at is not None and time.monotonic() > killing_at:
+                self.signal_all(signal.SIGKILL)
+        codes = [proc.returncode for proc in self.procs]
+        print(f"launch: exit codes {codes}", file=sys.stderr, flush=True)
+        if failure is None:
+            return 0
+        return 128 - failure if failure < 0 else failure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.launch", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--num-processes", type=int, required=True)
+    parser.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
+    parser.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",
+                        help="after a failure, how long the others get to exit before SIGKILL (default 60)")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command, e.g. train.py ...")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command or args.num_processes < 1:
+        parser.error("give -n N >= 1 and a command after --")
+    group = Group(command, args.num_processes, args.port or free_port(), args.grace)
+
+    def forward(signum, _frame):
+        group.signal_all(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    return group.wait()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

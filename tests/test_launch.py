@@ -1,0 +1,60 @@
+"""The one-machine launcher, with small Python commands standing in for train.py: each process's
+environment, exit codes, stopping the others when one fails, and signals passed on."""
+
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def launch(*args, timeout=60, **popen):
+    return subprocess.Popen([sys.executable, "-m", "rexmoe_jax.launch", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def finish(proc, timeout=60):
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # the launched processes die with it
+
+
+def test_each_process_gets_its_place_in_the_run(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text("import os\nprint(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
+                      "os.environ['JAX_COORDINATOR_ADDRESS'], flush=True)\n")
+    proc = launch("-n", "3", "--port", "4321", "--", str(script))
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    assert sorted(out.splitlines()) == [f"{i} 3 127.0.0.1:4321" for i in range(3)]
+    assert "launch: exit codes [0, 0, 0]" in err
+
+
+def test_a_failure_stops_the_others_and_sets_the_status():
+    code = ("import os, sys, time\n"
+            "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+            "time.sleep(600)\n")
+    start = time.monotonic()
+    proc = launch("-n", "2", "--", sys.executable, "-c", code)
+    _, err = finish(proc)
+    assert proc.returncode == 3 and time.monotonic() - start < 30
+    assert "process 1 exited with code 3; stopping the others" in err
+    assert "launch: exit codes [-15, 3]" in err  # the sleeper got SIGTERM
+
+
+def test_sigterm_is_passed_on_to_every_process(tmp_path):
+    code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+            f"open(r'{tmp_path}/' + os.environ['JAX_PROCESS_ID'], 'w').close()\n"
+            "time.sleep(600)\n")
+    proc = launch("-n", "2", "--", sys.executable, "-c", code)
+    deadline = time.monotonic() + 30
+    while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = finish(proc)
+    assert proc.returncode == 0 and "launch: exit codes [0, 0]" in err, err
