@@ -19,6 +19,7 @@ import pathlib
 import sys
 import time
 
+from rexmoe_jax import distributed
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
 from rexmoe_jax.preemption import StopRequest
 
@@ -40,7 +41,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--simulate-devices", type=int, default=0, metavar="N",
                         help="run on N simulated CPU devices (to try a mesh without the hardware)")
     parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() first (multi-host TPU pods, multi-node GPU)")
+                        help="join a multi-process run: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                             "JAX_PROCESS_ID, or detected on Cloud TPU, SLURM and Open MPI")
+    parser.add_argument("--init-timeout", type=int, default=300, metavar="SECONDS",
+                        help="--distributed: give up joining the coordinator after this long (default 300)")
+    parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
+                        help="--distributed: a process silent this long is dead and the others exit "
+                             "(default 100)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser.parse_args(argv)
 
@@ -66,10 +73,25 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_devices}")
+    if not args.distributed and int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
+        print(f"error: JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} is set: pass --distributed to "
+              "join the other processes", file=sys.stderr)
+        return 2
+    if args.distributed:
+        try:
+            distributed.initialize(args.init_timeout, args.heartbeat_timeout)
+        except distributed.StartupError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return distributed.LOST_PROCESS
+    try:
+        return _run(args, config, stop)
+    finally:
+        distributed.finish()
+
+
+def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
     import jax
 
-    if args.distributed:
-        jax.distributed.initialize()  # Finds the coordinator on TPU pods, SLURM, Open MPI, ...
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
     from rexmoe_jax.workdir import WriteError
 
@@ -110,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as err:  # A full disk or lost permission: retrying as is cannot help.
         print(f"error: {err}", file=sys.stderr)
         return 4
+    except jax.errors.JaxRuntimeError as err:
+        if jax.process_count() == 1:
+            raise
+        distributed.exit_lost(err)  # a collective failed: another process is gone
     if "eval_ppl" in result:
         print(f"held-out perplexity: {result['eval_ppl']:.2f} (loss {result['eval_loss']:.4f})")
     if "sample" in result:

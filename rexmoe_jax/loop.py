@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax import data as data_lib
+from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax import generate as generate_lib
-from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.evaluate import held_out
@@ -88,11 +88,12 @@ class _Session:
     train_step: object
     eval_step: object
     fingerprint: dict
+    rows: slice  # this process's rows of a global batch
+    vote: distributed.StopVote
 
-    def put(self, rows: np.ndarray) -> jax.Array:
-        """This host's rows of a global batch -> the sharded global batch."""
-        share = rows.shape[0] // jax.process_count()
-        return sharding.put_batch(rows[jax.process_index() * share:(jax.process_index() + 1) * share], self.mesh)
+    def put_global(self, rows: np.ndarray) -> jax.Array:
+        """A global batch that every process holds (the eval batches) -> the sharded batch."""
+        return sharding.put_batch(rows[self.rows], self.mesh)
 
 
 def _compiled_steps(config: Config, model, tx, mesh, shardings):
@@ -119,8 +120,9 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     abstract = trainer.abstract_state(config, model, tx, shardings)
+    distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
     _check_stop(stop)
     if jax.process_index() == 0:
@@ -137,19 +139,39 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
             print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
                   f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
+    # Every process must take the same steps: same config, same resumed step (a shared workdir).
+    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
+    block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
-                                     host_index=jax.process_index(), host_count=jax.process_count(),
-                                     state=data_state)
+                                     host_index=block, host_count=blocks, state=data_state)
     train_step, eval_step = _compiled_steps(config, model, tx, mesh, shardings)
+    vote = distributed.StopVote(mesh)
+    if jax.process_count() > 1:
+        train_step, eval_step = _compile_ahead(train_step, eval_step, abstract, mesh, (
+            (config.data.batch_size, config.data.seq_len + 1), eval_batches[0].shape))
+    share = config.data.batch_size // blocks
     return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
-                    train_step, eval_step, fingerprint)
+                    train_step, eval_step, fingerprint, slice(block * share, (block + 1) * share), vote)
+
+
+def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):
+    """Several processes: the steps compiled before the first one runs, then a barrier, so that
+    no process starts a step's collectives while another is still compiling (distributed.barrier)."""
+    train_batch, eval_batch = (jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding.batch_sharding(mesh))
+                               for shape in batch_shapes)
+    with sharding.activate(mesh):
+        train_step = train_step.lower(abstract, train_batch).compile()
+        eval_step = eval_step.lower(abstract.params, eval_batch).compile()
+    distributed.barrier("compiled")
+    return train_step, eval_step
 
 
 def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads:
     evaluate.held_out, the function the evaluate command uses too."""
     with sharding.activate(session.mesh):
-        return held_out(session.eval_step, params, session.eval_batches, session.config.model, session.put)
+        return held_out(session.eval_step, params, session.eval_batches, session.config.model,
+                        session.put_global)
 
 
 def _progress(total: int, initial: int):
@@ -191,7 +213,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     try:
         for step in range(s.start + 1, total + 1):
             with sharding.activate(s.mesh):
-                s.state, metrics = s.train_step(s.state, s.put(next(s.batches)))
+                s.state, metrics = s.train_step(s.state, sharding.put_batch(next(s.batches), s.mesh))
             s.checkpointer.check()  # A save that failed in the background stops the run here.
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
@@ -203,7 +225,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                 evaluation, load = evaluate(s, s.state.params)
                 last_eval = evaluation = {"step": step, **evaluation}
             bar.update(1)
-            stopping = stop.requested(step)
+            stopping = s.vote(stop.requested(step))  # the same on every process
             saving = stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if saving:
                 if not bool(metrics["finite"]) and cfg.nonfinite == "stop":
@@ -228,6 +250,13 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     return step, last_eval
 
 
+def _stop_cause(stop: StopRequest, vote: distributed.StopVote) -> str:
+    others = [str(p) for p in vote.requested_by if p != jax.process_index()]
+    if stop.signal_name or not others:
+        return stop.signal_name or "request"
+    return f"a stop request on process {', '.join(others)}"
+
+
 def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
     lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
@@ -249,7 +278,7 @@ def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
               f"on {session.mesh.devices.size} device(s), mesh {dict(session.mesh.shape)}, in {workdir}", flush=True)
     step, last_eval = _train(session, workdir, stop)
     if step < config.train.steps:
-        print(f"stopped by {stop.signal_name or 'request'} after step {step}; checkpoint saved in "
+        print(f"stopped by {_stop_cause(stop, session.vote)} after step {step}; checkpoint saved in "
               f"{session.checkpointer.directory}; run the same command to resume", flush=True)
         return {"stopped_at": step}
     if last_eval is None:  # The run was already complete: evaluate what it left.

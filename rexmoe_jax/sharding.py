@@ -111,6 +111,21 @@ def put_batch(host_rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     return jax.make_array_from_process_local_data(batch_sharding(mesh), host_rows)
 
 
+def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
+    """(block, blocks): under the batch sharding, this process's devices hold rows block * n to
+    (block + 1) * n - 1 of a global batch, n = global_rows / blocks. The data pipeline reads
+    exactly those rows; a layout that gives a process scattered rows is an error."""
+    index_map = batch_sharding(mesh).devices_indices_map((global_rows, 1))
+    spans = {index_map[d][0].indices(global_rows)[:2] for d in mesh.devices.flat
+             if d.process_index == jax.process_index()}
+    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
+    size = stop - start
+    if sum(e - s for s, e in spans) != size or global_rows % size or start % size:
+        raise ConfigError(f"the devices of process {jax.process_index()} hold rows {sorted(spans)} of each "
+                          "batch, not one block; put the mesh's data axes first over the processes")
+    return start // size, global_rows // size
+
+
 def sync_hosts(name: str) -> None:
     """Waits until every process reaches this point (nothing to do with one process)."""
     if jax.process_count() > 1:

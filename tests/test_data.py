@@ -87,6 +87,53 @@ def test_hosts_read_disjoint_halves_of_each_global_batch():
         data.BatchIterator(seqs, batch_size=5, seed=1, host_count=2)
 
 
+class Recording:
+    """A data source that records which sequences were read."""
+
+    def __init__(self, sequences):
+        self.sequences, self.read = sequences, set()
+
+    def __len__(self):
+        return len(self.sequences)
+
+    def __getitem__(self, index):
+        self.read.add(int(index))
+        return self.sequences[index]
+
+
+def test_each_host_reads_only_its_own_rows():
+    """Row r of global batch t is sequence order[t B + r]; host h of 2 owns rows h B/2 to
+    (h + 1) B/2 - 1 of every batch and reads only those sequences (grain's read-ahead included)."""
+    seqs, steps, batch = sequences(), 12, 6
+    whole = Recording(seqs)
+    one = data.BatchIterator(whole, batch_size=batch, seed=1, prefetch=1)
+    global_rows = [next(one)[:, 0] // 9 for _ in range(steps + 8)]  # sequence i starts with token 9 i
+    hosts = [Recording(seqs), Recording(seqs)]
+    iterators = [data.BatchIterator(hosts[h], batch_size=batch, seed=1, host_index=h, host_count=2, prefetch=1)
+                 for h in range(2)]
+    for _ in range(steps):
+        for iterator in iterators:
+            next(iterator)
+    for h, host in enumerate(hosts):
+        own = {int(i) for rows in global_rows for i in rows[h * 3:(h + 1) * 3]}
+        needed = {int(i) for rows in global_rows[:steps] for i in rows[h * 3:(h + 1) * 3]}
+        assert needed <= host.read <= own
+
+
+def test_a_position_saved_by_two_hosts_resumes_on_one_and_back():
+    seqs = sequences()
+    one = data.BatchIterator(seqs, batch_size=6, seed=1)
+    reference = [next(one) for _ in range(10)]
+    host = data.BatchIterator(seqs, batch_size=6, seed=1, host_index=1, host_count=2)
+    for _ in range(4):
+        next(host)
+    resumed = data.BatchIterator(seqs, batch_size=6, seed=1, state=host.state())  # 2 hosts -> 1
+    np.testing.assert_array_equal(next(resumed), reference[4])
+    halves = [data.BatchIterator(seqs, batch_size=6, seed=1, host_index=h, host_count=2, state=resumed.state())
+              for h in range(2)]  # 1 host -> 2
+    np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), reference[5])
+
+
 @pytest.fixture(scope="module")
 def tokenizer_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"

@@ -1,0 +1,293 @@
+"""Several processes as one run: joining JAX's distributed runtime, the decisions every process
+takes together, noticing a process that died, and leaving together.
+
+Start-up. `initialize` reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (JAX
+itself reads only the first), and leaves what is unset to JAX's detection of Cloud TPU, SLURM
+and Open MPI. CPU devices of all processes talk through gloo, so a multi-process run works on
+any machine. Failing to join within `init_timeout` seconds is a `StartupError` with one line.
+
+Agreement. The host loop changes course only where every process does the same:
+  - checkpoint, evaluation and end steps are functions of (config, step), and `check_same`
+    proves at start-up that every process has the same config and resumes the same step;
+  - the non-finite check reads values of the global step, replicated on every process;
+  - a stop request (SIGTERM or SIGINT, to any process) is put to a vote every step by
+    `StopVote`: one flag per device gathered across all processes, read one step later so the
+    host never waits for the device, and every process stops after the same step.
+JAX's own preemption service is turned off: its SIGTERM notifier would replace the handler
+that train.py installs before jax is imported, and it knows nothing of SIGINT.
+
+A dead process. JAX's coordination service, which runs in process 0, declares a process dead
+after `heartbeat_timeout` seconds without a heartbeat and ends the others (SIGABRT; its log
+lists the dead task). A watchdog thread asks the service every second which processes are
+alive, so that often a one-line error naming the lost process comes first (exit status
+LOST_PROCESS); either way the survivors exit within the heartbeat timeout plus about a second.
+When process 0 itself dies, the service goes with it and JAX ends the others at once, its log
+naming the coordination service. Orbax writes checkpoints atomically, so those already written
+stay good and a re-run resumes from the newest.
+
+The end. `finish` stops the watchdog (a process that finished first is not a lost one) and
+shuts the runtime down, which waits up to `heartbeat_timeout` for every process to get there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import zlib
+
+import numpy as np
+
+from rexmoe_jax.config import ConfigError
+
+ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+LOST_PROCESS = 4  # exit status of a process that lost another one, or could not join the run
+_POLL_SECONDS = 1.0
+_barrier_seconds = 300  # how long `barrier` waits: --init-timeout
+
+
+class StartupError(RuntimeError):
+    """The distributed runtime could not be joined; the message is one line."""
+
+
+def _int_env(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise StartupError(f"{name}={raw!r} is not an integer") from None
+
+
+def _join_arguments() -> dict:
+    """initialize()'s arguments from the environment; None where JAX should detect them."""
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    count, index = _int_env("JAX_NUM_PROCESSES"), _int_env("JAX_PROCESS_ID")
+    if (count is None) != (index is None):
+        raise StartupError("set both JAX_NUM_PROCESSES and JAX_PROCESS_ID, or neither (to let JAX "
+                           "detect them on Cloud TPU, SLURM or Open MPI)")
+    if count is not None and address is None:
+        raise StartupError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is not: set it to "
+                           "host:port of process 0")
+    return {"coordinator_address": address, "num_processes": count, "process_id": index}
+
+
+def one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
+
+
+def initialize(init_timeout: int, heartbeat_timeout: int) -> None:
+    """Joins the run described by the environment (or detected by JAX); see the module doc."""
+    import jax
+
+    where = _join_arguments()
+    who = (f"process {where['process_id']} of {where['num_processes']}" if where["num_processes"] is not None
+           else "this process")
+    address = where["coordinator_address"] or "(auto-detected)"
+    # Gloo carries the cross-process collectives of CPU devices; other backends ignore it.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_enable_preemption_service", False)  # see the module doc: StopVote
+    # A failed connection aborts the process inside JAX with a stack trace, so this timer gives
+    # up first, with one line; JAX's own deadline is set past it.
+    timer = threading.Timer(init_timeout, _give_up, (who, address, init_timeout))
+    timer.daemon = True
+    timer.start()
+    try:
+        jax.distributed.initialize(**where, initialization_timeout=init_timeout + 60,
+                                   heartbeat_timeout_seconds=heartbeat_timeout,
+                                   shutdown_timeout_seconds=heartbeat_timeout)
+    except Exception as err:  # noqa: BLE001 - any failure to join is reported the same way
+        raise StartupError(f"{who} could not join the run at {address} ({one_line(err)}); set "
+                           "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
+    finally:
+        timer.cancel()
+    global _barrier_seconds
+    _barrier_seconds = init_timeout
+    if jax.process_count() > 1:
+        _Watchdog.start(jax.process_index(), jax.process_count(), heartbeat_timeout)
+
+
+def barrier(name: str) -> None:
+    """Waits (up to --init-timeout) until every process gets here. Through the coordination
+    service, not a device collective: on CPU, a process that enters a collective more than 30 s
+    before another fails (gloo's fixed timeout), and start-up and compiling are where processes
+    drift that far apart on a busy machine. Each name is used once."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    client = _runtime_client()
+    if client is None:  # another JAX version: a device collective, without that protection
+        from rexmoe_jax import sharding
+
+        sharding.sync_hosts(name)
+        return
+    client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
+
+
+def _give_up(who: str, address: str, seconds: int) -> None:
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=2).close()
+        why = "the coordinator answers, but not every process has joined"
+    except (OSError, ValueError):
+        why = "nothing answers there"
+    print(f"error: {who} could not join the run at {address} within --init-timeout={seconds}s ({why}); check "
+          "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID, and that every process was started",
+          file=sys.stderr, flush=True)
+    os._exit(LOST_PROCESS)
+
+
+def _runtime_client():
+    """JAX's coordination-service client, or None. Private to JAX: without it (another JAX
+    version) the watchdog is off and JAX's own heartbeat check still ends the process."""
+    try:
+        from jax._src import distributed as jax_distributed
+
+        return getattr(jax_distributed.global_state, "client", None)
+    except ImportError:
+        return None
+
+
+class _Watchdog:
+    """Asks the coordination service which processes are alive; ends this one if any is not."""
+
+    running: _Watchdog | None = None
+
+    def __init__(self, client, me: int, count: int, heartbeat_timeout: int):
+        self.client, self.me, self.count, self.timeout = client, me, count, heartbeat_timeout
+        self.stopped = threading.Event()
+
+    @classmethod
+    def start(cls, me: int, count: int, heartbeat_timeout: int) -> None:
+        client = _runtime_client()
+        if client is None or not hasattr(client, "get_live_nodes"):
+            return
+        cls.running = cls(client, me, count, heartbeat_timeout)
+        threading.Thread(target=cls.running.watch, name="rexmoe-watchdog", daemon=True).start()
+
+    def watch(self) -> None:
+        unreachable_since = None
+        while not self.stopped.wait(_POLL_SECONDS):
+            try:
+                live = self.client.get_live_nodes(list(range(self.count)))
+            except Exception as err:  # noqa: BLE001 - the coordinator (process 0) is gone or slow
+                unreachable_since = unreachable_since or time.monotonic()
+                if time.monotonic() - unreachable_since > self.timeout:
+                    self.lost([0], f"the coordinator does not answer ({one_line(err)})")
+                continue
+            unreachable_since = None
+            lost = sorted(set(range(self.count)) - set(live))
+            if lost and not self.stopped.is_set():
+                self.lost(lost, f"no heartbeat for --heartbeat-timeout={self.timeout}s")
+
+    def lost(self, processes: list[int], why: str) -> None:
+        names = ", ".join(str(p) for p in processes)
+        print(f"error: process {self.me}: lost process {names} ({why}); the checkpoints already written "
+              "are intact: start every process again to resume", file=sys.stderr, flush=True)
+        os._exit(LOST_PROCESS)  # Not sys.exit: the main thread is stuck in a collective.
+
+
+def exit_lost(err: BaseException) -> None:
+    """Called when a collective failed: another process is gone. Exits now rather than through
+    the runtime's shutdown, which would wait for the dead process; first gives the watchdog
+    (which names the lost process) until the heartbeat timeout to act."""
+    import jax
+
+    me, watchdog = jax.process_index(), _Watchdog.running
+    if watchdog is not None:
+        try:
+            watchdog.client.get_live_nodes(list(range(watchdog.count)))
+        except Exception:  # noqa: BLE001 - the coordinator does not answer: it is the lost one
+            watchdog.lost([0], f"a collective failed and the coordinator does not answer: {one_line(err)}")
+        time.sleep(watchdog.timeout + 2 * _POLL_SECONDS)
+    print(f"error: process {me}: lost another process (a collective failed: {one_line(err)}); the checkpoints "
+          "already written are intact: start every process again to resume", file=sys.stderr, flush=True)
+    os._exit(LOST_PROCESS)
+
+
+def finish() -> None:
+    """Leaves the run together with the other processes (nothing to do with one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    if _Watchdog.running is not None:
+        _Watchdog.running.stopped.set()
+    jax.distributed.shutdown()
+
+
+class _Gather:
+    """One value per device of `mesh`, gathered onto every device: what each process holds.
+    Compiled when made, so that the compiling happens before a barrier (see `barrier`)."""
+
+    def __init__(self, mesh, dtype):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
+
+        self.devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+        self.owner = np.asarray([d.process_index for d in mesh.devices.flat])
+        self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
+        shape = jax.ShapeDtypeStruct((self.owner.size, 1), dtype, sharding=self.sharding)
+        self.fn = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(shape).compile()
+
+    def __call__(self, value: np.ndarray):
+        """Dispatches the gather of this process's `value` (one element); returns its future."""
+        import jax
+
+        shards = [jax.device_put(value[None], d) for d in self.devices]
+        local = jax.make_array_from_single_device_arrays(
+            (self.owner.size, *value.shape), self.sharding, shards)
+        return self.fn(local)
+
+    def by_process(self, result) -> dict[int, np.ndarray]:
+        """A gathered result as {process: its value}."""
+        rows = np.asarray(result.addressable_data(0))
+        return {int(p): rows[i] for i, p in enumerate(self.owner)}
+
+
+class StopVote:
+    """Whether to stop after this step, the same answer on every process (see the module doc)."""
+
+    def __init__(self, mesh):
+        import jax
+
+        self._gather = _Gather(mesh, np.int32) if jax.process_count() > 1 else None
+        self._pending = None
+        self.requested_by: list[int] = []  # the processes whose request decided the stop
+
+    def __call__(self, requested_here: bool) -> bool:
+        """One process: its own request, at once. Several: the requests cast one step earlier
+        anywhere, read while the device runs this step (so a stop comes a step later)."""
+        if self._gather is None:
+            return requested_here
+        cast = self._gather(np.asarray([requested_here], np.int32))
+        previous, self._pending = self._pending, cast
+        if previous is None:
+            return False
+        self.requested_by = sorted(p for p, flag in self._gather.by_process(previous).items() if flag[0])
+        return bool(self.requested_by)
+
+
+def check_same(mesh, what: dict) -> None:
+    """Raises ConfigError, on every process, unless all processes hold the same `what` (JSON-
+    like values: the config, the step to resume): their control flow would differ."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    gather = _Gather(mesh, np.uint32)
+    barrier("same")  # after compiling the initial state, which takes each process its own time
+    digest = np.asarray([zlib.crc32(json.dumps(what, sort_keys=True).encode())], np.uint32)
+    values = gather.by_process(gather(digest))
+    if len({int(v[0]) for v in values.values()}) > 1:
+        groups: dict[int, list[int]] = {}
+        for process, v in sorted(values.items()):
+            groups.setdefault(int(v[0]), []).append(process)
+        raise ConfigError(f"the processes disagree on the {' and the '.join(what)} (groups of processes that "
+                          f"agree: {sorted(groups.values())}); start every process with the same command")

@@ -1,0 +1,144 @@
+"""Runs train.py as several processes of one JAX run on this machine (2 simulated CPU devices
+each), for the multi-process tests. A `Processes` group is a context manager that kills every
+process it started when the block ends, so a failing test never leaves one behind."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import typing
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's package, also when run as a script
+
+from rexmoe_jax import launch
+
+# The suite's compilation cache (conftest.py): a program compiled once is not compiled again.
+CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
+
+
+def child_env(index: int, count: int, port: int) -> dict[str, str]:
+    env = launch.process_env(index, count, port)
+    env.pop("XLA_FLAGS", None)  # conftest's 8 devices; --simulate-devices sets the count
+    env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
+def train(args: list[str], heartbeat: int = 10) -> list[str]:
+    """train.py as one of several processes with 2 simulated devices each."""
+    return [str(ROOT / "train.py"), "--distributed", "--simulate-devices", "2", "--heartbeat-timeout",
+            str(heartbeat), "--init-timeout", "120", *args]
+
+
+class Processes:
+    """`count` processes of `python COMMAND` as one JAX run, output in folder/process<i>.log."""
+
+    def __init__(self, folder: pathlib.Path, count: int, command: list[str]):
+        folder.mkdir(parents=True, exist_ok=True)
+        port = launch.free_port()
+        command = [sys.executable, *command]
+        self.logs = [folder / f"process{i}.log" for i in range(count)]
+        self.procs = []
+        for i, log in enumerate(self.logs):
+            with open(log, "w") as out:
+                self.procs.append(subprocess.Popen(command, cwd=ROOT, env=child_env(i, count, port), stdout=out,
+                                                   stderr=subprocess.STDOUT, start_new_session=True))
+
+    def __enter__(self) -> typing.Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.kill_all()
+
+    def kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def output(self, index: int) -> str:
+        return self.logs[index].read_text()
+
+    def describe(self) -> str:
+        return "\n".join(f"--- process {i} (exit {p.poll()}):\n{self.output(i)[-3000:]}" for i, p in enumerate(self.procs))
+
+    def wait(self, timeout: float) -> list[int]:
+        """Every process's exit status; fails the test (after killing them) past `timeout`."""
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in self.procs):
+            if time.monotonic() > deadline:
+                self.kill_all()
+                raise AssertionError(f"processes still running after {timeout}s\n{self.describe()}")
+            time.sleep(0.05)
+        return [p.returncode for p in self.procs]
+
+
+def wait_until(predicate, timeout: float, what: str, group: Processes) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline or any(p.poll() is not None for p in group.procs):
+            raise AssertionError(f"never saw {what}\n{group.describe()}")
+        time.sleep(0.01)
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed a SIGTERM handler (Linux: /proc/<pid>/status SigCgt)."""
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught >> (signal.SIGTERM - 1) & 1)
+
+
+def check_host_rows() -> None:
+    """Run as each of 2 processes (python tests/multiprocess.py): each process reads only its
+    rows of every global batch (an instrumented source), and the global batch the mesh holds at
+    step t, gathered back, is the one-process batch of step t."""
+    os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    from rexmoe_jax import data, distributed, sharding
+    from rexmoe_jax.config import MeshConfig
+
+    distributed.initialize(init_timeout=120, heartbeat_timeout=10)
+    import jax
+    import numpy as np
+
+    mesh = sharding.make_mesh(MeshConfig(data=2, expert=2))
+    block, blocks = sharding.process_rows(mesh, 8)
+    assert (block, blocks) == (jax.process_index(), 2)
+    sequences = data.pack(data.TokenDocuments(np.arange(2000, dtype=np.int32), np.asarray([0, 2000])),
+                          np.arange(1), 9, seed=None)  # sequence i starts with token 9 i
+    read = set()
+
+    class Recording:
+        def __len__(self):
+            return len(sequences)
+
+        def __getitem__(self, index):
+            read.add(int(index))
+            return sequences[index]
+
+    mine = data.BatchIterator(Recording(), 8, seed=3, host_index=block, host_count=blocks, prefetch=1)
+    whole = data.BatchIterator(sequences, 8, seed=3, prefetch=1)
+    gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+    own = set()
+    for _ in range(6):
+        batch = next(whole)
+        own |= set((batch[block * 4:(block + 1) * 4, 0] // 9).tolist())
+        with sharding.activate(mesh):
+            seen = gather(sharding.put_batch(next(mine), mesh))
+        np.testing.assert_array_equal(np.asarray(seen.addressable_data(0)), batch)
+    ahead = {int(i) for _ in range(4) for i in next(whole)[block * 4:(block + 1) * 4, 0] // 9}
+    assert own <= read <= own | ahead, (sorted(read - own - ahead), block)
+    print(f"process {jax.process_index()}: rows {block * 4}-{block * 4 + 3} of each batch, read only those",
+          flush=True)
+    distributed.finish()
+
+
+if __name__ == "__main__":
+    check_host_rows()

@@ -1,0 +1,216 @@
+"""Several processes as one run (2 processes x 2 simulated CPU devices, mesh data=2 x expert=2,
+gloo collectives): the same losses as one process on the same mesh, a stop request to one
+process, a dead process, restarts on another process count, per-process data, and start-up
+errors. Every group of processes is killed when its test ends, passed or failed."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from multiprocess import ROOT, Processes, child_env, handles_sigterm, train, wait_until
+
+from rexmoe_jax import distributed, launch, loop
+from rexmoe_jax.checkpoint import Checkpointer
+from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax.preemption import StopRequest
+from rexmoe_jax.runlog import read_records
+
+STEPS = 12
+SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+         "model.expert_ffn=16", "model.num_experts=4", "model.top_k=2", "model.reuse=2",
+         "psr.schedule=linear", "psr.start_step=3", "psr.end_step=9", "data.seq_len=16",
+         "data.batch_size=8", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=6",
+         "train.eval_batches=1", "train.checkpoint_every=4", "train.sample_tokens=0",
+         "mesh.data=2", "mesh.expert=2"]
+RUN_LIMIT = 300  # seconds for one multi-process run on a busy 2-core machine
+HEARTBEAT = 10
+
+
+@pytest.fixture(scope="module")
+def args(tmp_path_factory):
+    """SMALL on 200 KJV chapters (JSON Lines): tokenized in a fraction of the book's time."""
+    from rexmoe_jax.data import read_embedded_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "kjv200.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in read_embedded_documents()[:200]))
+    return SMALL + [f"data.corpus={path}"]
+
+
+def one_process(args, *extra):
+    """The same run (train.py's default preset) in this test's process, on 4 of its 8 devices."""
+    return apply_overrides(load_preset(ROOT / "configs" / "tiny.py"), args + ["mesh.num_devices=4", *extra])
+
+
+@pytest.fixture(scope="module")
+def reference(args, tmp_path_factory):
+    """One process, the same data=2 x expert=2 mesh, uninterrupted: its metrics."""
+    workdir = tmp_path_factory.mktemp("reference")
+    loop.run(one_process(args), workdir)
+    return records(workdir)
+
+
+def records(workdir):
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_records(workdir / "metrics.jsonl")]
+
+
+def assert_same_curve(workdir, reference, rtol=1e-5):
+    """Step by step, every logged loss and evaluation within rtol (2 processes vs 1: gloo sums
+    in another order than one process's collectives)."""
+    got = records(workdir)
+    assert [r["step"] for r in got] == [r["step"] for r in reference]
+    for mine, ref in zip(got, reference):
+        for key in ("loss", "lb_loss", "eval_loss"):
+            if key in ref:
+                np.testing.assert_allclose(mine[key], ref[key], rtol=rtol, err_msg=f"{key} at step {ref['step']}")
+
+
+def multiprocess_env():
+    """This test's environment for a launcher or a lone process: the test compilation cache,
+    no device count (--simulate-devices sets it), no process variables."""
+    env = child_env(0, 1, 0)
+    for name in distributed.ENV_VARS:
+        env.pop(name)
+    return env
+
+
+def checkpoints(workdir):
+    checkpointer = Checkpointer(workdir, 3)
+    steps = checkpointer.steps()
+    checkpointer.close()
+    return steps
+
+
+def test_two_processes_equal_one_process(args, reference, tmp_path):
+    """python -m rexmoe_jax.launch -n 2 -- train.py --distributed ...: every logged value of the
+    12 steps matches one process on the same mesh within 1e-5, and both processes exit 0."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--", *train(["--workdir", str(workdir), *args])]
+    with open(tmp_path / "launch.log", "w") as out:
+        launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = launcher.wait(timeout=RUN_LIMIT)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()  # its processes die with it (PR_SET_PDEATHSIG)
+    output = (tmp_path / "launch.log").read_text()
+    assert code == 0 and "launch: exit codes [0, 0]" in output, output[-3000:]
+    assert_same_curve(workdir, reference)
+    assert checkpoints(workdir)[-1] == STEPS
+
+
+def stop_one(group, rng, when):
+    """SIGTERM to one process, chosen by `rng`, once `when()` holds."""
+    victim = rng.randrange(2)
+    wait_until(when, RUN_LIMIT, "the moment to send SIGTERM", group)
+    group.procs[victim].send_signal(signal.SIGTERM)
+    return victim
+
+
+def saving(workdir, after):
+    """Whether orbax is writing a checkpoint of a step after `after` (its temporary folder)."""
+    folder = workdir / "checkpoints"
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    return any(".orbax-checkpoint-tmp" in n and int(n.split(".")[0]) > after for n in names)
+
+
+def assert_stopped_together(group, workdir, victim, previous):
+    codes = group.wait(RUN_LIMIT)
+    assert codes == [0, 0], group.describe()
+    stopped = checkpoints(workdir)[-1]
+    assert previous < stopped < STEPS, group.describe()
+    assert f"after step {stopped}; checkpoint saved" in group.output(0), group.describe()
+    assert "received SIGTERM" in group.output(victim)
+    return stopped
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(args, reference, tmp_path):
+    """SIGTERM to a random process during start-up: both finish the same step, save it together
+    and exit 0. Resumed on 2 processes, SIGTERM to a random one while a checkpoint is being
+    written: the same again. Resumed on 1 process (2 -> 1): the uninterrupted run's curve."""
+    seed = random.randrange(1 << 30)
+    rng, workdir = random.Random(seed), tmp_path / "run"
+    command = train(["--workdir", str(workdir), *args], HEARTBEAT)
+    with Processes(tmp_path / "start-up", 2, command) as group:
+        victim = stop_one(group, rng, lambda: all(handles_sigterm(p.pid) for p in group.procs))
+        first = assert_stopped_together(group, workdir, victim, 0)
+    with Processes(tmp_path / "saving", 2, command) as group:
+        victim = stop_one(group, rng, lambda: saving(workdir, first))
+        second = assert_stopped_together(group, workdir, victim, first)
+        assert f"resumed from step {first}" in group.output(0)
+    result = loop.run(one_process(args), workdir)
+    assert result["step"] == STEPS, f"seed {seed}: stops after {first} and {second}"
+    assert_same_curve(workdir, reference)
+
+
+class StopAt(StopRequest):
+    def requested(self, step):
+        return step >= 5
+
+
+def test_one_process_checkpoint_resumes_on_two(args, reference, tmp_path):
+    workdir = tmp_path / "run"
+    assert loop.run(one_process(args), workdir, stop=StopAt()) == {"stopped_at": 5}
+    with Processes(tmp_path / "logs", 2, train(["--workdir", str(workdir), *args])) as group:
+        assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
+        assert "resumed from step 5" in group.output(0)
+    assert_same_curve(workdir, reference)
+
+
+def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
+    """SIGKILL to a random process after the first checkpoint: the other exits non-zero within
+    the heartbeat timeout, and its log names what was lost: process N (the watchdog's line, or
+    JAX's list of tasks without heartbeats), or the coordination service that process 0 runs
+    (JAX ends the others at once then). The run resumes from the newest checkpoint."""
+    victim = random.randrange(2)
+    workdir = tmp_path / "run"
+    longer = [*args, "train.steps=400"]
+    with Processes(tmp_path / "logs", 2, train(["--workdir", str(workdir), *longer], HEARTBEAT)) as group:
+        wait_until(lambda: (workdir / "checkpoints" / "4").is_dir(), RUN_LIMIT, "checkpoint 4", group)
+        group.procs[victim].kill()
+        killed = time.monotonic()
+        codes = group.wait(HEARTBEAT + 30)
+        survivor = 1 - victim
+        took = time.monotonic() - killed
+        assert codes[victim] == -signal.SIGKILL and codes[survivor] != 0, group.describe()
+        assert took < HEARTBEAT + 30
+        said = group.output(survivor)
+        named = ("coordination_service",) if victim == 0 else (
+            f"lost process {victim}", f"stopped sending heartbeats):\n{victim}")
+        assert any(name in said for name in named), group.describe()
+    print(f"survivor exited {took:.1f}s after the kill (heartbeat timeout {HEARTBEAT}s), status {codes[survivor]}")
+    newest = checkpoints(workdir)[-1]
+    result = loop.run(one_process(longer, "train.steps=12"), workdir)
+    assert result["step"] == STEPS and newest >= 4
+
+
+def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
+    with Processes(tmp_path, 2, [str(ROOT / "tests" / "multiprocess.py")]) as group:
+        assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
+        assert "read only those" in group.output(1)
+
+
+@pytest.mark.parametrize("env,status,message", [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, 4, "could not join the run at 127.0.0.1:"),
+    ({"JAX_NUM_PROCESSES": "2"}, 4, "set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+])
+def test_startup_errors_are_one_line_and_bounded(env, status, message):
+    """Nobody at the coordinator's port: a one-line error once --init-timeout has passed."""
+    env = dict(multiprocess_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{launch.free_port()}", **env)
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "train.py", "--distributed", "--init-timeout", "3", "--dry-run"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == status and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert message in lines[0] and time.monotonic() - start < 60
+
+
+def test_several_processes_need_distributed():
+    env = dict(multiprocess_env(), JAX_NUM_PROCESSES="2")
+    done = subprocess.run([sys.executable, "train.py", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "pass --distributed" in done.stderr
