@@ -96,7 +96,7 @@ def _compiled_check() -> None:
                 model, tx = trainer.build_model(cfg), make_optimizer(cfg.optim, 10)
                 shardings = trainer.state_shardings(cfg, model, tx, mesh)
                 state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     jax.eval_shape(lambda: trainer.init_state(cfg, model, tx)), shardings)
+                                     jax.eval_shape(trainer.init_state, cfg, model, tx), shardings)
                 batch = jax.ShapeDtypeStruct((8, 9), jnp.int32, sharding=sharding.batch_sharding(mesh))
                 step, _ = loop._compiled_steps(cfg, model, tx, mesh, shardings)
                 with sharding.activate(mesh):

@@ -55,8 +55,9 @@ class Group:
         if command[0].endswith(".py") or command[0] == "-m":  # a script or module: this Python
             command = [sys.executable, *command]
         self.grace = grace
+        # preexec_fn is safe here: the launcher starts no threads.
         self.procs = [subprocess.Popen(command, env=process_env(i, count, port), start_new_session=True,
-                                       preexec_fn=_die_with_parent) for i in range(count)]
+                                       preexec_fn=_die_with_parent) for i in range(count)]  # noqa: PLW1509
 
     def signal_all(self, signum: int) -> None:
         for proc in self.procs:

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_collectives import numpy_ragged_all_to_all, random_case, run_on_devices
 
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import grouped_matmul
 from rexmoe_jax import dispatch
-from test_collectives import numpy_ragged_all_to_all, random_case, run_on_devices
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]
