@@ -161,6 +161,10 @@ class Checkpointer:
     def _fail(self, step: int, err: Exception) -> None:
         self._failed = True
         shutil.rmtree(self.directory / f"{step}{_TMP_SUFFIX}", ignore_errors=True)
+        # Orbax dropped the steps this save would push past `keep` from its list when the save
+        # began; they are still on disk and intact, so steps() must list them again.
+        with contextlib.suppress(Exception):
+            self._manager.reload()
         raise WriteError(f"{failure_reason(err)} while saving step {step} in {self.directory}") from None
 
     def _unusable(self, step: int, err: Exception) -> None:

@@ -204,7 +204,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             message = f"step {step}: non-finite values ({_first_nonfinite(record)})"
             if cfg.nonfinite == "stop":
                 raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
-                                     f"(steps {s.checkpointer.steps() or 'none'})")
+                                     f"(steps {s.checkpointer.settle() or 'none'})")
             bar.write(f"{message}; the update was skipped")
         bar.set_postfix(loss=f"{record['loss']:.3f}", n_t=record["psr_pool_size"],
                         tok_s=f"{record['tokens_per_sec']:.0f}")

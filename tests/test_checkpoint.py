@@ -171,6 +171,21 @@ def test_a_failed_background_save_surfaces_at_the_next_check(tmp_path, caplog):
     checkpointer.close()
 
 
+def test_a_failed_save_still_lists_the_checkpoint_it_would_have_replaced(tmp_path):
+    """With keep=1, orbax drops step 1 from its list as the save of step 2 begins; the save fails,
+    step 1 stays on disk, and the steps named as intact must include it."""
+    checkpointer = Checkpointer(tmp_path, keep=1)
+    checkpointer.save(1, {"w": jnp.zeros((4,))}, {"step": 1, "config": {}})
+    assert checkpointer.settle() == [1]
+    with file_size_limit(64 * 1024):
+        big = {"w": jax.random.normal(jax.random.key(0), (300_000,))}  # 1.2 MB, past the limit
+        checkpointer.save(2, big, {"step": 2, "config": {}})
+        with pytest.raises(WriteError):
+            checkpointer.close()
+    assert sorted(p.name for p in checkpointer.directory.iterdir()) == ["1"]
+    assert checkpointer.steps() == [1]
+
+
 def test_no_checkpoint_restores_nothing(tmp_path):
     checkpointer = Checkpointer(tmp_path, keep=3)
     assert checkpointer.restore({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, Config()) is None

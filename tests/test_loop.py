@@ -176,6 +176,7 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path):
     bad_step = int(str(err.value).split()[1].rstrip(":"))
     saved = saved_steps(tmp_path)
     assert saved and max(saved) < bad_step
+    assert f"(steps {saved})" in str(err.value)  # the message names what was kept, saves finished
     state = final_params(tmp_path, config(*bad))
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
