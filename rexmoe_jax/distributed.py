@@ -44,7 +44,7 @@ import numpy as np
 from rexmoe_jax.config import ConfigError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-LOST_PROCESS = 4  # exit status of a process that lost another one, or could not join the run
+LOST_PROCESS = 5  # exit status of a process that lost another one, or could not join the run
 _POLL_SECONDS = 1.0
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 

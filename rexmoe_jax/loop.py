@@ -38,7 +38,10 @@ class _StoppedDuringStartup(Exception):
 
 
 def _check_stop(stop: StopRequest) -> None:
-    if stop.requested(0):
+    """One process ends a start-up that a stop request interrupts. Several go on: a request on
+    one of them is not seen by the others, which would wait for it at the next barrier, so it
+    waits for the vote of the first steps (distributed.StopVote), where all stop together."""
+    if stop.requested(0) and jax.process_count() == 1:
         raise _StoppedDuringStartup
 
 
