@@ -91,7 +91,8 @@ def _compiled_check() -> None:
     try:
         for remat in ("none", "full"):
             for exchange in ("fixed", "ragged"):
-                cfg = apply_overrides(Config(), small + [f"compute.remat={remat}", f"compute.expert_exchange={exchange}"])
+                cfg = apply_overrides(Config(), small + [f"compute.remat={remat}",
+                                                         f"compute.expert_exchange={exchange}"])
                 mesh = sharding.make_mesh(cfg.mesh)
                 model, tx = trainer.build_model(cfg), make_optimizer(cfg.optim, 10)
                 shardings = trainer.state_shardings(cfg, model, tx, mesh)
@@ -109,7 +110,8 @@ def _compiled_check() -> None:
     finally:
         collectives.resolve = resolve
     print_table("collectives in a compiled small step (1 MoE layer, T*K = 32 rows per device, E = 4)",
-                ["remat", "exchange", "ragged_all_to_all ops", "compiled all-to-all bytes", "formula bytes"], rows)
+                ["remat", "exchange", "ragged_all_to_all ops", "compiled all-to-all bytes", "formula bytes"],
+                rows)
 
 
 def _all_to_all_bytes(hlo: str) -> int:

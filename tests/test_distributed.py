@@ -55,7 +55,8 @@ def reference(args, tmp_path_factory):
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_records(workdir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
+            for r in read_records(workdir / "metrics.jsonl")]
 
 
 def assert_same_curve(workdir, reference, rtol=1e-5):
@@ -66,7 +67,8 @@ def assert_same_curve(workdir, reference, rtol=1e-5):
     for mine, ref in zip(got, reference):
         for key in ("loss", "lb_loss", "eval_loss"):
             if key in ref:
-                np.testing.assert_allclose(mine[key], ref[key], rtol=rtol, err_msg=f"{key} at step {ref['step']}")
+                np.testing.assert_allclose(mine[key], ref[key], rtol=rtol,
+                                           err_msg=f"{key} at step {ref['step']}")
 
 
 def multiprocess_env():
@@ -89,9 +91,11 @@ def test_two_processes_equal_one_process(args, reference, tmp_path):
     """python -m rexmoe_jax.launch -n 2 -- train.py --distributed ...: every logged value of the
     12 steps matches one process on the same mesh within 1e-5, and both processes exit 0."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--", *train(["--workdir", str(workdir), *args])]
+    command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--",
+               *train(["--workdir", str(workdir), *args])]
     with open(tmp_path / "launch.log", "w") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
         try:
             code = launcher.wait(timeout=RUN_LIMIT)
         finally:
@@ -182,7 +186,8 @@ def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
         named = ("coordination_service",) if victim == 0 else (
             f"lost process {victim}", f"stopped sending heartbeats):\n{victim}")
         assert any(name in said for name in named), group.describe()
-    print(f"survivor exited {took:.1f}s after the kill (heartbeat timeout {HEARTBEAT}s), status {codes[survivor]}")
+    print(f"process {survivor} exited {took:.1f}s after process {victim} was killed (heartbeat timeout "
+          f"{HEARTBEAT}s), status {codes[survivor]}")
     newest = checkpoints(workdir)[-1]
     result = loop.run(one_process(longer, "train.steps=12"), workdir)
     assert result["step"] == STEPS and newest >= 4
