@@ -89,10 +89,11 @@ def checkpoints(workdir):
 
 def test_two_processes_equal_one_process(args, reference, tmp_path):
     """python -m rexmoe_jax.launch -n 2 -- train.py --distributed ...: every logged value of the
-    12 steps matches one process on the same mesh within 1e-5, and both processes exit 0."""
+    12 steps matches one process on the same mesh within 1e-5, the end-of-run sample is decoded,
+    and both processes exit 0."""
     workdir = tmp_path / "run"
     command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--",
-               *train(["--workdir", str(workdir), *args])]
+               *train(["--workdir", str(workdir), *args, "train.sample_tokens=4"])]
     with open(tmp_path / "launch.log", "w") as out:
         launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out,
                                     stderr=subprocess.STDOUT)
@@ -103,6 +104,7 @@ def test_two_processes_equal_one_process(args, reference, tmp_path):
                 launcher.kill()  # its processes die with it (PR_SET_PDEATHSIG)
     output = (tmp_path / "launch.log").read_text()
     assert code == 0 and "launch: exit codes [0, 0]" in output, output[-3000:]
+    assert "\nsample: " in output, output[-3000:]
     assert_same_curve(workdir, reference)
     assert checkpoints(workdir)[-1] == STEPS
 
