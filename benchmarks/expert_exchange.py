@@ -2,6 +2,7 @@
 step and device, ragged (dropless, exact rows) against fixed buffers, at a preset's shape.
 
     python -m benchmarks.expert_exchange [--preset moe_2p3b_a0p3b_r4] [--mesh data=1 fsdp=4 expert=8]
+    python -m benchmarks.expert_exchange psr.schedule=none     # overrides of the preset
     python -m benchmarks.expert_exchange --check   # the counts against a compiled step (CPU, 4 devices)
 
 Per MoE layer, micro-batch and direction, a device holding T tokens with top-K routing sends:
@@ -91,7 +92,8 @@ def _compiled_check() -> None:
     try:
         for remat in ("none", "full"):
             for exchange in ("fixed", "ragged"):
-                cfg = apply_overrides(Config(), small + [f"compute.remat={remat}", f"compute.expert_exchange={exchange}"])
+                cfg = apply_overrides(Config(), small + [f"compute.remat={remat}",
+                                                         f"compute.expert_exchange={exchange}"])
                 mesh = sharding.make_mesh(cfg.mesh)
                 model, tx = trainer.build_model(cfg), make_optimizer(cfg.optim, 10)
                 shardings = trainer.state_shardings(cfg, model, tx, mesh)
@@ -109,7 +111,8 @@ def _compiled_check() -> None:
     finally:
         collectives.resolve = resolve
     print_table("collectives in a compiled small step (1 MoE layer, T*K = 32 rows per device, E = 4)",
-                ["remat", "exchange", "ragged_all_to_all ops", "compiled all-to-all bytes", "formula bytes"], rows)
+                ["remat", "exchange", "ragged_all_to_all ops", "compiled all-to-all bytes", "formula bytes"],
+                rows)
 
 
 def _all_to_all_bytes(hlo: str) -> int:
@@ -128,11 +131,13 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", default="moe_2p3b_a0p3b_r4")
     parser.add_argument("--mesh", nargs="*", default=["data=1", "fsdp=4", "expert=8"], metavar="AXIS=SIZE")
     parser.add_argument("--check", action="store_true", help="count the collectives of a compiled small step")
+    parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
     if args.check:
         _compiled_check()
         return
-    config = apply_overrides(load_preset(CONFIGS / f"{args.preset}.py"), [f"mesh.{m}" for m in args.mesh])
+    config = apply_overrides(load_preset(CONFIGS / f"{args.preset}.py"),
+                             [f"mesh.{m}" for m in args.mesh] + args.overrides)
     _table(config, args.preset)
 
 

@@ -33,7 +33,8 @@ def resolve(implementation: Implementation) -> str:
     return "emulated" if jax.default_backend() == "cpu" else "native"
 
 
-def _emulated(operand_RxD, output_OxD, input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N, axis_name):
+def _emulated(operand_RxD, output_OxD, input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N,
+              axis_name):
     rows = operand_RxD.shape[0]
     trailing = (1,) * (operand_RxD.ndim - 1)
     r_1xR = jnp.arange(rows)[None, :]

@@ -44,7 +44,7 @@ import numpy as np
 from rexmoe_jax.config import ConfigError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-LOST_PROCESS = 4  # exit status of a process that lost another one, or could not join the run
+LOST_PROCESS = 5  # exit status of a process that lost another one, or could not join the run
 _POLL_SECONDS = 1.0
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 
@@ -206,8 +206,9 @@ def exit_lost(err: BaseException) -> None:
         except Exception:  # noqa: BLE001 - the coordinator does not answer: it is the lost one
             watchdog.lost([0], f"a collective failed and the coordinator does not answer: {one_line(err)}")
         time.sleep(watchdog.timeout + 2 * _POLL_SECONDS)
-    print(f"error: process {me}: lost another process (a collective failed: {one_line(err)}); the checkpoints "
-          "already written are intact: start every process again to resume", file=sys.stderr, flush=True)
+    print(f"error: process {me}: lost another process (a collective failed: {one_line(err)}); the "
+          "checkpoints already written are intact: start every process again to resume",
+          file=sys.stderr, flush=True)
     os._exit(LOST_PROCESS)
 
 
@@ -234,7 +235,8 @@ class _Gather:
         self.owner = np.asarray([d.process_index for d in mesh.devices.flat])
         self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
         shape = jax.ShapeDtypeStruct((self.owner.size, 1), dtype, sharding=self.sharding)
-        self.fn = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec())).lower(shape).compile()
+        gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        self.fn = gather.lower(shape).compile()
 
     def __call__(self, value: np.ndarray):
         """Dispatches the gather of this process's `value` (one element); returns its future."""

@@ -17,7 +17,7 @@ from rexmoe_jax import data as data_lib
 from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax import generate as generate_lib
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.config import Config, ConfigError, MeshConfig
 from rexmoe_jax.evaluate import held_out
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
@@ -38,7 +38,10 @@ class _StoppedDuringStartup(Exception):
 
 
 def _check_stop(stop: StopRequest) -> None:
-    if stop.requested(0):
+    """One process ends a start-up that a stop request interrupts. Several go on: a request on
+    one of them is not seen by the others, which would wait for it at the next barrier, so it
+    waits for the vote of the first steps (distributed.StopVote), where all stop together."""
+    if stop.requested(0) and jax.process_count() == 1:
         raise _StoppedDuringStartup
 
 
@@ -287,13 +290,27 @@ def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
     result = dict(last_eval, step=step)
     train = config.train
     if train.sample_tokens:
-        prompt = session.corpus.tokenizer.encode(train.sample_prompt)
-        key = jax.random.fold_in(jax.random.key(train.seed), trainer.SAMPLE_STREAM)
-        [new] = generate_lib.generate(config.model, session.state.params, [prompt], train.sample_tokens, key,
-                                      sampling=generate_lib.Sampling(temperature=0.8, top_k=40),
-                                      eod_id=session.corpus.tokenizer.eod_id, compute=config.compute)
-        result["sample"] = train.sample_prompt + session.corpus.tokenizer.decode(new)
+        result["sample"] = _sample(session)
     return result
+
+
+def _sample(s: _Session) -> str:
+    """The end-of-run sample, decoded on one device of this process from a whole copy of the
+    weights: one prompt does not split over a mesh, and with several processes the global
+    device 0 is not this process's. Every process decodes the same; process 0 prints it."""
+    params = s.state.params
+    if s.mesh.devices.size > 1:
+        params = jax.jit(lambda p: p, out_shardings=sharding.replicated(s.mesh))(params)
+        params = jax.tree.map(lambda a: a.addressable_data(0), params)
+    device = next(iter(jax.tree.leaves(params)[0].devices()))
+    train, tokenizer = s.config.train, s.corpus.tokenizer
+    key = jax.random.fold_in(jax.random.key(train.seed), trainer.SAMPLE_STREAM)
+    with sharding.activate(sharding.make_mesh(MeshConfig(), [device])):
+        [new] = generate_lib.generate(s.config.model, params, [tokenizer.encode(train.sample_prompt)],
+                                      train.sample_tokens, jax.device_put(key, device),
+                                      sampling=generate_lib.Sampling(temperature=0.8, top_k=40),
+                                      eod_id=tokenizer.eod_id, compute=s.config.compute)
+    return train.sample_prompt + tokenizer.decode(new)
 
 
 def compile_report(config: Config) -> dict:

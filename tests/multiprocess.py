@@ -46,8 +46,9 @@ class Processes:
         self.procs = []
         for i, log in enumerate(self.logs):
             with open(log, "w") as out:
-                self.procs.append(subprocess.Popen(command, cwd=ROOT, env=child_env(i, count, port), stdout=out,
-                                                   stderr=subprocess.STDOUT, start_new_session=True))
+                self.procs.append(subprocess.Popen(command, cwd=ROOT, env=child_env(i, count, port),
+                                                   stdout=out, stderr=subprocess.STDOUT,
+                                                   start_new_session=True))
 
     def __enter__(self) -> typing.Self:
         return self
@@ -65,7 +66,8 @@ class Processes:
         return self.logs[index].read_text()
 
     def describe(self) -> str:
-        return "\n".join(f"--- process {i} (exit {p.poll()}):\n{self.output(i)[-3000:]}" for i, p in enumerate(self.procs))
+        return "\n".join(f"--- process {i} (exit {p.poll()}):\n{self.output(i)[-3000:]}"
+                         for i, p in enumerate(self.procs))
 
     def wait(self, timeout: float) -> list[int]:
         """Every process's exit status; fails the test (after killing them) past `timeout`."""

@@ -55,7 +55,8 @@ def reference(args, tmp_path_factory):
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"} for r in read_records(workdir / "metrics.jsonl")]
+    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
+            for r in read_records(workdir / "metrics.jsonl")]
 
 
 def assert_same_curve(workdir, reference, rtol=1e-5):
@@ -66,7 +67,8 @@ def assert_same_curve(workdir, reference, rtol=1e-5):
     for mine, ref in zip(got, reference):
         for key in ("loss", "lb_loss", "eval_loss"):
             if key in ref:
-                np.testing.assert_allclose(mine[key], ref[key], rtol=rtol, err_msg=f"{key} at step {ref['step']}")
+                np.testing.assert_allclose(mine[key], ref[key], rtol=rtol,
+                                           err_msg=f"{key} at step {ref['step']}")
 
 
 def multiprocess_env():
@@ -87,11 +89,14 @@ def checkpoints(workdir):
 
 def test_two_processes_equal_one_process(args, reference, tmp_path):
     """python -m rexmoe_jax.launch -n 2 -- train.py --distributed ...: every logged value of the
-    12 steps matches one process on the same mesh within 1e-5, and both processes exit 0."""
+    12 steps matches one process on the same mesh within 1e-5, the end-of-run sample is decoded,
+    and both processes exit 0."""
     workdir = tmp_path / "run"
-    command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--", *train(["--workdir", str(workdir), *args])]
+    command = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--",
+               *train(["--workdir", str(workdir), *args, "train.sample_tokens=4"])]
     with open(tmp_path / "launch.log", "w") as out:
-        launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(command, cwd=ROOT, env=multiprocess_env(), stdout=out,
+                                    stderr=subprocess.STDOUT)
         try:
             code = launcher.wait(timeout=RUN_LIMIT)
         finally:
@@ -99,6 +104,7 @@ def test_two_processes_equal_one_process(args, reference, tmp_path):
                 launcher.kill()  # its processes die with it (PR_SET_PDEATHSIG)
     output = (tmp_path / "launch.log").read_text()
     assert code == 0 and "launch: exit codes [0, 0]" in output, output[-3000:]
+    assert "\nsample: " in output, output[-3000:]
     assert_same_curve(workdir, reference)
     assert checkpoints(workdir)[-1] == STEPS
 
@@ -182,7 +188,8 @@ def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
         named = ("coordination_service",) if victim == 0 else (
             f"lost process {victim}", f"stopped sending heartbeats):\n{victim}")
         assert any(name in said for name in named), group.describe()
-    print(f"survivor exited {took:.1f}s after the kill (heartbeat timeout {HEARTBEAT}s), status {codes[survivor]}")
+    print(f"process {survivor} exited {took:.1f}s after process {victim} was killed (heartbeat timeout "
+          f"{HEARTBEAT}s), status {codes[survivor]}")
     newest = checkpoints(workdir)[-1]
     result = loop.run(one_process(longer, "train.steps=12"), workdir)
     assert result["step"] == STEPS and newest >= 4
@@ -194,18 +201,19 @@ def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
         assert "read only those" in group.output(1)
 
 
-@pytest.mark.parametrize("env,status,message", [
-    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, 4, "could not join the run at 127.0.0.1:"),
-    ({"JAX_NUM_PROCESSES": "2"}, 4, "set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
+@pytest.mark.parametrize("env,message", [
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "could not join the run at 127.0.0.1:"),
+    ({"JAX_NUM_PROCESSES": "2"}, "set both JAX_NUM_PROCESSES and JAX_PROCESS_ID"),
 ])
-def test_startup_errors_are_one_line_and_bounded(env, status, message):
+def test_startup_errors_are_one_line_and_bounded(env, message):
     """Nobody at the coordinator's port: a one-line error once --init-timeout has passed."""
     env = dict(multiprocess_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{launch.free_port()}", **env)
     start = time.monotonic()
     done = subprocess.run([sys.executable, "train.py", "--distributed", "--init-timeout", "3", "--dry-run"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False)
     lines = done.stderr.strip().splitlines()
-    assert done.returncode == status and len(lines) == 1 and lines[0].startswith("error:"), done.stderr
+    assert done.returncode == distributed.LOST_PROCESS, done.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
     assert message in lines[0] and time.monotonic() - start < 60
 
 
