@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.grouped_matmul import grouped_matmul, resolve
-from pallas_kernels.grouped_matmul.blocked import default_block
+from pallas_kernels.grouped_matmul import blocked
 
 IMPLEMENTATIONS = ["ragged_dot", "blocked", "tokamax", "reference", "auto"]
 
@@ -48,14 +48,34 @@ def test_values_and_gradients(implementation, sizes):
     np.testing.assert_allclose(d_rhs, exp_rhs, rtol=1e-4, atol=1e-5)
 
 
-def test_blocked_with_many_groups_and_small_blocks():
+@pytest.mark.parametrize("block", [None, 4, 7])
+def test_blocked_with_many_groups_and_small_blocks(block):
+    """Groups of several blocks, partial last blocks, a last block that reaches the end of the
+    rows (its window moves back), empty groups; values and both gradients."""
     rng = np.random.default_rng(3)
-    sizes = rng.multinomial(200, np.ones(16) / 16)
+    sizes = rng.multinomial(197, np.ones(16) / 16)
+    sizes[5] = 0
     lhs = rng.standard_normal((200, 8)).astype(np.float32)
     rhs = rng.standard_normal((16, 8, 4)).astype(np.float32)
-    out = grouped_matmul(lhs, rhs, jnp.asarray(sizes, jnp.int32), implementation="blocked")
+    cot = rng.standard_normal((200, 4)).astype(np.float32)
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    def f(a, b):
+        return jnp.sum(blocked.grouped_matmul(a, b, group_sizes, block=block) * cot)
+
+    out = blocked.grouped_matmul(lhs, rhs, group_sizes, block=block)
     np.testing.assert_allclose(out, numpy_gmm(lhs, rhs, sizes), rtol=1e-5, atol=1e-5)
-    assert default_block(200, 16) == 8 and default_block(1 << 20, 8) == 256
+    d_lhs, d_rhs = jax.jit(jax.grad(f, argnums=(0, 1)))(lhs, rhs)
+    np.testing.assert_allclose(d_lhs, numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes), rtol=1e-4, atol=1e-5)
+    ends = np.cumsum(sizes)
+    for g, (start, end) in enumerate(zip(ends - sizes, ends)):
+        np.testing.assert_allclose(d_rhs[g], lhs[start:end].T @ cot[start:end], rtol=1e-4, atol=1e-5)
+
+
+def test_default_block_is_half_the_mean_rows_per_group_within_16_to_128():
+    # 4,096 rows over 32 groups: a mean of 128, half of it 64; 200 over 16: 6, raised to 16.
+    assert blocked.default_block(4096, 32) == 64 and blocked.default_block(200, 16) == 16
+    assert blocked.default_block(1 << 20, 8) == 128 and blocked.default_block(1000, 4) == 64
 
 
 def test_rejects_bad_shapes():

@@ -3,7 +3,7 @@
 Shapes: lhs (M, I), rhs (E, I, O), group_sizes (E,) int32 summing to at most M; rows beyond
 the sum give zeros. Implementations:
   "ragged_dot"  jax.lax.ragged_dot (XLA; fused on TPU, every group computed on CPU)
-  "blocked"     padded row blocks and one batched matmul (see blocked.py); fast on CPU
+  "blocked"     a loop over row blocks, each one whole matmul (see blocked.py); fast on CPU
   "tokamax"     tokamax.ragged_dot (Mosaic GPU on Hopper, Mosaic TPU); I and O are zero-padded
                 to multiples of 64 as its GPU kernel needs (exact: zero columns add nothing)
   "reference"   one masked dense matmul per group; the oracle
