@@ -79,9 +79,13 @@ class LoadedModel(Run):
     def routing(self, texts: list[str]) -> dict:
         """Per-layer expert activation ratios over the pool and the share of picks of experts
         owned by other layers of the group (see evaluate.routing_report)."""
-        sequences = data_lib.pack(data_lib.TokenDocuments.from_documents(
-            [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts], self.tokenizer.eod_id),
-            np.arange(len(texts)), self.config.data.seq_len, None)
+        encoded = [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts]
+        # Rows of data.seq_len tokens, or one shorter row when the texts do not fill one.
+        row_len = min(self.config.data.seq_len, sum(len(e) + 1 for e in encoded) - 1)
+        if row_len < 1:
+            raise ValueError("routing needs at least one token of text")
+        sequences = data_lib.pack(data_lib.TokenDocuments.from_documents(encoded, self.tokenizer.eod_id),
+                                  np.arange(len(texts)), row_len, None)
         return evaluate.routing_of(self.config, self.params, evaluate.sequences_to_batches(sequences, 8))
 
 

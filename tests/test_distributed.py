@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from multiprocess import ROOT, Processes, child_env, handles_sigterm, train, wait_until
+from processes import ROOT, Processes, child_env, handles_sigterm, train, wait_until
 
 from rexmoe_jax import distributed, launch, loop
 from rexmoe_jax.checkpoint import Checkpointer
@@ -196,7 +196,7 @@ def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
 
 
 def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
-    with Processes(tmp_path, 2, [str(ROOT / "tests" / "multiprocess.py")]) as group:
+    with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py")]) as group:
         assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
         assert "read only those" in group.output(1)
 

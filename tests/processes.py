@@ -99,7 +99,7 @@ def handles_sigterm(pid: int) -> bool:
 
 
 def check_host_rows() -> None:
-    """Run as each of 2 processes (python tests/multiprocess.py): each process reads only its
+    """Run as each of 2 processes (python tests/processes.py): each process reads only its
     rows of every global batch (an instrumented source), and the global batch the mesh holds at
     step t, gathered back, is the one-process batch of step t."""
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
