@@ -28,7 +28,7 @@ import jax.numpy as jnp
 def default_block(num_rows: int, num_groups: int) -> int:
     """A power of two near half the mean rows per group, between 16 and 128: small enough that
     a group's partial last block wastes little, large enough that the matmuls stay efficient
-    and the loop short (measured in benchmarks/grouped_matmul.py)."""
+    and the loop short (benchmarks/RESULTS.md)."""
     half_mean = max(1, num_rows // (2 * num_groups))
     return int(min(128, max(16, 1 << (half_mean.bit_length() - 1))))
 
@@ -58,9 +58,11 @@ class _Blocks:
         block_ends_E = jnp.cumsum(blocks_E)
         row_starts_E = jnp.cumsum(group_sizes_E) - group_sizes_E
         w = jnp.arange(-(-num_rows // block) + e)  # a static bound on the blocks in use
-        self.group_W = jnp.minimum(jnp.searchsorted(block_ends_E, w, side="right"), e - 1)
-        self.first_W = row_starts_E[self.group_W] + (w - block_ends_E[self.group_W] + blocks_E[self.group_W]) * block
-        self.end_W = jnp.minimum(self.first_W + block, row_starts_E[self.group_W] + group_sizes_E[self.group_W])
+        group_W = jnp.minimum(jnp.searchsorted(block_ends_E, w, side="right"), e - 1)
+        index_in_group_W = w - (block_ends_E - blocks_E)[group_W]
+        self.group_W = group_W
+        self.first_W = row_starts_E[group_W] + index_in_group_W * block
+        self.end_W = jnp.minimum(self.first_W + block, row_starts_E[group_W] + group_sizes_E[group_W])
         self.count = block_ends_E[-1]
         self.num_rows, self.block = num_rows, block
 
@@ -84,7 +86,8 @@ def _rowwise(lhs_MxI, rhs_ExIxO, blocks: _Blocks, out_dtype, transpose_rhs: bool
             rhs_IxO = rhs_IxO.T
         new_CxO = jnp.matmul(lhs_CxI, rhs_IxO, preferred_element_type=out_dtype)
         old_CxO = jax.lax.dynamic_slice_in_dim(out_MxO, start, blocks.block)
-        return jax.lax.dynamic_update_slice_in_dim(out_MxO, jnp.where(own_C[:, None], new_CxO, old_CxO), start, 0)
+        merged_CxO = jnp.where(own_C[:, None], new_CxO, old_CxO)
+        return jax.lax.dynamic_update_slice_in_dim(out_MxO, merged_CxO, start, 0)
 
     zeros = _zeros((blocks.num_rows, width_out), out_dtype, lhs_MxI)  # rows past the groups stay 0
     return jax.lax.fori_loop(0, blocks.count, body, zeros)
