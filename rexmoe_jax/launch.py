@@ -5,7 +5,9 @@ multi-host training on a laptop, and for the multi-process tests.
         mesh.data=2 mesh.expert=2
 
 Process i gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES=N and
-JAX_PROCESS_ID=i. A command that starts with a .py file or -m runs with this Python. SIGTERM or
+JAX_PROCESS_ID=i. A command that starts with a .py file or -m runs with this Python. Each line a
+process prints comes out whole, on the launcher's stdout or stderr as the process wrote it,
+after "[i] " (process i), so that lines of different processes never mix. SIGTERM or
 SIGINT to the launcher is passed on to every process (each in its own session, so that a Ctrl-C
 in the terminal reaches them once, through the launcher); they stop together after a step and
 save it. When a process fails, the others get SIGTERM and, --grace seconds later, SIGKILL; if
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import selectors
 import signal
 import socket
 import subprocess
@@ -48,6 +51,43 @@ def _status(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
 
 
+class Lines:
+    """The processes' output, passed on a whole line at a time with "[i] " in front."""
+
+    def __init__(self, procs: list[subprocess.Popen]):
+        self.selector = selectors.DefaultSelector()
+        self.partial: dict[int, bytes] = {}
+        for i, proc in enumerate(procs):
+            for pipe, sink in ((proc.stdout, sys.stdout), (proc.stderr, sys.stderr)):
+                self.selector.register(pipe, selectors.EVENT_READ, (f"[{i}] ".encode(), sink))
+
+    def pass_on(self, timeout: float) -> bool:
+        """Passes on what the processes wrote within `timeout` seconds; False once every pipe
+        is closed."""
+        if not self.selector.get_map():
+            time.sleep(timeout)
+            return False
+        for key, _ in self.selector.select(timeout):
+            prefix, sink = key.data
+            chunk = os.read(key.fd, 1 << 16)
+            if not chunk:  # closed: the last line may lack its newline
+                self.selector.unregister(key.fileobj)
+                key.fileobj.close()
+                rest = self.partial.pop(key.fd, b"")
+                self._write(sink, [prefix + rest + b"\n"] if rest else [])
+                continue
+            *lines, self.partial[key.fd] = (self.partial.get(key.fd, b"") + chunk).split(b"\n")
+            self._write(sink, [prefix + line + b"\n" for line in lines])
+        return True
+
+    @staticmethod
+    def _write(sink, lines: list[bytes]) -> None:
+        if lines:
+            sink.flush()
+            sink.buffer.write(b"".join(lines))
+            sink.flush()
+
+
 class Group:
     """The N processes; `wait` returns the launcher's exit status."""
 
@@ -57,7 +97,9 @@ class Group:
         self.grace = grace
         # preexec_fn is safe here: the launcher starts no threads.
         self.procs = [subprocess.Popen(command, env=process_env(i, count, port), start_new_session=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        preexec_fn=_die_with_parent) for i in range(count)]  # noqa: PLW1509
+        self.lines = Lines(self.procs)
 
     def signal_all(self, signum: int) -> None:
         for proc in self.procs:
@@ -67,7 +109,7 @@ class Group:
     def wait(self) -> int:
         failure, killing_at = None, None
         while any(proc.poll() is None for proc in self.procs):
-            time.sleep(0.1)
+            self.lines.pass_on(timeout=0.1)
             for i, proc in enumerate(self.procs):
                 code = proc.poll()
                 if code not in (None, 0) and failure is None:
@@ -78,6 +120,9 @@ class Group:
                     killing_at = time.monotonic() + self.grace
             if killing_at is not None and time.monotonic() > killing_at:
                 self.signal_all(signal.SIGKILL)
+        drain_until = time.monotonic() + 5  # a process's own children may hold its pipes open
+        while self.lines.pass_on(timeout=0.1) and time.monotonic() < drain_until:
+            pass
         codes = [proc.returncode for proc in self.procs]
         print(f"launch: exit codes {codes}", file=sys.stderr, flush=True)
         if failure is None:

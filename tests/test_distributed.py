@@ -104,7 +104,7 @@ def test_two_processes_equal_one_process(args, reference, tmp_path):
                 launcher.kill()  # its processes die with it (PR_SET_PDEATHSIG)
     output = (tmp_path / "launch.log").read_text()
     assert code == 0 and "launch: exit codes [0, 0]" in output, output[-3000:]
-    assert "\nsample: " in output, output[-3000:]
+    assert "\n[0] sample: " in output, output[-3000:]
     assert_same_curve(workdir, reference)
     assert checkpoints(workdir)[-1] == STEPS
 

@@ -24,14 +24,26 @@ def finish(proc, timeout=60):
 
 
 def test_each_process_gets_its_place_in_the_run(tmp_path):
+    """Each process's environment; its lines come out whole, after "[i] ", though the processes
+    run unbuffered and `print` writes each of its pieces on its own."""
     script = tmp_path / "show.py"
-    script.write_text("import os\nprint(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
-                      "os.environ['JAX_COORDINATOR_ADDRESS'], flush=True)\n")
+    script.write_text("import os, sys\n"
+                      "for n in range(300):\n"
+                      "    print(os.environ['JAX_PROCESS_ID'], os.environ['JAX_NUM_PROCESSES'], "
+                      "os.environ['JAX_COORDINATOR_ADDRESS'], n)\n"
+                      "    print('e', n, file=sys.stderr)\n"
+                      "print('no newline', end='')\n")
     proc = launch("-n", "3", "--port", "4321", "--", str(script))
     out, err = finish(proc)
     assert proc.returncode == 0, err
-    assert sorted(out.splitlines()) == [f"{i} 3 127.0.0.1:4321" for i in range(3)]
-    assert "launch: exit codes [0, 0, 0]" in err
+    for i in range(3):
+        mine = [line for line in out.splitlines() if line.startswith(f"[{i}] ")]
+        expected = [f"[{i}] {i} 3 127.0.0.1:4321 {n}" for n in range(300)] + [f"[{i}] no newline"]
+        assert mine == expected
+        assert [line for line in err.splitlines() if line.startswith(f"[{i}] ")] == [
+            f"[{i}] e {n}" for n in range(300)]
+    assert len(out.splitlines()) == 3 * 301
+    assert err.splitlines()[-1] == "launch: exit codes [0, 0, 0]"
 
 
 def test_a_failure_stops_the_others_and_sets_the_status():
