@@ -42,12 +42,15 @@ def route(logits_TxP: jax.Array, available_TxP: jax.Array | None, top_k: int,
     `renormalize` divides by their sum instead. Masked experts get -1 rather than 0 for the
     selection, so that not even a score that underflowed to 0 can tie with them.
     """
-    probs_TxP = jax.nn.softmax(logits_TxP.astype(jnp.float32), axis=-1)
-    scores_TxP = probs_TxP if available_TxP is None else jnp.where(available_TxP, probs_TxP, -1.0)
-    _, experts_TxK = jax.lax.top_k(scores_TxP, top_k)
-    gates_TxK = jnp.take_along_axis(probs_TxP, experts_TxK, axis=-1)
-    if renormalize:
-        gates_TxK = gates_TxK / jnp.sum(gates_TxK, axis=-1, keepdims=True)
+    with jax.named_scope("router"):  # Named scopes label the parts in a profile.
+        probs_TxP = jax.nn.softmax(logits_TxP.astype(jnp.float32), axis=-1)
+    with jax.named_scope("psr_mask"):
+        scores_TxP = probs_TxP if available_TxP is None else jnp.where(available_TxP, probs_TxP, -1.0)
+    with jax.named_scope("top_k"):
+        _, experts_TxK = jax.lax.top_k(scores_TxP, top_k)
+        gates_TxK = jnp.take_along_axis(probs_TxP, experts_TxK, axis=-1)
+        if renormalize:
+            gates_TxK = gates_TxK / jnp.sum(gates_TxK, axis=-1, keepdims=True)
     return Routing(gates_TxK, experts_TxK.astype(jnp.int32), probs_TxP)
 
 
@@ -100,16 +103,19 @@ def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, i
     rows back and weight them by the gates (combine). `reduce_rows` (e.g. a psum over a tensor
     axis that split the expert width) is applied to the expert outputs before the combine."""
     top_k = routing.experts_TxK.shape[1]
-    experts_A = routing.experts_TxK.reshape(-1)  # A = T*K assignments, token-major
-    order_A = jnp.argsort(experts_A, stable=True).astype(jnp.int32)  # sorted position -> assignment
-    inverse_A = token_permute.inverse_permutation(order_A)
-    group_sizes_P = jnp.bincount(experts_A, length=weights.gate_PxDxF.shape[0]).astype(jnp.int32)
-    x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute_implementation)
+    with jax.named_scope("sort"):
+        experts_A = routing.experts_TxK.reshape(-1)  # A = T*K assignments, token-major
+        order_A = jnp.argsort(experts_A, stable=True).astype(jnp.int32)  # sorted position -> assignment
+        inverse_A = token_permute.inverse_permutation(order_A)
+        group_sizes_P = jnp.bincount(experts_A, length=weights.gate_PxDxF.shape[0]).astype(jnp.int32)
+    with jax.named_scope("permute"):
+        x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute_implementation)
     y_AxD = grouped_swiglu(x_AxD, group_sizes_P, weights, implementation)
     if reduce_rows is not None:
         y_AxD = reduce_rows(y_AxD)
-    return token_permute.combine(y_AxD, order_A, inverse_A, routing.gates_TxK,
-                                 implementation=permute_implementation)
+    with jax.named_scope("combine"):
+        return token_permute.combine(y_AxD, order_A, inverse_A, routing.gates_TxK,
+                                     implementation=permute_implementation)
 
 
 class Slots(NamedTuple):

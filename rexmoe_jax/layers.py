@@ -152,8 +152,14 @@ class Attention(nn.Module):
 def swiglu(x, gate, up, down, matmul: Callable = jnp.matmul):
     """down(silu(gate x) * up x), the FFN of every expert: x (..., D) with weights gate and up
     (..., D, F) and down (..., F, D), batched as `matmul` batches (jnp.matmul broadcasts leading
-    axes, so x_1xTxD with a pool's P experts gives y_PxTxD; a grouped matmul passes its own)."""
-    return matmul(nn.silu(matmul(x, gate)) * matmul(x, up), down)
+    axes, so x_1xTxD with a pool's P experts gives y_PxTxD; a grouped matmul passes its own).
+    The named scopes label the three matmuls in a profile (benchmarks/profile_step.py)."""
+    with jax.named_scope("ffn_gate"):
+        activated = nn.silu(matmul(x, gate))
+    with jax.named_scope("ffn_up"):
+        hidden = activated * matmul(x, up)
+    with jax.named_scope("ffn_down"):
+        return matmul(hidden, down)
 
 
 class SwiGLU(nn.Module):

@@ -46,7 +46,8 @@ class MoEFFN(nn.Module):
         # Router in float32: top-K and the aux losses are sensitive to bf16 rounding of logits.
         router_DxP = self.param("router", param_init(cfg.init_std, ("embed", "pool")),
                                 (d, self.pool_size), jnp.float32)
-        logits_TxP = x_TxD.astype(jnp.float32) @ router_DxP
+        with jax.named_scope("router"):  # Named scopes label the parts in a profile.
+            logits_TxP = x_TxD.astype(jnp.float32) @ router_DxP
         routing = route(logits_TxP, available_TxP, cfg.top_k, cfg.renormalize_gates)
         # Kept only when applied with mutable=["intermediates"] (routing analysis and tests).
         self.sow("intermediates", "experts", routing.experts_TxK)
@@ -68,12 +69,14 @@ class MoEFFN(nn.Module):
             y_BxSxD = y_BxSxD + SwiGLU(cfg, self.compute, cfg.num_shared_experts * cfg.expert_ffn,
                                        name="shared_experts")(x_BxSxD)
 
-        expert_load_P = jnp.bincount(routing.experts_TxK.reshape(-1), length=self.pool_size) / (
-            b * s * cfg.top_k)
-        stats = RouterStats(
-            load_balance=losses.load_balancing_loss(expert_load_P, logits_TxP, available_TxP, self.balance_over),
-            z_loss=losses.router_z_loss(logits_TxP),
-            expert_load_P=expert_load_P, dropped=dropped,
-            available_P=(jnp.ones((self.pool_size,), jnp.float32) if available_TxP is None
-                         else jnp.mean(available_TxP.astype(jnp.float32), axis=0)))
+        with jax.named_scope("aux_losses"):
+            expert_load_P = jnp.bincount(routing.experts_TxK.reshape(-1), length=self.pool_size) / (
+                b * s * cfg.top_k)
+            stats = RouterStats(
+                load_balance=losses.load_balancing_loss(expert_load_P, logits_TxP, available_TxP,
+                                                        self.balance_over),
+                z_loss=losses.router_z_loss(logits_TxP),
+                expert_load_P=expert_load_P, dropped=dropped,
+                available_P=(jnp.ones((self.pool_size,), jnp.float32) if available_TxP is None
+                             else jnp.mean(available_TxP.astype(jnp.float32), axis=0)))
         return y_BxSxD, stats

@@ -101,7 +101,8 @@ def make_loss_fn(config: Config, model: Decoder) -> Callable:
     def loss_fn(params, tokens_BxS1, step, micro_batch=0):
         logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1],
                                     psr=psr_inputs(config, step, micro_batch))
-        ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
+        with jax.named_scope("cross_entropy"):  # Named scopes label the parts in a profile.
+            ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
         total = ce + config.loss.load_balance * lb + config.loss.z_loss * z
         return total, {"loss": ce, "lb_loss": lb, "z_loss": z, "expert_load": stats.expert_load_P,
@@ -133,28 +134,31 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
                 lambda carry, xs: (jax.tree.map(jnp.add, carry, micro_step(*xs)), None),
                 zeros, (micro, jnp.arange(accum)))
             grads, aux = jax.tree.map(lambda x: x / accum, (grads, aux))
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        # A finite gradient can still overflow the weights: the new state must be finite too.
-        param_norm = optax.tree.norm(params)
-        finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-        if config.train.nonfinite == "skip":  # Keep the old weights and moments; the step moves on.
-            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                             (params, opt_state), (state.params, state.opt_state))
-        new_state = TrainState(state.step + 1, params, opt_state)
-        layer_grad_norm, group_expert_grad_norm = per_layer_norms(grads, config.model)
-        step_metrics = {
-            "loss": aux["loss"], "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
-            "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step), "finite": finite,
-            "layer_grad_norm": layer_grad_norm, "group_expert_grad_norm": group_expert_grad_norm,
-            # N_t as this update's masks left it (a full group's layers; see `available`).
-            "psr_pool_size": jnp.round(jnp.max(jnp.sum(aux["available"], axis=-1))).astype(jnp.int32),
-            "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
-            "dropped_fraction": aux["dropped"],
-            # During PSR, balance is measured over the experts each layer could choose.
-            **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes, aux["available"]),
-        }
+        with jax.named_scope("optimizer"):  # Named scopes label the parts in a profile.
+            grad_norm = optax.tree.norm(grads)
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            # A finite gradient can still overflow the weights: the new state must be finite too.
+            param_norm = optax.tree.norm(params)
+            finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+            if config.train.nonfinite == "skip":  # Keep the old weights and moments; the step moves on.
+                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                                 (params, opt_state), (state.params, state.opt_state))
+            new_state = TrainState(state.step + 1, params, opt_state)
+        with jax.named_scope("step_metrics"):
+            layer_grad_norm, group_expert_grad_norm = per_layer_norms(grads, config.model)
+            step_metrics = {
+                "loss": aux["loss"], "lb_loss": aux["lb_loss"], "z_loss": aux["z_loss"],
+                "grad_norm": grad_norm, "param_norm": param_norm, "lr": schedule(state.step),
+                "finite": finite,
+                "layer_grad_norm": layer_grad_norm, "group_expert_grad_norm": group_expert_grad_norm,
+                # N_t as this update's masks left it (a full group's layers; see `available`).
+                "psr_pool_size": jnp.round(jnp.max(jnp.sum(aux["available"], axis=-1))).astype(jnp.int32),
+                "expert_load": aux["expert_load"], "layer_z_loss": aux["layer_z_loss"],
+                "dropped_fraction": aux["dropped"],
+                # During PSR, balance is measured over the experts each layer could choose.
+                **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes, aux["available"]),
+            }
         return new_state, step_metrics
 
     return train_step
