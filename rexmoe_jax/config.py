@@ -46,6 +46,7 @@ Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
 Permute = Literal["auto", "xla", "pallas", "reference"]
 ExpertExchange = Literal["auto", "ragged", "fixed"]
+FFN = Literal["moe", "dense"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,9 @@ class ModelConfig(_Section):
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # "dense": every layer's FFN is one SwiGLU of width `dense_ffn` instead of routed experts:
+    # the dense model with the MoE's active FLOPs, which an MoE's speed is compared with.
+    ffn: FFN = "moe"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -92,6 +96,14 @@ class ModelConfig(_Section):
         _require(self.rope_base > 0, "model.rope_base must be > 0")
         _require(self.norm_eps > 0, "model.norm_eps must be > 0")
         _require(self.init_std > 0, "model.init_std must be > 0")
+        _require(self.ffn == "moe" or self.reuse == 1,
+                 f"model.ffn=dense has no experts to reuse; set model.reuse=1, not {self.reuse}")
+
+    @property
+    def dense_ffn(self) -> int:
+        """(K + shared experts) * F: the hidden width a token uses in an MoE layer, and the
+        width of a dense layer (model.ffn=dense) with the same FLOPs apart from the router."""
+        return (self.top_k + self.num_shared_experts) * self.expert_ffn
 
     @property
     def resolved_head_dim(self) -> int:
@@ -308,6 +320,8 @@ class Config:
 
     def __post_init__(self):
         m, p = self.model, self.psr
+        _require(m.ffn == "moe" or p.schedule == "none",
+                 "model.ffn=dense has no pool for PSR to grow; set psr.schedule=none")
         if p.schedule != "none":
             initial = reuse_lib.initial_pool(p.initial_experts, m.num_experts, m.pool_size)
             _require(p.initial_experts <= m.pool_size,

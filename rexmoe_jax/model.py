@@ -64,7 +64,7 @@ from rexmoe_jax import psr as psr_lib
 from rexmoe_jax import reuse
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
 from rexmoe_jax.dispatch import ExpertWeights, kernel_aligned
-from rexmoe_jax.layers import Attention, RMSNorm, Segments, dtype_of, output_init_std, param_init
+from rexmoe_jax.layers import Attention, RMSNorm, Segments, SwiGLU, dtype_of, output_init_std, param_init
 from rexmoe_jax.moe import MoEFFN, RouterStats
 
 
@@ -105,15 +105,19 @@ class DecoderLayer(nn.Module):
         attention = Attention(cfg, compute, self.decode, name="attention")
         x_BxSxD = x_BxSxD + attention(h_BxSxD, positions_BxS, segments)
         h_BxSxD = RMSNorm(cfg.norm_eps, dtype, name="ffn_norm")(x_BxSxD)
+        if cfg.ffn == "dense":
+            y_BxSxD = SwiGLU(cfg, compute, cfg.dense_ffn, name="ffn")(h_BxSxD)
+            return _constrain(x_BxSxD + y_BxSxD), _no_routing(self.pool_size)
         available_TxP, live = None, self.pool_size
         if psr_state is not None:
             inputs, pool_size_t = psr_state
             live = reuse.initial_pool(self.psr.initial_experts, cfg.num_experts, self.pool_size)
-            available_TxP = psr_lib.available(
-                inputs.key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
-                num_experts=cfg.num_experts, reuse_factor=cfg.reuse,
-                num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1], micro_batch=inputs.micro_batch,
-                micro_batches=inputs.micro_batches)
+            with jax.named_scope("psr_mask"):  # Named scopes label the parts in a profile.
+                available_TxP = psr_lib.available(
+                    inputs.key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
+                    num_experts=cfg.num_experts, reuse_factor=cfg.reuse,
+                    num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1], micro_batch=inputs.micro_batch,
+                    micro_batches=inputs.micro_batches)
         moe = MoEFFN(cfg, compute, self.pool_size, live, self.psr.balance_over, name="moe")
         y_BxSxD, stats = moe(h_BxSxD, weights, available_TxP)
         return _constrain(x_BxSxD + y_BxSxD), stats
@@ -133,18 +137,11 @@ class LayerGroup(nn.Module):
                  segments: Segments | None):
         cfg = self.config
         pool, d, f = self.size * cfg.num_experts, cfg.d_model, cfg.expert_ffn
-        weights = ExpertWeights(
-            self.param("experts_gate", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
-            self.param("experts_up", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
-            self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
-                       (pool, f, d)))
-        # Cast (and pad for the grouped-matmul kernel) once for the group, not once per layer
-        # that shares the pool.
-        weights = ExpertWeights(*(w.astype(dtype_of(self.compute.dtype)) for w in weights))
-        weights = kernel_aligned(weights, self.compute)
+        weights = None if cfg.ffn == "dense" else self._pool(pool, d, f)
         psr_state = None
         if psr is not None:  # N_t once per group: its layers share the pool and the schedule.
-            psr_state = (psr, psr_lib.pool_size_t(psr.step, self.psr, cfg.num_experts, pool))
+            with jax.named_scope("psr_mask"):
+                psr_state = (psr, psr_lib.pool_size_t(psr.step, self.psr, cfg.num_experts, pool))
 
         layer = DecoderLayer
         if self.compute.remat != "none":
@@ -156,6 +153,18 @@ class LayerGroup(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         return layers(cfg, self.compute, self.psr, pool, self.decode, name="layers")(
             x_BxSxD, layer_ids_R, weights, positions_BxS, psr_state, segments)
+
+    def _pool(self, pool: int, d: int, f: int) -> ExpertWeights:
+        """The group's experts, cast (and padded for the grouped-matmul kernel) once for the
+        group, not once per layer that shares the pool."""
+        cfg = self.config
+        weights = ExpertWeights(
+            self.param("experts_gate", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
+            self.param("experts_up", param_init(cfg.init_std, ("expert", "embed", "mlp")), (pool, d, f)),
+            self.param("experts_down", param_init(output_init_std(cfg), ("expert", "mlp", "embed")),
+                       (pool, f, d)))
+        weights = ExpertWeights(*(w.astype(dtype_of(self.compute.dtype)) for w in weights))
+        return kernel_aligned(weights, self.compute)
 
 
 class Decoder(nn.Module):
@@ -179,7 +188,8 @@ class Decoder(nn.Module):
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
         embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.float32)
-        x_BxSxD = _constrain(jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype))
+        with jax.named_scope("embed"):  # Named scopes label the parts in a profile.
+            x_BxSxD = _constrain(jnp.take(embed_VxD, tokens_BxS, axis=0).astype(dtype))
 
         stats = []
         for name, layer_ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(cfg)):
@@ -199,14 +209,21 @@ class Decoder(nn.Module):
             head_DxV = self.param("lm_head", param_init(cfg.init_std, ("embed", "vocab")),
                                   (cfg.d_model, cfg.vocab_size), jnp.float32)
         # Logits accumulate in float32: the softmax over a large vocabulary needs the precision.
-        logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV.astype(dtype),
-                                  preferred_element_type=jnp.float32)
+        with jax.named_scope("output_head"):
+            logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV.astype(dtype),
+                                      preferred_element_type=jnp.float32)
         return logits_BxSxV, jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
 
 
 def _constrain(x_BxSxD: jax.Array) -> jax.Array:
     """The residual stream is split over the batch axes (a no-op outside a mesh)."""
     return nn.with_logical_constraint(x_BxSxD, ("batch", "seq", "act_embed"))
+
+
+def _no_routing(pool_size: int) -> RouterStats:
+    """A dense layer's router statistics: no loss, no load, no experts available."""
+    zero, zeros_P = jnp.zeros((), jnp.float32), jnp.zeros((pool_size,), jnp.float32)
+    return RouterStats(load_balance=zero, z_loss=zero, expert_load_P=zeros_P, dropped=zero, available_P=zeros_P)
 
 
 def _flatten_layers(stats: RouterStats, pool_size: int) -> RouterStats:
@@ -227,8 +244,11 @@ def per_layer_norms(tree, config: ModelConfig) -> tuple[jax.Array, jax.Array]:
         layers = jax.tree.leaves(tree[name]["layers"])
         layer_sq.append(sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(2, x.ndim)))
                             for x in layers).reshape(-1))
-        pool_sq.append(sum(jnp.sum(jnp.square(tree[name][k].astype(jnp.float32)), axis=(1, 2, 3))
-                           for k in ("experts_gate", "experts_up", "experts_down")))
+        pool = [tree[name][k] for k in ("experts_gate", "experts_up", "experts_down")
+                if k in tree[name]]  # none in a dense model (model.ffn=dense)
+        groups = jax.tree.leaves(tree[name]["layers"])[0].shape[0]
+        pool_sq.append(sum((jnp.sum(jnp.square(x.astype(jnp.float32)), axis=(1, 2, 3)) for x in pool),
+                           jnp.zeros((groups,), jnp.float32)))
     return jnp.sqrt(jnp.concatenate(layer_sq)), jnp.sqrt(jnp.concatenate(pool_sq))
 
 
