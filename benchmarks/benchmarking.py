@@ -36,13 +36,14 @@ def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20) -> flo
     return statistics.median(times)
 
 
-def ceilings(small: bool = False, iters: int = 20) -> dict[str, float]:
-    """Dense bf16 matmul FLOP/s (n^3 with n = 8192, or 1024 when small) and copy bandwidth
-    (bytes read + written by x * 2 over 2 GiB, or 64 MiB when small), measured here and now."""
+def ceilings(small: bool = False, iters: int = 20, matmul_dtype=jnp.bfloat16) -> dict[str, float]:
+    """Dense matmul FLOP/s (n^3 with n = 8192, or 1024 when small; bf16 unless `matmul_dtype`
+    says otherwise, e.g. the float32 a CPU run computes in) and copy bandwidth (bytes read +
+    written by x * 2 over 2 GiB, or 64 MiB when small), measured here and now."""
     n = 1024 if small else 8192
     keys = jax.random.split(jax.random.key(0), 2)
-    a = jax.random.normal(keys[0], (n, n), jnp.bfloat16)
-    b = jax.random.normal(keys[1], (n, n), jnp.bfloat16)
+    a = jax.random.normal(keys[0], (n, n), matmul_dtype)
+    b = jax.random.normal(keys[1], (n, n), matmul_dtype)
     matmul = jax.jit(lambda a, b: a @ b)
     flops = 2 * n ** 3 / median_seconds(matmul, a, b, iters=iters)
     elements = (32 if small else 1024) * 1024 * 1024  # bf16: 2 bytes each

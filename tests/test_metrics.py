@@ -1,11 +1,13 @@
-"""LBV and under-used experts against hand-computed values."""
+"""LBV, under-used experts and FLOPs per token against hand-computed values."""
+
+import dataclasses
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import metrics
-from rexmoe_jax.config import ModelConfig
+from rexmoe_jax import metrics, trainer
+from rexmoe_jax.config import Config, ModelConfig
 
 
 def test_lbv_by_hand():
@@ -26,6 +28,22 @@ def test_flops_per_token_by_hand():
                       expert_ffn=4, num_experts=4, top_k=1)
     # 6 * (active + head) + 12 * L * H * K * S
     assert metrics.flops_per_token(cfg, seq_len=10, params_active=1000) == 6 * (1000 + 800) + 12 * 2 * 2 * 4 * 10
+
+
+def test_flops_per_token_of_the_dense_twin_by_hand():
+    """model.ffn=dense: each layer's FFN is one SwiGLU of width K*F; its FLOPs are the MoE's
+    minus the router's."""
+    dense = Config(model=ModelConfig(vocab_size=100, d_model=8, num_layers=2, num_heads=2, num_kv_heads=1,
+                                     expert_ffn=4, num_experts=4, top_k=2, ffn="dense"))
+    attention = 8 * 2 * 4 + 2 * (8 * 1 * 4) + 2 * 4 * 8  # query, key and value, out: D H Z, 2 D J Z, H Z D
+    ffn = 3 * 8 * (2 * 4)  # gate, up and down of width K*F = 8
+    active = 2 * (attention + ffn + 2 * 8) + 8  # two layers with their two norms, the final norm
+    flops = 6 * (active + 8 * 100) + 12 * 2 * 2 * 4 * 10
+    assert active == 808 and flops == 11_568
+    assert metrics.flops_per_token(dense.model, 10, trainer.summary(dense)["params_active"]) == flops
+    moe = dataclasses.replace(dense, model=dataclasses.replace(dense.model, ffn="moe"))
+    router = 2 * 8 * 4  # L D N
+    assert metrics.flops_per_token(moe.model, 10, trainer.summary(moe)["params_active"]) == flops + 6 * router
 
 
 def test_lbv_over_the_experts_psr_left_available():
