@@ -100,11 +100,13 @@ def part_of(op_name: str) -> tuple[str, str]:
     merged = re.search(r"[(]([^()]*:[^()]*)[)]$", op_name)
     if merged:
         prefix = op_name[:merged.start()]
-        scopes = dict.fromkeys(_scope(prefix + alternative) for alternative in merged.group(1).split(":"))
+        scopes = {_scope(prefix + alternative) for alternative in merged.group(1).split(":")}
         if len(scopes) > 1:
-            return " + ".join(str(scope) for scope in scopes) + ": one op merged by XLA", direction
+            return " + ".join(sorted(map(str, scopes))) + ": one op merged by XLA", direction
         op_name = prefix + merged.group(1).split(":")[0]
     scope = _scope(op_name)
+    if scope is None and "/while/" in op_name:  # the scans' own loops: the grouped matmuls' are scoped
+        scope = "layers"
     return (PARTS[scope] if scope else OTHER), direction
 
 
