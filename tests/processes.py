@@ -9,23 +9,20 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import typing
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's package, also when run as a script
 
-from rexmoe_jax import launch
+from conftest import TEST_XLA_FLAGS
 
-# The suite's compilation cache (conftest.py): a program compiled once is not compiled again.
-CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
+from rexmoe_jax import launch
 
 
 def child_env(index: int, count: int, port: int) -> dict[str, str]:
     env = launch.process_env(index, count, port)
-    env.pop("XLA_FLAGS", None)  # conftest's 8 devices; --simulate-devices sets the count
-    env.update(JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env["XLA_FLAGS"] = TEST_XLA_FLAGS  # not conftest's 8 devices: --simulate-devices sets the count
     return env
 
 
