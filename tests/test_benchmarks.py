@@ -5,8 +5,11 @@ running them, not by tests."""
 import pytest
 
 from benchmarks import grouped_matmul as gmm_bench
-from benchmarks import moe_block, scoring, train_step
+from benchmarks import moe_block, profile_step, scoring, train_step
 from benchmarks import token_permute as permute_bench
+
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.parametrize("main,args,columns", [
@@ -16,6 +19,7 @@ from benchmarks import token_permute as permute_bench
     (train_step.main, ["--small", "--presets", "moe_0p5b_a0p07b", "--layers", "4", "--batch", "2", "--seq", "32",
                        "--steps", "1"], "| r=4 / r=1 |"),
     (scoring.main, ["--small", "--questions", "20"], "| speed-up |"),
+    (profile_step.main, ["--layers", "4", "--batch", "2", "--seq", "16", "--steps", "1"], "| r=4 - r=1 |"),
 ])
 def test_benchmark_prints_its_table(main, args, columns, capsys):
     main(args)

@@ -87,6 +87,7 @@ def checkpoints(workdir):
     return steps
 
 
+@pytest.mark.e2e
 def test_two_processes_equal_one_process(args, reference, tmp_path):
     """python -m rexmoe_jax.launch -n 2 -- train.py --distributed ...: every logged value of the
     12 steps matches one process on the same mesh within 1e-5, the end-of-run sample is decoded,
@@ -134,6 +135,7 @@ def assert_stopped_together(group, workdir, victim, previous):
     return stopped
 
 
+@pytest.mark.e2e
 def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(args, reference, tmp_path):
     """SIGTERM to a random process during start-up: both finish the same step, save it together
     and exit 0. Resumed on 2 processes, SIGTERM to a random one while a checkpoint is being
@@ -158,6 +160,7 @@ class StopAt(StopRequest):
         return step >= 5
 
 
+@pytest.mark.e2e
 def test_one_process_checkpoint_resumes_on_two(args, reference, tmp_path):
     workdir = tmp_path / "run"
     assert loop.run(one_process(args), workdir, stop=StopAt()) == {"stopped_at": 5}
@@ -167,6 +170,7 @@ def test_one_process_checkpoint_resumes_on_two(args, reference, tmp_path):
     assert_same_curve(workdir, reference)
 
 
+@pytest.mark.e2e
 def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
     """SIGKILL to a random process after the first checkpoint: the other exits non-zero within
     the heartbeat timeout, and its log names what was lost: process N (the watchdog's line, or

@@ -101,6 +101,7 @@ def test_scorer_matches_lm_evals_requests_scored_one_by_one(workdir, task_files)
         check_against(workdir, task_files, name, out["results"][name], out["samples"][name])
 
 
+@pytest.mark.e2e
 def test_documented_command_runs_the_registered_model(workdir, task_files, tmp_path):
     rexmoe_lm_eval.main(["--model", "rexmoe", "--model_args", f"workdir={workdir}", "--tasks",
                          f"{task_files / 'edge.jsonl'},{task_files / 'spaced.jsonl'}",

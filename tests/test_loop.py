@@ -289,6 +289,7 @@ def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_sigterm_saves_and_exits_zero_then_resumes_exactly(tmp_path):
     """train.py in a subprocess, SIGTERM mid-run: exit status 0, a checkpoint of the last step,
     and the run completed afterwards ends with the uninterrupted run's metrics."""

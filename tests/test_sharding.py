@@ -138,6 +138,7 @@ def losses(workdir):
     return np.array([r["loss"] for r in read_records(workdir / "metrics.jsonl") if "loss" in r])
 
 
+@pytest.mark.e2e
 def test_training_curve_matches_one_device_and_resumes_on_another_mesh(tmp_path, corpus_file):
     """The issue's command (data=2, expert=4 on 8 devices) gives one device's loss curve; a
     checkpoint written on that mesh resumes on data=8 and the curve continues."""
