@@ -9,6 +9,8 @@ that there are not enough runs yet. Missing runs are listed, never silently drop
 
 from __future__ import annotations
 
+import collections
+
 import math
 import os
 import pathlib
@@ -81,6 +83,15 @@ def _status(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     return lines + [""]
 
 
+def _machines(records) -> str:
+    """The CPUs the runs were timed on, with their run counts where there are several (time and
+    tokens/s are comparable only within one)."""
+    counts = collections.Counter(r["cpu"] or "an unnamed CPU" for r in records)
+    if len(counts) == 1:
+        return next(iter(counts))
+    return " and ".join(f"{cpu} ({n} runs)" for cpu, n in counts.most_common())
+
+
 def _corpus_line(corpus: dict, train_tokens: int | None, epochs: float) -> str:
     if "num_documents" not in corpus:
         return f"- Corpus `{corpus.get('name')}` (not a prepared folder: its token count is not recorded)."
@@ -109,7 +120,7 @@ def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
              _corpus_line(corpus, tokens["corpus_train"], epochs),
              f"- Held-out evaluation: {_tokens(tokens['per_eval'])} tokens every {config['train']['eval_every']} steps.",
              (f"- Wall time: {sum(walls) / 3600:.1f} h in all over {len(timed)} timed runs "
-              f"({min(walls) / 60:.0f} to {max(walls) / 60:.0f} min each) on {timed[0]['cpu'] or 'an unnamed CPU'}, "
+              f"({min(walls) / 60:.0f} to {max(walls) / 60:.0f} min each) on {_machines(timed)}, "
               f"{timed[0]['cores_per_run']} core(s) per run"
               + (f"; {len(records) - len(timed)} run(s) recorded without timing." if len(timed) < len(records)
                  else ".")),
