@@ -24,6 +24,7 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -109,7 +110,8 @@ class Checkpointer:
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._saving: int | None = None  # The step whose save may still run in the background.
-        self._failed = self._closed = False
+        self._failed: int | None = None  # The step whose save failed.
+        self._closed = False
 
     def steps(self) -> list[int]:
         """The steps with a checkpoint on disk (not one still being written)."""
@@ -146,8 +148,10 @@ class Checkpointer:
             try:
                 self._manager.close()
             except Exception:  # noqa: BLE001
-                if not self._failed:  # Orbax raises a reported failure again: once is enough.
+                if self._failed is None:  # Orbax raises a reported failure again: once is enough.
                     raise
+            if self._failed is not None:  # The save's last writers have stopped now.
+                self._remove_partial(self._failed)
 
     def _finish(self) -> None:
         step, self._saving = self._saving, None
@@ -159,13 +163,25 @@ class Checkpointer:
             self._fail(step, err)
 
     def _fail(self, step: int, err: Exception) -> None:
-        self._failed = True
-        shutil.rmtree(self.directory / f"{step}{_TMP_SUFFIX}", ignore_errors=True)
+        self._failed = step
+        self._remove_partial(step)
         # Orbax dropped the steps this save would push past `keep` from its list when the save
         # began; they are still on disk and intact, so steps() must list them again.
         with contextlib.suppress(Exception):
             self._manager.reload()
         raise WriteError(f"{failure_reason(err)} while saving step {step} in {self.directory}") from None
+
+    def _remove_partial(self, step: int) -> None:
+        """Removes a failed save's temporary folder. When one write of a save fails, orbax reports
+        it while the save's other writes may still be running, and those create the folder again:
+        so it is removed until it has stayed gone for a moment (at most a few seconds), and again
+        when the checkpointer closes."""
+        path, deadline = self.directory / f"{step}{_TMP_SUFFIX}", time.monotonic() + 5
+        while time.monotonic() < deadline:
+            shutil.rmtree(path, ignore_errors=True)
+            time.sleep(0.25)
+            if not path.exists():
+                return
 
     def _unusable(self, step: int, err: Exception) -> None:
         if self.read_only:
