@@ -81,7 +81,16 @@ class PackedSequences:
 
     def __getitem__(self, index: int) -> np.ndarray:
         position = int(index) * self.seq_len
-        stop = position + self.seq_len + 1
+        return self._window(position, position + self.seq_len + 1)
+
+    def tail(self) -> np.ndarray | None:
+        """The tokens after the last whole window (from its last token on), which the windows
+        leave out: a shorter row for a consumer that must see every token; None when fewer than
+        two are left."""
+        position = len(self) * self.seq_len
+        return self._window(position, self.num_tokens) if self.num_tokens - position >= 2 else None
+
+    def _window(self, position: int, stop: int) -> np.ndarray:
         k = int(np.searchsorted(self._ends, position, side="right"))
         pieces = []
         while position < stop:

@@ -80,13 +80,15 @@ class LoadedModel(Run):
         """Per-layer expert activation ratios over the pool and the share of picks of experts
         owned by other layers of the group (see evaluate.routing_report)."""
         encoded = [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts]
-        # Rows of data.seq_len tokens, or one shorter row when the texts do not fill one.
-        row_len = min(self.config.data.seq_len, sum(len(e) + 1 for e in encoded) - 1)
-        if row_len < 1:
-            raise ValueError("routing needs at least one token of text")
         sequences = data_lib.pack(data_lib.TokenDocuments.from_documents(encoded, self.tokenizer.eod_id),
-                                  np.arange(len(texts)), row_len, None)
-        return evaluate.routing_of(self.config, self.params, evaluate.sequences_to_batches(sequences, 8))
+                                  np.arange(len(texts)), self.config.data.seq_len, None)
+        # Rows of data.seq_len tokens, then one shorter row with the rest: every token counts.
+        batches, tail = evaluate.sequences_to_batches(sequences, 8), sequences.tail()
+        if tail is not None:
+            batches.append(tail[None])
+        if not batches:
+            raise ValueError("routing needs at least one token of text")
+        return evaluate.routing_of(self.config, self.params, batches)
 
 
 def load(workdir: str | pathlib.Path) -> LoadedModel:

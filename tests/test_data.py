@@ -27,6 +27,18 @@ def test_packing_puts_eod_after_every_document():
     assert stream.dtype == np.int32
 
 
+def test_tail_holds_what_the_windows_leave_out():
+    """Stream 1 2 3 0 4 5 0 (7 tokens): at seq_len 4 one window [1 2 3 0 4], then the tail
+    [4 5 0]; at seq_len 2 three windows end on the last token, so there is no tail; a stream
+    shorter than one window is all tail."""
+    d = docs([1, 2, 3], [4, 5])
+    np.testing.assert_array_equal(data.pack(d, np.arange(2), seq_len=4, seed=None).tail(), [4, 5, 0])
+    assert data.pack(d, np.arange(2), seq_len=2, seed=None).tail() is None
+    short = data.pack(d, np.arange(2), seq_len=16, seed=None)
+    assert len(short) == 0
+    np.testing.assert_array_equal(short.tail(), [1, 2, 3, 0, 4, 5, 0])
+
+
 def test_window_spanning_many_documents():
     d = docs(*[[i] for i in range(1, 11)])  # ten one-token documents
     packed = data.pack(d, np.arange(10), seq_len=7, seed=None)

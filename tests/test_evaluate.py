@@ -182,3 +182,18 @@ def test_read_only_tools_change_nothing_in_the_run(trained_run, tmp_path, capsys
     assert generate.main(["--workdir", str(fresh), "--prompt", "And"]) == 2
     assert "has no checkpoint yet" in capsys.readouterr().err
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
+
+
+def test_routing_of_texts_counts_every_token(trained_run):
+    """LoadedModel.routing: rows of data.seq_len, then a shorter row with the rest, so every
+    position of the packed texts but the last is routed once."""
+    import rexmoe_jax
+
+    model = rexmoe_jax.load(trained_run)
+    texts = ["In the beginning God created the heaven and the earth."] * 5
+    positions = sum(len(model.tokenizer.encode(t)) + 1 for t in texts) - 1  # each text then EOD
+    seq_len = model.config.data.seq_len
+    assert positions > seq_len and positions % seq_len, "the texts must need a shorter last row"
+    report = model.routing(texts)
+    assert report["tokens"] == positions
+    np.testing.assert_allclose(np.sum(report["activation_ratio"], axis=1), model.config.model.top_k, rtol=1e-5)
