@@ -2,13 +2,17 @@
 so they cannot rot between GPU sessions. Their timings are not checked: speed is measured by
 running them, not by tests."""
 
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from benchmarks import grouped_matmul as gmm_bench
 from benchmarks import moe_block, profile_step, scoring, train_step
 from benchmarks import token_permute as permute_bench
 
-
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.e2e
 
 
@@ -27,3 +31,17 @@ def test_benchmark_prints_its_table(main, args, columns, capsys):
     header = next(line for line in out.splitlines() if line.startswith("| "))
     assert header.rstrip().endswith(columns)
     assert "failed" not in out
+
+
+def test_agreement_benchmark_runs_two_processes_and_prints_its_table():
+    """benchmarks/agreement.py launches its own processes; process 0 prints the table (each of
+    its lines after the launcher's "[0] ")."""
+    small = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
+             "model.expert_ffn=16", "model.num_experts=4", "data.seq_len=16", "data.batch_size=8"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.agreement", "--steps", "2", "--rounds", "1", *small],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("[0] | ")]
+    assert rows[0] == ["", "ms per step (median)", "range over rounds", "vs without"], proc.stdout[-3000:]
+    assert [row[0] for row in rows[1:]] == ["train step, no vote", "train step + vote", "vote alone (round trip)"]
