@@ -82,10 +82,14 @@ class Lines:
 
     @staticmethod
     def _write(sink, lines: list[bytes]) -> None:
-        if lines:
-            sink.flush()
+        if not lines:
+            return
+        sink.flush()
+        if hasattr(sink, "buffer"):  # bytes as written
             sink.buffer.write(b"".join(lines))
-            sink.flush()
+        else:  # a text-only stream (a notebook's): decoded
+            sink.write(b"".join(lines).decode(errors="replace"))
+        sink.flush()
 
 
 class Group:
