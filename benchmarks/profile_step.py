@@ -81,10 +81,10 @@ def op_names(hlo_text: str) -> dict[str, str]:
             for callee in re.split(r"[,\s%]+", called):
                 callers.setdefault(callee, name)
     for _ in range(4):  # fill instructions without metadata from an operand, or their caller
-        for name in computation_of:
+        for name, computation in computation_of.items():
             if name not in names:
                 known = [names[o] for o in operands[name] if o in names]
-                caller = callers.get(computation_of[name])
+                caller = callers.get(computation)
                 if known:
                     names[name] = known[0]
                 elif caller in names:

@@ -10,7 +10,6 @@ that there are not enough runs yet. Missing runs are listed, never silently drop
 from __future__ import annotations
 
 import collections
-
 import math
 import os
 import pathlib
