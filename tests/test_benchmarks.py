@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
+from benchmarks import expert_exchange, inference, moe_block, profile_step, scoring, train_step
 from benchmarks import grouped_matmul as gmm_bench
-from benchmarks import moe_block, profile_step, scoring, train_step
 from benchmarks import token_permute as permute_bench
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -24,6 +24,9 @@ pytestmark = pytest.mark.e2e
                        "--steps", "1"], "| r=4 / r=1 |"),
     (scoring.main, ["--small", "--questions", "20"], "| speed-up |"),
     (profile_step.main, ["--layers", "4", "--batch", "2", "--seq", "16", "--steps", "1"], "| r=4 - r=1 |"),
+    (expert_exchange.main, [], "| drops tokens |"),
+    (inference.main, ["--small", "--lengths", "16", "--batch", "1", "--new-tokens", "2", "--reuse", "1", "2",
+                      "--iters", "1"], "| expert MB read per layer |"),
 ])
 def test_benchmark_prints_its_table(main, args, columns, capsys):
     main(args)
