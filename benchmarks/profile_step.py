@@ -8,7 +8,7 @@ Without --small the model is the tiny preset's (configs/tiny.py, its batch and s
 --small it is train_step.py's: the 0.5B preset's shape with tiny widths.
 
 Method. The model code wraps its parts in `jax.named_scope` (router, psr_mask, top_k, sort,
-permute, ffn_gate, ffn_up, ffn_down, combine, aux_losses, embed, output_head, cross_entropy,
+permute, expert_ffn (or ffn_gate, ffn_up, ffn_down), combine, aux_losses, embed, output_head, cross_entropy,
 optimizer, step_metrics; attention and the norms are Flax modules, which name their own scopes).
 The step is compiled once, a few steps run under `jax.profiler.trace`, and the trace it writes
 (plugins/profile/<run>/<host>.trace.json.gz, Chrome trace events) gives every executed XLA:CPU
@@ -46,7 +46,9 @@ PARTS = {
     "final_norm": "norms", "router": "router (logits, softmax)", "psr_mask": "PSR mask",
     "top_k": "top-K", "sort": "sort (argsort, group sizes)", "permute": "permute (gather)",
     "ffn_gate": "grouped matmul gate (+ silu)", "ffn_up": "grouped matmul up (+ product)",
-    "ffn_down": "grouped matmul down", "combine": "combine (gather back, gates)",
+    "ffn_down": "grouped matmul down",
+    "expert_ffn": "expert FFN, one blocked loop (gate, up, down)",
+    "combine": "combine (gather back, gates)",
     "moe": "MoE layer, rest", "aux_losses": "aux losses (balance, z)",
     "layers": "layer and group scans (slices, stacking, gradient buffers)",
     "groups": "layer and group scans (slices, stacking, gradient buffers)",

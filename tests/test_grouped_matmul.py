@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.grouped_matmul import grouped_matmul, resolve
-from pallas_kernels.grouped_matmul import blocked
+from pallas_kernels.grouped_matmul import blocked, grouped_matmul, resolve
 
 IMPLEMENTATIONS = ["ragged_dot", "blocked", "tokamax", "reference", "auto"]
 
@@ -76,6 +75,9 @@ def test_default_block_is_half_the_mean_rows_per_group_within_16_to_128():
     # 4,096 rows over 32 groups: a mean of 128, half of it 64; 200 over 16: 6, raised to 16.
     assert blocked.default_block(4096, 32) == 64 and blocked.default_block(200, 16) == 16
     assert blocked.default_block(1 << 20, 8) == 128 and blocked.default_block(1000, 4) == 64
+    # The fused SwiGLU's rule, the whole mean: 8,192 rows over 256 groups, 32; over 128, 64.
+    assert blocked.default_block(8192, 256, share=1.0) == 32 and blocked.default_block(8192, 128, share=1.0) == 64
+    assert blocked.default_block(1024, 64, share=1.0) == 16 and blocked.default_block(4096, 8, share=1.0) == 128
 
 
 def test_rejects_bad_shapes():
@@ -105,3 +107,58 @@ def test_tokamax_pads_widths_exactly():
 
 def test_auto_picks_blocked_on_cpu():
     assert jax.default_backend() == "cpu" and resolve("auto") == "blocked" and resolve("tokamax") == "tokamax"
+
+
+def numpy_swiglu(x, gate, up, down, sizes):
+    """float64: down_e(silu(gate_e x) * up_e x) for each group's rows, zeros past the groups."""
+    out = np.zeros((x.shape[0], down.shape[2]))
+    start = 0
+    for e, size in enumerate(sizes):
+        rows = x[start:start + size].astype(np.float64)
+        g = rows @ gate[e]
+        out[start:start + size] = (g / (1 + np.exp(-g)) * (rows @ up[e])) @ down[e]
+        start += size
+    return out
+
+
+def finite_difference(f, arrays, eps=1e-6):
+    """Central differences of the scalar f(*arrays) in float64, one element at a time."""
+    arrays = [a.astype(np.float64) for a in arrays]
+    grads = []
+    for a in arrays:
+        grad = np.zeros_like(a)
+        for index in np.ndindex(a.shape):
+            saved = a[index]
+            a[index] = saved + eps
+            high = f(*arrays)
+            a[index] = saved - eps
+            low = f(*arrays)
+            a[index] = saved
+            grad[index] = (high - low) / (2 * eps)
+        grads.append(grad)
+    return grads
+
+
+@pytest.mark.parametrize("sizes, extra_rows, block", [
+    ([3, 0, 5, 2], 2, None), ([0, 0, 7], 0, 2), ([1, 1, 1, 1, 1, 1, 1], 1, 3), ([6, 5, 0, 4], 0, 4)])
+def test_blocked_swiglu_against_numpy_values_and_finite_differences(sizes, extra_rows, block):
+    """The fused expert loop: values against NumPy, and the gradients of x and all three weights
+    against float64 central differences of the NumPy forward (empty groups, rows past the
+    groups, blocks that span several groups and a last window that moves back)."""
+    rng = np.random.default_rng(sum(sizes) + extra_rows)
+    m, d, f, e = sum(sizes) + extra_rows, 3, 2, len(sizes)
+    x = rng.standard_normal((m, d)).astype(np.float32)
+    gate, up = (rng.standard_normal((e, d, f)).astype(np.float32) for _ in range(2))
+    down = rng.standard_normal((e, f, d)).astype(np.float32)
+    cot = rng.standard_normal((m, d))
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+
+    out = jax.jit(lambda *a: blocked.swiglu(*a, group_sizes, block=block))(x, gate, up, down)
+    np.testing.assert_allclose(out, numpy_swiglu(x, gate, up, down, sizes), rtol=1e-5, atol=1e-5)
+
+    grads = jax.jit(jax.grad(lambda *a: jnp.sum(blocked.swiglu(*a, group_sizes, block=block) * cot),
+                             argnums=(0, 1, 2, 3)))(x, gate, up, down)
+    expected = finite_difference(lambda *a: np.sum(numpy_swiglu(*a, sizes) * cot), [x, gate, up, down])
+    for name, got, want in zip(["x", "gate", "up", "down"], grads, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
+    assert not np.any(grads[0][sum(sizes):]), "rows past the groups get no gradient"

@@ -13,6 +13,13 @@ The gradient is written out (a custom VJP) as two more loops of the same shape: 
 weights transposed, and drhs accumulating each block's lhs^T dout into its group's slot. Both
 touch only the blocks in use; neither scatters.
 
+`swiglu` runs a whole SwiGLU expert the same way, as one loop: each block's rows go through
+gate, up, silu(gate) * up and down in one iteration, and the gradient is one more loop (six
+matmuls per block, gate and up taken from the forward pass). Three matmul loops and their six
+backward loops pay the loop's per-block cost (slicing, indexing a weight, merging a window)
+nine times; the fused loops pay it twice, and a block's intermediate rows stay small and hot
+(benchmarks/RESULTS.md: up to 1.5x faster on this machine's shapes, never slower beyond noise).
+
 On GPU and TPU a fused kernel (tokamax, Mosaic) is the better choice; this is what `auto`
 picks on CPU, where `jax.lax.ragged_dot` computes every group for every row.
 """
@@ -25,12 +32,13 @@ import jax
 import jax.numpy as jnp
 
 
-def default_block(num_rows: int, num_groups: int) -> int:
-    """A power of two near half the mean rows per group, between 16 and 128: small enough that
-    a group's partial last block wastes little, large enough that the matmuls stay efficient
-    and the loop short (benchmarks/RESULTS.md)."""
-    half_mean = max(1, num_rows // (2 * num_groups))
-    return int(min(128, max(16, 1 << (half_mean.bit_length() - 1))))
+def default_block(num_rows: int, num_groups: int, share: float = 0.5) -> int:
+    """A power of two near `share` of the mean rows per group, between 16 and 128: small enough
+    that a group's partial last block wastes little, large enough that the matmuls stay
+    efficient and the loop short. Half the mean for one matmul per block, the whole mean for
+    the fused SwiGLU's three (benchmarks/RESULTS.md)."""
+    target = max(1, int(num_rows * share) // num_groups)
+    return int(min(128, max(16, 1 << (target.bit_length() - 1))))
 
 
 def grouped_matmul(lhs_MxI: jax.Array, rhs_ExIxO: jax.Array, group_sizes_E: jax.Array,
@@ -40,12 +48,29 @@ def grouped_matmul(lhs_MxI: jax.Array, rhs_ExIxO: jax.Array, group_sizes_E: jax.
     if m == 0:
         return jnp.zeros((0, rhs_ExIxO.shape[2]), out_dtype)
     block = min(m, block or default_block(m, rhs_ExIxO.shape[0]))
-    # Inside shard_map, both operands made to vary over the same mesh axes: the custom VJP's
-    # cotangents then have their operands' types, and the sum of a gradient over the axes its
-    # operand did not vary over (data-parallel weights) is JAX's, the transpose of this broadcast.
-    lhs_MxI = lhs_MxI + jax.lax.full_like(rhs_ExIxO, 0, lhs_MxI.dtype, ())
-    rhs_ExIxO = rhs_ExIxO + jax.lax.full_like(lhs_MxI, 0, rhs_ExIxO.dtype, ())
+    lhs_MxI, rhs_ExIxO = _vary_alike(lhs_MxI, rhs_ExIxO)
     return _grouped(lhs_MxI, rhs_ExIxO, group_sizes_E.astype(jnp.int32), block, out_dtype)
+
+
+def swiglu(x_MxD: jax.Array, gate_ExDxF: jax.Array, up_ExDxF: jax.Array, down_ExFxD: jax.Array,
+           group_sizes_E: jax.Array, block: int | None = None) -> jax.Array:
+    """down_e(silu(gate_e x) * up_e x) for the rows of each group e (sorted by group), as
+    `layers.swiglu` computes it with three grouped matmuls, in one loop over row blocks; rows
+    past sum(group_sizes) give zeros."""
+    m = x_MxD.shape[0]
+    if m == 0:
+        return jnp.zeros((0, down_ExFxD.shape[2]), jnp.result_type(x_MxD, down_ExFxD))
+    block = min(m, block or default_block(m, gate_ExDxF.shape[0], share=1.0))
+    x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD = _vary_alike(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD)
+    return _swiglu(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E.astype(jnp.int32), block)
+
+
+def _vary_alike(*arrays):
+    """Inside shard_map, every operand made to vary over the same mesh axes: the custom VJPs'
+    cotangents then have their operands' types, and the sum of a gradient over the axes its
+    operand did not vary over (data-parallel weights) is JAX's, the transpose of this broadcast."""
+    zero = sum(jax.lax.full_like(a, 0, jnp.float32, ()) for a in arrays)
+    return tuple(a + zero.astype(a.dtype) for a in arrays)
 
 
 class _Blocks:
@@ -132,3 +157,86 @@ def _grouped_bwd(block, out_dtype, residuals, dout_MxO):
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
+
+
+def _swiglu_loop(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, blocks: _Blocks, keep: bool):
+    """The forward loop; with `keep`, also each row's gate and up outputs, for the gradient."""
+    dtype = jnp.result_type(x_MxD, gate_ExDxF)
+    rows_f = (blocks.num_rows if keep else blocks.block, gate_ExDxF.shape[2])
+
+    def merge(rows_MxO, new_CxO, start, own_C):
+        old_CxO = jax.lax.dynamic_slice_in_dim(rows_MxO, start, blocks.block)
+        return jax.lax.dynamic_update_slice_in_dim(rows_MxO, jnp.where(own_C[:, None], new_CxO, old_CxO), start, 0)
+
+    def body(w, carry):
+        y_MxD, gate_MxF, up_MxF = carry
+        start, e, own_C = blocks.window(w)
+        x_CxD = jax.lax.dynamic_slice_in_dim(x_MxD, start, blocks.block)
+        g_CxF = jnp.matmul(x_CxD, gate_ExDxF[e], preferred_element_type=dtype)
+        u_CxF = jnp.matmul(x_CxD, up_ExDxF[e], preferred_element_type=dtype)
+        y_CxD = jnp.matmul(jax.nn.silu(g_CxF) * u_CxF, down_ExFxD[e], preferred_element_type=dtype)
+        if keep:
+            gate_MxF, up_MxF = merge(gate_MxF, g_CxF, start, own_C), merge(up_MxF, u_CxF, start, own_C)
+        return merge(y_MxD, y_CxD, start, own_C), gate_MxF, up_MxF
+
+    zeros = (_zeros((blocks.num_rows, down_ExFxD.shape[2]), dtype, x_MxD),
+             _zeros(rows_f, dtype, x_MxD), _zeros(rows_f, dtype, x_MxD))
+    return jax.lax.fori_loop(0, blocks.count, body, zeros)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _swiglu(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E, block):
+    blocks = _Blocks(group_sizes_E, x_MxD.shape[0], block)
+    return _swiglu_loop(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, blocks, keep=False)[0]
+
+
+def _swiglu_fwd(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E, block):
+    blocks = _Blocks(group_sizes_E, x_MxD.shape[0], block)
+    y_MxD, gate_MxF, up_MxF = _swiglu_loop(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, blocks, keep=True)
+    return y_MxD, (x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E, gate_MxF, up_MxF)
+
+
+def _swiglu_bwd(block, residuals, dy_MxD):
+    """Per block: dh = dy down^T; d gate and d up through silu(g) * u; dx = dg gate^T + du up^T;
+    each weight's gradient accumulated in float32 into its group's slot. A block's rows of
+    other groups get a zero dy, so they add nothing to this group's weight gradients."""
+    x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E, gate_MxF, up_MxF = residuals
+    blocks = _Blocks(group_sizes_E, x_MxD.shape[0], block)
+    dtype = gate_MxF.dtype
+
+    def rows(a_MxN, start):
+        return jax.lax.dynamic_slice_in_dim(a_MxN, start, blocks.block)
+
+    def accumulate(d_ExIxO, e, a_CxI, b_CxO):
+        update_IxO = jnp.matmul(a_CxI.T, b_CxO, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_index_in_dim(d_ExIxO, d_ExIxO[e] + update_IxO, e, 0)
+
+    def body(w, carry):
+        dx_MxD, dgate_ExDxF, dup_ExDxF, ddown_ExFxD = carry
+        start, e, own_C = blocks.window(w)
+        x_CxD = rows(x_MxD, start)
+        dy_CxD = jnp.where(own_C[:, None], rows(dy_MxD, start), 0).astype(dtype)
+        g_CxF, u_CxF = rows(gate_MxF, start), rows(up_MxF, start)
+        sigmoid_CxF = jax.nn.sigmoid(g_CxF)
+        silu_CxF = g_CxF * sigmoid_CxF
+        dh_CxF = jnp.matmul(dy_CxD, down_ExFxD[e].T, preferred_element_type=dtype)
+        du_CxF = dh_CxF * silu_CxF
+        dg_CxF = dh_CxF * u_CxF * (sigmoid_CxF + silu_CxF * (1 - sigmoid_CxF))
+        ddown_ExFxD = accumulate(ddown_ExFxD, e, silu_CxF * u_CxF, dy_CxD)
+        dgate_ExDxF = accumulate(dgate_ExDxF, e, x_CxD, dg_CxF)
+        dup_ExDxF = accumulate(dup_ExDxF, e, x_CxD, du_CxF)
+        dx_CxD = (jnp.matmul(dg_CxF, gate_ExDxF[e].T, preferred_element_type=x_MxD.dtype)
+                  + jnp.matmul(du_CxF, up_ExDxF[e].T, preferred_element_type=x_MxD.dtype))
+        old_CxD = rows(dx_MxD, start)
+        dx_MxD = jax.lax.dynamic_update_slice_in_dim(
+            dx_MxD, jnp.where(own_C[:, None], dx_CxD, old_CxD), start, 0)
+        return dx_MxD, dgate_ExDxF, dup_ExDxF, ddown_ExFxD
+
+    zeros = (_zeros(x_MxD.shape, x_MxD.dtype, x_MxD),) + tuple(
+        _zeros(w.shape, jnp.float32, x_MxD) for w in (gate_ExDxF, up_ExDxF, down_ExFxD))
+    dx_MxD, *dweights = jax.lax.fori_loop(0, blocks.count, body, zeros)
+    weights = (gate_ExDxF, up_ExDxF, down_ExFxD)
+    return (dx_MxD, *(d.astype(w.dtype) for d, w in zip(dweights, weights)), None)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
