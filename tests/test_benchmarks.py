@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks import expert_exchange, inference, moe_block, profile_step, scoring, train_step
+from benchmarks import expert_exchange, expert_ffn, inference, moe_block, profile_step, scoring, train_step
 from benchmarks import grouped_matmul as gmm_bench
 from benchmarks import token_permute as permute_bench
 
@@ -25,6 +25,8 @@ pytestmark = pytest.mark.e2e
     (scoring.main, ["--small", "--questions", "20"], "| speed-up |"),
     (profile_step.main, ["--layers", "4", "--batch", "2", "--seq", "16", "--steps", "1"], "| r=4 - r=1 |"),
     (expert_exchange.main, [], "| drops tokens |"),
+    (expert_ffn.main, ["--presets", "moe_0p5b_a0p07b", "--reuse", "1", "4", "--layers", "4", "--batch", "2",
+                       "--seq", "16", "--steps", "1", "--iters", "1"], "| speed-up |"),
     (inference.main, ["--small", "--lengths", "16", "--batch", "1", "--new-tokens", "2", "--reuse", "1", "2",
                       "--iters", "1"], "| expert MB read per layer |"),
 ])

@@ -18,7 +18,7 @@ gate, up, silu(gate) * up and down in one iteration, and the gradient is one mor
 matmuls per block, gate and up taken from the forward pass). Three matmul loops and their six
 backward loops pay the loop's per-block cost (slicing, indexing a weight, merging a window)
 nine times; the fused loops pay it twice, and a block's intermediate rows stay small and hot
-(benchmarks/RESULTS.md: up to 1.5x faster on this machine's shapes, never slower beyond noise).
+(benchmarks/RESULTS.md: up to 1.6x faster on this machine's shapes, never slower beyond noise).
 
 On GPU and TPU a fused kernel (tokamax, Mosaic) is the better choice; this is what `auto`
 picks on CPU, where `jax.lax.ragged_dot` computes every group for every row.
