@@ -19,14 +19,13 @@ first r (r = 1 unless --reuse says otherwise; the issue's targets: 0.8 and 0.95)
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import train_step
-from benchmarks.benchmarking import environment, print_table
+from benchmarks.benchmarking import environment, median_seconds, print_table
 from pallas_kernels.grouped_matmul import blocked
 from rexmoe_jax.config import apply_overrides, load_preset
 from rexmoe_jax.dispatch import ExpertWeights
@@ -70,13 +69,7 @@ def ffn_ms(fn, rows: int, d: int, f: int, pool: int, iters: int) -> float:
     sizes = jnp.asarray(np.bincount(rng.integers(0, pool, rows), minlength=pool), jnp.int32)
     cot = jnp.asarray(rng.standard_normal((rows, d)), jnp.float32)
     grad = jax.jit(jax.grad(lambda x, *w: jnp.sum(fn(x, *w, sizes) * cot), argnums=(0, 1, 2, 3)))
-    jax.block_until_ready(grad(x, *weights))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(grad(x, *weights))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(grad, x, *weights, warmup=1, iters=iters)
 
 
 def no_ffn(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, group_sizes_E, block=None):
@@ -101,13 +94,7 @@ def layer_ms(config, reuse: int, iters: int) -> float:
         return jnp.sum(y * y) + stats.load_balance + stats.z_loss
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    jax.block_until_ready(grad(params, x, weights))
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(grad(params, x, weights))
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+    return 1e3 * median_seconds(grad, params, x, weights, warmup=1, iters=iters)
 
 
 def main(argv=None) -> None:

@@ -109,10 +109,7 @@ def _rowwise(lhs_MxI, rhs_ExIxO, blocks: _Blocks, out_dtype, transpose_rhs: bool
         rhs_IxO = jax.lax.dynamic_index_in_dim(rhs_ExIxO, group, keepdims=False)
         if transpose_rhs:
             rhs_IxO = rhs_IxO.T
-        new_CxO = jnp.matmul(lhs_CxI, rhs_IxO, preferred_element_type=out_dtype)
-        old_CxO = jax.lax.dynamic_slice_in_dim(out_MxO, start, blocks.block)
-        merged_CxO = jnp.where(own_C[:, None], new_CxO, old_CxO)
-        return jax.lax.dynamic_update_slice_in_dim(out_MxO, merged_CxO, start, 0)
+        return _merge(out_MxO, jnp.matmul(lhs_CxI, rhs_IxO, preferred_element_type=out_dtype), start, own_C)
 
     zeros = _zeros((blocks.num_rows, width_out), out_dtype, lhs_MxI)  # rows past the groups stay 0
     return jax.lax.fori_loop(0, blocks.count, body, zeros)
@@ -125,12 +122,23 @@ def _weight_gradient(lhs_MxI, dout_MxO, num_groups: int, blocks: _Blocks):
         start, group, own_C = blocks.window(w)
         lhs_CxI = jax.lax.dynamic_slice_in_dim(lhs_MxI, start, blocks.block)
         dout_CxO = jnp.where(own_C[:, None], jax.lax.dynamic_slice_in_dim(dout_MxO, start, blocks.block), 0)
-        update_IxO = jnp.matmul(lhs_CxI.T, dout_CxO, preferred_element_type=jnp.float32)
-        current_IxO = jax.lax.dynamic_index_in_dim(drhs_ExIxO, group, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(drhs_ExIxO, current_IxO + update_IxO, group, 0)
+        return _accumulate(drhs_ExIxO, group, lhs_CxI, dout_CxO)
 
     zeros = _zeros((num_groups, lhs_MxI.shape[1], dout_MxO.shape[1]), jnp.float32, lhs_MxI)
     return jax.lax.fori_loop(0, blocks.count, body, zeros)
+
+
+def _merge(rows_MxO, new_CxO, start, own_C):
+    """rows with the block's own rows (own_C) of the window at `start` replaced by new_CxO."""
+    old_CxO = jax.lax.dynamic_slice_in_dim(rows_MxO, start, new_CxO.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(rows_MxO, jnp.where(own_C[:, None], new_CxO, old_CxO), start, 0)
+
+
+def _accumulate(d_ExIxO, e, a_CxI, b_CxO):
+    """d[e] += a^T b, in float32 (a block's contribution to its group's weight gradient)."""
+    update_IxO = jnp.matmul(a_CxI.T, b_CxO, preferred_element_type=jnp.float32)
+    current_IxO = jax.lax.dynamic_index_in_dim(d_ExIxO, e, keepdims=False)
+    return jax.lax.dynamic_update_index_in_dim(d_ExIxO, current_IxO + update_IxO, e, 0)
 
 
 def _zeros(shape, dtype, like):
@@ -164,10 +172,6 @@ def _swiglu_loop(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, blocks: _Blocks, keep:
     dtype = jnp.result_type(x_MxD, gate_ExDxF)
     rows_f = (blocks.num_rows if keep else blocks.block, gate_ExDxF.shape[2])
 
-    def merge(rows_MxO, new_CxO, start, own_C):
-        old_CxO = jax.lax.dynamic_slice_in_dim(rows_MxO, start, blocks.block)
-        return jax.lax.dynamic_update_slice_in_dim(rows_MxO, jnp.where(own_C[:, None], new_CxO, old_CxO), start, 0)
-
     def body(w, carry):
         y_MxD, gate_MxF, up_MxF = carry
         start, e, own_C = blocks.window(w)
@@ -176,8 +180,8 @@ def _swiglu_loop(x_MxD, gate_ExDxF, up_ExDxF, down_ExFxD, blocks: _Blocks, keep:
         u_CxF = jnp.matmul(x_CxD, up_ExDxF[e], preferred_element_type=dtype)
         y_CxD = jnp.matmul(jax.nn.silu(g_CxF) * u_CxF, down_ExFxD[e], preferred_element_type=dtype)
         if keep:
-            gate_MxF, up_MxF = merge(gate_MxF, g_CxF, start, own_C), merge(up_MxF, u_CxF, start, own_C)
-        return merge(y_MxD, y_CxD, start, own_C), gate_MxF, up_MxF
+            gate_MxF, up_MxF = _merge(gate_MxF, g_CxF, start, own_C), _merge(up_MxF, u_CxF, start, own_C)
+        return _merge(y_MxD, y_CxD, start, own_C), gate_MxF, up_MxF
 
     zeros = (_zeros((blocks.num_rows, down_ExFxD.shape[2]), dtype, x_MxD),
              _zeros(rows_f, dtype, x_MxD), _zeros(rows_f, dtype, x_MxD))
@@ -207,10 +211,6 @@ def _swiglu_bwd(block, residuals, dy_MxD):
     def rows(a_MxN, start):
         return jax.lax.dynamic_slice_in_dim(a_MxN, start, blocks.block)
 
-    def accumulate(d_ExIxO, e, a_CxI, b_CxO):
-        update_IxO = jnp.matmul(a_CxI.T, b_CxO, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(d_ExIxO, d_ExIxO[e] + update_IxO, e, 0)
-
     def body(w, carry):
         dx_MxD, dgate_ExDxF, dup_ExDxF, ddown_ExFxD = carry
         start, e, own_C = blocks.window(w)
@@ -222,15 +222,12 @@ def _swiglu_bwd(block, residuals, dy_MxD):
         dh_CxF = jnp.matmul(dy_CxD, down_ExFxD[e].T, preferred_element_type=dtype)
         du_CxF = dh_CxF * silu_CxF
         dg_CxF = dh_CxF * u_CxF * (sigmoid_CxF + silu_CxF * (1 - sigmoid_CxF))
-        ddown_ExFxD = accumulate(ddown_ExFxD, e, silu_CxF * u_CxF, dy_CxD)
-        dgate_ExDxF = accumulate(dgate_ExDxF, e, x_CxD, dg_CxF)
-        dup_ExDxF = accumulate(dup_ExDxF, e, x_CxD, du_CxF)
+        ddown_ExFxD = _accumulate(ddown_ExFxD, e, silu_CxF * u_CxF, dy_CxD)
+        dgate_ExDxF = _accumulate(dgate_ExDxF, e, x_CxD, dg_CxF)
+        dup_ExDxF = _accumulate(dup_ExDxF, e, x_CxD, du_CxF)
         dx_CxD = (jnp.matmul(dg_CxF, gate_ExDxF[e].T, preferred_element_type=x_MxD.dtype)
                   + jnp.matmul(du_CxF, up_ExDxF[e].T, preferred_element_type=x_MxD.dtype))
-        old_CxD = rows(dx_MxD, start)
-        dx_MxD = jax.lax.dynamic_update_slice_in_dim(
-            dx_MxD, jnp.where(own_C[:, None], dx_CxD, old_CxD), start, 0)
-        return dx_MxD, dgate_ExDxF, dup_ExDxF, ddown_ExFxD
+        return _merge(dx_MxD, dx_CxD, start, own_C), dgate_ExDxF, dup_ExDxF, ddown_ExFxD
 
     zeros = (_zeros(x_MxD.shape, x_MxD.dtype, x_MxD),) + tuple(
         _zeros(w.shape, jnp.float32, x_MxD) for w in (gate_ExDxF, up_ExDxF, down_ExFxD))
