@@ -19,7 +19,12 @@ CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
 
 
 def _jaxlib_version() -> tuple[int, int]:
-    major, minor = metadata.version("jaxlib").split(".")[:2]
+    """(major, minor) of the installed jaxlib, read without importing jax (XLA reads its flags
+    once, when jax starts). A jaxlib without package metadata counts as a new one."""
+    try:
+        major, minor = metadata.version("jaxlib").split(".")[:2]
+    except metadata.PackageNotFoundError:
+        return (99, 0)
     return int(major), int(minor)
 
 
