@@ -17,7 +17,7 @@ from rexmoe_jax import data as data_lib
 from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax import generate as generate_lib
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import Config, ConfigError, MeshConfig
+from rexmoe_jax.config import Config, MeshConfig
 from rexmoe_jax.evaluate import held_out
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
