@@ -4,9 +4,9 @@ Compile time is most of the suite's time, so every process the suite starts (pyt
 and the train.py, launcher and notebook processes the tests start, which inherit this
 environment) shares one persistent compilation cache and compiles with XLA's backend
 optimisations off (about half the CPU time per compilation, for programs whose run time is
-milliseconds at the tests' sizes) and, on jaxlib 0.10, with XLA:CPU's older emitters (less than
-half again: the suite from cold took 4 min 31 s with them against 6 min 17 s without, 2-core AMD
-EPYC). Numerics are the same to the tests' tolerances."""
+milliseconds at the tests' sizes) and, on jaxlib 0.10, with XLA:CPU's older emitters, which
+compile in under half the time again (the whole suite from cold: 4 min 31 s with them against
+6 min 17 s without, 2-core AMD EPYC). Numerics are the same to the tests' tolerances."""
 
 import os
 import sys
