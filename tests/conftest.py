@@ -14,7 +14,6 @@ import tempfile
 from importlib import metadata
 
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-
 CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
 
 
