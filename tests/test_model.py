@@ -10,6 +10,8 @@ import numpy as np
 import numpy_reference
 import pytest
 
+from rexmoe_jax import metrics
+from rexmoe_jax import psr as psr_lib
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
 from rexmoe_jax.model import Decoder, PSRInputs, param_counts
 from rexmoe_jax.reuse import layer_pool_sizes
@@ -152,6 +154,54 @@ def test_psr_masks_are_applied_only_when_given():
         for j in range(2):
             assert len(set(masked_choice[g, j].ravel().tolist())) <= 4
     assert len(set(full_choice.ravel().tolist())) > 4
+
+
+def _moe_choices(state, block="groups"):
+    """Chosen pool ids (groups, layers, T, K) of a block, from the sown intermediates."""
+    return np.asarray(state["intermediates"][block]["layers"]["moe"]["experts"][0])
+
+
+@pytest.mark.parametrize("order", ["uniform", "local_first"])
+def test_each_layer_draws_the_mask_of_its_own_layer_id(order):
+    """Every layer routes under psr.available(key, l, ...) for its own id l (a group whose layers
+    all received the group's first id would share one mask, and with local_first rank that
+    layer's experts first for all). L = 5 at r = 2: groups (0, 1), (2, 3) and a last group (4)."""
+    cfg = dataclasses.replace(SMALL, reuse=2, num_layers=5)
+    psr = PSRConfig(schedule="linear", start_step=10, end_step=20, order=order)
+    model, params = init(cfg, psr=psr)
+    tokens = jax.random.randint(jax.random.key(12), (2, 8), 0, cfg.vocab_size)
+    key = jax.random.key(13)
+    # Step 13 of a 10 -> 20 ramp at r = 2, N = 4: N_t = floor((1 + 3/10) * 4) = 5 of 8 (Eq. 6);
+    # the last group's pool is its own 4 experts, all available.
+    (_, stats), state = model.apply({"params": params}, tokens, psr=PSRInputs(key, jnp.asarray(13)),
+                                    mutable=["intermediates"])
+    choices = [_moe_choices(state)[l // 2, l % 2] for l in range(4)] + [_moe_choices(state, "last_group")[0, 0]]
+    for layer, (pool, n_t) in enumerate([(8, 5)] * 4 + [(4, 4)]):
+        want = np.asarray(psr_lib.available(key, jnp.asarray(layer), jnp.asarray(n_t), psr=psr, pool_size=pool,
+                                            num_experts=4, reuse_factor=2, num_tokens=16))[0]
+        assert want.sum() == n_t
+        np.testing.assert_array_equal(np.asarray(stats.available_P)[layer, :pool] > 0, want, err_msg=str(layer))
+        assert np.all(want[choices[layer]]), layer  # every choice is one the layer's own mask allows
+
+
+def test_cross_layer_share_against_a_hand_count():
+    """The share of a layer's picks that are experts owned by another layer of its group, counted
+    by hand from the chosen ids, equals metrics.foreign_share of the layer's loads. Under
+    local_first at N_t = N each layer sees only its own experts: the share is 0 for every layer
+    (it would be 1 for a layer that took another layer's id); on the full pool it is not."""
+    cfg = dataclasses.replace(SMALL, reuse=2, num_layers=4)
+    psr = PSRConfig(schedule="linear", start_step=10, end_step=20, order="local_first")
+    model, params = init(cfg, psr=psr)
+    tokens = jax.random.randint(jax.random.key(14), (4, 16), 0, cfg.vocab_size)
+    for inputs, masked in [(PSRInputs(jax.random.key(15), jnp.asarray(0)), True), (None, False)]:
+        (_, stats), state = model.apply({"params": params}, tokens, psr=inputs, mutable=["intermediates"])
+        chosen = _moe_choices(state)
+        hand = np.asarray([np.mean(chosen[l // 2, l % 2].ravel() // 4 != l % 2) for l in range(4)])
+        np.testing.assert_allclose(metrics.foreign_share(stats.expert_load_P, 4, 2), hand, atol=1e-6)
+        if masked:
+            np.testing.assert_array_equal(hand, 0.0)
+        else:
+            assert np.all(hand > 0), hand
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
