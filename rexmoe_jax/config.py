@@ -65,6 +65,9 @@ class ModelConfig(_Section):
     num_shared_experts: int = 0
     reuse: int = 1  # r: layers per group; a layer routes over its group's r*N experts.
     renormalize_gates: bool = False  # The paper does not renormalise the K gates (Eq. 3).
+    # Auxiliary-loss-free balancing (DeepSeek-V3): a per-layer bias over the pool that shifts
+    # which experts are chosen, never the gates; the trainer moves it by loss.router_bias_rate.
+    router_bias: bool = False
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
@@ -98,6 +101,8 @@ class ModelConfig(_Section):
         _require(self.init_std > 0, "model.init_std must be > 0")
         _require(self.ffn == "moe" or self.reuse == 1,
                  f"model.ffn=dense has no experts to reuse; set model.reuse=1, not {self.reuse}")
+        _require(self.ffn == "moe" or not self.router_bias,
+                 "model.ffn=dense has no router to bias; set model.router_bias=false")
 
     @property
     def dense_ffn(self) -> int:
@@ -193,10 +198,14 @@ class LossConfig(_Section):
 
     load_balance: float = 0.01  # Switch-style f.P loss over each layer's pool; 0 turns it off.
     z_loss: float = 0.001  # Router z-loss (logsumexp of router logits, squared); 0 turns it off.
+    # With model.router_bias: the bias's step per update, in router-logit units (DeepSeek-V3's
+    # bias update speed gamma = 0.001); 0 freezes it.
+    router_bias_rate: float = 0.001
 
     def __post_init__(self):
         _require(self.load_balance >= 0, "loss.load_balance must be >= 0")
         _require(self.z_loss >= 0, "loss.z_loss must be >= 0")
+        _require(self.router_bias_rate >= 0, "loss.router_bias_rate must be >= 0")
 
 
 

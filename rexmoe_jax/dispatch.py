@@ -35,17 +35,25 @@ class Routing(NamedTuple):
 
 
 def route(logits_TxP: jax.Array, available_TxP: jax.Array | None, top_k: int,
-          renormalize: bool) -> Routing:
-    """Eq. 2-3: s = softmax(W h) over the whole pool, PSR-masked experts zeroed, then top-K.
+          renormalize: bool, bias_P: jax.Array | None = None) -> Routing:
+    """Eq. 2-3: s = softmax(W h) over the whole pool, PSR-masked experts excluded, then top-K.
 
     The gate of a chosen expert is its softmax score, not renormalised over the K (the paper);
-    `renormalize` divides by their sum instead. Masked experts get -1 rather than 0 for the
-    selection, so that not even a score that underflowed to 0 can tie with them.
+    `renormalize` divides by their sum instead. Masked experts score -inf for the selection, so
+    that not even a score that underflowed to 0 can tie with them.
+    `bias_P` (model.router_bias, auxiliary-loss-free balancing) is added to the logits for the
+    selection only: the gates stay the unbiased scores. Decision: on the logits, not on the
+    probabilities as DeepSeek-V3 adds it to its sigmoid scores: a softmax score shrinks as PSR
+    widens the pool, a logit shift multiplies it by exp(bias) at any pool size.
     """
     with jax.named_scope("router"):  # Named scopes label the parts in a profile.
         probs_TxP = jax.nn.softmax(logits_TxP.astype(jnp.float32), axis=-1)
+    scores_TxP = probs_TxP
+    if bias_P is not None:
+        scores_TxP = logits_TxP.astype(jnp.float32) + jax.lax.stop_gradient(bias_P)[None, :]
     with jax.named_scope("psr_mask"):
-        scores_TxP = probs_TxP if available_TxP is None else jnp.where(available_TxP, probs_TxP, -1.0)
+        if available_TxP is not None:
+            scores_TxP = jnp.where(available_TxP, scores_TxP, -jnp.inf)
     with jax.named_scope("top_k"):
         _, experts_TxK = jax.lax.top_k(scores_TxP, top_k)
         gates_TxK = jnp.take_along_axis(probs_TxP, experts_TxK, axis=-1)

@@ -25,8 +25,9 @@ from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
 from rexmoe_jax.workdir import WriteError, failure_reason, locked
 
-# Per-step values kept out of metrics.jsonl: the (L, pool) loads go to routing.jsonl at evals.
-_NOT_LOGGED = ("expert_load", "finite")
+# Per-step values kept out of metrics.jsonl: the (L, pool) loads and router biases go to
+# routing.jsonl at evals.
+_NOT_LOGGED = ("expert_load", "router_bias", "finite")
 
 
 class NonFiniteError(RuntimeError):
@@ -184,9 +185,10 @@ def _progress(total: int, initial: int):
                 disable=None if jax.process_index() == 0 else True)
 
 
-def _write_evaluation(log: RunLog, bar, evaluation: dict, load: np.ndarray, pool_sizes: np.ndarray) -> None:
+def _write_evaluation(log: RunLog, bar, evaluation: dict, load: np.ndarray, pool_sizes: np.ndarray,
+                      bias: np.ndarray | None) -> None:
     log.write(evaluation)
-    log.write_routing(evaluation["step"], load, pool_sizes)
+    log.write_routing(evaluation["step"], load, pool_sizes, bias)
     bar.write(f"step {evaluation['step']}: eval loss {evaluation['eval_loss']:.4f}, "
               f"perplexity {evaluation['eval_ppl']:.2f}")
 
@@ -227,6 +229,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             if step % cfg.eval_every == 0 or step == total:
                 evaluation, load = evaluate(s, s.state.params)
                 last_eval = evaluation = {"step": step, **evaluation}
+                bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
             bar.update(1)
             stopping = s.vote(stop.requested(step))  # the same on every process
             saving = stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
@@ -236,7 +239,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                 s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
                                                     "data": s.batches.state(), "data_fingerprint": s.fingerprint})
             if evaluation is not None:  # After the save: a log that cannot be written loses no step.
-                _write_evaluation(log, bar, evaluation, load, pool_sizes)
+                _write_evaluation(log, bar, evaluation, load, pool_sizes, bias)
             if saving:
                 log.sync()
             if stopping:

@@ -48,7 +48,13 @@ class MoEFFN(nn.Module):
                                 (d, self.pool_size), jnp.float32)
         with jax.named_scope("router"):  # Named scopes label the parts in a profile.
             logits_TxP = x_TxD.astype(jnp.float32) @ router_DxP
-        routing = route(logits_TxP, available_TxP, cfg.top_k, cfg.renormalize_gates)
+        bias_P = None
+        if cfg.router_bias:
+            # Auxiliary-loss-free balancing: the trainer moves this after each step
+            # (balancing.update_router_bias); it gets no gradient and the optimizer skips it.
+            bias_P = self.param("router_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("pool",)),
+                                (self.pool_size,), jnp.float32)
+        routing = route(logits_TxP, available_TxP, cfg.top_k, cfg.renormalize_gates, bias_P)
         # Kept only when applied with mutable=["intermediates"] (routing analysis and tests).
         self.sow("intermediates", "experts", routing.experts_TxK)
         self.sow("intermediates", "gates", routing.gates_TxK)

@@ -137,11 +137,15 @@ class RunLog:
                 if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(name, value, record["step"])
 
-    def write_routing(self, step: int, expert_load_LxP: np.ndarray, pool_sizes: np.ndarray) -> None:
+    def write_routing(self, step: int, expert_load_LxP: np.ndarray, pool_sizes: np.ndarray,
+                      router_bias_LxP: np.ndarray | None = None) -> None:
+        """One evaluation's (L, pool) expert loads, and the router biases (model.router_bias)."""
         if self.enabled:
-            self._append(self.routing_path, {
-                "step": step, "pool_sizes": np.asarray(pool_sizes).tolist(),
-                "expert_load": np.round(np.asarray(expert_load_LxP, np.float64), 6).tolist()})
+            record = {"step": step, "pool_sizes": np.asarray(pool_sizes).tolist(),
+                      "expert_load": np.round(np.asarray(expert_load_LxP, np.float64), 6).tolist()}
+            if router_bias_LxP is not None:
+                record["router_bias"] = np.round(np.asarray(router_bias_LxP, np.float64), 6).tolist()
+            self._append(self.routing_path, record)
 
     def close(self) -> None:
         if self._tb is not None:

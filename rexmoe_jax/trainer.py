@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rexmoe_jax import losses
+from rexmoe_jax import balancing, losses
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config
 from rexmoe_jax.model import Decoder, PSRInputs, param_counts, per_layer_norms
@@ -138,6 +138,13 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
             grad_norm = optax.tree.norm(grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
+            bias_metrics = {}
+            if config.model.router_bias:  # Moved here, outside the optimizer (and its weight decay).
+                bias_LxP = balancing.router_bias(state.params, config.model) + balancing.bias_step(
+                    aux["expert_load"], aux["available"], config.loss.router_bias_rate)
+                params = balancing.with_router_bias(params, bias_LxP, config.model)
+                bias_metrics = {"router_bias": bias_LxP, "router_bias_absmax": jnp.max(jnp.abs(bias_LxP)),
+                                "layer_router_bias_absmax": jnp.max(jnp.abs(bias_LxP), axis=-1)}
             # A finite gradient can still overflow the weights: the new state must be finite too.
             param_norm = optax.tree.norm(params)
             finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
@@ -158,6 +165,7 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
                 "dropped_fraction": aux["dropped"],
                 # During PSR, balance is measured over the experts each layer could choose.
                 **metrics_lib.routing_metrics(aux["expert_load"], pool_sizes, aux["available"]),
+                **bias_metrics,
             }
         return new_state, step_metrics
 

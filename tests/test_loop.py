@@ -110,6 +110,24 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
     assert_same_run(tmp_path, uninterrupted)
 
 
+def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
+    """Auxiliary-loss-free balancing: the biases are in the checkpoint, a run stopped mid-ramp
+    resumes to the same biases and weights bit for bit, and routing.jsonl has them at evals."""
+    cfg = config("model.router_bias=true", "loss.router_bias_rate=0.01")
+    loop.run(cfg, tmp_path / "whole")
+    assert loop.run(cfg, tmp_path / "resumed", stop=StopAt(5)) == {"stopped_at": 5}
+    loop.run(cfg, tmp_path / "resumed")
+    assert metrics(tmp_path / "resumed") == metrics(tmp_path / "whole")
+    a, b = final_params(tmp_path / "resumed", cfg), final_params(tmp_path / "whole", cfg)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    bias = np.asarray(a.params["groups"]["layers"]["moe"]["router_bias"]).reshape(2, -1)  # (L, pool)
+    assert np.abs(bias).max() > 0
+    last = read_records(tmp_path / "whole" / "routing.jsonl")[-1]
+    assert last["step"] == 12
+    np.testing.assert_allclose(last["router_bias"], bias, atol=1e-6)
+
+
 def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted, capsys):
     """A crash after step 7 (no save) in the middle of writing a line: the run restarts from
     checkpoint 4, drops the torn line with a warning and the logged steps 5-7, and writes them
