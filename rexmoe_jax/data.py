@@ -4,7 +4,8 @@ Packing follows the paper: each document is tokenized on its own and followed by
 end-of-document token, documents are concatenated in an order shuffled by the seed, and the
 stream is cut into sequences of seq_len + 1 tokens (inputs and shifted targets) at a stride of
 seq_len. A held-out set of whole documents, chosen by the seed, is packed separately and never
-seen in training.
+seen in training; evaluations read sequences drawn from all of it in an order shuffled by the
+seed (eval_rows), so that a few thousand tokens sample the whole held-out set.
 
 Batches come from a grain `MapDataset`: sequences shuffled anew each epoch, repeated, cut into
 host-sized batches of which host h takes every H-th. Global batch t is therefore a pure
@@ -83,6 +84,13 @@ class PackedSequences:
         position = int(index) * self.seq_len
         return self._window(position, position + self.seq_len + 1)
 
+    def documents_of(self, index: int) -> np.ndarray:
+        """The corpus ids of the documents sequence `index` holds tokens of."""
+        position = int(index) * self.seq_len
+        first = int(np.searchsorted(self._ends, position, side="right"))
+        last = int(np.searchsorted(self._ends, position + self.seq_len, side="right"))
+        return self.order[first:min(last, len(self.order) - 1) + 1]
+
     def tail(self) -> np.ndarray | None:
         """The tokens after the last whole window (from its last token on), which the windows
         leave out: a shorter row for a consumer that must see every token; None when fewer than
@@ -113,6 +121,23 @@ def split_documents(num_documents: int, eval_fraction: float, seed: int) -> tupl
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
+def eval_rows(num_sequences: int, rows: int, seed: int) -> np.ndarray:
+    """Which held-out sequences evaluations read: the first `rows` of a permutation of all of
+    them by the seed, the same for every run of that seed whatever else it changes."""
+    return np.random.default_rng([seed, 3]).permutation(num_sequences)[:rows]
+
+
+def held_out_documents(offsets: np.ndarray, eval_fraction: float, seed: int, seq_len: int,
+                       rows: int) -> np.ndarray:
+    """The corpus ids of the documents that evaluations of a run with `seed` read, from a
+    corpus's document offsets alone (numpy only, for reports)."""
+    documents = TokenDocuments(np.zeros((0,), np.int32), np.asarray(offsets, np.int64))
+    _, held = split_documents(len(documents), eval_fraction, seed)
+    packed = pack(documents, held, seq_len, None)
+    chosen = eval_rows(len(packed), rows, seed)
+    return np.unique(np.concatenate([packed.documents_of(i) for i in chosen])) if len(chosen) else held[:0]
+
+
 def pack(documents: TokenDocuments, indices: np.ndarray, seq_len: int, seed: int | None) -> PackedSequences:
     """Packs the documents `indices`, shuffled by `seed` (in order when None)."""
     order = indices if seed is None else np.random.default_rng([seed, 2]).permutation(indices)
@@ -124,11 +149,13 @@ class Corpus:
     tokenizer: Tokenizer
     train: PackedSequences
     held_out: PackedSequences
+    seed: int  # Chose the held-out documents, shuffles training, and draws the eval rows.
 
     def eval_batches(self, batch_size: int, count: int) -> list[np.ndarray]:
-        """The first count * batch_size held-out sequences, in order (fewer if the set is small)."""
-        n = min(len(self.held_out), batch_size * count)
-        rows = [self.held_out[i] for i in range(n)]
+        """count * batch_size held-out sequences drawn by the seed from all of them (eval_rows;
+        fewer if the set is small)."""
+        chosen = eval_rows(len(self.held_out), batch_size * count, self.seed)
+        n, rows = len(chosen), [self.held_out[i] for i in chosen]
         return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)] or [
             np.stack(rows)]
 
@@ -224,7 +251,7 @@ def build_corpus(config: DataConfig, seed: int, vocab_size: int) -> Corpus:
                           f"model.vocab_size={vocab_size}; raise model.vocab_size or use another tokenizer")
     train_idx, eval_idx = split_documents(len(documents), config.eval_fraction, seed)
     corpus = Corpus(tokenizer, pack(documents, train_idx, config.seq_len, seed),
-                    pack(documents, eval_idx, config.seq_len, None))
+                    pack(documents, eval_idx, config.seq_len, None), seed)
     for name, packed in (("training", corpus.train), ("held-out", corpus.held_out)):
         if len(packed) == 0:
             raise ConfigError(f"data.seq_len={config.seq_len} is longer than the {name} data "

@@ -56,7 +56,12 @@ class Question:
     text: str
     arm: str
     against: str
-    metric: str  # One of METRICS, or "eval_loss@STEP" (the held-out loss at an eval step).
+    # One of METRICS, "eval_loss@STEP" (the held-out loss at an eval step) or "train_loss@A-B"
+    # (the mean training loss over the logged steps A to B).
+    metric: str
+    # A decision rule written before the runs: the arm passes when its paired mean difference
+    # to `against` is below this; None when the question has no rule.
+    decide_below: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,15 +168,21 @@ def _question(table: object, arms: set[str], index: int) -> Question:
     where = f"[[question]] number {index + 1}"
     if not isinstance(table, dict):
         raise StudyError(f"{where} is not a table")
-    _check_keys(table, ("text", "arm", "against", "metric"), where)
+    _check_keys(table, ("text", "arm", "against", "metric", "decide_below"), where)
+    rule = table.get("decide_below")
+    if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float))):
+        raise StudyError(f"{where}: decide_below must be a number, got {rule!r}")
     question = Question(_required(table, "text", str, where), _required(table, "arm", str, where),
-                        _required(table, "against", str, where), str(table.get("metric", "final_eval_loss")))
+                        _required(table, "against", str, where), str(table.get("metric", "final_eval_loss")),
+                        None if rule is None else float(rule))
     for name in (question.arm, question.against):
         if name not in arms:
             raise StudyError(f"{where}: no arm named {name!r}")
-    if question.metric not in METRICS and not re.fullmatch(r"eval_loss@\d+", question.metric):
-        raise StudyError(f"{where}: metric {question.metric!r} is not one of {', '.join(METRICS)} "
-                         "or eval_loss@STEP")
+    window = re.fullmatch(r"train_loss@(\d+)-(\d+)", question.metric)
+    if question.metric not in METRICS and not re.fullmatch(r"eval_loss@\d+", question.metric) and not (
+            window and int(window[1]) <= int(window[2])):
+        raise StudyError(f"{where}: metric {question.metric!r} is not one of {', '.join(METRICS)}, "
+                         "eval_loss@STEP or train_loss@FIRST-LAST")
     return question
 
 

@@ -107,6 +107,41 @@ def training_tokens(corpus: str, eval_fraction: float, seed: int) -> int | None:
     return int(lengths[train].sum())
 
 
+def document_sources(corpus: str) -> list[str] | None:
+    """The "source" of every document of a prepared corpus, in order, from the documents.jsonl
+    its meta.json names (as scripts/build_debian_corpus.py writes it); None when there is none."""
+    folder = pathlib.Path(corpus) if corpus else None
+    if folder is None or not (folder / "meta.json").is_file():
+        return None
+    source = pathlib.Path(str(json.loads((folder / "meta.json").read_text()).get("source", "")))
+    if source.suffix != ".jsonl" or not source.is_file():
+        return None
+    with open(source, encoding="utf-8") as f:
+        names = [str(json.loads(line).get("source", "")) for line in f if line.strip()]
+    return names if any(names) else None
+
+
+def held_out_coverage(corpus: str, config: dict, seed: int, sources: list[str] | None) -> dict | None:
+    """What the evaluations of a run read from a prepared corpus: the number of held-out
+    documents their sequences touch, and per source when `sources` names each document's."""
+    folder = pathlib.Path(corpus) if corpus else None
+    if folder is None or not (folder / "offsets.npy").is_file():
+        return None
+    from rexmoe_jax.data import held_out_documents  # numpy only: no jax
+
+    data, train = config["data"], config["train"]
+    offsets = np.load(folder / "offsets.npy")
+    ids = held_out_documents(offsets, data["eval_fraction"], seed, data["seq_len"],
+                             train["eval_batches"] * data["batch_size"])
+    coverage = {"documents": len(ids)}
+    if sources is not None and len(sources) == len(offsets) - 1:
+        counts: dict[str, int] = {}
+        for i in ids:
+            counts[sources[i]] = counts.get(sources[i], 0) + 1
+        coverage["documents_by_source"] = dict(sorted(counts.items()))
+    return coverage
+
+
 def _series(records: list[dict], names: tuple[str, ...]) -> dict[str, list]:
     out = {"step": [r["step"] for r in records]}
     for name in names:
@@ -160,7 +195,7 @@ def _timing(attempts: list[dict], train: list[dict], tokens_per_step: int) -> di
 
 
 def build_record(*, study: str, arm: str, seed: int, workdir: pathlib.Path, overrides: list[str],
-                 sizes: dict, corpus: dict, train_tokens: int | None) -> dict:
+                 sizes: dict, corpus: dict, train_tokens: int | None, held_out: dict | None = None) -> dict:
     """The record of the finished run in `workdir` (train.py's config.json, metrics.jsonl,
     routing.jsonl, and the runner's attempts file); `sizes` is train.py --dry-run's JSON."""
     config = json.loads((workdir / "config.json").read_text())
@@ -178,6 +213,7 @@ def build_record(*, study: str, arm: str, seed: int, workdir: pathlib.Path, over
         "tokens": {"per_step": per_step, "trained": steps * per_step, "corpus_train": train_tokens,
                    "epochs": _round(steps * per_step / train_tokens) if train_tokens else None,
                    "per_eval": eval_seqs * config["data"]["seq_len"]},
+        "held_out": held_out,
         "time": _timing(attempts, train, per_step),
         "commits": sorted({a["commit"] for a in attempts}), "dirty": any(a.get("dirty") for a in attempts),
         "cpu": attempts[-1].get("cpu", "") if attempts else "",

@@ -32,6 +32,10 @@ _METRICS = {
 
 
 def metric_value(record: dict, metric: str) -> float | None:
+    if metric.startswith("train_loss@"):
+        first, last = map(int, metric.split("@")[1].split("-"))
+        losses = [loss for step, loss in zip(record["train"]["step"], record["train"]["loss"]) if first <= step <= last]
+        return float(np.mean(losses)) if losses else None
     if metric.startswith("eval_loss@"):
         step = int(metric.split("@")[1])
         steps = record["eval"]["step"]
@@ -158,10 +162,27 @@ def _results(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     return lines + [""]
 
 
+def _describe(metric: str) -> tuple[str, str, str, str]:
+    """(what it is, unit, what "lower" means, what "higher" means) of a question's metric."""
+    if metric in _METRICS:
+        return _METRICS[metric]
+    kind, where = metric.split("@")
+    if kind == "train_loss":
+        return f"mean training loss over steps {where}", "nats", "better", "worse"
+    return f"held-out loss at step {where}", "nats", "better", "worse"
+
+
+def _rule(question, diff) -> str:
+    """The outcome of a decision rule written before the runs."""
+    if question.decide_below is None:
+        return ""
+    passed = diff.mean < question.decide_below
+    return (f" Decision rule (written before the runs): the difference must be below "
+            f"{question.decide_below:g}; it is {diff.mean:+.3f}: **{'passes' if passed else 'fails'}**.")
+
+
 def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
-    step = question.metric.split("@")[-1]
-    what, unit, lower, higher = _METRICS.get(question.metric, (f"held-out loss at step {step}", "nats", "better",
-                                                               "worse"))
+    what, unit, lower, higher = _describe(question.metric)
     diff = paired_difference(_values(found[question.arm], question.metric),
                              _values(found[question.against], question.metric))
     planned = min(len(study.arm(question.arm).seeds), len(study.arm(question.against).seeds))
@@ -173,10 +194,10 @@ def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
                f"(95% CI {diff.low:+.3f} to {diff.high:+.3f}, {diff.n} paired seeds"
                + (f" of {planned} planned)" if diff.n < planned else ")"))
     if diff.high < 0:
-        return f"**Lower ({lower})**: {numbers}."
+        return f"**Lower ({lower})**: {numbers}.{_rule(question, diff)}"
     if diff.low > 0:
-        return f"**Higher ({higher})**: {numbers}."
-    return f"**No difference resolved** at this budget: {numbers}; the interval includes zero."
+        return f"**Higher ({higher})**: {numbers}.{_rule(question, diff)}"
+    return f"**No difference resolved** at this budget: {numbers}; the interval includes zero.{_rule(question, diff)}"
 
 
 def _questions(study: Study, found) -> list[str]:

@@ -193,6 +193,7 @@ class _Recorder:
     def __init__(self, study: Study, options: Options):
         self.study, self.options = study, options
         self.corpus = study_record.corpus_identity(options.corpus)
+        self.sources = study_record.document_sources(options.corpus)
 
     def write(self, job: _Job) -> dict:
         config = json.loads((job.workdir / "config.json").read_text())
@@ -200,7 +201,8 @@ class _Recorder:
         record = study_record.build_record(study=self.study.name, arm=job.arm.name, seed=job.seed,
                                            workdir=job.workdir, overrides=job.overrides,
                                            sizes=_sizes(self.study, self.options, job), corpus=self.corpus,
-                                           train_tokens=tokens)
+                                           train_tokens=tokens, held_out=study_record.held_out_coverage(
+                                               self.options.corpus, config, job.seed, self.sources))
         study_record.write_atomic(job.record, record)
         return record
 

@@ -67,6 +67,36 @@ def sequences(n_tokens=1000, seq_len=9):
     return data.pack(d, np.arange(1), seq_len, seed=None)
 
 
+def test_documents_of_a_window_by_hand():
+    """Stream 1 2 3 0 | 4 0 | 5 6 0 at seq_len 3: window 0 (positions 0-3) is document 0's alone;
+    window 1 (positions 3-6: 0 4 0 5) touches all three."""
+    packed = data.pack(docs([1, 2, 3], [4], [5, 6]), np.asarray([2, 0, 1]), seq_len=3, seed=None)
+    # In the order 2, 0, 1 the stream is 5 6 0 | 1 2 3 0 | 4 0.
+    np.testing.assert_array_equal(packed.documents_of(0), [2, 0])
+    np.testing.assert_array_equal(packed.documents_of(1), [0])
+    np.testing.assert_array_equal(packed.documents_of(2), [0, 1])
+
+
+def test_eval_rows_sample_the_whole_held_out_set_by_seed():
+    """Evaluations read sequences from across the held-out documents, not the first rows in
+    corpus order; the same for a seed (whatever else a run changes), others for another seed.
+    Their documents, counted from the token stream position by position, are what
+    held_out_documents reports."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 60, size=300)
+    d = data.TokenDocuments.from_documents([np.full(n, 7) for n in lengths], eod_id=0)
+    train_idx, held = data.split_documents(len(d), 0.2, seed=5)
+    packed = data.pack(d, held, seq_len=8, seed=None)
+    rows = data.eval_rows(len(packed), 40, seed=5)
+    assert len(set(rows.tolist())) == 40 and rows.max() > 2 * 40  # spread over the set
+    np.testing.assert_array_equal(rows, data.eval_rows(len(packed), 40, seed=5))
+    assert not np.array_equal(rows, data.eval_rows(len(packed), 40, seed=6))
+    doc_at = np.repeat(held, d.lengths[held])  # the document of every held-out stream position
+    want = np.unique(np.concatenate([doc_at[i * 8:i * 8 + 9] for i in rows]))
+    np.testing.assert_array_equal(data.held_out_documents(d.offsets, 0.2, 5, 8, 40), want)
+    assert set(want) <= set(held.tolist()) and len(want) > 20
+
+
 def test_batches_are_a_function_of_seed_and_step():
     seqs = sequences()
     a = data.BatchIterator(seqs, batch_size=4, seed=0)

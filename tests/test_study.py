@@ -96,6 +96,13 @@ set = {{ model = {{ reuse = 2 }} }}
 text = "Does reuse lower the loss?"
 arm = "reuse"
 against = "base"
+
+[[question]]
+text = "Is the early training gap below 0.05?"
+arm = "reuse"
+against = "base"
+metric = "train_loss@1-3"
+decide_below = 0.05
 """
 
 
@@ -243,6 +250,10 @@ def test_report_from_fake_records(setup, tmp_path):
     half = 12.7062 * diffs.std(ddof=1) / math.sqrt(2)
     assert f"{diffs.mean():+.3f} nats (95% CI {diffs.mean() - half:+.3f} to {diffs.mean() + half:+.3f}" in text
     assert "**Lower (better)**" in text
+    # The fake training loss is the final loss plus 0.1 (steps - step): over steps 1-3 the paired
+    # gap is the same -0.095 as at the end, below the rule's 0.05.
+    assert ("mean training loss over steps 1-3: -0.095 nats" in text
+            and "must be below 0.05; it is -0.095: **passes**" in text)
     assert "5 of 5 planned runs are recorded." in text
     for name in ("eval_loss_core.png", "eval_loss_other.png", "eval_loss_vs_baseline.png", "expert_load.png",
                  "routing.png"):
@@ -282,6 +293,8 @@ def test_a_record_made_with_other_settings_stops_the_runner(setup):
     (("against = \"base\"", "against = \"nobody\""), "no arm named 'nobody'"),
     (("name = \"reuse\"", "name = \"base\""), "arm 'base' is defined twice"),
     (("steps = 6", "steps = 6\nsteps = 7"), "not valid TOML"),
+    (("train_loss@1-3", "train_loss@3-1"), "metric 'train_loss@3-1' is not one of"),
+    (("decide_below = 0.05", "decide_below = \"low\""), "decide_below must be a number"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
     path = tmp_path / "bad.toml"
@@ -300,7 +313,36 @@ def test_the_runner_needs_the_corpus_the_study_names(tmp_path, capsys):
     assert "pass --corpus DIR" in capsys.readouterr().err
 
 
-def test_the_shipped_study_file_is_valid():
-    for path in (ROOT / "studies").glob("*.toml"):
+def test_the_shipped_study_files_are_valid():
+    paths = sorted((ROOT / "studies").glob("*.toml"))
+    assert len(paths) >= 2
+    for path in paths:
         spec = study.load_study(path)
-        assert spec.steps >= 2500 and {"core", "reviewers"} <= {a.group for a in spec.arms}
+        assert spec.steps >= 2500 and "core" in {a.group for a in spec.arms}
+
+
+def test_held_out_coverage_counts_documents_per_source(tmp_path):
+    """Documents of 50 tokens from three sources; a window of 17 tokens at a stride of 16 spans
+    one or two documents. The coverage counts, by source, the held-out documents that the rows
+    evaluations read touch, counted here position by position."""
+    lengths = np.full(60, 50)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    np.save(tmp_path / "offsets.npy", offsets)
+    names = ["man", "perl", "python"]
+    (tmp_path / "documents.jsonl").write_text("".join(json.dumps({"text": "x", "source": names[i % 3]}) + "\n"
+                                                      for i in range(60)))
+    (tmp_path / "meta.json").write_text(json.dumps({"source": str(tmp_path / "documents.jsonl")}))
+    config = {"data": {"eval_fraction": 0.25, "seq_len": 16, "batch_size": 2}, "train": {"eval_batches": 3}}
+    sources = study_record.document_sources(str(tmp_path))
+    coverage = study_record.held_out_coverage(str(tmp_path), config, 4, sources)
+
+    from rexmoe_jax.data import eval_rows, split_documents
+
+    _, held = split_documents(60, 0.25, 4)
+    doc_at = np.repeat(held, 50)
+    rows = eval_rows((len(doc_at) - 1) // 16, 6, 4)
+    touched = sorted({int(d) for i in rows for d in doc_at[i * 16:i * 16 + 17]})
+    counts = {name: sum(names[d % 3] == name for d in touched) for name in names}
+    assert coverage == {"documents": len(touched),
+                        "documents_by_source": {k: v for k, v in counts.items() if v}}
+    assert study_record.held_out_coverage("", config, 4, sources) is None
