@@ -77,6 +77,7 @@ class Study:
     arms: tuple[Arm, ...]
     questions: tuple[Question, ...]
     heatmaps: tuple[str, ...]  # Arms whose final expert loads the report draws.
+    limits: str = ""  # What this study's scale cannot say, for the report.
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -211,7 +212,7 @@ def load_study(path: str | pathlib.Path) -> Study:
     except tomllib.TOMLDecodeError as err:
         raise StudyError(f"not valid TOML ({err})") from None
     _check_keys(raw, ("name", "title", "preset", "corpus", "baseline", "seeds", "budget", "base", "arm",
-                      "question", "heatmaps"), "top level")
+                      "question", "heatmaps", "limits"), "top level")
     name = _required(raw, "name", str, "top level")
     if not _NAME.fullmatch(name):
         raise StudyError("name may hold letters, digits, '.', '_' and '-' (it names folders)")
@@ -231,7 +232,7 @@ def load_study(path: str | pathlib.Path) -> Study:
     questions = tuple(_question(t, set(names), i) for i, t in enumerate(raw.get("question", [])))
     study = Study(name, str(raw.get("title", name)), path, ROOT / _required(raw, "preset", str, "top level"),
                   str(raw.get("corpus", "")), baseline, budget + _override_list(raw.get("base", {}), "[base]"),
-                  steps, arms, questions, tuple(raw.get("heatmaps", [])))
+                  steps, arms, questions, tuple(raw.get("heatmaps", [])), str(raw.get("limits", "")).strip())
     _check_configs(study)
     return study
 
@@ -253,8 +254,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--cores", default="", help="cores to use, e.g. 1 or 0-3 (default: all this process may use)")
     run.add_argument("--dry-run", action="store_true", help="print the queue and exit")
     report = commands.add_parser("report", help="write docs/reproduction.md and its figures from the records")
-    report.add_argument("study", help="the study file (TOML)")
-    report.add_argument("--results", default=None, help="records folder (default: studies/results/<study>)")
+    report.add_argument("study", nargs="+", help="the study file(s) (TOML); several make one section each")
+    report.add_argument("--results", default=None,
+                        help="records folder (default: studies/results/<study>; one study only)")
     report.add_argument("--output", default=str(ROOT / "docs" / "reproduction.md"),
                         help="the Markdown file; figures go to a folder of the same stem beside it")
     return parser.parse_args(argv)
@@ -266,20 +268,26 @@ def results_folder(study: Study, given: str | None) -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
+    paths = args.study if args.command == "report" else [args.study]
+    studies = []
+    for path in paths:
+        try:
+            studies.append(load_study(path))
+        except StudyError as err:
+            print(f"error: study file {path}: {err}", file=sys.stderr)
+            return 2
     try:
-        study = load_study(args.study)
-    except StudyError as err:
-        print(f"error: study file {args.study}: {err}", file=sys.stderr)
-        return 2
-    try:
-        results = results_folder(study, args.results)
         if args.command == "report":
             from rexmoe_jax import study_report
 
-            return study_report.write_report(study, results, pathlib.Path(args.output))
+            if args.results and len(studies) > 1:
+                raise StudyError("--results names one study's records; leave it out with several study files")
+            return study_report.write_report([(s, results_folder(s, args.results)) for s in studies],
+                                             pathlib.Path(args.output))
         from rexmoe_jax import study_runner
 
-        return study_runner.run(study, study_runner.Options.from_args(args, study, results))
+        study = studies[0]
+        return study_runner.run(study, study_runner.Options.from_args(args, study, results_folder(study, args.results)))
     except StudyError as err:  # Options, or records that do not belong to the study.
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -72,8 +72,15 @@ def loss_curves(study: Study, found: dict, group: str, path: pathlib.Path) -> bo
     return True
 
 
-def differences(study: Study, found: dict, path: pathlib.Path) -> bool:
-    """Per arm, its held-out loss minus the baseline's on the same seed, over training."""
+def _smooth(values: list[float], width: int) -> list[float]:
+    """Trailing mean over up to `width` points: single logged training steps are noisy."""
+    return [float(np.mean(values[max(0, i - width + 1):i + 1])) for i in range(len(values))]
+
+
+def differences(study: Study, found: dict, path: pathlib.Path, kind: str = "eval") -> bool:
+    """Per arm, its loss minus the baseline's on the same seed, over training: the held-out loss
+    (kind "eval"), or the training loss (kind "train"), smoothed over 8 logged steps."""
+    series, key = ("eval", "eval_loss") if kind == "eval" else ("train", "loss")
     base = found[study.baseline]
     arms = [a.name for a in study.arms if a.name != study.baseline and set(found[a.name]) & set(base)]
     if not arms:
@@ -85,16 +92,18 @@ def differences(study: Study, found: dict, path: pathlib.Path) -> bool:
         for arm in (a for a in arms if study.arm(a).group == group):
             pairs = []
             for seed in sorted(set(found[arm]) & set(base)):
-                mine, theirs = found[arm][seed]["eval"], base[seed]["eval"]
-                other = dict(zip(theirs["step"], theirs["eval_loss"]))
+                mine, theirs = found[arm][seed][series], base[seed][series]
+                other = dict(zip(theirs["step"], theirs[key]))
                 steps = [s for s in mine["step"] if s in other and s >= 0.1 * study.steps]
-                pairs.append((steps, [dict(zip(mine["step"], mine["eval_loss"]))[s] - other[s] for s in steps]))
+                diff = [dict(zip(mine["step"], mine[key]))[s] - other[s] for s in steps]
+                pairs.append((steps, _smooth(diff, 8) if kind == "train" else diff))
             steps, mean, low, high = _band(pairs)
             ax.plot(steps, mean, color=_color(study, arm), label=f"{arm} (n = {len(pairs)})")
             ax.fill_between(steps, low, high, color=_color(study, arm), alpha=0.2, lw=0)
         ax.axhline(0.0, color="black", lw=0.8)
         _schedule_lines(ax, next(iter(base.values())))
-        ax.set(ylabel="minus baseline (nats)", title=f"{group} arms minus {study.baseline}, paired by seed")
+        what = "held-out" if kind == "eval" else "training"
+        ax.set(ylabel="minus baseline (nats)", title=f"{group} arms minus {study.baseline}, {what} loss, paired by seed")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("step (dotted: t_s and t_e)")
@@ -159,6 +168,10 @@ def draw_all(study: Study, found: dict, folder: pathlib.Path) -> list[tuple[str,
         caption = (f"Held-out loss minus {study.baseline} on the same seed, over training (mean, 95% band); "
                    "dotted lines at t_s and t_e.")
         drawn.append(("eval_loss_vs_baseline.png", caption))
+    if differences(study, found, folder / "train_loss_vs_baseline.png", kind="train"):
+        caption = (f"Training loss minus {study.baseline} on the same seed (each seed smoothed over 8 logged "
+                   "steps; mean, 95% band); dotted lines at t_s and t_e.")
+        drawn.append(("train_loss_vs_baseline.png", caption))
     if expert_loads(study, found, folder / "expert_load.png"):
         drawn.append(("expert_load.png", "Final expert loads over each layer's pool as LBV (0: even; -1: idle)."))
     if routing(study, found, folder / "routing.png"):

@@ -1,4 +1,5 @@
-"""docs/reproduction.md from a study's records: intervals, paired differences, verdicts.
+"""docs/reproduction.md from the records of one or more studies (a section each): intervals,
+paired differences, gaps to the baseline over training, verdicts and decision rules.
 
 Every number is a mean over seeds with a 95% Student-t interval, and every comparison is
 paired: arm minus the other arm on the same seed, which shares its data order, held-out set and
@@ -162,6 +163,65 @@ def _results(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     return lines + [""]
 
 
+def _gap_points(record: dict) -> list[tuple[str, int]]:
+    """(label, step) of t_s, t_e (when the run has PSR) and the end."""
+    psr, steps = record["config"]["psr"], record["config"]["train"]["steps"]
+    points = [("t_s", psr["start_step"]), ("t_e", psr["end_step"])] if psr["schedule"] != "none" else []
+    return [(label, step) for label, step in points if 0 < step < steps] + [("end", steps)]
+
+
+def _gaps(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
+    """Paired differences to the baseline at t_s, t_e and the end: the training loss averaged
+    over the logged steps of the 200 before each point, and the held-out loss there."""
+    base = found[study.baseline]
+    arms = [a for a in study.arms if a.name != study.baseline and found[a.name]]
+    if not base or not arms:
+        return []
+    points = max((_gap_points(r) for arm in arms for r in found[arm.name].values()), key=len)
+    header = " | ".join(f"{kind} at {label} ({step:,})" for kind in ("training", "held-out") for label, step in points)
+    lines = ["## Gap to the baseline over training", "",
+             (f"Each arm minus `{study.baseline}` on the same seeds, mean with 95% interval: the training loss "
+              "averaged over the logged steps of the 200 before each point (single logged steps are noisy), and "
+              "the held-out loss at the evaluation there. Positive: the arm trails the baseline."), "",
+             f"| arm | {header} |", "|---|" + "---|" * (2 * len(points))]
+    base_values = {}
+    for arm in arms:
+        cells = []
+        for kind in ("train", "eval"):
+            for _, step in points:
+                metric = f"train_loss@{max(step - 199, 0)}-{step}" if kind == "train" else f"eval_loss@{step}"
+                if metric not in base_values:
+                    base_values[metric] = _values(base, metric)
+                mine = {k: v for k, v in _values(found[arm.name], metric).items() if v is not None}
+                diff = paired_difference(mine, {k: v for k, v in base_values[metric].items() if v is not None})
+                cells.append(diff.text(signed=True) if diff else "-")
+        lines.append(f"| `{arm.name}` | {' | '.join(cells)} |")
+    return lines + [""]
+
+
+def _coverage(found: dict[str, dict[int, dict]]) -> list[str]:
+    """What the held-out evaluations read, per seed (the same for every arm of a seed)."""
+    by_seed = {}
+    for runs in found.values():
+        for seed, record in runs.items():
+            if record.get("held_out"):
+                by_seed.setdefault(seed, (record["held_out"], record["tokens"]["per_eval"]))
+    if not by_seed:
+        return []
+    lines = ["## The held-out set", "",
+             ("Sequences drawn by the seed from all held-out documents (never seen in training), the same for "
+              "every arm of a seed. Documents they touch, in all and per source:"), "",
+             "| seed | tokens | documents | per source |", "|---|---|---|---|"]
+    for seed, (coverage, tokens) in sorted(by_seed.items()):
+        sources = ", ".join(f"{name} {n}" for name, n in coverage.get("documents_by_source", {}).items()) or "-"
+        lines.append(f"| {seed} | {tokens:,} | {coverage['documents']} | {sources} |")
+    return lines + [""]
+
+
+def _limits(study: Study) -> list[str]:
+    return ["## What this scale cannot say", "", study.limits, ""] if study.limits else []
+
+
 def _describe(metric: str) -> tuple[str, str, str, str]:
     """(what it is, unit, what "lower" means, what "higher" means) of a question's metric."""
     if metric in _METRICS:
@@ -241,22 +301,42 @@ def _closing(study: Study, found) -> list[str]:
     return ["## Closing note", "", line, verdict(study, found, question), ""]
 
 
-def write_report(study: Study, results: pathlib.Path, output: pathlib.Path) -> int:
-    """Writes the report and its figures; returns 0 (partial results are reported as such)."""
+def _study_lines(study: Study, results: pathlib.Path, output: pathlib.Path, figures: pathlib.Path) -> list[str]:
+    """One study's report, headings from level 1, with its figures drawn into `figures`."""
     found = load_records(study, results)
-    figures = output.with_suffix("")
     figures.mkdir(parents=True, exist_ok=True)
     pictures = study_figures.draw_all(study, found, figures) if any(found.values()) else []
-    source = os.path.relpath(study.path.resolve(), output.parent.parent.resolve())
+    root = output.parent.parent.resolve()
+    source = os.path.relpath(study.path.resolve(), root)
     lines = [f"# Reproduction study: {study.title}", "",
-             (f"Written by `python -m rexmoe_jax.study report {source}` from the records in "
-              f"`{os.path.relpath(results.resolve(), output.parent.parent.resolve())}`; regenerate it rather than "
-              "edit it."), "",
-             *_status(study, found), *_setup(study, found), *_results(study, found), *_questions(study, found),
-             *_routing(study, found), "## Figures", ""]
+             (f"From `{source}` and the records in `{os.path.relpath(results.resolve(), root)}`."), "",
+             *_status(study, found), *_setup(study, found), *_coverage(found), *_results(study, found),
+             *_gaps(study, found), *_questions(study, found), *_routing(study, found), "## Figures", ""]
+    folder = os.path.relpath(figures, output.parent)
     for name, caption in pictures:
-        lines += [f"![{caption}]({figures.name}/{name})", "", f"*{caption}*", ""]
-    lines += _closing(study, found)
+        lines += [f"![{caption}]({folder}/{name})", "", f"*{caption}*", ""]
+    return lines + _limits(study) + _closing(study, found)
+
+
+def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path) -> int:
+    """Writes the report of (study, records folder) pairs and their figures; several studies
+    become one section each. Returns 0 (partial results are reported as such)."""
+    figures = output.with_suffix("")
+    root = output.parent.parent.resolve()
+    command = " ".join(os.path.relpath(study.path.resolve(), root) for study, _ in studies)
+    regenerate = (f"Written by `python -m rexmoe_jax.study report {command}"
+                  + (f" --output {os.path.relpath(output.resolve(), root)}`" if output.name != "reproduction.md"
+                     or output.parent.name != "docs" else "`") + "; regenerate it rather than edit it.")
+    if len(studies) == 1:
+        study, results = studies[0]
+        lines = _study_lines(study, results, output, figures)
+        lines[2:2] = [regenerate, ""]
+    else:
+        lines = [f"# Reproduction studies: {', '.join(study.title for study, _ in studies)}", "", regenerate, ""]
+        for study, results in studies:
+            # One level down: the studies are sections of this document.
+            lines += [("#" + line) if line.startswith("#") else line
+                      for line in _study_lines(study, results, output, figures / study.name)]
     output.write_text("\n".join(lines).rstrip() + "\n")
-    print(f"wrote {output} and {len(pictures)} figure(s) in {figures}")
+    print(f"wrote {output} and its figures in {figures}")
     return 0

@@ -72,6 +72,7 @@ preset = "configs/tiny.py"
 baseline = "base"
 seeds = [0, 1, 2]
 heatmaps = ["base", "reuse"]
+limits = "Six steps of a fake trainer say nothing."
 
 [budget]
 steps = {steps}
@@ -243,7 +244,7 @@ def test_report_from_fake_records(setup, tmp_path):
     spec, options = setup()
     assert study_runner.run(spec, options) == 0
     output = tmp_path / "docs" / "reproduction.md"
-    assert study_report.write_report(spec, options.results, output) == 0
+    assert study_report.write_report([(spec, options.results)], output) == 0
     text = output.read_text()
     # reuse minus base on seeds 0 and 1: -0.1 and -0.09.
     diffs = np.array([_final_loss(2, s) - _final_loss(1, s) for s in (0, 1)])
@@ -255,9 +256,34 @@ def test_report_from_fake_records(setup, tmp_path):
     assert ("mean training loss over steps 1-3: -0.095 nats" in text
             and "must be below 0.05; it is -0.095: **passes**" in text)
     assert "5 of 5 planned runs are recorded." in text
+    # The gap table: only the end (the preset's t_s = 60 lies past the 6 steps), training loss
+    # over steps 1-6 and held-out loss at 6, both -0.095 on average.
+    assert "| arm | training at end (6) | held-out at end (6) |" in text
+    assert text.count(f"| `reuse` | {diffs.mean():+.3f} ") == 1
+    assert "## What this scale cannot say\n\nSix steps of a fake trainer say nothing." in text
     for name in ("eval_loss_core.png", "eval_loss_other.png", "eval_loss_vs_baseline.png", "expert_load.png",
                  "routing.png"):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_one_report_of_several_studies(setup, tmp_path, monkeypatch):
+    """Two studies make one document: a section each, headings one level down, figures in a
+    folder per study, and the one command that regenerates it."""
+    spec, options = setup()
+    assert study_runner.run(spec, options) == 0
+    other = tmp_path / "other.toml"
+    other.write_text(spec.path.read_text().replace('name = "unit"', 'name = "other"'))
+    second = study.load_study(other)
+    (tmp_path / "results_other").symlink_to(options.results)
+    output = tmp_path / "docs" / "reproduction.md"
+    study_report.write_report([(spec, options.results), (second, tmp_path / "results_other")], output)
+    text = output.read_text()
+    assert text.startswith("# Reproduction studies: unit, other")
+    assert text.count("\n## Reproduction study: ") == 2 and "\n### Gap to the baseline over training" in text
+    assert "report unit.toml other.toml`" in text
+    for name in ("unit", "other"):
+        assert (tmp_path / "docs" / "reproduction" / name / "expert_load.png").is_file()
+        assert f"](reproduction/{name}/expert_load.png)" in text
 
 
 def test_report_flags_missing_runs_and_arms(setup, tmp_path, monkeypatch):
@@ -268,7 +294,7 @@ def test_report_flags_missing_runs_and_arms(setup, tmp_path, monkeypatch):
     (options.results / "base" / "seed2.json").unlink()
     monkeypatch.setattr(study_report.study_figures, "draw_all", lambda *_: [])  # drawn in the test above
     output = tmp_path / "reproduction.md"
-    study_report.write_report(spec, options.results, output)
+    study_report.write_report([(spec, options.results)], output)
     text = output.read_text()
     assert "2 of 5 planned runs are recorded." in text
     assert "Missing: `base` seed 2; `reuse` seeds 0, 1." in text
