@@ -60,8 +60,10 @@ class Question:
     # (the mean training loss over the logged steps A to B).
     metric: str
     # A decision rule written before the runs: the arm passes when its paired mean difference
-    # to `against` is below this; None when the question has no rule.
+    # to `against` is below this (decide_below), or the whole 95% interval is (interval_below);
+    # None when the question has no such rule.
     decide_below: float | None = None
+    interval_below: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +171,16 @@ def _question(table: object, arms: set[str], index: int) -> Question:
     where = f"[[question]] number {index + 1}"
     if not isinstance(table, dict):
         raise StudyError(f"{where} is not a table")
-    _check_keys(table, ("text", "arm", "against", "metric", "decide_below"), where)
-    rule = table.get("decide_below")
-    if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float))):
-        raise StudyError(f"{where}: decide_below must be a number, got {rule!r}")
+    _check_keys(table, ("text", "arm", "against", "metric", "decide_below", "interval_below"), where)
+    rules = {}
+    for key in ("decide_below", "interval_below"):
+        rule = table.get(key)
+        if rule is not None and (isinstance(rule, bool) or not isinstance(rule, (int, float))):
+            raise StudyError(f"{where}: {key} must be a number, got {rule!r}")
+        rules[key] = None if rule is None else float(rule)
     question = Question(_required(table, "text", str, where), _required(table, "arm", str, where),
                         _required(table, "against", str, where), str(table.get("metric", "final_eval_loss")),
-                        None if rule is None else float(rule))
+                        **rules)
     for name in (question.arm, question.against):
         if name not in arms:
             raise StudyError(f"{where}: no arm named {name!r}")
@@ -252,6 +257,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--parallel", type=int, default=1, help="trainings at once (default 1)")
     run.add_argument("--cores-per-run", type=int, default=1, help="cores pinned to each training (default 1)")
     run.add_argument("--cores", default="", help="cores to use, e.g. 1 or 0-3 (default: all this process may use)")
+    run.add_argument("--arms", default="", help="only these arms this sitting, e.g. r1,upper-r4 (default: all)")
     run.add_argument("--dry-run", action="store_true", help="print the queue and exit")
     report = commands.add_parser("report", help="write docs/reproduction.md and its figures from the records")
     report.add_argument("study", nargs="+", help="the study file(s) (TOML); several make one section each")

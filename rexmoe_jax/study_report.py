@@ -233,12 +233,18 @@ def _describe(metric: str) -> tuple[str, str, str, str]:
 
 
 def _rule(question, diff) -> str:
-    """The outcome of a decision rule written before the runs."""
-    if question.decide_below is None:
-        return ""
-    passed = diff.mean < question.decide_below
-    return (f" Decision rule (written before the runs): the difference must be below "
-            f"{question.decide_below:g}; it is {diff.mean:+.3f}: **{'passes' if passed else 'fails'}**.")
+    """The outcome of the decision rules written before the runs."""
+    text = ""
+    if question.decide_below is not None:
+        passed = diff.mean < question.decide_below
+        text += (f" Decision rule (written before the runs): the difference must be below "
+                 f"{question.decide_below:g}; it is {diff.mean:+.3f}: **{'passes' if passed else 'fails'}**.")
+    if question.interval_below is not None:
+        passed = diff.high < question.interval_below
+        text += (f" Decision rule (written before the runs): the whole interval must lie below "
+                 f"{question.interval_below:g}; its upper end is {diff.high:+.3f}: "
+                 f"**{'passes' if passed else 'fails'}**.")
+    return text
 
 
 def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:

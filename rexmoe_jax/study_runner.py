@@ -50,6 +50,7 @@ class Options:
     results: pathlib.Path
     slots: tuple[tuple[int, ...], ...]  # The cores of each concurrent training.
     dry_run: bool = False
+    arms: tuple[str, ...] = ()  # Only these arms this sitting (a gate before the rest); () means all.
     train_script: pathlib.Path = TRAIN_SCRIPT  # Tests substitute a fake trainer.
     poll_seconds: float = 2.0
     progress_seconds: float = 300.0
@@ -69,7 +70,13 @@ class Options:
                              f"cores; {len(cores)} available ({','.join(map(str, cores))})")
         slots = tuple(cores[i * args.cores_per_run:(i + 1) * args.cores_per_run] for i in range(args.parallel))
         corpus = str(pathlib.Path(args.corpus).resolve()) if args.corpus else ""
-        return cls(corpus, pathlib.Path(args.runs).resolve() / study.name, results.resolve(), slots, args.dry_run)
+        arms = tuple(name for name in args.arms.split(",") if name) if args.arms else ()
+        unknown = [name for name in arms if name not in {a.name for a in study.arms}]
+        if unknown:
+            raise StudyError(f"--arms: no arm named {unknown[0]!r}; the study's arms: "
+                             f"{', '.join(a.name for a in study.arms)}")
+        return cls(corpus, pathlib.Path(args.runs).resolve() / study.name, results.resolve(), slots, args.dry_run,
+                   arms=arms)
 
 
 @dataclasses.dataclass
@@ -293,8 +300,10 @@ def run(study: Study, options: Options) -> int:
     jobs = _plan(study, options)
     recorder = _Recorder(study, options)
     _check_existing(jobs, recorder.corpus)
-    pending = [job for job in jobs if not job.record.is_file()]
-    _say(f"study {study.name}: {len(jobs)} runs, {len(jobs) - len(pending)} recorded, {len(pending)} to go; "
+    pending = [job for job in jobs if not job.record.is_file() and (not options.arms or job.arm.name in options.arms)]
+    recorded = sum(job.record.is_file() for job in jobs)
+    only = f" (arms {', '.join(options.arms)} only)" if options.arms else ""
+    _say(f"study {study.name}: {len(jobs)} runs, {recorded} recorded, {len(pending)} to go{only}; "
          f"{len(options.slots)} at once on cores {' | '.join(','.join(map(str, s)) for s in options.slots)}; "
          f"records in {options.results}")
     for job in pending:

@@ -104,6 +104,12 @@ arm = "reuse"
 against = "base"
 metric = "train_loss@1-3"
 decide_below = 0.05
+
+[[question]]
+text = "Is reuse better by a resolved margin?"
+arm = "reuse"
+against = "base"
+interval_below = -0.2
 """
 
 
@@ -171,6 +177,20 @@ def test_skips_recorded_runs_resumes_unfinished_and_pins(setup, capsys):
     # A second sitting finds everything recorded and starts nothing.
     assert study_runner.run(spec, options) == 0
     assert len(_calls(options, "base", 1)) == 1
+
+
+def test_arms_option_runs_only_the_named_arms(setup, capsys):
+    """A gate before the rest: --arms base trains base's three seeds and leaves reuse alone;
+    the next sitting without it trains the rest."""
+    import dataclasses
+
+    spec, options = setup()
+    assert study_runner.run(spec, dataclasses.replace(options, arms=("base",))) == 0
+    assert sorted(p.name for p in (options.results / "base").iterdir()) == ["seed0.json", "seed1.json", "seed2.json"]
+    assert not (options.results / "reuse").exists()
+    assert "3 to go (arms base only)" in capsys.readouterr().out
+    assert study_runner.run(spec, options) == 0
+    assert len(list((options.results / "reuse").iterdir())) == 2
 
 
 def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monkeypatch):
@@ -255,6 +275,7 @@ def test_report_from_fake_records(setup, tmp_path):
     # gap is the same -0.095 as at the end, below the rule's 0.05.
     assert ("mean training loss over steps 1-3: -0.095 nats" in text
             and "must be below 0.05; it is -0.095: **passes**" in text)
+    assert f"whole interval must lie below -0.2; its upper end is {diffs.mean() + half:+.3f}: **fails**" in text
     assert "5 of 5 planned runs are recorded." in text
     # The gap table: only the end (the preset's t_s = 60 lies past the 6 steps), training loss
     # over steps 1-6 and held-out loss at 6, both -0.095 on average.
