@@ -70,7 +70,6 @@ def main(argv=None) -> None:
     parser.add_argument("--small", action="store_true", help="tiny dimensions, for a CPU")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    peak = metrics.device_peak_flops(jax.devices()[0])
     ceiling = None  # measured once, in the first config's compute dtype
     rows = []
     for preset in args.presets:
@@ -81,6 +80,7 @@ def main(argv=None) -> None:
             if ceiling is None:
                 dtype = jnp.dtype(config.compute.dtype)
                 ceiling = ceilings(args.small, iters=max(args.steps, 3), matmul_dtype=dtype)["matmul_flops"]
+            peak = metrics.device_peak_flops(jax.devices()[0], config.compute.dtype)
             seconds = measure(config, args.steps)
             tokens[variant] = config.tokens_per_step / seconds
             active = trainer.summary(config)["params_active"]

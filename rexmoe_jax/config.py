@@ -15,6 +15,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import re
 import sys
 import typing
 from typing import Literal
@@ -286,6 +287,7 @@ class MeshConfig(_Section):
 
 
 NonFinite = Literal["stop", "skip"]
+TRACKERS = ("jsonl", "tensorboard", "wandb")  # jsonl (metrics.jsonl) is always on.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,9 +304,37 @@ class TrainConfig(_Section):
     nonfinite: NonFinite = "stop"  # A non-finite loss or gradient: stop, or skip that update.
     sample_tokens: int = 48  # Tokens generated at the end of training; 0 skips the sample.
     sample_prompt: str = "And God said"
+    # Where metrics go besides metrics.jsonl (always written): "tensorboard", "wandb", comma-
+    # separated; "" means TensorBoard when tensorboardX is installed.
+    tracker: str = ""
+    run_name: str = ""  # The tracker's name for the run; "" means the workdir's name.
+    project: str = "rexmoe-jax"  # The W&B project.
+    tags: str = ""  # W&B tags, comma-separated.
+    peak_flops: float = 0.0  # A device's peak FLOP/s for MFU where its kind is unknown; 0: the table's.
+    profile_steps: str = ""  # "A,B": a jax.profiler trace of steps A to B in WORKDIR/profile.
+    profile_process: int = 0  # The process that traces; -1 means every process.
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        return tuple(name for name in self.tracker.split(",") if name)
+
+    @property
+    def profile_window(self) -> tuple[int, int] | None:
+        if not self.profile_steps:
+            return None
+        first, last = self.profile_steps.split(",")
+        return int(first), int(last)
 
     def __post_init__(self):
         _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        unknown = [name for name in self.trackers if name not in TRACKERS]
+        _require(not unknown, f"train.tracker: unknown tracker {unknown[0] if unknown else ''!r}; "
+                              f"choose from {', '.join(TRACKERS)}, comma-separated")
+        _require(self.peak_flops >= 0, "train.peak_flops must be >= 0")
+        window = re.fullmatch(r"(\d+),(\d+)", self.profile_steps)
+        _require(not self.profile_steps or (window is not None and 1 <= int(window[1]) <= int(window[2])),
+                 f"train.profile_steps={self.profile_steps!r} must be FIRST,LAST steps with 1 <= FIRST <= LAST")
+        _require(self.profile_process >= -1, "train.profile_process must be a process index or -1 (all)")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.eval_every >= 1, "train.eval_every must be >= 1")
         _require(self.eval_batches >= 1, "train.eval_batches must be >= 1")

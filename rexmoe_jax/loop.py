@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax import data as data_lib
-from rexmoe_jax import distributed, sharding, trainer
+from rexmoe_jax import distributed, sharding, trackers, trainer
+from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax import generate as generate_lib
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, MeshConfig
@@ -25,6 +26,8 @@ from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
 from rexmoe_jax.workdir import WriteError, failure_reason, locked
 
+# Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
+TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
 # Per-step values kept out of metrics.jsonl: the (L, pool) loads and router biases go to
 # routing.jsonl at evals.
 _NOT_LOGGED = ("expert_load", "router_bias", "finite")
@@ -66,14 +69,50 @@ def _first_nonfinite(record: dict) -> str:
 
 
 class _Throughput:
-    def __init__(self, step: int, tokens_per_step: int):
-        self.step, self.time, self.tokens_per_step = step, time.perf_counter(), tokens_per_step
+    """Tokens per second since the last log line, and the model FLOPs that makes per device:
+    TFLOP/s and MFU against the device's peak for the compute dtype (metrics.device_peak_flops,
+    or train.peak_flops; MFU is null where neither knows it, as on a CPU)."""
 
-    def __call__(self, step: int) -> float:
+    def __init__(self, step: int, config: Config, mesh):
+        self.step, self.time, self.tokens_per_step = step, time.perf_counter(), config.tokens_per_step
+        active = trainer.summary(config)["params_active"]
+        self.flops_per_token = metrics_lib.flops_per_token(config.model, config.data.seq_len, active)
+        self.devices = int(mesh.devices.size)
+        self.peak = config.train.peak_flops or metrics_lib.device_peak_flops(mesh.devices.flat[0],
+                                                                             config.compute.dtype)
+
+    def __call__(self, step: int) -> dict[str, float | None]:
         now = time.perf_counter()
         rate = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
         self.step, self.time = step, now
-        return rate
+        tflops, mfu = metrics_lib.utilisation(self.flops_per_token, rate, self.devices, self.peak)
+        return {"tokens_per_sec": rate, "tflops_per_device": tflops, "mfu": mfu}
+
+
+class _Profiler:
+    """A jax.profiler trace of the steps train.profile_steps names, into WORKDIR/profile, on
+    train.profile_process (-1: every process). Steps are asynchronous: the trace stops once
+    the last step's state is ready."""
+
+    def __init__(self, config: Config, workdir: pathlib.Path):
+        process = config.train.profile_process
+        self.window = config.train.profile_window if process in (-1, jax.process_index()) else None
+        self.folder, self.active = workdir / "profile", False
+
+    def before(self, step: int) -> None:
+        if self.window and not self.active and self.window[0] <= step <= self.window[1]:
+            jax.profiler.start_trace(str(self.folder))
+            self.active = True
+
+    def after(self, step: int, state) -> None:
+        if self.active and step >= self.window[1]:
+            self.stop(state)
+
+    def stop(self, state) -> None:
+        if self.active:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
 
 
 @dataclasses.dataclass
@@ -114,6 +153,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
     """Checks the inputs, then builds or restores the state; raises ConfigError on bad input.
     A stop request is honoured between the slow parts, before anything is compiled or written."""
     _check_stop(stop)
+    trackers.check_installed(config.train)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate(config, mesh)
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
@@ -196,13 +236,13 @@ def _write_evaluation(log: RunLog, bar, evaluation: dict, load: np.ndarray, pool
 def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, dict | None]:
     """Steps from s.start to the end or a stop request; returns (last step, last evaluation)."""
     cfg, total = s.config.train, s.config.train.steps
-    log, bar = RunLog(workdir, s.start), _progress(total, s.start)
-    throughput = _Throughput(s.start, s.config.tokens_per_step)
+    log, bar = RunLog(workdir, s.start, s.config), _progress(total, s.start)
+    throughput, profiler = _Throughput(s.start, s.config, s.mesh), _Profiler(s.config, workdir)
     pool_sizes = layer_pool_sizes(s.config.model)
 
     def write_train(step, metrics):
         record = to_host({k: v for k, v in metrics.items() if k not in _NOT_LOGGED})
-        record = {"step": step, **record, "tokens_per_sec": throughput(step)}
+        record = {"step": step, **record, **throughput(step)}
         finite = bool(metrics["finite"]) and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
         log.write(record)
         if not finite:
@@ -217,8 +257,10 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     pending, last_eval, step = None, None, s.start
     try:
         for step in range(s.start + 1, total + 1):
+            profiler.before(step)
             with sharding.activate(s.mesh):
                 s.state, metrics = s.train_step(s.state, sharding.put_batch(next(s.batches), s.mesh))
+            profiler.after(step, s.state)
             s.checkpointer.check()  # A save that failed in the background stops the run here.
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
@@ -250,6 +292,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     except WriteError as err:
         raise WriteError(f"{err}; {_intact(s.checkpointer.settle())}") from None
     finally:
+        profiler.stop(s.state)
         bar.close()
         s.checkpointer.close()
         log.close()

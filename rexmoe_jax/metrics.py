@@ -65,17 +65,38 @@ def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> fl
     return 6.0 * (params_active + head) + attention
 
 
-# Dense bf16 peak FLOP/s of one device, by jax's device_kind; MFU is reported only for these.
+# Dense (not 2:4-sparse) peak FLOP/s of one device by jax's device_kind, for bfloat16 and for
+# float32 matmuls. Sources: Google Cloud TPU system-architecture pages (v4 275, v5e 197, v5p 459,
+# v6e 918 bf16 TFLOP/s per chip); NVIDIA datasheets (A100 312 bf16 / 156 TF32; H100 SXM and H200
+# 989 / 495; H100 PCIe 756 / 378; HGX B200 2,250 / 1,125: half of the printed sparse figures).
+# float32 on a TPU: XLA's default precision runs f32 matmuls as one bf16 pass, hence the bf16
+# peak; on an NVIDIA GPU: TF32 tensor cores, which XLA's default precision uses for f32.
 _PEAK_FLOPS = {
-    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    "TPU v4": (275e12, 275e12),
+    "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),
+    "TPU v5p": (459e12, 459e12), "TPU v5": (459e12, 459e12),
+    "TPU v6 lite": (918e12, 918e12), "TPU v6e": (918e12, 918e12),
+    "NVIDIA A100": (312e12, 156e12),
+    "NVIDIA H100 PCIe": (756e12, 378e12), "NVIDIA H100": (989e12, 495e12),
+    "NVIDIA H200": (989e12, 495e12),
+    "NVIDIA B200": (2250e12, 1125e12),
 }
 
 
-def device_peak_flops(device: jax.Device) -> float | None:
+def device_peak_flops(device: jax.Device, dtype: str = "bfloat16") -> float | None:
+    """The dense peak FLOP/s of `device` for matmuls in `dtype` (bfloat16 or float32), or None
+    for a kind the table does not know (a CPU). The longest table name that begins the
+    device's kind wins ("NVIDIA H100 PCIe" before "NVIDIA H100")."""
     kind = getattr(device, "device_kind", "")
-    if kind in _PEAK_FLOPS:
-        return _PEAK_FLOPS[kind]
-    return next((v for k, v in _PEAK_FLOPS.items() if kind.startswith(k)), None)
+    names = sorted((k for k in _PEAK_FLOPS if kind.startswith(k)), key=len, reverse=True)
+    if not names:
+        return None
+    bf16, f32 = _PEAK_FLOPS[names[0]]
+    return f32 if dtype == "float32" else bf16
+
+
+def utilisation(flops_per_token: float, tokens_per_sec: float, devices: int,
+                peak_flops: float | None) -> tuple[float, float | None]:
+    """(TFLOP/s achieved per device, model FLOPs utilisation or None without a peak)."""
+    achieved = flops_per_token * tokens_per_sec / devices
+    return achieved / 1e12, (achieved / peak_flops if peak_flops else None)

@@ -1,6 +1,6 @@
 """What a run writes besides checkpoints: metrics.jsonl (one JSON object per log or eval step),
-routing.jsonl (the per-layer expert loads over the pool at each evaluation), and TensorBoard
-event files when tensorboardX is installed. Only process 0 writes.
+routing.jsonl (the per-layer expert loads over the pool at each evaluation), and the same to
+the trackers `train.tracker` names (trackers.py: TensorBoard, W&B). Only process 0 writes.
 
 Non-finite values (a diverged loss) are written as null, so strict JSON parsers read every line.
 A write that fails (a full disk, no permission) raises `WriteError` naming the file and step.
@@ -18,6 +18,9 @@ import sys
 import jax
 import numpy as np
 
+from rexmoe_jax import trackers
+from rexmoe_jax.config import Config
+from rexmoe_jax.metrics import load_balance_violation
 from rexmoe_jax.workdir import WriteError, failure_reason
 
 METRICS_FILE = "metrics.jsonl"
@@ -91,21 +94,37 @@ def to_host(metrics: dict) -> dict:
     return out
 
 
+def tracker_name(record: dict, name: str) -> str:
+    """An eval line's values go to trackers as eval_NAME, so that they do not overwrite the
+    training line's values of the same name at the same step (lbv_max, underused_share)."""
+    return f"eval_{name}" if "eval_loss" in record and not name.startswith("eval_") else name
+
+
+def _numbers(record: dict) -> dict[str, float]:
+    """A record's numbers for a tracker: scalars as they are, per-layer lists as name/i."""
+    out = {}
+    for key, value in record.items():
+        if key == "step" or isinstance(value, bool):
+            continue
+        name = tracker_name(record, key)
+        if isinstance(value, (int, float)):
+            out[name] = value
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            out.update({f"{name}/{i}": v for i, v in enumerate(value)})
+    return out
+
+
 class RunLog:
-    def __init__(self, workdir: pathlib.Path, resumed_step: int):
+    def __init__(self, workdir: pathlib.Path, resumed_step: int, config: Config | None = None):
         self.enabled = jax.process_index() == 0
         self.metrics_path = workdir / METRICS_FILE
         self.routing_path = workdir / ROUTING_FILE
-        self._tb = None
+        self._trackers = []
         if not self.enabled:
             return
         for path in (self.metrics_path, self.routing_path):
             _truncate(path, resumed_step)
-        try:
-            from tensorboardX import SummaryWriter
-        except ImportError:
-            return
-        self._tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=resumed_step + 1)
+        self._trackers = trackers.open_trackers(config or Config(), workdir, resumed_step)
 
     def _append(self, path: pathlib.Path, record: dict) -> None:
         try:
@@ -128,14 +147,13 @@ class RunLog:
                     raise WriteError(f"{failure_reason(err)} while syncing {path}") from None
 
     def write(self, record: dict) -> None:
-        """One metrics.jsonl line (and its scalars to TensorBoard)."""
+        """One metrics.jsonl line (and its numbers to the trackers)."""
         if not self.enabled:
             return
         self._append(self.metrics_path, record)
-        if self._tb is not None:
-            for name, value in record.items():
-                if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(name, value, record["step"])
+        numbers = _numbers(json_safe(record))
+        for tracker in self._trackers:
+            tracker.scalars(record["step"], {k: v for k, v in numbers.items() if v is not None})
 
     def write_routing(self, step: int, expert_load_LxP: np.ndarray, pool_sizes: np.ndarray,
                       router_bias_LxP: np.ndarray | None = None) -> None:
@@ -146,7 +164,14 @@ class RunLog:
             if router_bias_LxP is not None:
                 record["router_bias"] = np.round(np.asarray(router_bias_LxP, np.float64), 6).tolist()
             self._append(self.routing_path, record)
+            if self._trackers:
+                load = np.asarray(expert_load_LxP, np.float32)
+                lbv = np.asarray(load_balance_violation(load, np.asarray(pool_sizes)))
+                valid = np.arange(load.shape[1])[None, :] < np.asarray(pool_sizes)[:, None]
+                for tracker in self._trackers:
+                    tracker.routing(step, lbv, valid)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

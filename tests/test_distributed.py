@@ -55,7 +55,7 @@ def reference(args, tmp_path_factory):
 
 
 def records(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
+    return [{k: v for k, v in r.items() if k not in loop.TIMED}
             for r in read_records(workdir / "metrics.jsonl")]
 
 

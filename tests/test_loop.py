@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import train
-from rexmoe_jax import loop
+from rexmoe_jax import loop, runlog
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
 from rexmoe_jax.preemption import StopRequest
@@ -30,7 +30,7 @@ SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.n
          "psr.schedule=linear", "psr.start_step=3", "psr.end_step=9", "data.seq_len=16",
          "data.batch_size=4", "train.steps=12", "train.log_every=1", "train.eval_every=6",
          "train.eval_batches=1", "train.checkpoint_every=4", "train.sample_tokens=0", "mesh.num_devices=1"]
-TIMING = {"tokens_per_sec"}
+TIMING = set(loop.TIMED)
 
 
 class StopAt(StopRequest):
@@ -126,6 +126,72 @@ def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
     last = read_records(tmp_path / "whole" / "routing.jsonl")[-1]
     assert last["step"] == 12
     np.testing.assert_allclose(last["router_bias"], bias, atol=1e-6)
+
+
+def test_mfu_from_the_flops_per_token_and_a_given_peak(tmp_path):
+    """Every line's TFLOP/s per device is the model FLOPs per token times its tokens/s (one
+    device), and MFU that over train.peak_flops. FLOPs per token by hand for SMALL: 6 x (active
+    parameters + the d x V output head) + 12 L H Z S (PaLM's count, metrics.flops_per_token)."""
+    from rexmoe_jax import trainer
+
+    cfg = config("train.peak_flops=2e9")
+    loop.run(cfg, tmp_path)
+    active = trainer.summary(cfg)["params_active"]
+    m = cfg.model
+    flops = 6 * (active + m.d_model * m.vocab_size) + 12 * m.num_layers * m.num_heads * (m.d_model // m.num_heads) * 16
+    lines = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
+    for r in lines:
+        assert r["tflops_per_device"] == pytest.approx(flops * r["tokens_per_sec"] / 1e12, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 2e9, rel=1e-9)
+
+
+def test_a_profiler_window_leaves_a_trace_and_the_same_losses(tmp_path, uninterrupted):
+    assert loop.run(config("train.profile_steps=3,4"), tmp_path)["step"] == 12
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert metrics(tmp_path) == metrics(uninterrupted)
+
+
+def test_weights_and_biases_offline_run_and_resume(tmp_path, monkeypatch):
+    """train.tracker=jsonl,wandb with WANDB_MODE=offline: W&B run files with the resolved
+    config, every metrics line's numbers at its step, and an expert-load heatmap at each
+    evaluation; the resumed sitting continues the same W&B run id."""
+    from wandb_reader import read_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = config("train.tracker=jsonl,wandb", "train.run_name=unit", "train.tags=a,b")
+    assert loop.run(cfg, tmp_path, stop=StopAt(7)) == {"stopped_at": 7}
+    loop.run(cfg, tmp_path)
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    files = sorted((tmp_path / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(files) == 2  # one per sitting, one run id
+    runs = [read_run(f) for f in files]
+    assert runs[0][0]["model"]["reuse"] == 2 and runs[0][0]["psr"]["end_step"] == 9
+    logged = {}
+    for _, history in runs:
+        for row in history:
+            logged.setdefault(row["_step"], {}).update(row)
+    for line in read_records(tmp_path / "metrics.jsonl"):
+        row = logged[line["step"]]
+        for name in ("loss", "eval_loss", "lr", "lbv_max", "foreign_share"):
+            if name in line:  # An eval line's lbv_max is eval_lbv_max there, beside the training one.
+                assert row[runlog.tracker_name(line, name)] == pytest.approx(line[name]), (line["step"], name)
+        if "layer_grad_norm" in line:
+            assert [row[f"layer_grad_norm/{i}"] for i in range(2)] == pytest.approx(line["layer_grad_norm"])
+    heatmaps = sorted(step for step, row in logged.items() if row.get("expert_load_lbv/_type") == "image-file")
+    assert heatmaps == [6, 12]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/files/media/images/*.png"))) == 2
+
+
+def test_a_missing_wandb_package_is_a_one_line_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ConfigError, match=r'train.tracker=wandb needs the wandb package: pip install -e "\.\[wandb\]"'):
+        loop.run(config("train.tracker=wandb"), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted, capsys):
@@ -357,8 +423,9 @@ def test_short_training_run_logs_and_learns(tmp_path, capsys):
     eval_records = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in train_records] == [10, 20, 30, 40, 50, 60]
     assert [r["step"] for r in eval_records] == [30, 60]
-    for key in ("step", "loss", "lr", "psr_pool_size", "lb_loss", "z_loss", "grad_norm", "tokens_per_sec"):
+    for key in ("step", "loss", "lr", "psr_pool_size", "lb_loss", "z_loss", "grad_norm", *loop.TIMED):
         assert all(key in r for r in train_records), key
+    assert all(r["mfu"] is None for r in train_records)  # a CPU's peak is unknown without train.peak_flops
     for key in ("step", "eval_loss", "eval_ppl", "lbv_max"):
         assert all(key in r for r in eval_records), key
     assert train_records[0]["psr_pool_size"] == 8 and train_records[-1]["psr_pool_size"] == 16
