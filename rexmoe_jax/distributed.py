@@ -41,16 +41,18 @@ import zlib
 
 import numpy as np
 
+from rexmoe_jax.cli import LOST_PROCESS, CommandError, one_line
 from rexmoe_jax.config import ConfigError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-LOST_PROCESS = 5  # exit status of a process that lost another one, or could not join the run
 _POLL_SECONDS = 1.0
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 
 
-class StartupError(RuntimeError):
+class StartupError(CommandError, RuntimeError):
     """The distributed runtime could not be joined; the message is one line."""
+
+    exit_status = LOST_PROCESS
 
 
 def _int_env(name: str) -> int | None:
@@ -74,11 +76,6 @@ def _join_arguments() -> dict:
         raise StartupError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is not: set it to "
                            "host:port of process 0")
     return {"coordinator_address": address, "num_processes": count, "process_id": index}
-
-
-def one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def initialize(init_timeout: int, heartbeat_timeout: int) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from rexmoe_jax import data as data_lib
 from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax import generate as generate_lib
+from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, MeshConfig
 from rexmoe_jax.evaluate import held_out
@@ -29,8 +30,10 @@ from rexmoe_jax.workdir import WriteError, failure_reason, locked
 _NOT_LOGGED = ("expert_load", "finite")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(CommandError, RuntimeError):
     """A step produced a non-finite loss, gradient or weight and train.nonfinite is "stop"."""
+
+    exit_status = NONFINITE
 
 
 class _StoppedDuringStartup(Exception):

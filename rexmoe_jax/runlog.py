@@ -18,10 +18,7 @@ import sys
 import jax
 import numpy as np
 
-from rexmoe_jax.workdir import WriteError, failure_reason
-
-METRICS_FILE = "metrics.jsonl"
-ROUTING_FILE = "routing.jsonl"
+from rexmoe_jax.workdir import METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
 
 
 def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:

@@ -24,6 +24,7 @@ import re
 import sys
 import tomllib
 
+from rexmoe_jax.cli import BadInput
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,7 +37,7 @@ _BUDGET_KEYS = ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_
 METRICS = ("final_eval_loss", "final_underused_share", "final_lbv_max", "final_foreign_share")
 
 
-class StudyError(ValueError):
+class StudyError(BadInput):
     """A bad study file, or results that do not belong to it; the message names the problem."""
 
 

@@ -22,9 +22,16 @@ import socket
 import tempfile
 import time
 
+from rexmoe_jax.cli import WriteFailed
 from rexmoe_jax.config import ConfigError
 
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+ROUTING_FILE = "routing.jsonl"
 LOCK_FILE = "run.lock"
+CHECKPOINTS = "checkpoints"
+# What training writes in a run folder: no other command writes these names there.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, ROUTING_FILE, LOCK_FILE, CHECKPOINTS, "tensorboard")
 
 # Failures of the storage rather than of the program: the run stops with one line naming them.
 _WRITE_FAILURES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -39,7 +46,7 @@ class WorkdirInUse(ConfigError):
     """Another process holds the workdir's lock."""
 
 
-class WriteError(RuntimeError):
+class WriteError(WriteFailed):
     """Writing a checkpoint or a log failed; the message is one line naming what and where."""
 
 
@@ -56,6 +63,11 @@ def failure_reason(err: BaseException) -> str:
         seen = seen.__cause__ or seen.__context__
     first_line = (str(err).strip().splitlines() or [""])[0][:200]
     return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
+
+
+def is_run(folder: pathlib.Path) -> bool:
+    """Whether `folder` is (or was begun as) a training run's --workdir."""
+    return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE, CHECKPOINTS))
 
 
 def check_writable(workdir: pathlib.Path) -> None:
