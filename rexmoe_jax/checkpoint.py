@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
@@ -34,6 +35,7 @@ from rexmoe_jax.config import Config, ConfigError, from_dict
 from rexmoe_jax.workdir import WriteError, failure_reason
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Where orbax writes a checkpoint before renaming it.
+_SET_ASIDE = re.compile(r"\d+\.corrupt(\.\d+)?")  # An unreadable checkpoint, moved aside.
 
 
 def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
@@ -183,11 +185,10 @@ class Checkpointer:
             if not path.exists():
                 return
 
-    def _unusable(self, step: int, err: Exception) -> None:
+    def _unusable(self, step: int, err: Exception) -> str:
+        """Sets an unreadable checkpoint aside (a read-only user leaves it); returns what was done."""
         if self.read_only:
-            print(f"warning: checkpoint {step} in {self.directory} is unreadable ({_short(err)}); using the "
-                  "previous one", file=sys.stderr, flush=True)
-            return
+            return f"checkpoint {step} in {self.directory} is unreadable ({_short(err)})"
         target = self.directory / f"{step}.corrupt"
         for copy in itertools.count(2):  # Never overwrite an earlier set-aside checkpoint.
             if not target.exists():
@@ -196,9 +197,30 @@ class Checkpointer:
         if jax.process_index() == 0:  # One host renames; the others wait for it.
             (self.directory / str(step)).rename(target)
         sharding.sync_hosts(f"set aside checkpoint {step}")
-        print(f"warning: checkpoint {step} is unreadable ({_short(err)}); moved it to {target} and "
-              "fell back to the previous checkpoint", file=sys.stderr, flush=True)
         self._manager.reload()
+        return f"checkpoint {step} is unreadable ({_short(err)}); moved it to {target}"
+
+    def set_aside(self) -> list[str]:
+        """The checkpoints moved aside as unreadable, by this run or an earlier one."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p.name for p in self.directory.iterdir() if _SET_ASIDE.fullmatch(p.name)),
+                      key=lambda name: [int(part) for part in name.split(".") if part.isdigit()])
+
+    def _none_readable(self, failures: list[str], start_over: bool) -> None:
+        """No checkpoint could be restored although some exist or were set aside: one line that
+        names them. A writer trains from step 0 only when asked to (`start_over`)."""
+        set_aside = self.set_aside()
+        if not failures and not set_aside:
+            return  # a new run
+        found = "; ".join(failures) if failures else f"only unreadable ones set aside earlier ({', '.join(set_aside)})"
+        if self.read_only:
+            raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; nothing was changed")
+        if not start_over:
+            raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; to train again from "
+                              "step 0 in this --workdir, run with --start-over")
+        print(f"warning: no checkpoint in {self.directory} can be read: {found}; training from step 0 "
+              "(--start-over)", file=sys.stderr, flush=True)
 
     def _meta(self, step: int) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -206,17 +228,18 @@ class Checkpointer:
             raise ValueError("its meta record holds no config")
         return meta
 
-    def restore(self, abstract_state, config: Config) -> tuple[object, dict] | None:
+    def restore(self, abstract_state, config: Config, *, start_over: bool = False) -> tuple[object, dict] | None:
         """The newest readable checkpoint as (state, meta), or None when there is none.
 
         Raises ConfigError, touching nothing, when the newest readable checkpoint's saved config
-        is incompatible with `config`.
+        is incompatible with `config`; and when no checkpoint is readable (`_none_readable`).
         """
+        failures = []
         for step in reversed(self.steps()):
             try:
                 meta = self._meta(step)
             except Exception as err:  # noqa: BLE001 - any failure to read means unusable.
-                self._unusable(step, err)
+                failures.append(self._unusable(step, err))
                 continue
             incompatible, other = config_changes(meta["config"], config)
             if incompatible:
@@ -229,11 +252,14 @@ class Checkpointer:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
             except Exception as err:  # noqa: BLE001 - missing, truncated or garbled array files.
-                self._unusable(step, err)
+                failures.append(self._unusable(step, err))
                 continue
-            if other:
+            for failure in failures:
+                print(f"warning: {failure}; using checkpoint {step}", file=sys.stderr, flush=True)
+            if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
                 print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
             return restored["state"], meta
+        self._none_readable(failures, start_over)
         return None
 
 

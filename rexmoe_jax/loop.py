@@ -18,7 +18,7 @@ from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax import generate as generate_lib
 from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import Config, MeshConfig
+from rexmoe_jax.config import Config, ConfigError, MeshConfig
 from rexmoe_jax.evaluate import held_out
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
@@ -112,9 +112,10 @@ def _compiled_steps(config: Config, model, tx, mesh, shardings):
     return train_step, eval_step
 
 
-def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
+def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> _Session:
     """Checks the inputs, then builds or restores the state; raises ConfigError on bad input.
-    A stop request is honoured between the slow parts, before anything is compiled or written."""
+    A stop request is honoured between the slow parts, before anything is compiled or written.
+    `start_over`: train from step 0 when every checkpoint is unreadable (checkpoint.py)."""
     _check_stop(stop)
     mesh = sharding.make_mesh(config.mesh)
     sharding.validate(config, mesh)
@@ -129,8 +130,12 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
     abstract = trainer.abstract_state(config, model, tx, shardings)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
+    restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     _check_stop(stop)
+    if restored is not None and int(restored[0].step) > config.train.steps:
+        raise ConfigError(f"checkpoint {int(restored[0].step)} in {checkpointer.directory} is past "
+                          f"train.steps={config.train.steps}: nothing to train; give train.steps >= "
+                          f"{int(restored[0].step)} or another --workdir")
     if jax.process_index() == 0:
         try:
             (workdir / "config.json").write_text(config.to_json() + "\n")
@@ -263,17 +268,18 @@ def _stop_cause(stop: StopRequest, vote: distributed.StopVote) -> str:
     return f"a stop request on process {', '.join(others)}"
 
 
-def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
+def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None, *, start_over: bool = False) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
     lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
-    step} after a stop request (step None when it came during start-up)."""
+    step} after a stop request (step None when it came during start-up). When every checkpoint
+    is unreadable it raises ConfigError, unless `start_over` (then it trains from step 0)."""
     with locked(workdir, writer=jax.process_index() == 0):
-        return _run(config, workdir, stop or StopRequest())
+        return _run(config, workdir, stop or StopRequest(), start_over)
 
 
-def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
+def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> dict:
     try:
-        session = _open(config, workdir, stop)
+        session = _open(config, workdir, stop, start_over)
     except _StoppedDuringStartup:
         print(f"stopped by {stop.signal_name or 'request'} during start-up, before compiling; nothing new "
               "to save", flush=True)

@@ -56,6 +56,7 @@ def staged_file(path: pathlib.Path) -> Iterator[pathlib.Path]:
     removed when it does not."""
     try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's file is private; the result should not be
         os.close(fd)
     except OSError as err:
         raise WriteError(f"{failure_reason(err)} while creating a file beside {path}") from None

@@ -24,6 +24,7 @@ import re
 import sys
 import tomllib
 
+from rexmoe_jax import cli
 from rexmoe_jax.cli import BadInput
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
 
@@ -231,7 +232,7 @@ def load_study(path: str | pathlib.Path) -> Study:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.study", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train the study's runs that have no record yet")
     run.add_argument("study", help="the study file (TOML)")
@@ -254,25 +255,21 @@ def results_folder(study: Study, given: str | None) -> pathlib.Path:
     return pathlib.Path(given) if given else ROOT / "studies" / "results" / study.name
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     try:
         study = load_study(args.study)
     except StudyError as err:
-        print(f"error: study file {args.study}: {err}", file=sys.stderr)
-        return 2
-    try:
-        results = results_folder(study, args.results)
-        if args.command == "report":
-            from rexmoe_jax import study_report
+        raise StudyError(f"study file {args.study}: {err}") from None
+    results = results_folder(study, args.results)
+    if args.command == "report":
+        from rexmoe_jax import study_report
 
-            return study_report.write_report(study, results, pathlib.Path(args.output))
-        from rexmoe_jax import study_runner
+        return study_report.write_report(study, results, pathlib.Path(args.output))
+    from rexmoe_jax import study_runner
 
-        return study_runner.run(study, study_runner.Options.from_args(args, study, results))
-    except StudyError as err:  # Options, or records that do not belong to the study.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return study_runner.run(study, study_runner.Options.from_args(args, study, results))
 
 
 if __name__ == "__main__":

@@ -16,11 +16,12 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax import study_figures
-from rexmoe_jax.study import Study
+from rexmoe_jax import outputs, study_figures
+from rexmoe_jax.study import Study, StudyError
 from rexmoe_jax.study_record import load_record
 from rexmoe_jax.study_stats import mean_interval, paired_difference
 
+_MARK = "Written by `python -m rexmoe_jax.study report"  # How a report this wrote is recognised.
 # metric -> (what it is, unit, what "lower" means, what "higher" means)
 _METRICS = {
     "final_eval_loss": ("final held-out loss", "nats", "better", "worse"),
@@ -224,11 +225,14 @@ def write_report(study: Study, results: pathlib.Path, output: pathlib.Path) -> i
     """Writes the report and its figures; returns 0 (partial results are reported as such)."""
     found = load_records(study, results)
     figures = output.with_suffix("")
+    outputs.check_file(output, "--output", ours=lambda path: _MARK in path.read_text(errors="replace"))
+    if figures.exists() and not figures.is_dir():
+        raise StudyError(f"{str(figures)!r}, the folder for the report's figures, is a file; move it away")
     figures.mkdir(parents=True, exist_ok=True)
     pictures = study_figures.draw_all(study, found, figures) if any(found.values()) else []
     source = os.path.relpath(study.path.resolve(), output.parent.parent.resolve())
     lines = [f"# Reproduction study: {study.title}", "",
-             (f"Written by `python -m rexmoe_jax.study report {source}` from the records in "
+             (f"{_MARK} {source}` from the records in "
               f"`{os.path.relpath(results.resolve(), output.parent.parent.resolve())}`; regenerate it rather than "
               "edit it."), "",
              *_status(study, found), *_setup(study, found), *_results(study, found), *_questions(study, found),
@@ -236,6 +240,6 @@ def write_report(study: Study, results: pathlib.Path, output: pathlib.Path) -> i
     for name, caption in pictures:
         lines += [f"![{caption}]({figures.name}/{name})", "", f"*{caption}*", ""]
     lines += _closing(study, found)
-    output.write_text("\n".join(lines).rstrip() + "\n")
+    outputs.write_text(output, "\n".join(lines).rstrip() + "\n")
     print(f"wrote {output} and {len(pictures)} figure(s) in {figures}")
     return 0

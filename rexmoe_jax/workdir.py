@@ -30,6 +30,7 @@ METRICS_FILE = "metrics.jsonl"
 ROUTING_FILE = "routing.jsonl"
 LOCK_FILE = "run.lock"
 CHECKPOINTS = "checkpoints"
+EVAL_FILE = "eval.json"  # written by evaluate (by default), read by plot
 # What training writes in a run folder: no other command writes these names there.
 RUN_FILES = (CONFIG_FILE, METRICS_FILE, ROUTING_FILE, LOCK_FILE, CHECKPOINTS, "tensorboard")
 
@@ -83,11 +84,23 @@ def check_writable(workdir: pathlib.Path) -> None:
 @contextlib.contextmanager
 def locked(workdir: pathlib.Path, *, writer: bool = True):
     """Holds the workdir's lock while the block runs. `writer` is False on the processes of a
-    multi-host run that write nothing: only the writing process takes the lock."""
+    multi-host run that write nothing: only the writing process takes the lock. A workdir this
+    made is removed again when the block fails before writing anything into it (a bad input
+    leaves no empty folder behind)."""
+    made = not workdir.exists()
     check_writable(workdir)
-    if not writer:
-        yield
-        return
+    try:
+        with _lock(workdir) if writer else contextlib.nullcontext():
+            yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+                workdir.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _lock(workdir: pathlib.Path):
     try:
         fd = _acquire(workdir / LOCK_FILE)
     except OSError as err:
