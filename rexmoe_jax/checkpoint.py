@@ -26,6 +26,7 @@ import re
 import shutil
 import sys
 import time
+import typing
 
 import jax
 import orbax.checkpoint as ocp
@@ -55,20 +56,38 @@ def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
 
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {text[0][:100]}" if text else type(err).__name__
+
+
+def _names(items: list[str]) -> str:
+    return f"{', '.join(items[:-1])} and {items[-1]}" if len(items) > 1 else items[0]
+
+
+class _Unreadable(typing.NamedTuple):
+    step: int
+    reason: str
+    moved_to: str | None  # its new name, None when a read-only user left it
+
+
+def _is_orbax_coroutine(obj) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _drop_closed_loop_reports() -> None:
     """A failed restore or save closes orbax's event loop while TensorStore still completes the
     other reads or writes; each completion then reports "RuntimeError: Event loop is closed" as
-    an unraisable exception, dozens of tracebacks for one fallback. Those, and only those, are
-    dropped; the failure itself is reported in one line."""
+    an unraisable exception, and each of orbax's other read coroutines that failed too is
+    reported when it is collected ("Exception ignored in: <coroutine object ...>"): dozens to
+    thousands of tracebacks for one unreadable checkpoint. Those, and only those, are dropped;
+    the failure itself is reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
 
     def hook(args):
-        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+        closed = isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"
+        if not (closed or _is_orbax_coroutine(args.object)):
             previous(args)
 
     hook.drops_closed_loop_reports = True
@@ -185,10 +204,10 @@ class Checkpointer:
             if not path.exists():
                 return
 
-    def _unusable(self, step: int, err: Exception) -> str:
-        """Sets an unreadable checkpoint aside (a read-only user leaves it); returns what was done."""
+    def _unusable(self, step: int, err: Exception) -> _Unreadable:
+        """Sets an unreadable checkpoint aside (a read-only user leaves it where it is)."""
         if self.read_only:
-            return f"checkpoint {step} in {self.directory} is unreadable ({_short(err)})"
+            return _Unreadable(step, _short(err), None)
         target = self.directory / f"{step}.corrupt"
         for copy in itertools.count(2):  # Never overwrite an earlier set-aside checkpoint.
             if not target.exists():
@@ -198,7 +217,7 @@ class Checkpointer:
             (self.directory / str(step)).rename(target)
         sharding.sync_hosts(f"set aside checkpoint {step}")
         self._manager.reload()
-        return f"checkpoint {step} is unreadable ({_short(err)}); moved it to {target}"
+        return _Unreadable(step, _short(err), target.name)
 
     def set_aside(self) -> list[str]:
         """The checkpoints moved aside as unreadable, by this run or an earlier one."""
@@ -207,15 +226,21 @@ class Checkpointer:
         return sorted((p.name for p in self.directory.iterdir() if _SET_ASIDE.fullmatch(p.name)),
                       key=lambda name: [int(part) for part in name.split(".") if part.isdigit()])
 
-    def _none_readable(self, failures: list[str], start_over: bool) -> None:
+    def _none_readable(self, failures: list[_Unreadable], start_over: bool) -> None:
         """No checkpoint could be restored although some exist or were set aside: one line that
         names them. A writer trains from step 0 only when asked to (`start_over`)."""
         set_aside = self.set_aside()
         if not failures and not set_aside:
             return  # a new run
-        found = "; ".join(failures) if failures else f"only unreadable ones set aside earlier ({', '.join(set_aside)})"
+        if failures:
+            found = (f"checkpoint{'s' * (len(failures) > 1)} {_names([str(f.step) for f in failures])} "
+                     f"{'are' if len(failures) > 1 else 'is'} unreadable ({failures[0].reason})")
+        else:
+            found = f"it holds only checkpoints set aside earlier as unreadable ({_names(set_aside)})"
         if self.read_only:
             raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; nothing was changed")
+        moved = [f.moved_to for f in failures]
+        found += f"; set aside as {_names(moved)}" if moved else ""
         if not start_over:
             raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; to train again from "
                               "step 0 in this --workdir, run with --start-over")
@@ -255,7 +280,9 @@ class Checkpointer:
                 failures.append(self._unusable(step, err))
                 continue
             for failure in failures:
-                print(f"warning: {failure}; using checkpoint {step}", file=sys.stderr, flush=True)
+                where = f"moved it to {failure.moved_to}" if failure.moved_to else "left it as it is"
+                print(f"warning: checkpoint {failure.step} in {self.directory} is unreadable ({failure.reason}); "
+                      f"{where} and restored checkpoint {step}", file=sys.stderr, flush=True)
             if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
                 print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
             return restored["state"], meta
