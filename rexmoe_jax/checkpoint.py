@@ -280,7 +280,7 @@ class Checkpointer:
                 failures.append(self._unusable(step, err))
                 continue
             for failure in failures:
-                where = f"moved it to {failure.moved_to}" if failure.moved_to else "left it as it is"
+                where = f"moved it to {self.directory / failure.moved_to}" if failure.moved_to else "left it as it is"
                 print(f"warning: checkpoint {failure.step} in {self.directory} is unreadable ({failure.reason}); "
                       f"{where} and restored checkpoint {step}", file=sys.stderr, flush=True)
             if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
