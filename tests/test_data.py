@@ -5,6 +5,7 @@ import resource
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -389,3 +390,21 @@ def test_train_tokenizer_overwrites_nothing_unasked(corpus_folder, capsys):
     assert data.main(["train-tokenizer", "--source", str(source), "--vocab-size", "280", "--output", str(output),
                       "--force"]) == 0
     assert json.loads(output.read_text())["model"]["type"] == "BPE"
+
+
+def test_prepare_stopped_by_ctrl_c_exits_130_quietly(tmp_path, tokenizer_file):
+    """A real SIGINT while tokens are being written (the whole KJV, some seconds of work)."""
+    source = tmp_path / "kjv.txt"
+    source.write_text("\n\n".join(data.read_embedded_documents()))
+    output = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-m", "rexmoe_jax.data", "prepare", "--source", str(source),
+                             "--tokenizer", str(tokenizer_file), "--output", str(output), "--txt-documents",
+                             "paragraph"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".prepared.*.partial/tokens.bin")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "" and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kjv.txt"]  # no output, no temporary folder
