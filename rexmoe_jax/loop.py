@@ -132,26 +132,26 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     _check_stop(stop)
-    if restored is not None and int(restored[0].step) > config.train.steps:
-        raise ConfigError(f"checkpoint {int(restored[0].step)} in {checkpointer.directory} is past "
-                          f"train.steps={config.train.steps}: nothing to train; give train.steps >= "
-                          f"{int(restored[0].step)} or another --workdir")
-    if jax.process_index() == 0:
-        try:
-            (workdir / "config.json").write_text(config.to_json() + "\n")
-        except OSError as err:
-            raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is None:
         state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
     else:
         state, meta = restored
         start, data_state = int(state.step), meta["data"]
+    # Every process must take the same steps: same config, same resumed step (a shared workdir).
+    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
+    if start > config.train.steps:
+        raise ConfigError(f"checkpoint {start} in {checkpointer.directory} is past train.steps="
+                          f"{config.train.steps}: nothing to train; give train.steps >= {start} or another --workdir")
+    if jax.process_index() == 0:  # After the checks: a refused start leaves config.json as it was.
+        try:
+            (workdir / "config.json").write_text(config.to_json() + "\n")
+        except OSError as err:
+            raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
+    if restored is not None:
         if meta.get("data_fingerprint") != fingerprint:
             print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
                   f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
-    # Every process must take the same steps: same config, same resumed step (a shared workdir).
-    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
     block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
                                      host_index=block, host_count=blocks, state=data_state)
