@@ -5,7 +5,8 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 during a save never leaves a half-written checkpoint as the latest. A checkpoint that cannot be
 restored, whatever is missing or garbled in it, is moved aside (to <step>.corrupt, never
 deleted) and the previous one is used; a read-only user (evaluate, generate) skips it instead
-and changes nothing. Only a saved config that really differs in a section's state layout stops
+and changes nothing. When none can be read, that is one error naming them: training starts over
+from step 0 only when asked to (train.py --start-over). Only a saved config that really differs in a section's state layout stops
 the run, with the differing fields named, and nothing is touched.
 
 A save that fails (a full disk, no permission) raises `WriteError` with one line, at the next
