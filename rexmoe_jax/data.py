@@ -25,9 +25,9 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from rexmoe_jax import cli, sources
+from rexmoe_jax import cli, outputs, sources
 from rexmoe_jax.config import ConfigError, DataConfig
-from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer
+from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 ASSETS = pathlib.Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "kjv.txt.gz"
@@ -290,8 +290,6 @@ def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_fiel
     nothing else (`force`: any prepared corpus); never when it is or holds the source or the
     tokenizer (outputs.check_folder).
     """
-    from rexmoe_jax import outputs
-
     tokenizer = load_tokenizer(tokenizer_path)
     files = sources.corpus_files(source, setting="--source")
     inputs = [*files, pathlib.Path(tokenizer_path)]
@@ -354,9 +352,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_tokenizer(args) -> Tokenizer:
-    from rexmoe_jax import outputs
-    from rexmoe_jax.tokenizer import train_bpe
-
     files = sources.corpus_files(args.source, setting="--source")
     if sources.is_tokenized(files):
         raise ConfigError("train-tokenizer needs text files, not token files")
