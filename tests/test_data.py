@@ -1,7 +1,6 @@
 """Sources, packing, splitting, prepared token files, and batches as a function of (seed, step)."""
 
 import json
-import resource
 import signal
 import subprocess
 import sys
@@ -366,13 +365,13 @@ def test_prepare_write_failure_exits_4_and_leaves_nothing(corpus_folder, tokeniz
     (corpus_folder / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 200))
     before = hashes(corpus_folder.parent)
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))
-
-    done = subprocess.run([sys.executable, "-m", "rexmoe_jax.data", "prepare", "--source", str(corpus_folder / "big.jsonl"),
+    # The limit is set in the child itself: a preexec_fn would fork this multithreaded (jax) process.
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)); "
+               "sys.argv[0] = 'rexmoe_jax.data'; runpy.run_module('rexmoe_jax.data', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", limited, "prepare", "--source", str(corpus_folder / "big.jsonl"),
                            "--tokenizer", str(tokenizer_file), "--output", str(output)],
-                          capture_output=True, text=True, preexec_fn=limit, timeout=120, check=False)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 4, done.stderr
     line = one_error_line(done.stderr)
     assert "file too large while writing" in line and str(output) in line
