@@ -19,8 +19,8 @@ import pathlib
 import sys
 import time
 
-from rexmoe_jax import distributed
-from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
+from rexmoe_jax import cli, distributed
+from rexmoe_jax.config import apply_overrides, load_preset
 from rexmoe_jax.preemption import StopRequest
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -28,7 +28,7 @@ DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="preset file defining get_config() (default: configs/tiny.py)")
@@ -48,6 +48,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
                         help="--distributed: a process silent this long is dead and the others exit "
                              "(default 100)")
+    parser.add_argument("--start-over", action="store_true",
+                        help="when every checkpoint in --workdir is unreadable (set aside as *.corrupt), train "
+                             "again from step 0 there")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser.parse_args(argv)
 
@@ -59,30 +62,27 @@ def describe(config) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
+    """Exit statuses: rexmoe_jax.cli."""
     # First, before jax is imported: a preemption during start-up still ends in a checkpoint.
     stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = apply_overrides(load_preset(args.config), args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    config = apply_overrides(load_preset(args.config), args.overrides)
 
     if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.simulate_devices}")
     if not args.distributed and int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
-        print(f"error: JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} is set: pass --distributed to "
-              "join the other processes", file=sys.stderr)
-        return 2
+        raise cli.BadInput(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} is set: pass --distributed to "
+                           "join the other processes")
     if args.distributed:
-        try:
+        with stop.ending_at_once():
+            if stop.requested(0):
+                print(f"stopped by {stop.signal_name} before joining the run; nothing to save", flush=True)
+                return 0
             distributed.initialize(args.init_timeout, args.heartbeat_timeout)
-        except distributed.StartupError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return distributed.LOST_PROCESS
     try:
         return _run(args, config, stop)
     finally:
@@ -93,7 +93,6 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
     import jax
 
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
-    from rexmoe_jax.workdir import WriteError
 
     if jax.process_index() != 0:  # Only process 0 prints; every process trains.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
@@ -107,11 +106,7 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         print(json.dumps(sizes))
         return 0
     if args.compile_only:
-        try:
-            report = loop.compile_report(config)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        report = loop.compile_report(config)
         gib = 1024 ** 3
         print(f"compiled the train step in {report['compile_seconds']}s for {report['devices']} devices, "
               f"mesh {report['mesh']}; per device: parameters and optimizer state "
@@ -122,16 +117,7 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = loop.run(config, workdir, stop=stop)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except loop.NonFiniteError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
-    except WriteError as err:  # A full disk or lost permission: retrying as is cannot help.
-        print(f"error: {err}", file=sys.stderr)
-        return 4
+        result = loop.run(config, workdir, stop=stop, start_over=args.start_over)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise

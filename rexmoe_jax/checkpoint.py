@@ -5,7 +5,8 @@ Orbax writes each checkpoint into a temporary folder and renames it when complet
 during a save never leaves a half-written checkpoint as the latest. A checkpoint that cannot be
 restored, whatever is missing or garbled in it, is moved aside (to <step>.corrupt, never
 deleted) and the previous one is used; a read-only user (evaluate, generate) skips it instead
-and changes nothing. Only a saved config that really differs in a section's state layout stops
+and changes nothing. When none can be read, that is one error naming them: training starts over
+from step 0 only when asked to (train.py --start-over). Only a saved config that really differs in a section's state layout stops
 the run, with the differing fields named, and nothing is touched.
 
 A save that fails (a full disk, no permission) raises `WriteError` with one line, at the next
@@ -22,9 +23,11 @@ import itertools
 import logging
 import os
 import pathlib
+import re
 import shutil
 import sys
 import time
+import typing
 
 import jax
 import orbax.checkpoint as ocp
@@ -34,6 +37,7 @@ from rexmoe_jax.config import Config, ConfigError, from_dict
 from rexmoe_jax.workdir import WriteError, failure_reason
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Where orbax writes a checkpoint before renaming it.
+_SET_ASIDE = re.compile(r"\d+\.corrupt(\.\d+)?")  # An unreadable checkpoint, moved aside.
 
 
 def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
@@ -53,20 +57,38 @@ def config_changes(saved: dict, config: Config) -> tuple[list[str], list[str]]:
 
 def _short(err: Exception) -> str:
     text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0][:160]}" if text else type(err).__name__
+    return f"{type(err).__name__}: {text[0][:100]}" if text else type(err).__name__
+
+
+def _names(items: list[str]) -> str:
+    return f"{', '.join(items[:-1])} and {items[-1]}" if len(items) > 1 else items[0]
+
+
+class _Unreadable(typing.NamedTuple):
+    step: int
+    reason: str
+    moved_to: str | None  # its new name, None when a read-only user left it
+
+
+def _is_orbax_coroutine(obj) -> bool:
+    code = getattr(obj, "cr_code", None)
+    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
 
 
 def _drop_closed_loop_reports() -> None:
     """A failed restore or save closes orbax's event loop while TensorStore still completes the
     other reads or writes; each completion then reports "RuntimeError: Event loop is closed" as
-    an unraisable exception, dozens of tracebacks for one fallback. Those, and only those, are
-    dropped; the failure itself is reported in one line."""
+    an unraisable exception, and each of orbax's other read coroutines that failed too is
+    reported when it is collected ("Exception ignored in: <coroutine object ...>"): dozens to
+    thousands of tracebacks for one unreadable checkpoint. Those, and only those, are dropped;
+    the failure itself is reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
 
     def hook(args):
-        if not (isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"):
+        closed = isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"
+        if not (closed or _is_orbax_coroutine(args.object)):
             previous(args)
 
     hook.drops_closed_loop_reports = True
@@ -183,11 +205,10 @@ class Checkpointer:
             if not path.exists():
                 return
 
-    def _unusable(self, step: int, err: Exception) -> None:
+    def _unusable(self, step: int, err: Exception) -> _Unreadable:
+        """Sets an unreadable checkpoint aside (a read-only user leaves it where it is)."""
         if self.read_only:
-            print(f"warning: checkpoint {step} in {self.directory} is unreadable ({_short(err)}); using the "
-                  "previous one", file=sys.stderr, flush=True)
-            return
+            return _Unreadable(step, _short(err), None)
         target = self.directory / f"{step}.corrupt"
         for copy in itertools.count(2):  # Never overwrite an earlier set-aside checkpoint.
             if not target.exists():
@@ -196,9 +217,36 @@ class Checkpointer:
         if jax.process_index() == 0:  # One host renames; the others wait for it.
             (self.directory / str(step)).rename(target)
         sharding.sync_hosts(f"set aside checkpoint {step}")
-        print(f"warning: checkpoint {step} is unreadable ({_short(err)}); moved it to {target} and "
-              "fell back to the previous checkpoint", file=sys.stderr, flush=True)
         self._manager.reload()
+        return _Unreadable(step, _short(err), target.name)
+
+    def set_aside(self) -> list[str]:
+        """The checkpoints moved aside as unreadable, by this run or an earlier one."""
+        if not self.directory.is_dir():
+            return []
+        return sorted((p.name for p in self.directory.iterdir() if _SET_ASIDE.fullmatch(p.name)),
+                      key=lambda name: [int(part) for part in name.split(".") if part.isdigit()])
+
+    def _none_readable(self, failures: list[_Unreadable], start_over: bool) -> None:
+        """No checkpoint could be restored although some exist or were set aside: one line that
+        names them. A writer trains from step 0 only when asked to (`start_over`)."""
+        set_aside = self.set_aside()
+        if not failures and not set_aside:
+            return  # a new run
+        if failures:
+            found = (f"checkpoint{'s' * (len(failures) > 1)} {_names([str(f.step) for f in failures])} "
+                     f"{'are' if len(failures) > 1 else 'is'} unreadable ({failures[0].reason})")
+        else:
+            found = f"it holds only checkpoints set aside earlier as unreadable ({_names(set_aside)})"
+        if self.read_only:
+            raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; nothing was changed")
+        moved = [f.moved_to for f in failures]
+        found += f"; set aside as {_names(moved)}" if moved else ""
+        if not start_over:
+            raise ConfigError(f"no checkpoint in {self.directory} can be read: {found}; to train again from "
+                              "step 0 in this --workdir, run with --start-over")
+        print(f"warning: no checkpoint in {self.directory} can be read: {found}; training from step 0 "
+              "(--start-over)", file=sys.stderr, flush=True)
 
     def _meta(self, step: int) -> dict:
         meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -206,17 +254,18 @@ class Checkpointer:
             raise ValueError("its meta record holds no config")
         return meta
 
-    def restore(self, abstract_state, config: Config) -> tuple[object, dict] | None:
+    def restore(self, abstract_state, config: Config, *, start_over: bool = False) -> tuple[object, dict] | None:
         """The newest readable checkpoint as (state, meta), or None when there is none.
 
         Raises ConfigError, touching nothing, when the newest readable checkpoint's saved config
-        is incompatible with `config`.
+        is incompatible with `config`; and when no checkpoint is readable (`_none_readable`).
         """
+        failures = []
         for step in reversed(self.steps()):
             try:
                 meta = self._meta(step)
             except Exception as err:  # noqa: BLE001 - any failure to read means unusable.
-                self._unusable(step, err)
+                failures.append(self._unusable(step, err))
                 continue
             incompatible, other = config_changes(meta["config"], config)
             if incompatible:
@@ -229,11 +278,16 @@ class Checkpointer:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state)))
             except Exception as err:  # noqa: BLE001 - missing, truncated or garbled array files.
-                self._unusable(step, err)
+                failures.append(self._unusable(step, err))
                 continue
-            if other:
+            for failure in failures:
+                where = f"moved it to {self.directory / failure.moved_to}" if failure.moved_to else "left it as it is"
+                print(f"warning: checkpoint {failure.step} in {self.directory} is unreadable ({failure.reason}); "
+                      f"{where} and restored checkpoint {step}", file=sys.stderr, flush=True)
+            if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
                 print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
             return restored["state"], meta
+        self._none_readable(failures, start_over)
         return None
 
 

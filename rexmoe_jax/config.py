@@ -21,9 +21,10 @@ import typing
 from typing import Literal
 
 from rexmoe_jax import reuse as reuse_lib
+from rexmoe_jax.cli import BadInput
 
 
-class ConfigError(ValueError):
+class ConfigError(BadInput):
     """An invalid config, preset or override; the message names the offending field."""
 
 

@@ -22,14 +22,13 @@ import dataclasses
 import gzip
 import json
 import pathlib
-import shutil
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from rexmoe_jax import sources
+from rexmoe_jax import cli, outputs, sources
 from rexmoe_jax.config import ConfigError, DataConfig
-from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer
+from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer, train_bpe
 
 ASSETS = pathlib.Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "kjv.txt.gz"
@@ -295,77 +294,102 @@ class BatchIterator:
 # python -m rexmoe_jax.data prepare | train-tokenizer
 
 
+_PREPARED_FILES = {"tokens.bin", "offsets.npy", PREPARED_META}
+
+
+def _is_prepared(folder: pathlib.Path) -> bool:
+    """A complete prepared corpus and nothing else: what `prepare` may replace."""
+    try:
+        meta = _prepared_meta(folder)
+    except ConfigError:
+        return False
+    files = {p.name for p in folder.iterdir()}
+    return files == _PREPARED_FILES and (folder / "tokens.bin").stat().st_size == (
+        meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize)
+
+
 def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_field: str = "text",
-            txt_documents: str = "file") -> dict:
-    """Tokenizes `source` once into `output` (tokens.bin, offsets.npy, meta.json), atomically."""
+            txt_documents: str = "file", force: bool = False) -> dict:
+    """Tokenizes `source` once into the folder `output` (tokens.bin, offsets.npy, meta.json).
+
+    It is written beside `output` under a temporary name and renamed into place when complete.
+    An existing `output` is replaced only when it is empty or a complete prepared corpus and
+    nothing else (`force`: any prepared corpus); never when it is or holds the source or the
+    tokenizer (outputs.check_folder).
+    """
     tokenizer = load_tokenizer(tokenizer_path)
-    files = sources.corpus_files(source)
+    files = sources.corpus_files(source, setting="--source")
+    inputs = [*files, pathlib.Path(tokenizer_path)]
+    if pathlib.Path(source).is_dir():
+        inputs.append(pathlib.Path(source))
+    outputs.check_folder(output, "--output", protected=inputs, ours=_is_prepared,
+                         looks_ours=lambda folder: (folder / PREPARED_META).is_file(), force=force)
     if sources.is_tokenized(files):
         docs = sources.read_token_documents(files, tokenizer.eod_id)
     else:
         docs = _encode_all(tokenizer, sources.read_text_documents(files, text_field, txt_documents))
     dtype = np.dtype("<u2") if tokenizer.vocab_size <= 1 << 16 else np.dtype("<u4")
-    partial = output.with_name(output.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    offsets, max_token = [0], 0
-    with open(partial / "tokens.bin", "wb") as f:
-        for doc in docs:
-            doc = np.append(doc, tokenizer.eod_id)
-            max_token = max(max_token, int(doc.max()))
-            f.write(doc.astype(dtype).tobytes())
-            offsets.append(offsets[-1] + len(doc))
-    if len(offsets) == 1:
-        shutil.rmtree(partial)
-        raise ConfigError(f"{source!r} holds no text")
-    np.save(partial / "offsets.npy", np.asarray(offsets, np.int64))
-    meta = {"source": source, "tokenizer": str(pathlib.Path(tokenizer_path).resolve()),
-            "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "dtype": dtype.str,
-            "num_documents": len(offsets) - 1, "num_tokens": offsets[-1], "max_token_id": max_token}
-    (partial / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
-    if output.exists():
-        shutil.rmtree(output)
-    partial.rename(output)
+    with outputs.staged_folder(output) as staging:
+        offsets, max_token = [0], 0
+        with open(staging / "tokens.bin", "wb") as f:
+            for doc in docs:
+                doc = np.append(doc, tokenizer.eod_id)
+                max_token = max(max_token, int(doc.max()))
+                f.write(doc.astype(dtype).tobytes())
+                offsets.append(offsets[-1] + len(doc))
+        if len(offsets) == 1:
+            raise ConfigError(f"--source {source!r} holds no text")
+        np.save(staging / "offsets.npy", np.asarray(offsets, np.int64))
+        meta = {"source": source, "tokenizer": str(pathlib.Path(tokenizer_path).resolve()),
+                "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "dtype": dtype.str,
+                "num_documents": len(offsets) - 1, "num_tokens": offsets[-1], "max_token_id": max_token}
+        (staging / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    from rexmoe_jax.tokenizer import train_bpe
-
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.data")
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.data")
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="tokenize a corpus once into token files")
     prep.add_argument("--source", required=True, help="file, folder or glob of .txt/.jsonl/.parquet/.npy/...")
     prep.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
-    prep.add_argument("--output", required=True, help="folder to write (replaced if it exists)")
+    prep.add_argument("--output", required=True,
+                      help="a new folder, or an earlier prepared corpus (nothing else in it) to replace")
+    prep.add_argument("--force", action="store_true",
+                      help="also replace a prepared corpus that is incomplete or holds other files")
     prep.add_argument("--text-field", default="text")
     prep.add_argument("--txt-documents", default="file", choices=["file", "paragraph", "line"])
     tok = commands.add_parser("train-tokenizer", help="train a byte-level BPE tokenizer on a corpus")
     tok.add_argument("--source", required=True)
     tok.add_argument("--vocab-size", type=int, default=32_000)
-    tok.add_argument("--output", required=True, help="tokenizer.json to write")
+    tok.add_argument("--output", required=True, help="tokenizer.json to write (a new file)")
+    tok.add_argument("--force", action="store_true", help="replace an existing --output file")
     tok.add_argument("--text-field", default="text")
     tok.add_argument("--txt-documents", default="file", choices=["file", "paragraph", "line"])
     args = parser.parse_args(argv)
-    try:
-        if args.command == "prepare":
-            meta = prepare(args.source, args.tokenizer, pathlib.Path(args.output),
-                           text_field=args.text_field, txt_documents=args.txt_documents)
-            print(f"wrote {meta['num_tokens']:,} tokens in {meta['num_documents']:,} documents to {args.output}")
-        else:
-            files = sources.corpus_files(args.source)
-            if sources.is_tokenized(files):
-                raise ConfigError("train-tokenizer needs text files, not token files")
-            texts = sources.read_text_documents(files, args.text_field, args.txt_documents)
-            trained = train_bpe(texts, args.vocab_size, args.output)
-            print(f"wrote a {trained.vocab_size:,}-token tokenizer to {args.output}")
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.command == "prepare":
+        meta = prepare(args.source, args.tokenizer, pathlib.Path(args.output), text_field=args.text_field,
+                       txt_documents=args.txt_documents, force=args.force)
+        print(f"wrote {meta['num_tokens']:,} tokens in {meta['num_documents']:,} documents to {args.output}")
+    else:
+        trained = _train_tokenizer(args)
+        print(f"wrote a {trained.vocab_size:,}-token tokenizer to {args.output}")
     return 0
+
+
+def _train_tokenizer(args) -> Tokenizer:
+    files = sources.corpus_files(args.source, setting="--source")
+    if sources.is_tokenized(files):
+        raise ConfigError("train-tokenizer needs text files, not token files")
+    output = pathlib.Path(args.output)
+    if any(output.resolve() == f.resolve() for f in files):
+        raise ConfigError(f"--output {args.output!r} is one of the --source files; give a new file")
+    outputs.check_file(output, "--output", ours=lambda _: args.force)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    texts = sources.read_text_documents(files, args.text_field, args.txt_documents)
+    with outputs.staged_file(output) as staging:
+        return train_bpe(texts, args.vocab_size, staging)
 
 
 if __name__ == "__main__":

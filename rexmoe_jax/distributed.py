@@ -41,16 +41,18 @@ import zlib
 
 import numpy as np
 
+from rexmoe_jax.cli import LOST_PROCESS, CommandError, one_line
 from rexmoe_jax.config import ConfigError
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-LOST_PROCESS = 5  # exit status of a process that lost another one, or could not join the run
 _POLL_SECONDS = 1.0
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 
 
-class StartupError(RuntimeError):
+class StartupError(CommandError, RuntimeError):
     """The distributed runtime could not be joined; the message is one line."""
+
+    exit_status = LOST_PROCESS
 
 
 def _int_env(name: str) -> int | None:
@@ -74,11 +76,6 @@ def _join_arguments() -> dict:
         raise StartupError("JAX_NUM_PROCESSES is set but JAX_COORDINATOR_ADDRESS is not: set it to "
                            "host:port of process 0")
     return {"coordinator_address": address, "num_processes": count, "process_id": index}
-
-
-def one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return f"{type(err).__name__}: {lines[0][:200]}" if lines else type(err).__name__
 
 
 def initialize(init_timeout: int, heartbeat_timeout: int) -> None:
@@ -224,17 +221,18 @@ def finish() -> None:
 
 
 class _Gather:
-    """One value per device of `mesh`, gathered onto every device: what each process holds.
-    Compiled when made, so that the compiling happens before a barrier (see `barrier`)."""
+    """One row of `width` values per device of `mesh`, gathered onto every device: what each
+    process holds. Compiled when made, so that the compiling happens before a barrier (see
+    `barrier`)."""
 
-    def __init__(self, mesh, dtype):
+    def __init__(self, mesh, dtype, width: int = 1):
         import jax
         from jax.sharding import NamedSharding, PartitionSpec
 
         self.devices = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         self.owner = np.asarray([d.process_index for d in mesh.devices.flat])
         self.sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names))
-        shape = jax.ShapeDtypeStruct((self.owner.size, 1), dtype, sharding=self.sharding)
+        shape = jax.ShapeDtypeStruct((self.owner.size, width), dtype, sharding=self.sharding)
         gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
         self.fn = gather.lower(shape).compile()
 
@@ -278,18 +276,29 @@ class StopVote:
 
 def check_same(mesh, what: dict) -> None:
     """Raises ConfigError, on every process, unless all processes hold the same `what` (JSON-
-    like values: the config, the step to resume): their control flow would differ."""
+    like values: the config, the step to resume): their control flow would differ. The message
+    names each value that differs and the groups of processes that agree on it."""
     import jax
 
     if jax.process_count() == 1:
         return
-    gather = _Gather(mesh, np.uint32)
+    gather = _Gather(mesh, np.uint32, width=len(what))
     barrier("same")  # after compiling the initial state, which takes each process its own time
-    digest = np.asarray([zlib.crc32(json.dumps(what, sort_keys=True).encode())], np.uint32)
-    values = gather.by_process(gather(digest))
-    if len({int(v[0]) for v in values.values()}) > 1:
+    digests = np.asarray([zlib.crc32(json.dumps(value, sort_keys=True).encode()) for value in what.values()],
+                         np.uint32)
+    raise_if_different(list(what), gather.by_process(gather(digests)))
+
+
+def raise_if_different(names: list[str], values: dict[int, np.ndarray]) -> None:
+    """`values`: each process's row of digests, one per name. Raises ConfigError naming every
+    name whose digests differ, with the groups of processes that agree on it."""
+    differences = []
+    for column, name in enumerate(names):
         groups: dict[int, list[int]] = {}
-        for process, v in sorted(values.items()):
-            groups.setdefault(int(v[0]), []).append(process)
-        raise ConfigError(f"the processes disagree on the {' and the '.join(what)} (groups of processes that "
-                          f"agree: {sorted(groups.values())}); start every process with the same command")
+        for process, row in sorted(values.items()):
+            groups.setdefault(int(row[column]), []).append(process)
+        if len(groups) > 1:
+            differences.append(f"the {name} (groups of processes that agree: {sorted(groups.values())})")
+    if differences:
+        raise ConfigError(f"the processes disagree on {' and on '.join(differences)}; start every process "
+                          "with the same command on the same --workdir")

@@ -23,15 +23,18 @@ import functools
 import json
 import math
 import pathlib
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rexmoe_jax import cli, outputs
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax.config import Config, ConfigError, ModelConfig
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import json_safe
+from rexmoe_jax.workdir import EVAL_FILE, failure_reason
 
 
 def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
@@ -121,45 +124,45 @@ def _input_set(name: str, files: list[pathlib.Path], run, batches: int) -> list[
     return sequences_to_batches(sequences, size, batches * size)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.evaluate", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--tasks", nargs="*", default=[], help="multiple-choice task files (.jsonl)")
     parser.add_argument("--input-set", action="append", default=[], metavar="NAME=PATH",
                         help="text to route and report activation ratios for, separately")
     parser.add_argument("--batches", type=int, default=None,
                         help="held-out (and input-set) batches (default: train.eval_batches, as training)")
-    parser.add_argument("--output", default=None, help="JSON results (default: WORKDIR/eval.json)")
+    parser.add_argument("--output", default=None,
+                        help="JSON results (default: WORKDIR/eval.json); a new file or an earlier one of these")
     args = parser.parse_args(argv)
-    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / "eval.json")
-    try:
-        report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output)
-        text = json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n"
-        try:
-            output.write_text(text)
-        except OSError as err:
-            raise ConfigError(f"--output {str(output)!r} cannot be written ({err.strerror})") from None
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    output = pathlib.Path(args.output or pathlib.Path(args.workdir) / EVAL_FILE)
+    report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output)
+    outputs.write_text(output, json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     print_report(report)
     print(f"wrote {output}")
     return 0
 
 
-def _check_output(path: pathlib.Path) -> None:
-    """Fails now, not after the evaluation, when the results could not be written."""
-    existed = path.exists()
+def _is_report(path: pathlib.Path) -> bool:
+    """Whether `path` holds results this command wrote (which it may replace)."""
     try:
-        with open(path, "a"):
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and {"step", "eval_loss", "routing", "tasks"} <= report.keys()
+
+
+def _check_output(path: pathlib.Path) -> None:
+    """Fails now, not after the evaluation, when the results may not or could not be written:
+    a run's own file (its eval.json excepted), a file this command did not write, a folder
+    that cannot take a new file."""
+    outputs.check_file(path, "--output", ours=_is_report)
+    try:
+        with tempfile.TemporaryFile(dir=path.parent):
             pass
     except OSError as err:
-        raise ConfigError(f"--output {str(path)!r} cannot be written ({err.strerror})") from None
-    if not existed:
-        path.unlink()
+        raise ConfigError(f"--output {str(path)!r} cannot be written ({failure_reason(err)})") from None
 
 
 def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None,
@@ -173,11 +176,11 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
         raise ConfigError(f"--batches must be >= 1, got {batches}")
     questions = {pathlib.Path(path).stem: tasks_lib.read_task(path) for path in tasks}
     set_files = [_input_set_files(spec) for spec in input_sets]
+    if output is not None:
+        _check_output(output)
     run = restore(workdir)
     config = run.config
     batches = batches or config.train.eval_batches
-    if output is not None:
-        _check_output(output)
     set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import pathlib
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax.config import ComputeConfig, ModelConfig
+from rexmoe_jax import cli
+from rexmoe_jax.config import ComputeConfig, ConfigError, ModelConfig
 from rexmoe_jax.model import Decoder
 
 DEFAULT_COMPUTE = ComputeConfig()
@@ -34,7 +37,7 @@ class Sampling:
 
     def __post_init__(self):
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"invalid sampling {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
+            raise ConfigError(f"invalid sampling {self}: temperature >= 0, top_k >= 0, 0 < top_p <= 1")
 
 
 GREEDY = Sampling()
@@ -58,11 +61,51 @@ def sample_next(logits_BxV: jax.Array, key: jax.Array, sampling: Sampling) -> ja
     return jax.random.categorical(key, logits_BxV, axis=-1).astype(jnp.int32)
 
 
-def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs at least one non-empty prompt")
+def kv_cache_bytes(config: ModelConfig, compute: ComputeConfig, batch: int, length: int) -> int:
+    """The KV cache of `batch` sequences of `length` positions: keys and values of every layer
+    (layers.Attention._cached), in the compute dtype."""
+    itemsize = jnp.dtype(compute.dtype).itemsize
+    return 2 * config.num_layers * batch * length * config.num_kv_heads * config.resolved_head_dim * itemsize
+
+
+def free_memory(device: jax.Device) -> int:
+    """Bytes free on `device`: what its allocator reports, or on a CPU the host's free memory."""
+    stats = device.memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[list[int]], new_tokens: int,
+                  sampling: Sampling = GREEDY, free: int | None = None) -> None:
+    """Raises ConfigError, before anything is compiled, for a request the model cannot serve:
+    an empty prompt, ids outside the vocabulary, top-k past it, or a KV cache larger than half of
+    the `free` bytes (default: free_memory of the default device; the other half is for the
+    weights, the prefill and XLA's copies)."""
+    if not prompts:
+        raise ConfigError("generate needs at least one prompt")
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt) == 0:
+            raise ConfigError(f"prompt {number} of {len(prompts)} is empty: each prompt needs at least one token")
+        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
+            raise ConfigError(f"prompt {number} of {len(prompts)} holds token id {max(prompt)}, outside the "
+                              f"model's vocabulary (model.vocab_size={config.vocab_size}): wrong tokenizer?")
     if new_tokens < 1:
-        raise ValueError(f"the number of new tokens must be >= 1, got {new_tokens}")
+        raise ConfigError(f"the number of new tokens must be >= 1, got {new_tokens}")
+    if sampling.top_k > config.vocab_size:
+        raise ConfigError(f"top-k {sampling.top_k} is larger than the vocabulary (model.vocab_size="
+                          f"{config.vocab_size})")
+    longest = max(map(len, prompts))
+    budget = (free_memory(jax.devices()[0]) if free is None else free) // 2
+    per_position = kv_cache_bytes(config, compute, len(prompts), 1)
+    if per_position * (longest + new_tokens) > budget:
+        fits = max(0, budget // per_position - longest)
+        raise ConfigError(f"{new_tokens} new tokens do not fit: the KV cache of {len(prompts)} prompt(s) of up "
+                          f"to {longest} tokens would take {per_position * (longest + new_tokens) / 2**30:.1f} GiB, "
+                          f"over half of the {2 * budget / 2**30:.1f} GiB free; at most {fits} new tokens fit")
+
+
+def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.asarray([len(p) for p in prompts], np.int32)
     buffer = np.zeros((len(prompts), int(lengths.max()) + new_tokens), np.int32)
     for row, prompt in enumerate(prompts):
@@ -122,6 +165,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
              compute: ComputeConfig = DEFAULT_COMPUTE) -> list[list[int]]:
     """Continues each prompt (token ids) by up to `new_tokens` tokens with a KV cache; a
     sequence ends at `eod_id` (not included)."""
+    check_request(config, compute, prompts, new_tokens, sampling)
     buffer, lengths = _prompt_batch(prompts, new_tokens)
     out = _decode(config, compute, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
                   new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
@@ -151,19 +195,19 @@ def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new
                       compute: ComputeConfig = DEFAULT_COMPUTE,
                       sampling: Sampling = GREEDY, eod_id: int | None = None) -> list[list[int]]:
     """The same as `generate`, recomputing the whole sequence for every token: the oracle."""
+    check_request(config, compute, prompts, new_tokens, sampling)
     buffer, lengths = _prompt_batch(prompts, new_tokens)
     out = _recompute(config, compute, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
                      new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
     return _finish(out, eod_id)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from rexmoe_jax.data import resolve_tokenizer
+    from rexmoe_jax.restore import read_config, restore
 
-    from rexmoe_jax.config import ConfigError
-    from rexmoe_jax.restore import restore
-
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -172,22 +216,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        if args.max_new_tokens < 1:  # Checked before the checkpoint is read.
-            raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-        run = restore(args.workdir)
-        prompts = [run.tokenizer.encode(p) for p in args.prompt]
-        warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
-        out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
-                       sampling=Sampling(args.temperature, args.top_k, args.top_p),
-                       eod_id=run.tokenizer.eod_id, compute=run.config.compute)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Every argument is checked before the checkpoint is read.
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    empty = [number for number, prompt in enumerate(args.prompt, 1) if not prompt]
+    if empty:
+        raise ConfigError(f"--prompt number {empty[0]} of {len(args.prompt)} is empty; give it some text")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p)
+    config = read_config(pathlib.Path(args.workdir))
+    tokenizer = resolve_tokenizer(config.data)
+    prompts = [tokenizer.encode(p) for p in args.prompt]
+    check_request(config.model, config.compute, prompts, args.max_new_tokens, sampling)
+    run = restore(args.workdir)
+    warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
+    out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
+                   sampling=sampling, eod_id=run.tokenizer.eod_id, compute=run.config.compute)
     for prompt, tokens in zip(args.prompt, out):
         print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

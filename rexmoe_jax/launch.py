@@ -20,12 +20,16 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import pathlib
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+
+from rexmoe_jax import cli
 
 
 def free_port() -> int:
@@ -92,17 +96,39 @@ class Lines:
         sink.flush()
 
 
+def resolve(command: list[str]) -> list[str]:
+    """The command line to start: a script or module with this Python; anything else must name
+    an executable file (checked here, so that a typo is one line and nothing starts)."""
+    if command[0].endswith(".py") or command[0] == "-m":
+        return [sys.executable, *command]
+    found = shutil.which(command[0])
+    if found is None:
+        path = pathlib.Path(command[0])
+        why = ("is not executable" if path.is_file() else "is not a file") if path.exists() else "does not exist"
+        raise cli.BadInput(f"cannot start {command[0]!r}: it {why} (and no such command is on PATH)")
+    return [found, *command[1:]]
+
+
 class Group:
     """The N processes; `wait` returns the launcher's exit status."""
 
     def __init__(self, command: list[str], count: int, port: int, grace: float):
-        if command[0].endswith(".py") or command[0] == "-m":  # a script or module: this Python
-            command = [sys.executable, *command]
+        command = resolve(command)
         self.grace = grace
-        # preexec_fn is safe here: the launcher starts no threads.
-        self.procs = [subprocess.Popen(command, env=process_env(i, count, port), start_new_session=True,
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       preexec_fn=_die_with_parent) for i in range(count)]  # noqa: PLW1509
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for i in range(count):
+                # preexec_fn is safe here: the launcher starts no threads.
+                self.procs.append(subprocess.Popen(command, env=process_env(i, count, port), start_new_session=True,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                   preexec_fn=_die_with_parent))  # noqa: PLW1509
+        except BaseException as err:
+            self.signal_all(signal.SIGKILL)  # none is left behind
+            for proc in self.procs:
+                proc.wait()
+            if isinstance(err, OSError):
+                raise cli.BadInput(f"cannot start {command[0]!r}: {err.strerror}") from None
+            raise
         self.lines = Lines(self.procs)
 
     def signal_all(self, signum: int) -> None:
@@ -134,8 +160,9 @@ class Group:
         return 128 - failure if failure < 0 else failure
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.launch", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.launch", description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--num-processes", type=int, required=True)
     parser.add_argument("--port", type=int, default=0, help="the coordinator's port (default: a free one)")
     parser.add_argument("--grace", type=float, default=60.0, metavar="SECONDS",

@@ -28,9 +28,10 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from rexmoe_jax import scoring, tasks
+from rexmoe_jax import cli, scoring, tasks
 from rexmoe_jax.generate import Sampling, generate
 from rexmoe_jax.inference import cut_at_stop, load
+from rexmoe_jax.restore import check_run
 
 _GENERATE_ROWS = 16  # prompts decoded together
 
@@ -116,7 +117,7 @@ def task_config(path: str | pathlib.Path) -> dict:
     path = pathlib.Path(path).resolve()
     delimiters = {q.get("delimiter", "") for q in tasks.read_task(path)}
     if len(delimiters) > 1:
-        raise ValueError(f"{path}: lm_eval takes one target_delimiter per task; "
+        raise cli.BadInput(f"{path}: lm_eval takes one target_delimiter per task; "
                          f"the file has {sorted(delimiters)}")
     return {"task": path.stem, "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(path)}},
             "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "context",
@@ -141,17 +142,33 @@ def _local_tasks(argv: list[str], folder: pathlib.Path) -> list[str]:
     return argv
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_model(argv: list[str]) -> None:
+    """The rexmoe model's workdir, checked before lm_eval starts: a missing or broken run is one
+    line, not a traceback from inside lm_eval."""
+    value = dict(zip(argv, argv[1:]))
+    if value.get("--model") != "rexmoe":
+        return
+    model_args = dict(arg.partition("=")[::2] for arg in value.get("--model_args", "").split(",") if arg)
+    if not model_args.get("workdir"):
+        raise cli.BadInput("--model rexmoe needs --model_args workdir=DIR (a training run's --workdir)")
+    check_run(pathlib.Path(model_args["workdir"]))
+
+
+@cli.command
+def main(argv: list[str] | None = None) -> int:
     from lm_eval.__main__ import cli_evaluate
 
+    argv = sys.argv[1:] if argv is None else argv
+    _check_model(argv)
     with tempfile.TemporaryDirectory(prefix="rexmoe-lm-eval-") as folder:
-        args = _local_tasks(sys.argv[1:] if argv is None else argv, pathlib.Path(folder))
+        args = _local_tasks(argv, pathlib.Path(folder))
         saved, sys.argv = sys.argv, ["lm-eval", *args]  # lm_eval's parser reads sys.argv
         try:
             cli_evaluate()
         finally:
             sys.argv = saved
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -17,8 +17,9 @@ from rexmoe_jax import data as data_lib
 from rexmoe_jax import distributed, sharding, trackers, trainer
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax import generate as generate_lib
+from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import Config, MeshConfig
+from rexmoe_jax.config import Config, ConfigError, MeshConfig
 from rexmoe_jax.evaluate import held_out
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.preemption import StopRequest
@@ -33,8 +34,10 @@ TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
 _NOT_LOGGED = ("expert_load", "router_bias", "finite")
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(CommandError, RuntimeError):
     """A step produced a non-finite loss, gradient or weight and train.nonfinite is "stop"."""
+
+    exit_status = NONFINITE
 
 
 class _StoppedDuringStartup(Exception):
@@ -149,9 +152,10 @@ def _compiled_steps(config: Config, model, tx, mesh, shardings):
     return train_step, eval_step
 
 
-def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
+def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> _Session:
     """Checks the inputs, then builds or restores the state; raises ConfigError on bad input.
-    A stop request is honoured between the slow parts, before anything is compiled or written."""
+    A stop request is honoured between the slow parts, before anything is compiled or written.
+    `start_over`: train from step 0 when every checkpoint is unreadable (checkpoint.py)."""
     _check_stop(stop)
     trackers.check_installed(config.train)
     mesh = sharding.make_mesh(config.mesh)
@@ -167,24 +171,28 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest) -> _Session:
     abstract = trainer.abstract_state(config, model, tx, shardings)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
-    restored = checkpointer.restore(abstract, config)  # onto this mesh, whatever the saving one was
+    restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     _check_stop(stop)
-    if jax.process_index() == 0:
-        try:
-            (workdir / "config.json").write_text(config.to_json() + "\n")
-        except OSError as err:
-            raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is None:
         state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
     else:
         state, meta = restored
         start, data_state = int(state.step), meta["data"]
+    # Every process must take the same steps: same config, same resumed step (a shared workdir).
+    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
+    if start > config.train.steps:
+        raise ConfigError(f"checkpoint {start} in {checkpointer.directory} is past train.steps="
+                          f"{config.train.steps}: nothing to train; give train.steps >= {start} or another --workdir")
+    if jax.process_index() == 0:  # After the checks: a refused start leaves config.json as it was.
+        try:
+            (workdir / "config.json").write_text(config.to_json() + "\n")
+        except OSError as err:
+            raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
+    if restored is not None:
         if meta.get("data_fingerprint") != fingerprint:
             print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
                   f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
-    # Every process must take the same steps: same config, same resumed step (a shared workdir).
-    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
     block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
                                      host_index=block, host_count=blocks, state=data_state)
@@ -306,17 +314,18 @@ def _stop_cause(stop: StopRequest, vote: distributed.StopVote) -> str:
     return f"a stop request on process {', '.join(others)}"
 
 
-def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None) -> dict:
+def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None, *, start_over: bool = False) -> dict:
     """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
     lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
-    step} after a stop request (step None when it came during start-up)."""
+    step} after a stop request (step None when it came during start-up). When every checkpoint
+    is unreadable it raises ConfigError, unless `start_over` (then it trains from step 0)."""
     with locked(workdir, writer=jax.process_index() == 0):
-        return _run(config, workdir, stop or StopRequest())
+        return _run(config, workdir, stop or StopRequest(), start_over)
 
 
-def _run(config: Config, workdir: pathlib.Path, stop: StopRequest) -> dict:
+def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> dict:
     try:
-        session = _open(config, workdir, stop)
+        session = _open(config, workdir, stop, start_over)
     except _StoppedDuringStartup:
         print(f"stopped by {stop.signal_name or 'request'} during start-up, before compiling; nothing new "
               "to save", flush=True)

@@ -9,14 +9,15 @@ pool on each input set (the paper's Figure 5). Needs matplotlib (pip install mat
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
-import sys
 
 import numpy as np
 
+from rexmoe_jax import cli, outputs
+from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runlog import METRICS_FILE, ROUTING_FILE, read_records
+from rexmoe_jax.workdir import EVAL_FILE
 
 
 def pyplot():
@@ -24,11 +25,16 @@ def pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit('error: plotting needs matplotlib: pip install -e ".[plot]"') from None
+        raise ConfigError('plotting needs matplotlib: pip install -e ".[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def _save(fig, path: pathlib.Path) -> None:
+    with outputs.staged_file(path) as staging:  # whole or not at all; a failed write is a WriteError
+        fig.savefig(staging, dpi=120, format="png")
 
 
 def plot_losses(records: list[dict], path: pathlib.Path) -> None:
@@ -43,7 +49,7 @@ def plot_losses(records: list[dict], path: pathlib.Path) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -59,7 +65,7 @@ def plot_psr(records: list[dict], path: pathlib.Path) -> None:
     lr_ax.plot(steps, [r["lr"] for r in train], color="C1", lw=1)
     lr_ax.set_ylabel("learning rate", color="C1")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -82,7 +88,7 @@ def plot_expert_load(routing: dict, path: pathlib.Path) -> None:
            title=f"Expert load over the candidate pool at step {routing['step']} (LBV)")
     fig.colorbar(image, ax=ax, label="LBV = (load - mean) / mean")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -99,36 +105,80 @@ def plot_activation(name: str, routing: dict, path: pathlib.Path) -> None:
     ax.set(xlabel="pool expert", ylabel="layer", title=f"Expert activation ratio on {name}")
     fig.colorbar(image, ax=ax, label="share of tokens (a row sums to K)")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _save(fig, path)
     plt.close(fig)
 
 
+def _drawn_here(path: pathlib.Path) -> bool:
+    """Whether a PNG was drawn by matplotlib (its header names it), so that plot may replace it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Software\x00Matplotlib" in head
+
+
+def _require(ok: bool, path: pathlib.Path, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {what}; is --workdir a training run?")
+
+
+def _is_matrix(value) -> bool:
+    return (isinstance(value, list) and len(value) > 0 and all(isinstance(row, list) and row for row in value)
+            and len({len(row) for row in value}) == 1)
+
+
+def _inputs(workdir: pathlib.Path) -> tuple[list[dict], dict | None, dict]:
+    """(metrics records, last routing record, eval.json's routing), checked before anything is
+    drawn: a picture is either drawn whole or the command stops first."""
+    metrics_file, routing_file, eval_file = workdir / METRICS_FILE, workdir / ROUTING_FILE, workdir / EVAL_FILE
+    records = [r for r in read_records(metrics_file) if isinstance(r.get("step"), int)]
+    _require(bool(records), metrics_file, "has no records with a step")
+    train = [r for r in records if "loss" in r]
+    missing = next((k for r in train for k in ("psr_pool_size", "lr") if k not in r), None)
+    _require(missing is None, metrics_file, f"a training record without {missing!r}")
+    routing = read_records(routing_file)
+    last = routing[-1] if routing else None
+    if last is not None:
+        for key in ("step", "expert_load", "pool_sizes"):
+            _require(key in last, routing_file, f"its last record has no {key!r}")
+        _require(_is_matrix(last["expert_load"]), routing_file, "its last 'expert_load' is not a (layers x pool) list")
+    sets = {}
+    if eval_file.is_file():
+        try:
+            sets = json.loads(eval_file.read_text())["routing"]
+            for name, analysis in sets.items():
+                _require(_is_matrix(analysis["activation_ratio"]), eval_file, f"routing {name!r} has no matrix")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            _require(False, eval_file, "not an evaluate report (no 'routing' with 'activation_ratio')")
+    return records, last, sets
+
+
+@cli.command
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.plot", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.plot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--output", default=None, help="folder for the PNG files (default: the workdir)")
     args = parser.parse_args(argv)
     workdir = pathlib.Path(args.workdir)
-    records = read_records(workdir / METRICS_FILE)
-    if not records:
-        print(f"error: {workdir / METRICS_FILE} has no records; is --workdir a training run?", file=sys.stderr)
-        return 2
+    records, routing, sets = _inputs(workdir)
     output = pathlib.Path(args.output) if args.output else workdir
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {str(output)!r} is a file; give a folder")
+    activation = {name: "activation_" + "".join(c if c.isalnum() else "_" for c in name) + ".png" for name in sets}
+    names = ["loss.png", "psr.png", *["expert_load.png"] * (routing is not None), *activation.values()]
+    for name in names:  # Before drawing anything.
+        outputs.check_file(output / name, "--output", ours=_drawn_here)
+    pyplot()
     output.mkdir(parents=True, exist_ok=True)
     plot_losses(records, output / "loss.png")
     plot_psr(records, output / "psr.png")
-    written = ["loss.png", "psr.png"]
-    routing = read_records(workdir / ROUTING_FILE)
-    if routing:
-        plot_expert_load(routing[-1], output / "expert_load.png")
-        written.append("expert_load.png")
-    evaluation = workdir / "eval.json"
-    if evaluation.is_file():
-        for name, analysis in json.loads(evaluation.read_text())["routing"].items():
-            filename = "activation_" + "".join(c if c.isalnum() else "_" for c in name) + ".png"
-            plot_activation(name, analysis, output / filename)
-            written.append(filename)
-    print(f"wrote {', '.join(written)} to {output}")
+    if routing is not None:
+        plot_expert_load(routing, output / "expert_load.png")
+    for name, analysis in sets.items():
+        plot_activation(name, analysis, output / activation[name])
+    print(f"wrote {', '.join(names)} to {output}")
     return 0
 
 

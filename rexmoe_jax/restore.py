@@ -18,6 +18,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, from_dict
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.tokenizer import Tokenizer
+from rexmoe_jax.workdir import CHECKPOINTS, CONFIG_FILE
 
 
 @dataclasses.dataclass
@@ -29,7 +30,7 @@ class Run:
 
 
 def read_config(workdir: pathlib.Path) -> Config:
-    config_file = workdir / "config.json"
+    config_file = workdir / CONFIG_FILE
     if not config_file.is_file():
         raise ConfigError(f"{str(workdir)!r} has no config.json; is it a training run's --workdir?")
     try:
@@ -41,12 +42,28 @@ def read_config(workdir: pathlib.Path) -> Config:
     return from_dict(saved)
 
 
+def check_run(workdir: pathlib.Path) -> Config:
+    """The config of a run that has a checkpoint, read cheaply: for a command that checks its
+    inputs before a slow start."""
+    config = read_config(workdir)
+    folder = workdir / CHECKPOINTS
+    if not folder.is_dir() or not any(p.name.isdigit() for p in folder.iterdir()):
+        raise ConfigError(f"{str(workdir)!r} has no checkpoint yet; train first")
+    return config
+
+
 def restore(workdir: str | pathlib.Path) -> Run:
     """The newest readable checkpoint of a --workdir, on the default device."""
     from rexmoe_jax.data import resolve_tokenizer
 
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
+    tokenizer = resolve_tokenizer(config.data)
+    if tokenizer.vocab_size > config.model.vocab_size:  # Checked before the slow part.
+        which = f"data.tokenizer={config.data.tokenizer!r}" if config.data.tokenizer else "the run's tokenizer"
+        raise ConfigError(f"{which} has {tokenizer.vocab_size} tokens but {str(workdir)!r} has "
+                          f"model.vocab_size={config.model.vocab_size}: its ids would fall outside the model; "
+                          "it is not the tokenizer the run was trained with")
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)  # the optimizer state is in the checkpoint
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -59,4 +76,4 @@ def restore(workdir: str | pathlib.Path) -> Run:
     if restored is None:
         raise ConfigError(f"{str(workdir)!r} has no checkpoint yet; train first")
     state, _ = restored
-    return Run(config, state.params, resolve_tokenizer(config.data), int(state.step))
+    return Run(config, state.params, tokenizer, int(state.step))

@@ -21,18 +21,15 @@ import numpy as np
 from rexmoe_jax import trackers
 from rexmoe_jax.config import Config
 from rexmoe_jax.metrics import load_balance_violation
-from rexmoe_jax.workdir import WriteError, failure_reason
-
-METRICS_FILE = "metrics.jsonl"
-ROUTING_FILE = "routing.jsonl"
+from rexmoe_jax.workdir import METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
 
 
 def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:
     """The JSON objects of a .jsonl file, line by line. A line that is not one (the torn last
-    line of a process killed mid-write) is dropped, with a warning naming it."""
+    line of a process killed mid-write) is dropped, with one warning per file naming the lines."""
     if not path.is_file():
         return []
-    records = []
+    records, dropped = [], []
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -43,9 +40,15 @@ def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:
                 record = None
             if isinstance(record, dict):
                 records.append(record)
-            elif warn:
-                print(f"warning: {path}:{number} is not a complete JSON record (a write cut short?); "
-                      "dropped it", file=sys.stderr, flush=True)
+            else:
+                dropped.append(number)
+    if warn and len(dropped) == 1:
+        print(f"warning: {path}:{dropped[0]} is not a complete JSON record (a write cut short?); dropped it",
+              file=sys.stderr, flush=True)
+    elif warn and dropped:
+        shown = ", ".join(map(str, dropped[:5])) + (f" and {len(dropped) - 5} more" if len(dropped) > 5 else "")
+        print(f"warning: {path}: {len(dropped)} lines are not complete JSON records (lines {shown}); dropped them",
+              file=sys.stderr, flush=True)
     return records
 
 

@@ -24,6 +24,8 @@ import re
 import sys
 import tomllib
 
+from rexmoe_jax import cli
+from rexmoe_jax.cli import BadInput
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -36,7 +38,7 @@ _BUDGET_KEYS = ("steps", "eval_every", "eval_batches", "log_every", "checkpoint_
 METRICS = ("final_eval_loss", "final_underused_share", "final_lbv_max", "final_foreign_share")
 
 
-class StudyError(ValueError):
+class StudyError(BadInput):
     """A bad study file, or results that do not belong to it; the message names the problem."""
 
 
@@ -247,7 +249,7 @@ def load_study(path: str | pathlib.Path) -> Study:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.study", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.study", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="train the study's runs that have no record yet")
     run.add_argument("study", help="the study file (TOML)")
@@ -272,6 +274,7 @@ def results_folder(study: Study, given: str | None) -> pathlib.Path:
     return pathlib.Path(given) if given else ROOT / "studies" / "results" / study.name
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     paths = args.study if args.command == "report" else [args.study]
@@ -280,23 +283,18 @@ def main(argv: list[str] | None = None) -> int:
         try:
             studies.append(load_study(path))
         except StudyError as err:
-            print(f"error: study file {path}: {err}", file=sys.stderr)
-            return 2
-    try:
-        if args.command == "report":
-            from rexmoe_jax import study_report
+            raise StudyError(f"study file {path}: {err}") from None
+    if args.command == "report":
+        from rexmoe_jax import study_report
 
-            if args.results and len(studies) > 1:
-                raise StudyError("--results names one study's records; leave it out with several study files")
-            return study_report.write_report([(s, results_folder(s, args.results)) for s in studies],
-                                             pathlib.Path(args.output))
-        from rexmoe_jax import study_runner
+        if args.results and len(studies) > 1:
+            raise StudyError("--results names one study's records; leave it out with several study files")
+        return study_report.write_report([(s, results_folder(s, args.results)) for s in studies],
+                                         pathlib.Path(args.output))
+    from rexmoe_jax import study_runner
 
-        study = studies[0]
-        return study_runner.run(study, study_runner.Options.from_args(args, study, results_folder(study, args.results)))
-    except StudyError as err:  # Options, or records that do not belong to the study.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    study = studies[0]
+    return study_runner.run(study, study_runner.Options.from_args(args, study, results_folder(study, args.results)))
 
 
 if __name__ == "__main__":

@@ -17,11 +17,12 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax import study_figures
-from rexmoe_jax.study import Study
+from rexmoe_jax import outputs, study_figures
+from rexmoe_jax.study import Study, StudyError
 from rexmoe_jax.study_record import load_record
 from rexmoe_jax.study_stats import mean_interval, paired_difference
 
+_MARK = "Written by `python -m rexmoe_jax.study report"  # How a report this wrote is recognised.
 # metric -> (what it is, unit, what "lower" means, what "higher" means)
 _METRICS = {
     "final_eval_loss": ("final held-out loss", "nats", "better", "worse"),
@@ -328,9 +329,12 @@ def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path
     """Writes the report of (study, records folder) pairs and their figures; several studies
     become one section each. Returns 0 (partial results are reported as such)."""
     figures = output.with_suffix("")
+    outputs.check_file(output, "--output", ours=lambda path: _MARK in path.read_text(errors="replace"))
+    if figures.exists() and not figures.is_dir():
+        raise StudyError(f"{str(figures)!r}, the folder for the report's figures, is a file; move it away")
     root = output.parent.parent.resolve()
     command = " ".join(os.path.relpath(study.path.resolve(), root) for study, _ in studies)
-    regenerate = (f"Written by `python -m rexmoe_jax.study report {command}"
+    regenerate = (f"{_MARK} {command}"
                   + (f" --output {os.path.relpath(output.resolve(), root)}`" if output.name != "reproduction.md"
                      or output.parent.name != "docs" else "`") + "; regenerate it rather than edit it.")
     if len(studies) == 1:
@@ -343,6 +347,6 @@ def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path
             # One level down: the studies are sections of this document.
             lines += [("#" + line) if line.startswith("#") else line
                       for line in _study_lines(study, results, output, figures / study.name)]
-    output.write_text("\n".join(lines).rstrip() + "\n")
+    outputs.write_text(output, "\n".join(lines).rstrip() + "\n")
     print(f"wrote {output} and its figures in {figures}")
     return 0

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from rexmoe_jax import study_record
+from rexmoe_jax import outputs, study_record
 from rexmoe_jax.study import ROOT, TRAIN_SCRIPT, Arm, Study, StudyError
 
 # XLA:CPU flags that size its thread pools; replaced by the runner's own for each child.
@@ -28,11 +28,18 @@ _THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS
                      "TF_NUM_INTRAOP_THREADS")
 
 
-def parse_cores(text: str) -> tuple[int, ...]:
-    """"1" or "0-3" or "0,2,4-5" -> the core ids; "" -> every core this process may use."""
+def _usable_cores() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else \
+        tuple(range(os.cpu_count() or 1))
+
+
+def parse_cores(text: str, usable: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """"1" or "0-3" or "0,2,4-5" -> the core ids; "" -> every core this process may use. Each
+    must be one this process may use (`usable`, default: its affinity), so that pinning a
+    training cannot fail after it has started."""
+    usable = _usable_cores() if usable is None else usable
     if not text:
-        return tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else \
-            tuple(range(os.cpu_count() or 1))
+        return usable
     cores = []
     try:
         for part in text.split(","):
@@ -40,6 +47,10 @@ def parse_cores(text: str) -> tuple[int, ...]:
             cores += range(int(first), int(last or first) + 1)
     except ValueError:
         raise StudyError(f"--cores {text!r}: expected core ids like 1 or 0-3 or 0,2,4-5") from None
+    unusable = sorted(set(cores) - set(usable))
+    if unusable:
+        raise StudyError(f"--cores {text!r}: core {unusable[0]} is not one this machine lets it use "
+                         f"({','.join(map(str, usable))})")
     return tuple(sorted(set(cores)))
 
 
@@ -168,7 +179,12 @@ def _start(study: Study, options: Options, job: _Job, slot: int) -> None:
     with open(job.workdir / "train.log", "a") as log:
         job.process = subprocess.Popen(_command(study, options, job), stdout=log, stderr=subprocess.STDOUT,
                                        cwd=ROOT, env=_child_env(len(cores)), start_new_session=True)
-    _pin(job.process.pid, cores)
+    try:
+        _pin(job.process.pid, cores)
+    except OSError as err:  # Checked by parse_cores; a machine whose cores changed since: stop it.
+        _stop(job)
+        raise StudyError(f"cannot pin {job.label} to core(s) {','.join(map(str, cores))} "
+                         f"({err.strerror}); it was stopped") from None
     how = f"resuming after step {job.from_step}" if job.from_step else "starting"
     _say(f"{how} {job.label} on core(s) {','.join(map(str, cores))} (pid {job.process.pid}) in {job.workdir}")
 
@@ -273,14 +289,35 @@ def _forward(signals: _Signals, running: dict[int, _Job]) -> None:
                 break
 
 
+def _stop(job: _Job, grace: float = 30.0) -> None:
+    """Ends a training: SIGTERM (it saves a checkpoint and exits), SIGKILL after `grace` seconds."""
+    if job.process.poll() is None:
+        os.kill(job.process.pid, signal.SIGTERM)
+        try:
+            job.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.process.pid, signal.SIGKILL)
+            job.process.wait()
+
+
 def _loop(study: Study, options: Options, pending: list[_Job], recorder: _Recorder, signals: _Signals) -> int:
     running: dict[int, _Job] = {}
+    try:
+        return _run_queue(study, options, pending, recorder, signals, running)
+    except BaseException:  # A failure of the runner itself: no training is left behind.
+        for job in running.values():
+            _stop(job)
+        raise
+
+
+def _run_queue(study: Study, options: Options, pending: list[_Job], recorder: _Recorder, signals: _Signals,
+               running: dict[int, _Job]) -> int:
     failures, last_progress = 0, time.time()
     while pending or running:
         for slot in range(len(options.slots)):
             if slot not in running and pending and not signals.count:
+                _start(study, options, pending[0], slot)
                 running[slot] = pending.pop(0)
-                _start(study, options, running[slot], slot)
         _forward(signals, running)
         time.sleep(options.poll_seconds)
         for slot, job in list(running.items()):
@@ -311,6 +348,8 @@ def run(study: Study, options: Options) -> int:
             recorder.write(job)
             _say(f"recorded {job.label} (trained in an earlier sitting)")
     pending = [job for job in pending if not job.record.is_file()]
+    for job in pending:  # Before anything starts: a record may go nowhere a user's file or a run's is.
+        outputs.check_file(job.record, "--results", ours=lambda _: False)
     if options.dry_run:
         for job in pending:
             step = study_record.last_step(job.workdir)

@@ -49,11 +49,24 @@ def encode_pair(tokenizer: Tokenizer, context: str, continuation: str) -> tuple[
     return context_ids, whole[len(context_ids):]
 
 
-def _valid(q) -> bool:
-    return (isinstance(q, dict) and isinstance(q.get("context"), str) and isinstance(q.get("choices"), list)
-            and len(q["choices"]) >= 2 and all(isinstance(c, str) and c for c in q["choices"])
-            and type(q.get("label")) is int and 0 <= q["label"] < len(q["choices"])  # not a bool
-            and isinstance(q.get("delimiter", ""), str))
+def _problem(q) -> str | None:
+    """What is wrong with a question, naming the field; None when nothing is."""
+    if not isinstance(q, dict):
+        return f"expected a JSON object, got {type(q).__name__}"
+    if not isinstance(q.get("context"), str):
+        return "'context' must be a string" + ("" if "context" in q else " and is missing")
+    choices = q.get("choices")
+    if not isinstance(choices, list) or len(choices) < 2:
+        return "'choices' must be a list of 2 or more strings"
+    bad = next((i for i, c in enumerate(choices) if not (isinstance(c, str) and c)), None)
+    if bad is not None:
+        return f"'choices'[{bad}] must be a non-empty string, got {choices[bad]!r}"
+    label = q.get("label")
+    if type(label) is not int or not 0 <= label < len(choices):  # type(), so that true is not 1
+        return f"'label' must be the index of the right choice, 0 to {len(choices) - 1}, got {label!r}"
+    if not isinstance(q.get("delimiter", ""), str):
+        return f"'delimiter' must be a string, got {q['delimiter']!r}"
+    return None
 
 
 def read_task(path: pathlib.Path | str) -> list[dict]:
@@ -64,9 +77,9 @@ def read_task(path: pathlib.Path | str) -> list[dict]:
         raise ConfigError(f"task file {str(path)!r} does not exist")
     questions = []
     for number, q in json_lines(path):
-        if not _valid(q):
-            raise ConfigError(f'{path}:{number}: expected {{"context": str, "choices": [2 or more str], '
-                              '"label": index of the right choice, "delimiter": optional str}')
+        problem = _problem(q)
+        if problem is not None:
+            raise ConfigError(f"{path}:{number}: {problem}")
         questions.append(q)
     if not questions:
         raise ConfigError(f"task file {str(path)!r} holds no questions")

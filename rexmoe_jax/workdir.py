@@ -22,9 +22,17 @@ import socket
 import tempfile
 import time
 
+from rexmoe_jax.cli import WriteFailed
 from rexmoe_jax.config import ConfigError
 
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+ROUTING_FILE = "routing.jsonl"
 LOCK_FILE = "run.lock"
+CHECKPOINTS = "checkpoints"
+EVAL_FILE = "eval.json"  # written by evaluate (by default), read by plot
+# What training writes in a run folder: no other command writes these names there.
+RUN_FILES = (CONFIG_FILE, METRICS_FILE, ROUTING_FILE, LOCK_FILE, CHECKPOINTS, "tensorboard")
 
 # Failures of the storage rather than of the program: the run stops with one line naming them.
 _WRITE_FAILURES = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
@@ -39,7 +47,7 @@ class WorkdirInUse(ConfigError):
     """Another process holds the workdir's lock."""
 
 
-class WriteError(RuntimeError):
+class WriteError(WriteFailed):
     """Writing a checkpoint or a log failed; the message is one line naming what and where."""
 
 
@@ -58,6 +66,11 @@ def failure_reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {first_line}" if first_line else type(err).__name__
 
 
+def is_run(folder: pathlib.Path) -> bool:
+    """Whether `folder` is (or was begun as) a training run's --workdir."""
+    return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE, CHECKPOINTS))
+
+
 def check_writable(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -71,11 +84,23 @@ def check_writable(workdir: pathlib.Path) -> None:
 @contextlib.contextmanager
 def locked(workdir: pathlib.Path, *, writer: bool = True):
     """Holds the workdir's lock while the block runs. `writer` is False on the processes of a
-    multi-host run that write nothing: only the writing process takes the lock."""
+    multi-host run that write nothing: only the writing process takes the lock. A workdir this
+    made is removed again when the block fails before writing anything into it (a bad input
+    leaves no empty folder behind)."""
+    made = not workdir.exists()
     check_writable(workdir)
-    if not writer:
-        yield
-        return
+    try:
+        with _lock(workdir) if writer else contextlib.nullcontext():
+            yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+                workdir.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def _lock(workdir: pathlib.Path):
     try:
         fd = _acquire(workdir / LOCK_FILE)
     except OSError as err:

@@ -1,7 +1,9 @@
-"""Runs every case of issue 15 ("No work lost, no tracebacks") against the real commands and
-prints its closing table: case -> message -> exit code -> what was kept.
+"""Runs every case of issues 15 ("No work lost, no tracebacks") and 26 ("No work lost, second
+round") against the real commands and prints their closing table: case -> message -> exit code
+-> what was kept.
 
-    python scripts/robustness_cases.py > table.md    # from the repository root; 11 min on 2 busy cores
+    python scripts/robustness_cases.py > table.md       # from the repository root; both issues
+    python scripts/robustness_cases.py 26 > table.md    # one issue's cases (and case 1, the shared run)
 
 Each case runs train.py, `python -m rexmoe_jax.evaluate`, `python -m rexmoe_jax.generate` or
 `python -m rexmoe_jax.data` in a subprocess, in a temporary folder, set up as the test suite sets
@@ -30,6 +32,8 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # tests/files.py: the hashes the tests compare
+from files import hashes  # noqa: E402
 PY = sys.executable
 TOKENIZER = ROOT / "rexmoe_jax" / "assets" / "tokenizer.json"
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -97,10 +101,10 @@ class Env:
     def train(self, workdir: pathlib.Path, *overrides: str) -> list[str]:
         return [PY, "train.py", "--workdir", str(workdir), *SMALL, f"data.corpus={self.corpus}", *overrides]
 
-    def run(self, cmd: list[str], *, env: dict | None = None, preexec_fn=None) -> Result:
+    def run(self, cmd: list[str], *, env: dict | None = None, preexec_fn=None, cwd=ROOT) -> Result:
         print(f"  $ {' '.join(cmd)[:200]}", file=sys.stderr, flush=True)
         start = time.perf_counter()
-        done = subprocess.run(cmd, cwd=ROOT, env=env or self.vars, capture_output=True, text=True,
+        done = subprocess.run(cmd, cwd=cwd, env=env or self.vars, capture_output=True, text=True,
                               timeout=900, preexec_fn=preexec_fn, check=False)  # noqa: PLW1509
         return Result(done.returncode, done.stdout, done.stderr, time.perf_counter() - start)
 
@@ -447,6 +451,320 @@ def read_only_tools(env: Env) -> list[Case]:
     return cases
 
 
+# Issue 26: no work lost, second round ----------------------------------------------------------
+
+
+def kept(before: dict, after: dict) -> tuple[str, bool]:
+    """('files unchanged (N hashed)', True), or what changed."""
+    if before == after:
+        return f"files unchanged ({len(before)} hashed before and after)", True
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    return f"CHANGED: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''}", False
+
+
+def refused(name: str, result: Result, naming: str, root: pathlib.Path, before: dict, code: int = 2) -> Case:
+    """A refused command: the status, one line naming `naming`, and every file under `root` as it was."""
+    what, same = kept(before, hashes(root))
+    ok = result.code == code and result.one_line_error and naming in result.message and same
+    return Case(name, result, f"names {naming!r}; {what}", ok)
+
+
+def prepare_cmd(source, output, *extra) -> list[str]:
+    return [PY, "-m", "rexmoe_jax.data", "prepare", "--source", str(source), "--tokenizer", str(TOKENIZER),
+            "--output", str(output), *extra]
+
+
+def prepare_cases(env: Env) -> list[Case]:
+    """1 and 6: the three data-loss cases, an existing output, '.', a full disk and Ctrl-C."""
+    root = env.folder("prepare")
+    source = root / "corpus"
+    source.mkdir()
+    shutil.copy(env.corpus, source / "kjv200.jsonl")
+    (source / "README.txt").write_text("where this corpus came from\n")
+    (root / "beside.txt").write_text("a file next to the corpus\n")
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("years of work\n")
+    cases = []
+    for name, output, naming in (("1a. prepare --output a folder holding other files", root / "mine", "holds files"),
+                                 ("1b. prepare --output the source folder itself", source, "holds the input"),
+                                 ("1c. prepare --output the source's parent", root, "holds the input"),
+                                 ("6b. prepare --output an existing file", root / "beside.txt", "is a file")):
+        before = hashes(root)
+        cases.append(refused(name, env.run(prepare_cmd(source, output)), naming, root, before))
+    before = hashes(root)
+    here = env.run(prepare_cmd("corpus", "."), cwd=root)
+    cases.append(refused("6c. prepare --output . (the folder holding the source)", here, "holds the input", root,
+                         before))
+    earlier = root / "prepared"
+    assert env.run(prepare_cmd(source / "kjv200.jsonl", earlier)).code == 0
+    big = env.folder("prepare-big")
+    (big / "kjv.txt").write_text("\n\n".join(_kjv()))
+    before = hashes(root)
+    full = env.run(prepare_cmd(big / "kjv.txt", earlier, "--txt-documents", "paragraph"),
+                   preexec_fn=_file_size_limit(256 * 1024))
+    cases.append(refused("6a. prepare, a full disk (256 KiB file-size limit), over an earlier corpus", full,
+                         "file too large while writing", root, before, code=4))
+    cases.append(ctrl_c_prepare(env, big / "kjv.txt", root, earlier))
+    return cases
+
+
+def _kjv() -> list[str]:
+    sys.path.insert(0, str(ROOT))
+    from rexmoe_jax.data import read_embedded_documents
+
+    return read_embedded_documents()
+
+
+def ctrl_c_prepare(env: Env, source: pathlib.Path, root: pathlib.Path, earlier: pathlib.Path) -> Case:
+    """SIGINT once the temporary folder holds tokens.bin; seconds are from the signal to the exit."""
+    before = hashes(root)
+    cmd = prepare_cmd(source, earlier, "--txt-documents", "paragraph")
+    print(f"  $ {' '.join(cmd)[:200]}  (SIGINT while writing)", file=sys.stderr, flush=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env.vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while not list(root.glob(".prepared.*.partial/tokens.bin")) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    out, err = proc.communicate(timeout=120)
+    result = Result(proc.returncode, out, err, time.perf_counter() - start)
+    what, same = kept(before, hashes(root))
+    return Case("6d. prepare, Ctrl-C while writing over an earlier corpus", result,
+                f"quiet: {'yes' if not err else 'NO'}; {what}", result.code == 130 and not err and same)
+
+
+def evaluate_over_the_log(env: Env) -> list[Case]:
+    """2: evaluate --output W/metrics.jsonl; then plot still reads the run."""
+    run = env.copy_base("eval-output")
+    before = hashes(run)
+    result = env.run(EVALUATE + ["--workdir", str(run), "--output", str(run / "metrics.jsonl")])
+    case = refused("2. evaluate --output WORKDIR/metrics.jsonl", result, "is one of the files of the training run",
+                   run, before)
+    plotted = env.run([PY, "-m", "rexmoe_jax.plot", "--workdir", str(run), "--output", str(env.tmp / "pictures")])
+    case.kept += f"; plot afterwards: exit {plotted.code}"
+    case.ok = case.ok and plotted.code == 0
+    return [case]
+
+
+STUDY = """name = "robustness"
+preset = "configs/tiny.py"
+baseline = "base"
+seeds = [0]
+[budget]
+steps = 30
+checkpoint_every = 10
+[base]
+{base}
+[[arm]]
+name = "base"
+set = {{ "model.reuse" = 1 }}
+"""
+
+
+def study_cores(env: Env) -> list[Case]:
+    """3: --cores 50 on this machine; nothing may start."""
+    root = env.folder("study")
+    base = "\n".join(f'"{o.split("=")[0]}" = {json.dumps(_toml_value(o.split("=", 1)[1]))}'
+                     for o in SMALL if not o.startswith("train."))
+    (root / "s.toml").write_text(STUDY.format(base=base))
+    before = hashes(root)
+    result = env.run([PY, "-m", "rexmoe_jax.study", "run", str(root / "s.toml"), "--cores", "50",
+                      "--runs", str(root / "runs"), "--results", str(root / "results"),
+                      "--corpus", str(env.corpus)])
+    case = refused("3. study run --cores 50 (cores this machine lacks)", result, "core 50 is not one", root, before)
+    case.kept += "; no run folder, no train.py started"
+    return [case]
+
+
+def _toml_value(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def lm_eval_cases(env: Env) -> list[Case]:
+    """4: missing workdir, config.json only, truncated config.json, a label out of range."""
+    root = env.folder("lm-eval")
+    (root / "config-only").mkdir()
+    shutil.copy(env.base / "config.json", root / "config-only" / "config.json")
+    (root / "truncated").mkdir()
+    (root / "truncated" / "config.json").write_text((env.base / "config.json").read_text()[:100])
+    (root / "t.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "label": 5}\n')
+    cases = []
+    for name, workdir, task, naming in (
+            ("4a. lm_eval, a workdir that does not exist", root / "missing", None, "has no config.json"),
+            ("4b. lm_eval, a workdir with config.json only", root / "config-only", None, "has no checkpoint yet"),
+            ("4c. lm_eval, a truncated config.json", root / "truncated", None, "is not readable JSON"),
+            ("4d. lm_eval, a task label out of range", env.base, root / "t.jsonl", "'label' must be the index")):
+        before = hashes(root), hashes(env.base)
+        result = env.run([PY, "-m", "rexmoe_jax.lm_eval", "--model", "rexmoe", "--model_args", f"workdir={workdir}",
+                          "--tasks", str(task or ROOT / "examples/tasks/kjv_cloze.jsonl")])
+        what, same = kept(before[0] | before[1], hashes(root) | hashes(env.base))
+        cases.append(Case(name, result, f"names {naming!r}; {what}",
+                          result.code == 2 and result.one_line_error and naming in result.message and same))
+    return cases
+
+
+TINY_RUN = ["data.seq_len=16", "data.batch_size=4", "train.steps=2", "train.checkpoint_every=1",
+            "train.eval_every=2", "train.eval_batches=1", "train.sample_tokens=0", "mesh.num_devices=1"]
+
+
+def unreadable_checkpoints(env: Env) -> list[Case]:
+    """5: the tiny preset's model (large enough for orbax's concurrent reads), every checkpoint's
+    largest array file truncated: train.py, train.py again, generate, train.py --start-over."""
+    good = env.tmp / "tiny-run"
+    trained = env.run([PY, "train.py", "--workdir", str(good), f"data.corpus={env.corpus}", *TINY_RUN])
+    assert trained.code == 0, trained.stderr[-2000:]
+    for step in checkpoints(good):
+        largest = max((p for p in (good / "checkpoints" / step).rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:100])
+    reader = pathlib.Path(shutil.copytree(good, env.tmp / "tiny-run-read"))
+    cmd = [PY, "train.py", "--workdir", str(good), f"data.corpus={env.corpus}", *TINY_RUN]
+    first = env.run(cmd)
+    names = describe_checkpoints(good)
+    again = env.run(cmd)
+    names_again = describe_checkpoints(good)
+    before = hashes(reader)
+    generated = env.run(GENERATE + ["--workdir", str(reader), "--prompt", "And God said"])
+    over = env.run(cmd + ["--start-over"])
+    what, same = kept(before, hashes(reader))
+    return [
+        Case("5a. every checkpoint unreadable: train.py", first, f"{names}; {len(first.stderr.splitlines())} "
+             f"stderr line(s)", first.code == 2 and first.one_line_error and "--start-over" in first.message
+             and "set aside as 2.corrupt and 1.corrupt" in first.message),
+        Case("5b. the same command again", again, names_again,
+             again.code == 2 and again.one_line_error and "set aside earlier" in again.message),
+        Case("5c. generate on such a run", generated, what, generated.code == 2 and generated.one_line_error
+             and "can be read" in generated.message and same),
+        Case("5d. train.py --start-over", over, f"{describe_checkpoints(good)}; last logged step "
+             f"{max(train_steps(good), default=None)}", over.code == 0 and over.tracebacks == 0
+             and checkpoints(good) == ["1", "1.corrupt", "2", "2.corrupt"] and max(train_steps(good)) == 2),
+    ]
+
+
+def generate_cases(env: Env) -> list[Case]:
+    """7, 10, 11a, 11b."""
+    root = env.folder("generate")
+    changed = env.copy_base("generate-changed")
+    config = json.loads((changed / "config.json").read_text())
+    config["train"]["steps"] = 40  # a later resume's setting: generate has nothing to note
+    (changed / "config.json").write_text(json.dumps(config))
+    big_vocab = env.copy_base("generate-tokenizer")
+    made = env.run([PY, "-m", "rexmoe_jax.data", "train-tokenizer", "--source", str(env.corpus), "--vocab-size",
+                    "5000", "--output", str(root / "tok5000.json")])
+    assert made.code == 0, made.stderr
+    config = json.loads((big_vocab / "config.json").read_text())
+    config["data"]["tokenizer"] = str(root / "tok5000.json")
+    (big_vocab / "config.json").write_text(json.dumps(config))
+    cases = []
+    for name, workdir, args, naming in (
+            ("7a. generate --max-new-tokens 100000000", env.base, ["--max-new-tokens", "100000000"],
+             "new tokens do not fit"),
+            ("7b. generate --top-k 100000", env.base, ["--top-k", "100000"], "larger than the vocabulary"),
+            ("10. generate, a 5,000-token tokenizer on a 4,096-token model", big_vocab, [], "has 5000 tokens"),
+            ("11a. generate, one empty prompt among two", env.base, ["--prompt", ""], "--prompt number 2 of 2")):
+        before = hashes(workdir)
+        result = env.run(GENERATE + ["--workdir", str(workdir), "--prompt", "And God said", *args])
+        cases.append(refused(name, result, naming, workdir, before))
+    piped = env.run(GENERATE + ["--workdir", str(changed), "--prompt", "And God said", "--max-new-tokens", "4"])
+    cases.append(Case("11b. generate on a run resumed with other settings: stdout", piped,
+                      f"stdout: {piped.stdout.strip()[:60]!r}", piped.code == 0 and "note:" not in piped.stdout))
+    return cases
+
+
+def plot_cases(env: Env) -> list[Case]:
+    """8 and 11f."""
+    root = env.folder("plot")
+    (root / "taken.png").write_text("a file of mine\n")
+    run = env.copy_base("plot-run")
+    before = hashes(root) | hashes(run)
+    result = env.run([PY, "-m", "rexmoe_jax.plot", "--workdir", str(run), "--output", str(root / "taken.png")])
+    what, same = kept(before, hashes(root) | hashes(run))
+    cases = [Case("8a. plot --output an existing file", result, what,
+                  result.code == 2 and result.one_line_error and same)]
+    record = json.loads((run / "routing.jsonl").read_text().splitlines()[-1])
+    del record["expert_load"]
+    with open(run / "routing.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    before = hashes(run)
+    result = env.run([PY, "-m", "rexmoe_jax.plot", "--workdir", str(run)])
+    cases.append(refused("8b. plot, a routing.jsonl record without expert_load", result, "no 'expert_load'", run,
+                         before))
+    noisy = env.copy_base("plot-noisy")
+    with open(noisy / "metrics.jsonl", "a") as f:
+        f.write("garbage\n" * 40)
+    result = env.run([PY, "-m", "rexmoe_jax.plot", "--workdir", str(noisy)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    cases.append(Case("11f. plot, 40 garbage lines in metrics.jsonl", result, f"{len(lines)} warning line(s)",
+                      result.code == 0 and len(lines) == 1 and "40 lines" in lines[0]))
+    return cases
+
+
+LAUNCH = [PY, "-m", "rexmoe_jax.launch", "-n", "2", "--"]
+
+
+def launch_cases(env: Env) -> list[Case]:
+    """9: a missing and a non-executable command; train.py whose partner fails before joining."""
+    root = env.folder("launch")
+    (root / "script.sh").write_text("#!/bin/sh\necho hello\n")
+    cases = [refused("9a. launch, a command that does not exist", env.run(LAUNCH + ["no-such-command"]),
+                     "does not exist", root, hashes(root)),
+             refused("9b. launch, a command that is not executable", env.run(LAUNCH + [str(root / "script.sh")]),
+                     "is not executable", root, hashes(root))]
+    waiting = env.run(LAUNCH + ["bash", "-c", f'if [ "$JAX_PROCESS_ID" = 1 ]; then sleep 3; exit 3; fi; exec {PY} '
+                                "train.py --distributed --init-timeout 120 mesh.num_devices=1 --workdir "
+                                f"{root / 'never'}"])
+    cases.append(Case("9c. launch: process 1 fails before joining, process 0 waits to join", waiting,
+                      f"ended {waiting.seconds:.0f} s after start (grace 60 s)",
+                      waiting.code == 3 and waiting.seconds < 40 and waiting.tracebacks == 0
+                      and "exit codes [-15, 3]" in waiting.stderr))
+    return cases
+
+
+def small_cases(env: Env) -> list[Case]:
+    """11c, 11d, 11e."""
+    root = env.folder("small")
+    (root / "t.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "label": 7}\n')
+    before = hashes(env.base)
+    task = env.run(EVALUATE + ["--workdir", str(env.base), "--tasks", str(root / "t.jsonl"), "--output",
+                               str(root / "e.json")])
+    fewer = env.copy_base("fewer-steps")
+    before_fewer = hashes(fewer)
+    short = env.run(env.train(fewer, "train.steps=10"))
+    mesh = env.run(env.train(root / "mesh-run", "mesh.expert=2"))
+    return [
+        refused("11c. task file, label 7 of 2 choices", task, "'label' must be the index of the right choice, 0 to 1, "
+                "got 7", env.base, before),
+        refused("11d. resume 30 steps done with train.steps=10", short, "past train.steps=10", fewer, before_fewer),
+        Case("11e. a failed mesh check (expert=2 on 1 device)", mesh,
+             f"workdir left behind: {(root / 'mesh-run').exists()}",
+             mesh.code == 2 and mesh.one_line_error and not (root / "mesh-run").exists()),
+    ]
+
+
+def disagreeing_processes(env: Env) -> list[Case]:
+    """Tests: two train.py processes of one run with different train.steps."""
+    workdir = env.tmp / "disagree"
+    result = env.run(LAUNCH + ["bash", "-c", f'exec {PY} train.py --distributed --simulate-devices 1 --workdir '
+                               f'{workdir} {" ".join(SMALL)} data.corpus={env.corpus} mesh.num_devices=2 '
+                               'train.steps=$((10 + JAX_PROCESS_ID))'])
+    errors = sorted({line.split("] ", 1)[1] for line in result.stderr.splitlines() if "] error:" in line})
+    ok = (result.code == 2 and len(errors) == 1 and "groups of processes that agree: [[0], [1]]" in errors[0]
+          and result.tracebacks == 0)
+    return [Case("MH. 2 processes, train.steps 10 and 11 (launcher's status)", result,
+                 f"each process: {errors[0] if len(errors) == 1 else errors}", ok)]
+
+
+def issue_26(env: Env) -> list[Case]:
+    rows = []
+    for build in (prepare_cases, evaluate_over_the_log, study_cores, lm_eval_cases, unreadable_checkpoints,
+                  generate_cases, plot_cases, launch_cases, small_cases, disagreeing_processes):
+        rows += guarded(build, env)
+    return rows
+
+
 # The table --------------------------------------------------------------------------------------
 
 
@@ -488,37 +806,48 @@ def guarded(build, *args) -> list[Case]:
     return built if isinstance(built, list) else [built]
 
 
-def main() -> int:
+def main(argv: list[str]) -> int:
+    issues = set(argv) & {"15", "26"} or {"15", "26"}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="robustness-") as tmp:
         env = Env(pathlib.Path(tmp))
         write_corpus(env.corpus)
         section("work damaged")
-        damage = guarded(two_processes, env)
+        rows = guarded(two_processes, env)
         if env.base is None or not checkpoints(env.base):
-            print(table(damage))
+            print(table(rows))
             print("\nthe shared run could not be trained; no other case can run")
             return 1
-        for build in (missing_metadata, torn_line, full_disk, unwritable_log):
-            damage += guarded(build, env)
-        section("read-only tools")
-        read_only = guarded(read_only_tools, env)
-        full_evaluate = read_only[0].result
-        section("noise and slowness")
-        noise = guarded(fallback_noise, env) + guarded(sigterm_at_start, env)
-        noise += guarded(evaluate_checks_first, env, full_evaluate)
-        section("tracebacks and silent inputs")
-        refusals = []
-        for build in (bad_presets, bad_corpora, bad_arguments, silent_inputs):
-            refusals += guarded(build, env)
-    rows = damage + noise + refusals + read_only
+        if "15" in issues:
+            rows += issue_15(env)
+        if "26" in issues:
+            section("issue 26")
+            rows += issue_26(env)
     print(table(rows))
     failed = [case.name for case in rows if not case.ok]
-    print(f"\n{len(rows)} cases, {len(rows) - len(failed)} as the issue demands; "
+    print(f"\n{len(rows)} cases, {len(rows) - len(failed)} as the issues demand; "
           f"{time.perf_counter() - start:.0f} s in all")
     for name in failed:
         print(f"- not as demanded: {name}")
     return 1 if failed else 0
 
+
+def issue_15(env: Env) -> list[Case]:
+    damage = []
+    for build in (missing_metadata, torn_line, full_disk, unwritable_log):
+        damage += guarded(build, env)
+    section("read-only tools")
+    read_only = guarded(read_only_tools, env)
+    full_evaluate = read_only[0].result
+    section("noise and slowness")
+    noise = guarded(fallback_noise, env) + guarded(sigterm_at_start, env)
+    noise += guarded(evaluate_checks_first, env, full_evaluate)
+    section("tracebacks and silent inputs")
+    refusals = []
+    for build in (bad_presets, bad_corpora, bad_arguments, silent_inputs):
+        refusals += guarded(build, env)
+    return damage + noise + refusals + read_only
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -139,5 +139,33 @@ def check_host_rows() -> None:
     distributed.finish()
 
 
+def check_agreement(differing: str) -> int:
+    """Run as each of 3 processes (python tests/processes.py agree KEY): process 1 holds another
+    config (KEY "config") or process 2 resumes another step (KEY "step"); the start-up check,
+    through the commands' contract, must end each with exit status 2 and the same one line."""
+    os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    from rexmoe_jax import cli, distributed, sharding
+    from rexmoe_jax.config import MeshConfig
+
+    distributed.initialize(init_timeout=120, heartbeat_timeout=10)
+    import jax
+
+    me = jax.process_index()
+    what = {"config": {"train": {"steps": 20 if differing == "config" and me == 1 else 10}},
+            "resumed step": 30 if differing == "step" and me == 2 else 0}
+
+    @cli.command
+    def start() -> int:
+        try:
+            distributed.check_same(sharding.make_mesh(MeshConfig()), what)
+        finally:
+            distributed.finish()
+        return 0
+
+    return start()
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["agree"]:
+        sys.exit(check_agreement(sys.argv[2]))
     check_host_rows()

@@ -2,6 +2,7 @@
 from an unreadable checkpoint to the previous one, read-only use, and failed saves."""
 
 import contextlib
+import gc
 import logging
 import pathlib
 import resource
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from files import hashes
 
 from rexmoe_jax.checkpoint import Checkpointer, config_changes
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
@@ -85,7 +87,8 @@ def test_any_unreadable_checkpoint_is_set_aside_and_the_previous_one_restored(tm
     err = capfd.readouterr().err
     # One warning line; no "Event loop is closed" or orbax tracebacks around it.
     assert [line for line in err.splitlines() if line.strip()] == [
-        line for line in err.splitlines() if line.startswith("warning: checkpoint 2 is unreadable")]
+        line for line in err.splitlines() if line.startswith(f"warning: checkpoint 2 in {folder} is unreadable (")
+        and line.endswith(f"moved it to {folder / '2.corrupt'} and restored checkpoint 1")]
     assert err.count("warning:") == 1
 
 
@@ -112,7 +115,8 @@ def test_incompatible_only_when_the_saved_config_differs(tmp_path):
         checkpointer.restore(jax.eval_shape(lambda: state), other)
     assert sorted(p.name for p in folder.iterdir()) == ["1", "2"]
     wrong_shapes = {name: jax.ShapeDtypeStruct((7,), jnp.float32) for name in state}
-    assert checkpointer.restore(wrong_shapes, Config()) is None
+    with pytest.raises(ConfigError, match="checkpoints 2 and 1 are unreadable"):
+        checkpointer.restore(wrong_shapes, Config())
     checkpointer.close()
     assert sorted(p.name for p in folder.iterdir()) == ["1.corrupt", "2.corrupt"]
 
@@ -204,6 +208,72 @@ def test_closed_event_loop_reports_are_dropped_and_others_kept(monkeypatch):
                                    exc_traceback=None, err_msg=None, object=None)
     other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("real"), exc_traceback=None,
                                   err_msg=None, object=None)
-    sys.unraisablehook(report)
-    sys.unraisablehook(other)
-    assert seen == [other]
+    # "Exception ignored in: <coroutine object _read_array_index_and_device_put>": a read of orbax's
+    # that failed beside the one reported; the same from a coroutine of anyone else is kept.
+    orbax_read = types.SimpleNamespace(cr_code=types.SimpleNamespace(
+        co_filename="/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py"))
+    failed_read = types.SimpleNamespace(exc_type=Exception, exc_value=Exception("reading array index"),
+                                        exc_traceback=None, err_msg=None, object=orbax_read)
+    mine = types.SimpleNamespace(cr_code=types.SimpleNamespace(co_filename="/work/mine.py"))
+    failed_mine = types.SimpleNamespace(**{**vars(failed_read), "object": mine})
+    for args in (report, other, failed_read, failed_mine):
+        sys.unraisablehook(args)
+    assert seen == [other, failed_mine]
+
+
+def _unreadable_pair(workdir):
+    """Checkpoints 1 and 2 of a state large enough for orbax to read it in many concurrent
+    pieces, each with its array files truncated: nothing can be restored."""
+    state = two_checkpoints(workdir, arrays=24, size=20_000)
+    for step in ("1", "2"):
+        CORRUPTIONS["truncated array files"](workdir / "checkpoints" / step)
+    return jax.eval_shape(lambda: state)
+
+
+def _stderr_lines(capfd) -> list[str]:
+    gc.collect()  # orbax's failed read coroutines are reported when they are collected
+    return [line for line in capfd.readouterr().err.splitlines() if line.strip()]
+
+
+def test_every_checkpoint_unreadable_is_one_line_and_needs_start_over(tmp_path, capfd):
+    abstract = _unreadable_pair(tmp_path)
+    folder = tmp_path / "checkpoints"
+    checkpointer = Checkpointer(tmp_path, keep=3)
+    with pytest.raises(ConfigError) as err:
+        checkpointer.restore(abstract, Config())
+    message = str(err.value)
+    assert message.startswith(f"no checkpoint in {folder} can be read: checkpoints 2 and 1 are unreadable (")
+    assert message.endswith("; set aside as 2.corrupt and 1.corrupt; to train again from step 0 in this "
+                            "--workdir, run with --start-over")
+    assert _stderr_lines(capfd) == []  # nothing but the error the caller prints
+    assert sorted(p.name for p in folder.iterdir()) == ["1.corrupt", "2.corrupt"]
+    # Run again: the set-aside checkpoints still stop it, until --start-over.
+    with pytest.raises(ConfigError, match=r"only checkpoints set aside earlier as unreadable \(1.corrupt and "
+                                          r"2.corrupt\); to train again from step 0"):
+        checkpointer.restore(abstract, Config())
+    assert checkpointer.restore(abstract, Config(), start_over=True) is None
+    checkpointer.close()
+    [warning] = _stderr_lines(capfd)
+    assert warning.startswith("warning: no checkpoint in") and warning.endswith("training from step 0 (--start-over)")
+
+
+def test_every_checkpoint_unreadable_to_a_reader_changes_nothing(tmp_path, capfd):
+    abstract = _unreadable_pair(tmp_path)
+    before = hashes(tmp_path)
+    checkpointer = Checkpointer(tmp_path, keep=3, read_only=True)
+    with pytest.raises(ConfigError, match=r"checkpoints 2 and 1 are unreadable \(.*\); nothing was changed"):
+        checkpointer.restore(abstract, Config(), start_over=True)  # a reader never starts over
+    checkpointer.close()
+    assert _stderr_lines(capfd) == []
+    assert hashes(tmp_path) == before
+
+
+def test_changed_settings_are_noted_when_resuming_not_when_reading(tmp_path, capsys):
+    state = two_checkpoints(tmp_path)
+    longer = apply_overrides(Config(), ["train.steps=500"])
+    for read_only, noted in ((True, False), (False, True)):
+        checkpointer = Checkpointer(tmp_path, keep=3, read_only=read_only)
+        assert checkpointer.restore(jax.eval_shape(lambda: state), longer)[1]["step"] == 2
+        checkpointer.close()
+        out = capsys.readouterr().out
+        assert ("note: resuming step 2 with changed settings: train.steps" in out) == noted, out

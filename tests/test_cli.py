@@ -1,4 +1,6 @@
-"""train.py: overrides, errors, --dry-run, and the paper presets' sizes."""
+"""train.py: overrides, errors, --dry-run, and the paper presets' sizes; and the contract every
+command keeps (rexmoe_jax/cli.py): one line and exit 2 for bad input, 4 for a failed write,
+130 quietly on Ctrl-C, no traceback unless REXMOE_DEBUG asks."""
 
 import json
 import pathlib
@@ -6,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from files import one_error_line
+
+from rexmoe_jax import cli, data, evaluate, generate, launch, plot, study
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -113,7 +118,7 @@ def test_a_bad_corpus_exits_2_naming_the_file(tmp_path, capsys, name, content, m
     line = one_line_error(capsys, ["--workdir", str(tmp_path / "run"), f"data.corpus={tmp_path / name}",
                                    "mesh.num_devices=1", *tokenizer])
     assert message in line
-    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # nothing written, lock released
+    assert not (tmp_path / "run").exists()  # nothing written, not even the folder; lock released
 
 
 def test_a_failed_write_exits_4_with_one_line(tmp_path, capsys, monkeypatch):
@@ -127,3 +132,73 @@ def test_a_failed_write_exits_4_with_one_line(tmp_path, capsys, monkeypatch):
     assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1"]) == 4
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: no space left on device while saving step 30 in DIR; checkpoints 10 and 20 are intact"]
+
+
+def test_a_failed_mesh_check_leaves_no_workdir(tmp_path, capsys):
+    """8 devices do not split 3 ways: one line, and the folder it made is gone again."""
+    line = one_line_error(capsys, ["--workdir", str(tmp_path / "new" / "run"), "mesh.expert=3"])
+    assert "mesh" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new"] and not (tmp_path / "new" / "run").exists()
+
+
+def test_start_over_reaches_the_loop(tmp_path, monkeypatch):
+    from rexmoe_jax import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "run", lambda config, workdir, stop, start_over: seen.append(start_over) or {})
+    assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1", "--start-over"]) == 0
+    assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1"]) == 0
+    assert seen == [True, False]
+
+
+# The contract (rexmoe_jax/cli.py) ------------------------------------------------------------
+
+
+def _failing(exception):
+    @cli.command
+    def main():
+        raise exception
+
+    return main
+
+
+@pytest.mark.parametrize("exception,status,line", [
+    (cli.BadInput("--x 'y' is not a thing"), 2, "error: --x 'y' is not a thing"),
+    (cli.WriteFailed("no space left on device while writing F"), 4, "error: no space left on device while writing F"),
+    (RuntimeError("surprise\nsecond line"), 1,
+     "error: RuntimeError: surprise (unexpected; run again with REXMOE_DEBUG=1 for the traceback)"),
+])
+def test_the_contract_is_one_line_and_a_status(capsys, monkeypatch, exception, status, line):
+    monkeypatch.delenv(cli.DEBUG_VARIABLE, raising=False)
+    assert _failing(exception)() == status
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [line] and captured.out == ""
+
+
+def test_ctrl_c_is_quiet_and_debug_shows_the_traceback(capsys, monkeypatch):
+    monkeypatch.delenv(cli.DEBUG_VARIABLE, raising=False)
+    cleaned = []
+
+    @cli.command
+    def main():
+        try:
+            raise KeyboardInterrupt
+        finally:
+            cleaned.append(True)  # what the command started is cleaned up on the way out
+
+    assert main() == cli.INTERRUPTED == 130 and cleaned == [True]
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(cli.DEBUG_VARIABLE, "1")
+    with pytest.raises(RuntimeError, match="surprise"):
+        _failing(RuntimeError("surprise"))()
+    assert _failing(cli.BadInput("bad"))() == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1] == "error: bad"
+
+
+@pytest.mark.parametrize("main", [train.main, evaluate.main, generate.main, plot.main, data.main, study.main,
+                                  launch.main], ids=lambda m: m.__module__)
+def test_every_command_turns_a_usage_error_into_one_line(capsys, main):
+    assert main(["--no-such-option"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--no-such-option" in line or "required" in line, line

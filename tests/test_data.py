@@ -1,6 +1,10 @@
 """Sources, packing, splitting, prepared token files, and batches as a function of (seed, step)."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -8,6 +12,8 @@ import pytest
 from rexmoe_jax import data, sources
 from rexmoe_jax.config import ConfigError, DataConfig
 from rexmoe_jax.tokenizer import train_bpe
+
+from files import hashes, one_error_line
 
 TEXTS = [f"Document number {i}: " + " ".join(["alpha beta gamma delta"] * (1 + i % 5)) for i in range(40)]
 
@@ -302,3 +308,132 @@ def test_embedded_corpus():
     assert corpus.tokenizer.decode(corpus.held_out[0]).strip()
     with pytest.raises(ConfigError, match="model.vocab_size=100"):
         data.build_corpus(DataConfig(seq_len=32), seed=0, vocab_size=100)
+
+
+# `prepare` never deletes or overwrites what it did not write (issue 26) -------------------------
+
+
+def _prepare(source, tokenizer, output, *extra) -> int:
+    return data.main(["prepare", "--source", str(source), "--tokenizer", str(tokenizer), "--output", str(output),
+                      *extra])
+
+
+@pytest.fixture
+def corpus_folder(tmp_path):
+    """tmp_path/src: a corpus file and a note of the user's; tmp_path/beside.txt next to it."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    (tmp_path / "src" / "notes.md").write_text("my notes\n")
+    (tmp_path / "beside.txt").write_text("a file beside the source\n")
+    return tmp_path / "src"
+
+
+@pytest.mark.parametrize("target,naming", [
+    (lambda src: src, "holds the input"),  # the source folder itself
+    (lambda src: src.parent, "holds the input"),  # the source's parent
+    (lambda src: src / "c.jsonl", "is the input"),  # the source file
+    (lambda src: src.parent / "beside.txt", "is a file"),  # an existing file
+    (lambda src: src.parent / "mine", "holds files this command did not write"),  # a folder of other files
+])
+def test_prepare_refuses_an_output_it_would_damage(corpus_folder, tokenizer_file, capsys, target, naming):
+    root = corpus_folder.parent
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("years of work\n")
+    before = hashes(root)
+    for force in ([], ["--force"]):
+        assert _prepare(corpus_folder, tokenizer_file, target(corpus_folder), *force) == 2
+        assert naming in one_error_line(capsys.readouterr().err)
+        assert hashes(root) == before  # nothing deleted, nothing left behind (no NAME.partial)
+
+
+def test_prepare_refuses_the_current_folder_when_it_holds_the_source(corpus_folder, tokenizer_file, capsys,
+                                                                     monkeypatch):
+    monkeypatch.chdir(corpus_folder.parent)
+    before = hashes(corpus_folder.parent)
+    assert _prepare("src", tokenizer_file, ".") == 2
+    assert f"--output {str(corpus_folder.parent)!r} holds the input" in one_error_line(capsys.readouterr().err)
+    assert hashes(corpus_folder.parent) == before
+
+
+def test_prepare_replaces_only_a_prepared_corpus(corpus_folder, tokenizer_file, capsys):
+    output = corpus_folder.parent / "prepared"
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0
+    first = hashes(output)
+    assert sorted(first) == ["meta.json", "offsets.npy", "tokens.bin"]
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0  # a prepared corpus: replaced
+    assert hashes(output) == first
+    (output / "keep.txt").write_text("mine\n")
+    with_note = hashes(corpus_folder.parent)
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 2
+    assert "(--force replaces it)" in one_error_line(capsys.readouterr().err)
+    assert hashes(corpus_folder.parent) == with_note
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output, "--force") == 0
+    assert hashes(output) == first
+    assert sorted(p.name for p in corpus_folder.parent.iterdir()) == ["beside.txt", "prepared", "src"]
+
+
+def test_prepare_interrupted_leaves_no_partial_folder(corpus_folder, tokenizer_file, capsys, monkeypatch):
+    output = corpus_folder.parent / "prepared"
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0
+    before = hashes(corpus_folder.parent)
+    encode = data._encode_all
+
+    def interrupted(*args, **kwargs):
+        yield next(encode(*args, **kwargs))
+        raise KeyboardInterrupt  # Ctrl-C after the first document was written
+
+    monkeypatch.setattr(data, "_encode_all", interrupted)
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 130
+    assert capsys.readouterr().err == ""  # quietly
+    assert hashes(corpus_folder.parent) == before  # the earlier corpus intact, no temporary folder
+
+
+def test_prepare_write_failure_exits_4_and_leaves_nothing(corpus_folder, tokenizer_file):
+    """A file-size limit (EFBIG, as a full disk) in a small subprocess: nothing imports jax."""
+    output = corpus_folder.parent / "prepared"
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0
+    (corpus_folder / "big.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 200))
+    before = hashes(corpus_folder.parent)
+
+    # The limit is set in the child itself: a preexec_fn would fork this multithreaded (jax) process.
+    limited = ("import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY)); "
+               "sys.argv[0] = 'rexmoe_jax.data'; runpy.run_module('rexmoe_jax.data', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", limited, "prepare", "--source", str(corpus_folder / "big.jsonl"),
+                           "--tokenizer", str(tokenizer_file), "--output", str(output)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 4, done.stderr
+    line = one_error_line(done.stderr)
+    assert "file too large while writing" in line and str(output) in line
+    assert hashes(corpus_folder.parent) == before
+
+
+def test_train_tokenizer_overwrites_nothing_unasked(corpus_folder, capsys):
+    source, output = corpus_folder / "c.jsonl", corpus_folder.parent / "beside.txt"
+    before = hashes(corpus_folder.parent)
+    for target, naming in ((source, "is one of the --source files"), (output, "was not written by this command")):
+        assert data.main(["train-tokenizer", "--source", str(source), "--vocab-size", "280",
+                          "--output", str(target)]) == 2
+        assert naming in one_error_line(capsys.readouterr().err)
+    assert hashes(corpus_folder.parent) == before
+    assert data.main(["train-tokenizer", "--source", str(source), "--vocab-size", "280", "--output", str(output),
+                      "--force"]) == 0
+    assert json.loads(output.read_text())["model"]["type"] == "BPE"
+
+
+def test_prepare_stopped_by_ctrl_c_exits_130_quietly(tmp_path, tokenizer_file):
+    """A real SIGINT while tokens are being written (the whole KJV, some seconds of work)."""
+    source = tmp_path / "kjv.txt"
+    source.write_text("\n\n".join(data.read_embedded_documents()))
+    output = tmp_path / "prepared"
+    proc = subprocess.Popen([sys.executable, "-m", "rexmoe_jax.data", "prepare", "--source", str(source),
+                             "--tokenizer", str(tokenizer_file), "--output", str(output), "--txt-documents",
+                             "paragraph"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".prepared.*.partial/tokens.bin")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err == "" and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kjv.txt"]  # no output, no temporary folder

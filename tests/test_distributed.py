@@ -6,6 +6,7 @@ errors. Every group of processes is killed when its test ends, passed or failed.
 import json
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from processes import ROOT, Processes, child_env, handles_sigterm, train, wait_u
 
 from rexmoe_jax import distributed, launch, loop
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
 from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import read_records
 
@@ -203,6 +204,89 @@ def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
     with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py")]) as group:
         assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
         assert "read only those" in group.output(1)
+
+
+@pytest.mark.parametrize("differing,line", [
+    ("config", "error: the processes disagree on the config (groups of processes that agree: [[0, 2], [1]]); "
+               "start every process with the same command on the same --workdir"),
+    ("step", "error: the processes disagree on the resumed step (groups of processes that agree: [[0, 1], [2]]); "
+             "start every process with the same command on the same --workdir"),
+])
+def test_processes_that_disagree_stop_at_start_naming_the_groups(tmp_path, differing, line):
+    """Three processes, one of which holds another config or resumes another step: every one
+    exits with status 2 and the same single line naming what differs and who agrees."""
+    with Processes(tmp_path, 3, [str(ROOT / "tests" / "processes.py"), "agree", differing]) as group:
+        assert group.wait(RUN_LIMIT) == [2, 2, 2], group.describe()
+        for i in range(3):  # gloo's "[Gloo] Rank i is connected" goes to stdout, the logs hold both
+            said = [text for text in group.output(i).splitlines() if text.strip() and not text.startswith("[Gloo]")]
+            assert said == [line], group.describe()
+
+
+def test_disagreement_names_every_value_that_differs():
+    values = {0: np.asarray([7, 1]), 1: np.asarray([8, 1]), 2: np.asarray([7, 2]), 3: np.asarray([8, 2])}
+    with pytest.raises(ConfigError) as err:
+        distributed.raise_if_different(["config", "resumed step"], values)
+    assert str(err.value).startswith("the processes disagree on the config (groups of processes that agree: "
+                                     "[[0, 2], [1, 3]]) and on the resumed step (groups of processes that agree: "
+                                     "[[0, 1], [2, 3]]); ")
+    distributed.raise_if_different(["config"], {0: np.asarray([5]), 1: np.asarray([5])})
+
+
+@pytest.mark.e2e
+def test_train_processes_with_different_configs_exit_2(args, tmp_path):
+    """train.py as two processes of one run, started with different train.steps: both stop at
+    the start-up check with exit status 2 and one error line, before training a step."""
+    port = launch.free_port()
+    procs = []
+    for i, steps in enumerate((10, 12)):
+        with open(tmp_path / f"process{i}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, *train(["--workdir", str(tmp_path / "run"), *args, f"train.steps={steps}"])],
+                cwd=ROOT, env=child_env(i, 2, port), stdout=subprocess.DEVNULL, stderr=err))
+    try:
+        codes = [p.wait(RUN_LIMIT) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    errors = [[x for x in (tmp_path / f"process{i}.err").read_text().splitlines() if x.startswith("error:")]
+              for i in range(2)]
+    assert codes == [2, 2], errors
+    for found in errors:
+        assert found == ["error: the processes disagree on the config (groups of processes that agree: [[0], [1]]); "
+                         "start every process with the same command on the same --workdir"]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_sigterm_while_joining_ends_the_process_at_once(tmp_path):
+    """Process 0 of 2, whose partner never comes, waits inside JAX's join (a C++ call no Python
+    handler interrupts): SIGTERM then ends it at once, not at --init-timeout."""
+    port = launch.free_port()
+    env = dict(multiprocess_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="0")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--distributed", "--init-timeout", "120",
+                             "--workdir", str(tmp_path / "run"), "mesh.num_devices=1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _answers(port):  # the coordinator is up: the process is inside the join
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGTERM and time.monotonic() - start < 10
+    assert "Traceback" not in err and "saving a checkpoint" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("env,message", [

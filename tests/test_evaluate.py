@@ -10,9 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from files import hashes, one_error_line
 
 from rexmoe_jax import evaluate, generate, loop, plot, scoring, tasks
-from rexmoe_jax.config import Config, apply_overrides
+from rexmoe_jax.config import Config, ConfigError, apply_overrides
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
 from rexmoe_jax.model import Decoder
 from rexmoe_jax.tokenizer import load_tokenizer
@@ -69,20 +70,21 @@ def test_scorer_matches_hand_computed_log_likelihood_and_picks_the_planted_answe
     assert got == {"n": 2, "acc": 0.5, "acc_norm": 0.5, "acc_bytes": 0.5}
 
 
-def test_task_file_errors(tmp_path):
+@pytest.mark.parametrize("line,message", [
+    ('{"context": "a", "choices": ["b"], "label": 0}', "'choices' must be a list of 2 or more strings"),
+    ('{"context": "a", "choices": ["b", ""], "label": 0}', "'choices'[1] must be a non-empty string, got ''"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 2}', "'label' must be the index of the right choice, 0 to 1, got 2"),
+    ('{"context": "a", "choices": ["b", "c"], "label": true}', "'label' must be the index of the right choice, 0 to 1, got True"),
+    ('{"context": "a", "choices": ["b", "c"], "label": 0, "delimiter": 1}', "'delimiter' must be a string, got 1"),
+    ('{"choices": ["b", "c"], "label": 0}', "'context' must be a string and is missing"),
+    ('[1, 2]', "expected a JSON object, got list"),
+])
+def test_task_file_errors_name_the_field(tmp_path, line, message):
     path = tmp_path / "t.jsonl"
-    path.write_text('{"context": "a", "choices": ["b"], "label": 0}\n')
-    with pytest.raises(Exception, match="2 or more"):
+    path.write_text('{"context": "x", "choices": ["y", "z"], "label": 1}\n' + line + "\n")
+    with pytest.raises(ConfigError) as err:
         tasks.read_task(path)
-    path.write_text('{"context": "a", "choices": ["b", "c"], "label": 2}\n')
-    with pytest.raises(Exception, match="label"):
-        tasks.read_task(path)
-    path.write_text('{"context": "a", "choices": ["b", "c"], "label": true}\n')  # a bool is not an index
-    with pytest.raises(Exception, match="label"):
-        tasks.read_task(path)
-    path.write_text('{"context": "a", "choices": ["b", "c"], "label": 0, "delimiter": 1}\n')
-    with pytest.raises(Exception, match="delimiter"):
-        tasks.read_task(path)
+    assert str(err.value) == f"{path}:2: {message}"
 
 
 def test_activation_ratios_sum_to_k_and_foreign_share():
@@ -142,7 +144,7 @@ def _label_true(path):
 @pytest.mark.parametrize("make_args,message", [
     (lambda t: ["--tasks", str(t / "missing.jsonl")], "missing.jsonl' does not exist"),
     (lambda t: (_not_utf8(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: not UTF-8 text"),
-    (lambda t: (_label_true(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: expected"),
+    (lambda t: (_label_true(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: 'label' must be"),
     (lambda t: ["--input-set", f"psalms={t / 'missing.txt'}"], "--input-set psalms="),
     (lambda t: ((t / "s.txt").write_bytes(b"\xff\xfe"), ["--input-set", f"s={t / 's.txt'}"])[1], "not UTF-8"),
     (lambda t: ["--batches", "0"], "--batches must be >= 1, got 0"),
@@ -161,6 +163,37 @@ def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tm
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before  # no output, no folder
     assert not (trained_run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("output,message", [
+    (lambda run, t: run / "metrics.jsonl", "is one of the files of the training run"),
+    (lambda run, t: run / "config.json", "is one of the files of the training run"),
+    (lambda run, t: run / "checkpoints" / "e.json", "is one of the files of the training run"),
+    (lambda run, t: t / "notes.txt", "exists and was not written by this command"),
+    (lambda run, t: t, "is a folder"),
+])
+def test_evaluate_writes_over_nothing_it_did_not_write(trained_run, tmp_path, capsys, monkeypatch, output, message):
+    """Checked before anything is restored or evaluated: the run and the user's files stay byte
+    for byte as they were."""
+    def evaluation_ran(*args, **kwargs):
+        raise AssertionError("the run was restored before the output was checked")
+
+    monkeypatch.setattr("rexmoe_jax.restore.restore", evaluation_ran)
+    (tmp_path / "notes.txt").write_text("mine\n")
+    before = (hashes(trained_run), hashes(tmp_path))
+    assert evaluate.main(["--workdir", str(trained_run), "--output", str(output(trained_run, tmp_path))]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert (hashes(trained_run), hashes(tmp_path)) == before
+
+
+def test_an_earlier_report_may_be_replaced(tmp_path):
+    """What evaluate wrote (an eval.json-shaped object) is its own; a JSON file of other keys is not."""
+    (tmp_path / "old.json").write_text(json.dumps({"step": 3, "eval_loss": 5.0, "routing": {}, "tasks": {}}))
+    (tmp_path / "other.json").write_text(json.dumps({"step": 3, "loss": 5.0}))
+    evaluate._check_output(tmp_path / "old.json")
+    evaluate._check_output(tmp_path / "new.json")
+    with pytest.raises(ConfigError, match="was not written by this command"):
+        evaluate._check_output(tmp_path / "other.json")
 
 
 def test_read_only_tools_change_nothing_in_the_run(trained_run, tmp_path, capsys):

@@ -4,10 +4,17 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from files import hashes, one_error_line
 from test_evaluate import CFG, params_for
 
 from rexmoe_jax import generate
+from rexmoe_jax.config import ConfigError, apply_overrides
+from rexmoe_jax.data import EMBEDDED_TOKENIZER
+from rexmoe_jax.inference import LoadedModel
+from rexmoe_jax.model import Decoder
+from rexmoe_jax.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("sampling", [generate.Sampling(), generate.Sampling(1.0, 5, 0.9)], ids=["greedy", "sampled"])
@@ -50,10 +57,6 @@ def test_new_token_count_is_checked_before_anything_is_loaded(tmp_path, capsys):
 
 
 def test_a_prompt_longer_than_the_trained_length_is_generated_with_a_warning(capsys):
-    from rexmoe_jax.data import EMBEDDED_TOKENIZER
-    from rexmoe_jax.inference import LoadedModel
-    from rexmoe_jax.tokenizer import load_tokenizer
-
     tokenizer = load_tokenizer(EMBEDDED_TOKENIZER)
     model = LoadedModel(CFG, params_for(), tokenizer, step=0)
     prompt = "And God said, Let there be light: and there was light. And God saw the light, that it was good."
@@ -63,3 +66,70 @@ def test_a_prompt_longer_than_the_trained_length_is_generated_with_a_warning(cap
     assert f"runs past the {CFG.data.seq_len} positions the model was trained on" in err
     model.generate("And", max_new_tokens=2)
     assert capsys.readouterr().err == ""  # within the trained length: no warning
+
+
+def _run_folder(tmp_path, cfg=CFG):
+    """A run folder holding only config.json: enough for the checks made before restoring."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "config.json").write_text(cfg.to_json())
+    return folder
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_cache_bytes_is_the_decoders_cache(dtype):
+    """The formula against the cache the decoder really allocates (traced from shapes)."""
+    compute = dataclasses.replace(generate.DEFAULT_COMPUTE, dtype=dtype)
+    tokens = jnp.zeros((3, 11), jnp.int32)
+    cache = jax.eval_shape(lambda: Decoder(CFG.model, compute, decode=True).init(jax.random.key(0), tokens)["cache"])
+    allocated = sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(cache))
+    assert generate.kv_cache_bytes(CFG.model, compute, 3, 11) == allocated
+
+
+def test_requests_are_checked_against_the_model():
+    model, compute = CFG.model, generate.DEFAULT_COMPUTE
+    # By hand: keys and values of 2 layers x 1 KV head x head dim 16, float32, per position and prompt.
+    per_position = 2 * 2 * 1 * 16 * 4
+    free = 2 * per_position * 2 * 100  # half of it holds the cache of 2 prompts x 100 positions
+    generate.check_request(model, compute, [[1, 2, 3], [4]], 97, free=free)
+    with pytest.raises(ConfigError, match="98 new tokens do not fit.*at most 97 new tokens fit"):
+        generate.check_request(model, compute, [[1, 2, 3], [4]], 98, free=free)
+    with pytest.raises(ConfigError, match="prompt 2 of 3 is empty"):
+        generate.check_request(model, compute, [[1], [], [2]], 4)
+    with pytest.raises(ConfigError, match="prompt 1 of 1 holds token id 4096, outside the model's vocabulary"):
+        generate.check_request(model, compute, [[5, 4096]], 4)
+    with pytest.raises(ConfigError, match="top-k 4097 is larger than the vocabulary"):
+        generate.check_request(model, compute, [[5]], 4, generate.Sampling(1.0, top_k=4097))
+    generate.check_request(model, compute, [[5]], 4, generate.Sampling(1.0, top_k=4096))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "100000000"], "100000000 new tokens do not fit"),
+    (["--top-k", "100000"], "top-k 100000 is larger than the vocabulary (model.vocab_size=4096)"),
+    (["--prompt", ""], "--prompt number 2 of 2 is empty"),
+    (["--temperature", "-1"], "invalid sampling"),
+])
+def test_generate_limits_are_one_line_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch, args, message):
+    from rexmoe_jax import restore
+
+    def restored(*_):
+        raise AssertionError("the checkpoint was read before the arguments were checked")
+
+    monkeypatch.setattr(restore, "restore", restored)
+    folder = _run_folder(tmp_path)
+    before = hashes(tmp_path)
+    assert generate.main(["--workdir", str(folder), "--prompt", "And God said", *args]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert hashes(tmp_path) == before
+
+
+def test_a_tokenizer_past_the_models_vocabulary_is_refused(tmp_path, capsys):
+    """A model of 300 tokens with the embedded 4,096-token tokenizer: generate names the prompt's
+    id; loading the run names the tokenizer, before any checkpoint is read."""
+    from rexmoe_jax import restore
+
+    folder = _run_folder(tmp_path, apply_overrides(CFG, ["model.vocab_size=300"]))
+    assert generate.main(["--workdir", str(folder), "--prompt", "Jerusalem", "--max-new-tokens", "2"]) == 2
+    assert "outside the model's vocabulary (model.vocab_size=300)" in one_error_line(capsys.readouterr().err)
+    with pytest.raises(ConfigError, match="has 4096 tokens but .* has model.vocab_size=300"):
+        restore.restore(folder)

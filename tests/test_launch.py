@@ -1,11 +1,15 @@
 """The one-machine launcher, with small Python commands standing in for train.py: each process's
 environment, exit codes, stopping the others when one fails, and signals passed on."""
 
+import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+
+from conftest import TEST_XLA_FLAGS
+from files import one_error_line
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -70,3 +74,27 @@ def test_sigterm_is_passed_on_to_every_process(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = finish(proc)
     assert proc.returncode == 0 and "launch: exit codes [0, 0]" in err, err
+
+
+def test_a_command_that_cannot_start_is_one_line_and_starts_nothing(tmp_path):
+    (tmp_path / "not-executable").write_text(f"#!/bin/sh\necho started > {tmp_path / 'started'}\n")
+    for command, why in ((str(tmp_path / "nonexistent"), "does not exist"), ("no-such-command-here", "does not exist"),
+                         (str(tmp_path / "not-executable"), "is not executable"), (str(tmp_path), "is not a file")):
+        proc = launch("-n", "2", "--", command)
+        out, err = finish(proc)
+        assert proc.returncode == 2 and out == ""
+        assert one_error_line(err) == f"error: cannot start {command!r}: it {why} (and no such command is on PATH)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-executable"]
+
+
+def test_train_py_waiting_to_join_ends_when_its_partner_fails():
+    """Process 1 fails before joining; process 0, train.py waiting for it at the coordinator,
+    ends on the launcher's SIGTERM at once, not at the end of the 60 s grace."""
+    env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)
+    start = time.monotonic()
+    proc = launch("-n", "2", "--", "bash", "-c",
+                  f'if [ "$JAX_PROCESS_ID" = 1 ]; then sleep 3; exit 3; fi; exec {sys.executable} train.py '
+                  "--distributed --init-timeout 120 --workdir /nonexistent/never-made mesh.num_devices=1", env=env)
+    _, err = finish(proc, timeout=120)
+    assert proc.returncode == 3 and time.monotonic() - start < 40, err
+    assert "launch: exit codes [-15, 3]" in err and "Traceback" not in err

@@ -14,6 +14,7 @@ from lm_eval import evaluator
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from files import hashes, one_error_line
 from test_evaluate import CFG
 from test_scoring import by_hand
 
@@ -132,3 +133,37 @@ def test_rolling_and_generation_requests(workdir):
     stop = free[len(free) // 2:][:2] or "x"
     [cut] = model.generate_until([request([stop])])
     assert cut == free[:free.find(stop)] if stop in free else cut == free
+
+
+def _config_only(t):
+    (t / "run").mkdir()
+    (t / "run" / "config.json").write_text(CFG.to_json())
+
+
+def _truncated_config(t):
+    (t / "run").mkdir()
+    (t / "run" / "config.json").write_text(CFG.to_json()[:100])
+
+
+def _label_out_of_range(t):
+    (t / "run").mkdir()
+    (t / "t.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "label": 5}\n')
+
+
+@pytest.mark.parametrize("setup,run,message", [
+    (lambda t: None, "missing", "missing' has no config.json; is it a training run's --workdir?"),
+    (_config_only, "run", "run' has no checkpoint yet; train first"),
+    (_truncated_config, "run", "config.json' is not readable JSON"),
+    (_label_out_of_range, None, "t.jsonl:1: 'label' must be the index of the right choice, 0 to 1, got 5"),
+])
+def test_bad_inputs_are_one_line_before_lm_eval_starts(workdir, tmp_path, capfd, setup, run, message):
+    """The command's own checks, as evaluate makes them: exit 2 and one line, nothing written
+    (run None: the trained run, with a bad task file)."""
+    setup(tmp_path)
+    task = tmp_path / "t.jsonl" if (tmp_path / "t.jsonl").exists() else pathlib.Path("examples/tasks/kjv_cloze.jsonl")
+    before = hashes(tmp_path)
+    argv = ["--model", "rexmoe", "--model_args", f"workdir={tmp_path / run if run else workdir}",
+            "--tasks", str(task), "--output_path", str(tmp_path / "results")]
+    assert rexmoe_lm_eval.main(argv) == 2
+    assert message in one_error_line(capfd.readouterr().err)
+    assert hashes(tmp_path) == before

@@ -7,6 +7,7 @@ import math
 import os
 import pathlib
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from files import hashes
 
 import train
 from rexmoe_jax import loop, runlog
@@ -220,7 +222,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["4", "6"]
     loop.run(config(), tmp_path)
     err = capsys.readouterr().err
-    assert "checkpoint 6 is unreadable" in err and "fell back" in err and "Event loop is closed" not in err
+    assert "checkpoint 6 in" in err and "is unreadable" in err and "restored checkpoint" in err and "Event loop is closed" not in err
     assert (tmp_path / "checkpoints" / "6.corrupt").is_dir()  # set aside, not deleted
     assert_same_run(tmp_path, uninterrupted)
 
@@ -433,3 +435,33 @@ def test_short_training_run_logs_and_learns(tmp_path, capsys):
     assert train_records[0]["loss"] < math.log(4096) + 0.5  # starts near uniform
     assert eval_records[-1]["eval_ppl"] == pytest.approx(math.exp(eval_records[-1]["eval_loss"]))
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 64
+
+
+def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterrupted):
+    """Resumed with train.steps=8 after 12 steps: no "training steps 13-8", no config.json
+    rewritten to 8; one error naming both numbers."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    before = hashes(workdir)
+    with pytest.raises(ConfigError, match=r"checkpoint 12 in .* is past train.steps=8: nothing to train; give "
+                                          r"train.steps >= 12 or another --workdir"):
+        loop.run(config("train.steps=8"), workdir)
+    assert hashes(workdir) == before
+
+
+def test_every_checkpoint_unreadable_stops_until_start_over(tmp_path, uninterrupted):
+    """Each checkpoint's largest array file truncated: the run stops (set aside, nothing
+    trained); with start_over it trains from step 0 and ends as the uninterrupted run did."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    for step in saved_steps(workdir):
+        largest = max((p for p in (workdir / "checkpoints" / str(step)).rglob("*") if p.is_file()),
+                      key=lambda p: p.stat().st_size)
+        largest.write_bytes(largest.read_bytes()[:10])
+    logged = (workdir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="checkpoints 12, 8 and 4 are unreadable .* run with --start-over"):
+        loop.run(config(), workdir)
+    assert (workdir / "metrics.jsonl").read_bytes() == logged
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["12.corrupt", "4.corrupt", "8.corrupt"]
+    loop.run(config(), workdir, start_over=True)
+    assert_same_run(workdir, uninterrupted)

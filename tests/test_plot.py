@@ -3,6 +3,8 @@
 import json
 
 import numpy as np
+import pytest
+from files import hashes, one_error_line
 
 from rexmoe_jax import plot, runlog
 
@@ -19,16 +21,21 @@ def test_truncate_on_resume_and_host_values(tmp_path):
     assert host == {"a": 1.5, "b": [1.0, 2.0], "c": True}
 
 
-def test_plot_writes_three_pngs(tmp_path, capsys):
+def _write_run(folder):
+    """A run's logs: metrics of 20 steps and one routing record of 3 layers x pool 8."""
     records = [{"step": s, "loss": 5 - s / 10, "psr_pool_size": 8 + s // 5, "lr": 1e-3} for s in range(1, 21)]
     records.append({"step": 20, "eval_loss": 3.2, "eval_ppl": 24.5})
     records[5]["loss"] = None  # a non-finite loss, as metrics.jsonl writes it
-    (tmp_path / runlog.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / runlog.METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
     load = np.full((3, 8), 1 / 8)
     load[2, 4:] = 0.0  # a smaller last group of pool 4
     load[2, :4] = 0.25
-    (tmp_path / runlog.ROUTING_FILE).write_text(json.dumps(
+    (folder / runlog.ROUTING_FILE).write_text(json.dumps(
         {"step": 20, "pool_sizes": [8, 8, 4], "expert_load": load.tolist()}) + "\n")
+
+
+def test_plot_writes_three_pngs(tmp_path, capsys):
+    _write_run(tmp_path)
     assert plot.main(["--workdir", str(tmp_path)]) == 0
     for name in ("loss.png", "psr.png", "expert_load.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -38,6 +45,44 @@ def test_plot_writes_three_pngs(tmp_path, capsys):
 def test_plot_without_records(tmp_path, capsys):
     assert plot.main(["--workdir", str(tmp_path)]) == 2
     assert "has no records" in capsys.readouterr().err
+
+
+def _no_expert_load(run):
+    record = json.loads((run / runlog.ROUTING_FILE).read_text())
+    del record["expert_load"]
+    (run / runlog.ROUTING_FILE).write_text(json.dumps(record) + "\n")
+
+
+@pytest.mark.parametrize("damage,args,message", [
+    (lambda run: (run.parent / "out.png").write_text("mine"), ["--output", "{parent}/out.png"],
+     "out.png' is a file; give a folder"),
+    (_no_expert_load, [], "routing.jsonl: its last record has no 'expert_load'"),
+    (lambda run: (run / "loss.png").write_bytes(b"\x89PNG my own picture"), [],
+     "loss.png' exists and was not written by this command"),
+    (lambda run: None, ["--output", "{run}/checkpoints"], "is one of the files of the training run"),
+])
+def test_plot_checks_everything_before_drawing(tmp_path, capsys, damage, args, message):
+    """One line, exit 2, and not one picture drawn: the folder is as it was."""
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_run(run)
+    damage(run)
+    before = hashes(tmp_path)
+    args = [a.format(parent=tmp_path, run=run) for a in args]
+    assert plot.main(["--workdir", str(run), *args]) == 2
+    assert message in one_error_line(capsys.readouterr().err)
+    assert hashes(tmp_path) == before
+
+
+def test_plot_replaces_its_own_pictures_and_warns_once_per_file(tmp_path, capsys):
+    _write_run(tmp_path)
+    with open(tmp_path / runlog.METRICS_FILE, "a") as f:
+        f.write("garbage\n" * 40)
+    for _ in range(2):  # the second time over its own pictures
+        assert plot.main(["--workdir", str(tmp_path)]) == 0
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"warning: {tmp_path / runlog.METRICS_FILE}: 40 lines are not complete JSON records "
+                       "(lines 22, 23, 24, 25, 26 and 35 more); dropped them"]
 
 
 def test_tensorboard_events_when_installed(tmp_path):

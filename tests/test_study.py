@@ -6,6 +6,7 @@ on SIGTERM, and ends at a held-out loss given by a formula the tests know:
 4 - 0.1 r + 0.01 seed^2 r.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from files import hashes, one_error_line
 
 from rexmoe_jax import study, study_record, study_report, study_runner
 from rexmoe_jax.study_stats import mean_interval, paired_difference, t_quantile
@@ -182,7 +184,6 @@ def test_skips_recorded_runs_resumes_unfinished_and_pins(setup, capsys):
 def test_arms_option_runs_only_the_named_arms(setup, capsys):
     """A gate before the rest: --arms base trains base's three seeds and leaves reuse alone;
     the next sitting without it trains the rest."""
-    import dataclasses
 
     spec, options = setup()
     assert study_runner.run(spec, dataclasses.replace(options, arms=("base",))) == 0
@@ -393,3 +394,77 @@ def test_held_out_coverage_counts_documents_per_source(tmp_path):
     assert coverage == {"documents": len(touched),
                         "documents_by_source": {k: v for k, v in counts.items() if v}}
     assert study_record.held_out_coverage("", config, 4, sources) is None
+
+
+def test_cores_past_the_machine_are_refused_before_anything_starts(setup, tmp_path, capsys):
+    """--cores 50 on a machine without core 50: one line, exit 2, no training started, nothing written."""
+    spec, _ = setup()
+    usable = sorted(os.sched_getaffinity(0))
+    missing = max(usable) + 50
+    before = hashes(tmp_path)
+    assert study.main(["run", str(tmp_path / "unit.toml"), "--cores", str(missing), "--runs", str(tmp_path / "runs"),
+                       "--results", str(tmp_path / "results")]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert f"core {missing} is not one this machine lets it use ({','.join(map(str, usable))})" in line
+    assert hashes(tmp_path) == before  # no run folder, no train.log, no record
+    assert study_runner.parse_cores("0-2", usable=(0, 1, 2, 3)) == (0, 1, 2)
+    with pytest.raises(study.StudyError, match="core 3 is not"):
+        study_runner.parse_cores("2-3", usable=(0, 1, 2))
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped, counts as ended)."""
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_failing_runner_leaves_no_training_behind(setup, monkeypatch):
+    """Pinning fails after the child started (cores taken away since the check): the child is
+    stopped and the runner's error is a StudyError; a failure later in the loop (writing a
+    record) stops every running training too."""
+    spec, options = setup(steps=400)
+    monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")
+    started = []
+    popen = study_runner.subprocess.Popen
+
+    def recording(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    def cannot_pin(pid, cores):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(study_runner.subprocess, "Popen", recording)
+    monkeypatch.setattr(study_runner, "_pin", cannot_pin)
+    with pytest.raises(study.StudyError, match="cannot pin base seed 0 to core"):
+        study_runner.run(spec, options)
+    assert len(started) == 1 and not _alive(started[0].pid)
+
+    monkeypatch.setattr(study_runner, "_pin", lambda pid, cores: None)
+
+    def broken_progress(jobs, steps):
+        raise RuntimeError("the runner itself fails")
+
+    monkeypatch.setattr(study_runner, "_progress", broken_progress)
+    options = dataclasses.replace(options, progress_seconds=0.0)
+    with pytest.raises(RuntimeError, match="the runner itself fails"):
+        study_runner.run(spec, options)
+    assert len(started) == 2 and not _alive(started[1].pid)
+
+
+def test_the_report_overwrites_only_a_report(setup, tmp_path, capsys):
+    spec, options = setup()
+    notes = tmp_path / "notes.md"
+    notes.write_text("my own notes\n")
+    before = hashes(tmp_path)
+    assert study.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
+                       "--output", str(notes)]) == 2
+    assert "exists and was not written by this command" in one_error_line(capsys.readouterr().err)
+    assert hashes(tmp_path) == before
+    report = tmp_path / "report.md"
+    for _ in range(2):  # a report it wrote is replaced
+        assert study.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
+                           "--output", str(report)]) == 0
+    assert report.read_text().startswith("# Reproduction study")
