@@ -19,7 +19,7 @@ import time
 from rexmoe_jax.config import ConfigError
 from rexmoe_jax.hf.export import export
 from rexmoe_jax.hf.importer import import_model
-from rexmoe_jax.hf.run_io import checkpoint_leaves
+from rexmoe_jax.hf.run_io import PRESET, checkpoint_leaves
 from rexmoe_jax.hf.widen import widen
 from rexmoe_jax.restore import read_config
 
@@ -51,8 +51,7 @@ def run(args: argparse.Namespace) -> str:
         config = import_model(args.model, args.workdir, args.overrides)
         m = config.model
         return (f"imported {args.model} into {args.workdir}: {m.num_layers} layers, {m.num_experts} experts per "
-                f"layer, r = {m.reuse}, renormalize_gates={m.renormalize_gates}; train.py --workdir "
-                f"{args.workdir} continues it")
+                f"layer, r = {m.reuse}, renormalize_gates={m.renormalize_gates}; {_continue(args.workdir)}")
     config = read_config(args.workdir)
     leaves = checkpoint_leaves(args.workdir, config)
     if args.command == "export":
@@ -64,7 +63,11 @@ def run(args: argparse.Namespace) -> str:
     wide = widen(config, leaves, args.reuse, args.output, args.overrides)
     return (f"widened step {leaves.step} of {args.workdir} to r = {args.reuse} in {args.output}; PSR "
             f"{wide.psr.schedule} from step {wide.psr.start_step} to {wide.psr.end_step}, order "
-            f"{wide.psr.order}; train.py --workdir {args.output} continues it")
+            f"{wide.psr.order}; {_continue(args.output)}")
+
+
+def _continue(workdir: pathlib.Path) -> str:
+    return f"continue it with: python train.py --config {workdir / PRESET} --workdir {workdir}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ def hf_config(model: ModelConfig, *, max_positions: int, eos_id: int, dtype: str
         "vocab_size": model.vocab_size, "hidden_size": model.d_model, "num_hidden_layers": model.num_layers,
         "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
         "hidden_act": "silu", "rms_norm_eps": model.norm_eps, "tie_word_embeddings": model.tie_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_base},
+        # transformers 5 reads rope_parameters; transformers 4 and older vLLM read rope_theta.
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_base}, "rope_theta": model.rope_base,
         "max_position_embeddings": max_positions,
         "num_experts": model.pool_size, "num_experts_per_tok": model.top_k,
         "moe_intermediate_size": model.expert_ffn, "norm_topk_prob": model.renormalize_gates,

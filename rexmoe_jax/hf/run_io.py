@@ -82,14 +82,35 @@ def _open_leaf(state: pathlib.Path, path: tuple[str, ...]):
     return ts.open(spec, open=True, read=True).result()
 
 
+PRESET = "preset.py"
+_PRESET_TEMPLATE = '''"""The config this run was written with (python -m rexmoe_jax.hf), as a preset:
+
+    python train.py --config <this file> --workdir <its folder> [section.field=value ...]
+"""
+
+import json
+
+from rexmoe_jax.config import from_dict
+
+CONFIG = json.loads(r"""
+{config}
+""")
+
+
+def get_config():
+    return from_dict(CONFIG)
+'''
+
+
 def check_new_folder(folder: pathlib.Path, flag: str) -> None:
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ConfigError(f"{flag} {str(folder)!r} exists and is not empty; choose a new folder")
 
 
 def write_run(workdir: pathlib.Path, config: Config, params: dict, tokenizer: pathlib.Path) -> Config:
-    """Writes a new run: a copy of `tokenizer` (data.tokenizer names it), config.json, and the
-    parameters as a step-0 checkpoint with a fresh optimizer state. Returns the config written.
+    """Writes a new run: a copy of `tokenizer` (data.tokenizer names it), config.json, the same
+    config as preset.py (train.py --config), and the parameters as a step-0 checkpoint with a
+    fresh optimizer state. Returns the config written.
     On any failure nothing is left behind."""
     check_new_folder(workdir, "--workdir")
     expected = param_shapes(config)
@@ -109,6 +130,7 @@ def write_run(workdir: pathlib.Path, config: Config, params: dict, tokenizer: pa
             raise ConfigError(f"the tokenizer has {vocab} tokens but the model's vocabulary only "
                               f"{config.model.vocab_size}")
         (workdir / "config.json").write_text(config.to_json() + "\n")
+        (workdir / PRESET).write_text(_PRESET_TEMPLATE.format(config=config.to_json()))
         state_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), unflatten(
             {path: flat[path] for path in expected}))
         tx = make_optimizer(config.optim, config.train.steps)
