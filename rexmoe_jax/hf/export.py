@@ -54,6 +54,7 @@ def export(config: Config, leaves: Leaves, output: pathlib.Path, *, dtype: str =
         try:
             for name, array in qwen2_moe.exported_tensors(model, leaves.read):
                 writer.put(name, array)
+                del array  # a view of a whole leaf: gone before the next leaf is read
         finally:
             writer.close()
         hf = qwen2_moe.hf_config(model, max_positions=config.data.seq_len, eos_id=tokenizer.eod_id, dtype=dtype)

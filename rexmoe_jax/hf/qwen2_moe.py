@@ -139,18 +139,21 @@ def exported_tensors(model: ModelConfig, read: Callable[[tuple[str, ...]], np.nd
     pool is written into each of its r layers."""
     for path, name in TOP_TENSORS.items():
         if path != ("lm_head",) or not model.tie_embeddings:
-            leaf = read(path)
-            yield name, leaf.T if path == ("lm_head",) else leaf
+            top = read(path)
+            yield name, top.T if path == ("lm_head",) else top
+            del top
     for block, ids_GxR in zip(("groups", "last_group"), reuse.group_layer_ids(model)):
         for path in layer_paths(model):
             leaf = read((block, "layers") + path)
             for (g, j), layer in np.ndenumerate(ids_GxR):
                 yield f"model.layers.{layer}.{LAYER_TENSORS[path]}", _layer_to_hf(path, leaf[g, j])
+            del leaf  # before the next read: never two leaves at once
         for leaf_name, hf_name in EXPERT_TENSORS.items():
             pools = read((block, leaf_name))
             for (g, j), layer in np.ndenumerate(ids_GxR):
                 for e in range(pools.shape[1]):
                     yield f"model.layers.{layer}.mlp.experts.{e}.{hf_name}.weight", pools[g, e].T
+            del pools
     for layer in range(model.num_layers):
         z = model.resolved_head_dim
         for name, heads in zip(_BIASES, (model.num_heads, model.num_kv_heads, model.num_kv_heads)):
