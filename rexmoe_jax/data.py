@@ -205,14 +205,18 @@ def _prepared(config: DataConfig) -> pathlib.Path | None:
     return folder if folder is not None and (folder / PREPARED_META).is_file() else None
 
 
-def resolve_tokenizer(config: DataConfig) -> Tokenizer:
+def tokenizer_path(config: DataConfig) -> pathlib.Path:
     """data.tokenizer, else the one a prepared corpus names, else the embedded one."""
     if config.tokenizer:
-        return load_tokenizer(config.tokenizer)
+        return pathlib.Path(config.tokenizer)
     prepared = _prepared(config)
     if prepared is not None:
-        return load_tokenizer(_prepared_meta(prepared)["tokenizer"])
-    return load_tokenizer(EMBEDDED_TOKENIZER)
+        return pathlib.Path(_prepared_meta(prepared)["tokenizer"])
+    return EMBEDDED_TOKENIZER
+
+
+def resolve_tokenizer(config: DataConfig) -> Tokenizer:
+    return load_tokenizer(tokenizer_path(config))
 
 
 def load_documents(config: DataConfig) -> tuple[TokenDocuments, Tokenizer, int]:

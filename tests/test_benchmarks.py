@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from benchmarks import expert_exchange, expert_ffn, inference, moe_block, profile_step, scoring, train_step
+from benchmarks import expert_exchange, expert_ffn, hf_export, inference, moe_block, profile_step, scoring
+from benchmarks import train_step
 from benchmarks import grouped_matmul as gmm_bench
 from benchmarks import token_permute as permute_bench
 
@@ -29,6 +30,7 @@ pytestmark = pytest.mark.e2e
                        "--seq", "16", "--steps", "1", "--iters", "1"], "| speed-up |"),
     (inference.main, ["--small", "--lengths", "16", "--batch", "1", "--new-tokens", "2", "--reuse", "1", "2",
                       "--iters", "1"], "| expert MB read per layer |"),
+    (hf_export.main, ["--preset", "configs/tiny.py", "--dtype", "float32"], "| folder GB |"),
 ])
 def test_benchmark_prints_its_table(main, args, columns, capsys):
     main(args)
