@@ -91,7 +91,8 @@ def test_ungroup_then_group_is_identity(reuse, layers):
 def test_export_then_import_is_bitwise(tmp_path, fields):
     config = tiny_config(**fields)
     params = random_params(config)
-    export(config, in_memory(params), tmp_path / "hf")
+    summary = export(config, in_memory(params), tmp_path / "hf", max_shard_bytes=400_000)  # several files
+    assert len(summary["files"]) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     hf = read_hf_config(tmp_path / "hf")
     assert (hf["num_experts"], hf["norm_topk_prob"], hf["rexmoe_reuse"]) == (
         4 * config.model.reuse,
