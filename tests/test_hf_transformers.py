@@ -23,10 +23,10 @@ from rexmoe_jax.generate import generate
 from rexmoe_jax.hf import __main__ as cli
 from rexmoe_jax.restore import restore
 
-torch = pytest.importorskip(
-    "torch", reason="needs torch (CPU build) and transformers: pip install -e '.[hf]'"
-)
-transformers = pytest.importorskip("transformers", reason="needs transformers: pip install -e '.[hf]'")
+_WHY = ("needs PyTorch's CPU build (pip install torch --index-url https://download.pytorch.org/whl/cpu) "
+        "and transformers (pip install -e '.[hf]')")
+torch = pytest.importorskip("torch", reason=_WHY)
+transformers = pytest.importorskip("transformers", reason=_WHY)
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4  # float32 logits, the bound
