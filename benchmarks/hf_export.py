@@ -31,15 +31,22 @@ GB = 1e9
 
 
 def folder_bytes(model, dtype: str) -> int:
-    return sum(int(np.prod(shape)) * np.dtype(d).itemsize for _, shape, d in qwen2_moe.tensor_specs(model, DTYPES[dtype]))
+    return sum(
+        int(np.prod(shape)) * np.dtype(d).itemsize
+        for _, shape, d in qwen2_moe.tensor_specs(model, DTYPES[dtype])
+    )
 
 
 def _child(command: list[str]) -> tuple[float, float]:
     """(seconds, peak resident GB) of a child process; ru_maxrss is the largest of any child so
     far, so each measurement runs in its own grandchild."""
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, "
-             "stdout=subprocess.DEVNULL); print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True).stdout
+    probe = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); subprocess.run(sys.argv[1:], check=True, "
+        "stdout=subprocess.DEVNULL); print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, *command], check=True, capture_output=True, text=True
+    ).stdout
     seconds, kib = out.split()
     return float(seconds), int(kib) * 1024 / GB
 
@@ -53,8 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = apply_overrides(load_preset(args.preset), args.overrides)
     model = config.model
-    print(f"{args.preset}: exported folder {folder_bytes(dataclasses.replace(model, reuse=1), args.dtype) / GB:.2f} GB "
-          f"at r = 1, {folder_bytes(model, args.dtype) / GB:.2f} GB at r = {model.reuse} ({args.dtype})")
+    print(
+        f"{args.preset}: exported folder {folder_bytes(dataclasses.replace(model, reuse=1), args.dtype) / GB:.2f} GB "
+        f"at r = 1, {folder_bytes(model, args.dtype) / GB:.2f} GB at r = {model.reuse} ({args.dtype})"
+    )
     if args.sizes_only:
         return
     shapes = param_shapes(config)
@@ -63,20 +72,42 @@ def main(argv: list[str] | None = None) -> None:
         run, out = pathlib.Path(scratch) / "run", pathlib.Path(scratch) / "hf"
         rng = np.random.default_rng(0)
         start = time.perf_counter()
-        write_run(run, config, unflatten({p: rng.standard_normal(s.shape, np.float32) * np.float32(0.02)
-                                          for p, s in shapes.items()}), tokenizer_path(config.data))
+        write_run(
+            run,
+            config,
+            unflatten(
+                {p: rng.standard_normal(s.shape, np.float32) * np.float32(0.02) for p, s in shapes.items()}
+            ),
+            tokenizer_path(config.data),
+        )
         written = time.perf_counter() - start
         baseline_s, baseline_gb = _child([sys.executable, "-c", "import rexmoe_jax.hf.__main__"])
-        seconds, peak_gb = _child([sys.executable, "-m", "rexmoe_jax.hf", "export", "--workdir", str(run),
-                                   "--output", str(out), "--dtype", args.dtype])
+        seconds, peak_gb = _child(
+            [
+                sys.executable,
+                "-m",
+                "rexmoe_jax.hf",
+                "export",
+                "--workdir",
+                str(run),
+                "--output",
+                str(out),
+                "--dtype",
+                args.dtype,
+            ]
+        )
         size = sum(f.stat().st_size for f in out.iterdir()) / GB
         shutil.rmtree(out)
     params_gb = sum(int(np.prod(s.shape)) * 4 for s in shapes.values()) / GB
-    print(f"random run written in {written:.0f}s; import alone {baseline_s:.1f}s, {baseline_gb:.2f} GB resident")
+    print(
+        f"random run written in {written:.0f}s; import alone {baseline_s:.1f}s, {baseline_gb:.2f} GB resident"
+    )
     print("| preset | r | params (f32) GB | largest leaf GB | export s | peak resident GB | folder GB |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| {pathlib.Path(args.preset).stem} | {model.reuse} | {params_gb:.2f} | {largest / GB:.2f} | {seconds:.0f} "
-          f"| {peak_gb:.2f} | {size:.2f} |")
+    print(
+        f"| {pathlib.Path(args.preset).stem} | {model.reuse} | {params_gb:.2f} | {largest / GB:.2f} | {seconds:.0f} "
+        f"| {peak_gb:.2f} | {size:.2f} |"
+    )
 
 
 if __name__ == "__main__":

@@ -11,17 +11,29 @@ import numpy as np
 from rexmoe_jax import trainer
 from rexmoe_jax.config import Config, DataConfig, ModelConfig, TrainConfig
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
-from rexmoe_jax.hf.regroup import flatten, unflatten
+from rexmoe_jax.hf.regroup import unflatten
 from rexmoe_jax.hf.run_io import param_shapes, write_run
 
 
 def tiny_config(**model) -> Config:
     """A 4-layer model over the embedded tokenizer's 4,096 tokens. The larger init_std makes the
     router's top-K choices clear-cut, so float rounding cannot flip one."""
-    fields = dict(vocab_size=4096, d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, expert_ffn=16,
-                  num_experts=4, top_k=2, init_std=0.1)
-    return Config(model=ModelConfig(**{**fields, **model}), data=DataConfig(seq_len=32, batch_size=4),
-                  train=TrainConfig(steps=4, log_every=1, eval_every=4, eval_batches=1, sample_tokens=0))
+    fields = dict(
+        vocab_size=4096,
+        d_model=32,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        expert_ffn=16,
+        num_experts=4,
+        top_k=2,
+        init_std=0.1,
+    )
+    return Config(
+        model=ModelConfig(**{**fields, **model}),
+        data=DataConfig(seq_len=32, batch_size=4),
+        train=TrainConfig(steps=4, log_every=1, eval_every=4, eval_batches=1, sample_tokens=0),
+    )
 
 
 def random_params(config: Config, seed: int = 0) -> dict:
@@ -33,7 +45,9 @@ def random_params(config: Config, seed: int = 0) -> dict:
         if path[-1] == "router_bias":
             flat[path] = np.zeros(shape.shape, np.float32)
         else:
-            flat[path] = (float(path[-1] == "scale") + rng.normal(0, config.model.init_std, shape.shape)).astype(np.float32)
+            flat[path] = (
+                float(path[-1] == "scale") + rng.normal(0, config.model.init_std, shape.shape)
+            ).astype(np.float32)
     return unflatten(flat)
 
 
@@ -44,7 +58,9 @@ def make_run(folder: pathlib.Path, config: Config, params: dict) -> Config:
 
 def logits(config: Config, params, tokens_BxS: np.ndarray, psr=None) -> np.ndarray:
     model = trainer.build_model(config)
-    out, _ = jax.jit(lambda p, t, psr: model.apply({"params": p}, t, psr=psr))(params, jnp.asarray(tokens_BxS), psr)
+    out, _ = jax.jit(lambda p, t, psr: model.apply({"params": p}, t, psr=psr))(
+        params, jnp.asarray(tokens_BxS), psr
+    )
     return np.asarray(out)
 
 

@@ -11,6 +11,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_models import logits, make_run, random_params, tiny_config, tokens
 
 from rexmoe_jax import trainer
 from rexmoe_jax.config import ConfigError
@@ -21,7 +22,6 @@ from rexmoe_jax.hf.regroup import flatten, group, ungroup
 from rexmoe_jax.hf.tensorfile import TensorFiles, TensorWriter
 from rexmoe_jax.hf.widen import widened_config, widened_layers
 from rexmoe_jax.restore import restore
-from hf_models import logits, make_run, random_params, tiny_config, tokens
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -30,16 +30,24 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def test_tensor_files_round_trip_in_shards(tmp_path):
-    arrays = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.arange(5).astype(ml_dtypes.bfloat16),
-              "empty": np.zeros((0, 4), np.float32), "c": np.full((7, 3), 2.5, np.float16)}
+    arrays = {
+        "a": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "b": np.arange(5).astype(ml_dtypes.bfloat16),
+        "empty": np.zeros((0, 4), np.float32),
+        "c": np.full((7, 3), 2.5, np.float16),
+    }
     writer = TensorWriter(tmp_path, [(k, v.shape, v.dtype) for k, v in arrays.items()], max_shard_bytes=60)
     for name in ("c", "a", "empty", "b"):  # any order
         writer.put(name, arrays[name])
     writer.close()
     assert writer.files == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == {"a": writer.files[0], "b": writer.files[0], "empty": writer.files[0],
-                                   "c": writer.files[1]}
+    assert index["weight_map"] == {
+        "a": writer.files[0],
+        "b": writer.files[0],
+        "empty": writer.files[0],
+        "c": writer.files[1],
+    }
     files = TensorFiles(tmp_path)
     for name, array in arrays.items():
         got = np.asarray(files.get(name))
@@ -47,9 +55,9 @@ def test_tensor_files_round_trip_in_shards(tmp_path):
     # The byte layout by hand: 8-byte length, JSON header, then data at the declared offsets.
     raw = (tmp_path / writer.files[1]).read_bytes()
     length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
+    header = json.loads(raw[8 : 8 + length])
     assert header["c"] == {"dtype": "F16", "shape": [7, 3], "data_offsets": [0, 42]}
-    assert np.array_equal(np.frombuffer(raw[8 + length:], np.float16), np.full(21, 2.5, np.float16))
+    assert np.array_equal(np.frombuffer(raw[8 + length :], np.float16), np.full(21, 2.5, np.float16))
 
 
 def test_truncated_file_is_named(tmp_path):
@@ -71,20 +79,36 @@ def test_ungroup_then_group_is_identity(reuse, layers):
     assert _same(group(per_layer, config.model), params)
 
 
-@pytest.mark.parametrize("fields", [dict(reuse=1), dict(reuse=2, num_shared_experts=1, renormalize_gates=True),
-                                    dict(reuse=4, tie_embeddings=True)], ids=["r1", "r2-se-renorm", "r4-tied"])
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(reuse=1),
+        dict(reuse=2, num_shared_experts=1, renormalize_gates=True),
+        dict(reuse=4, tie_embeddings=True),
+    ],
+    ids=["r1", "r2-se-renorm", "r4-tied"],
+)
 def test_export_then_import_is_bitwise(tmp_path, fields):
     config = tiny_config(**fields)
     params = random_params(config)
-    export(config, in_memory(params), tmp_path / "hf")
+    summary = export(config, in_memory(params), tmp_path / "hf", max_shard_bytes=400_000)  # several files
+    assert len(summary["files"]) > 1 and (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     hf = read_hf_config(tmp_path / "hf")
     assert (hf["num_experts"], hf["norm_topk_prob"], hf["rexmoe_reuse"]) == (
-        4 * config.model.reuse, config.model.renormalize_gates, config.model.reuse)
+        4 * config.model.reuse,
+        config.model.renormalize_gates,
+        config.model.reuse,
+    )
     files = TensorFiles(tmp_path / "hf")
     # Every layer of a group holds the group's whole pool.
-    pool = [files.get(f"model.layers.{layer}.mlp.experts.{4 * config.model.reuse - 1}.up_proj.weight")
-            for layer in range(4)]
-    assert all(np.array_equal(pool[layer], pool[layer // config.model.reuse * config.model.reuse]) for layer in range(4))
+    pool = [
+        files.get(f"model.layers.{layer}.mlp.experts.{4 * config.model.reuse - 1}.up_proj.weight")
+        for layer in range(4)
+    ]
+    assert all(
+        np.array_equal(pool[layer], pool[layer // config.model.reuse * config.model.reuse])
+        for layer in range(4)
+    )
     assert _same(group(imported_layers(files, hf, config.model), config.model), params)
 
 
@@ -100,19 +124,21 @@ def _numpy_qwen2_moe(files: TensorFiles, hf: dict, tokens_S: np.ndarray) -> np.n
 
     d, heads, kv = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
     z, s = d // heads, len(tokens_S)
-    norm = lambda x, scale: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + hf["rms_norm_eps"]) * scale  # noqa: E731
-    silu = lambda x: x / (1 + np.exp(-x))  # noqa: E731
+    norm = lambda x, scale: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + hf["rms_norm_eps"]) * scale
+    silu = lambda x: x / (1 + np.exp(-x))
     inv = 1.0 / hf["rope_parameters"]["rope_theta"] ** (np.arange(0, z, 2) / z)
     angles = np.concatenate([np.arange(s)[:, None] * inv] * 2, -1)[:, None, :]
 
     def rope(x):  # (S, heads, Z)
-        return x * np.cos(angles) + np.concatenate([-x[..., z // 2:], x[..., :z // 2]], -1) * np.sin(angles)
+        return x * np.cos(angles) + np.concatenate([-x[..., z // 2 :], x[..., : z // 2]], -1) * np.sin(angles)
 
     x = w("model.embed_tokens.weight")[tokens_S]
     for layer in range(hf["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         h = norm(x, w(p + "input_layernorm.weight"))
-        q, k, v = (h @ w(p + f"self_attn.{n}_proj.weight").T + w(p + f"self_attn.{n}_proj.bias") for n in "qkv")
+        q, k, v = (
+            h @ w(p + f"self_attn.{n}_proj.weight").T + w(p + f"self_attn.{n}_proj.bias") for n in "qkv"
+        )
         q, k, v = rope(q.reshape(s, heads, z)), rope(k.reshape(s, kv, z)), v.reshape(s, kv, z)
         k, v = np.repeat(k, heads // kv, axis=1), np.repeat(v, heads // kv, axis=1)
         scores = np.einsum("shz,thz->hst", q, k) / np.sqrt(z) + np.triu(np.full((s, s), -np.inf), 1)
@@ -125,15 +151,20 @@ def _numpy_qwen2_moe(files: TensorFiles, hf: dict, tokens_S: np.ndarray) -> np.n
         probs /= probs.sum(-1, keepdims=True)
         out = np.zeros_like(h)
         for t in range(s):
-            chosen = np.argsort(-probs[t])[:hf["num_experts_per_tok"]]
+            chosen = np.argsort(-probs[t])[: hf["num_experts_per_tok"]]
             gates = probs[t, chosen] / (probs[t, chosen].sum() if hf["norm_topk_prob"] else 1.0)
             for e, gate in zip(chosen, gates):
                 e_ = p + f"mlp.experts.{e}."
-                out[t] += gate * (silu(w(e_ + "gate_proj.weight") @ h[t]) * (w(e_ + "up_proj.weight") @ h[t])
-                                  ) @ w(e_ + "down_proj.weight").T
+                out[t] += (
+                    gate
+                    * (silu(w(e_ + "gate_proj.weight") @ h[t]) * (w(e_ + "up_proj.weight") @ h[t]))
+                    @ w(e_ + "down_proj.weight").T
+                )
         if hf["shared_expert_intermediate_size"]:
             e_ = p + "mlp.shared_expert."
-            shared = (silu(h @ w(e_ + "gate_proj.weight").T) * (h @ w(e_ + "up_proj.weight").T)) @ w(e_ + "down_proj.weight").T
+            shared = (silu(h @ w(e_ + "gate_proj.weight").T) * (h @ w(e_ + "up_proj.weight").T)) @ w(
+                e_ + "down_proj.weight"
+            ).T
             out += 1 / (1 + np.exp(-(h @ w(p + "mlp.shared_expert_gate.weight").T))) * shared
         x = x + out
     x = norm(x, w("model.norm.weight"))
@@ -141,8 +172,11 @@ def _numpy_qwen2_moe(files: TensorFiles, hf: dict, tokens_S: np.ndarray) -> np.n
     return x @ w(head).T
 
 
-@pytest.mark.parametrize("fields", [dict(reuse=2, num_shared_experts=1), dict(reuse=2, renormalize_gates=True)],
-                         ids=["r2-se", "r2-renorm"])
+@pytest.mark.parametrize(
+    "fields",
+    [dict(reuse=2, num_shared_experts=1), dict(reuse=2, renormalize_gates=True)],
+    ids=["r2-se", "r2-renorm"],
+)
 def test_exported_weights_compute_the_model(tmp_path, fields):
     config = tiny_config(**fields)
     params = random_params(config)
@@ -160,7 +194,9 @@ def test_widen_keeps_the_logits_under_local_first_psr():
     for renormalize in (True, False):
         source = tiny_config(renormalize_gates=renormalize)
         params = random_params(source)
-        wide = widened_config(dataclasses.replace(source, train=dataclasses.replace(source.train, steps=100)), 2)
+        wide = widened_config(
+            dataclasses.replace(source, train=dataclasses.replace(source.train, steps=100)), 2
+        )
         assert (wide.psr.order, wide.psr.schedule, wide.psr.start_step) == ("local_first", "linear", 21)
         wide_params = group(widened_layers(ungroup(params, source.model), wide), wide.model)
         router = wide_params["groups"]["layers"]["moe"]["router"]  # (G, R, D, 2N)
@@ -184,7 +220,8 @@ def test_command_export_then_import_gives_the_run_back(tmp_path, run_r1, capsys)
     assert cli.main(["export", "--workdir", str(run_r1), "--output", str(tmp_path / "hf")]) == 0
     assert "exported step 0" in capsys.readouterr().out
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
-        p.name for p in (tmp_path / "hf").iterdir()}
+        p.name for p in (tmp_path / "hf").iterdir()
+    }
     assert cli.main(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")]) == 0
     assert _same(jax.device_get(restore(tmp_path / "run").params), jax.device_get(restore(run_r1).params))
 
@@ -198,12 +235,16 @@ def _fails(argv, capsys, message):
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, run_r1, capsys):
     out = tmp_path / "out"
     (tmp_path / "empty").mkdir()
-    _fails(["import", "--model", str(tmp_path / "empty"), "--workdir", str(out)], capsys, "has no config.json")
+    _fails(
+        ["import", "--model", str(tmp_path / "empty"), "--workdir", str(out)], capsys, "has no config.json"
+    )
     assert cli.main(["export", "--workdir", str(run_r1), "--output", str(tmp_path / "hf")]) == 0
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
-    for change, message in ((dict(model_type="llama"), "model_type 'llama' is not supported"),
-                            (dict(moe_intermediate_size=8), "has shape [16, 32], but config.json implies [8, 32]"),
-                            (dict(rope_parameters={"rope_type": "yarn"}), "rope scaling 'yarn' is not supported")):
+    for change, message in (
+        (dict(model_type="llama"), "model_type 'llama' is not supported"),
+        (dict(moe_intermediate_size=8), "has shape [16, 32], but config.json implies [8, 32]"),
+        (dict(rope_parameters={"rope_type": "yarn"}), "rope scaling 'yarn' is not supported"),
+    ):
         (tmp_path / "hf" / "config.json").write_text(json.dumps({**hf, **change}))
         _fails(["import", "--model", str(tmp_path / "hf"), "--workdir", str(out)], capsys, message)
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
@@ -215,18 +256,28 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, run_r1, caps
     (out / "keep").mkdir(parents=True)
     _fails(["export", "--workdir", str(run_r1), "--output", str(out)], capsys, "exists and is not empty")
     assert [p.name for p in out.iterdir()] == ["keep"]
-    _fails(["widen", "--workdir", str(run_r1), "--reuse", "1", "--output", str(tmp_path / "w")], capsys,
-           "widening needs r >= 2")
+    _fails(
+        ["widen", "--workdir", str(run_r1), "--reuse", "1", "--output", str(tmp_path / "w")],
+        capsys,
+        "widening needs r >= 2",
+    )
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("fields,message", [(dict(reuse=3), "model.num_layers=4 is not divisible by model.reuse=3"),
-                                            (dict(router_bias=True), "model.router_bias holds nonzero values")])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        (dict(reuse=3), "model.num_layers=4 is not divisible by model.reuse=3"),
+        (dict(router_bias=True), "model.router_bias holds nonzero values"),
+    ],
+)
 def test_what_qwen2_moe_cannot_express_is_refused(tmp_path, fields, message):
     config = tiny_config(**fields)
     params = random_params(config)
     if config.model.router_bias:
-        bias = params["groups"]["layers"]["moe"]["router_bias"] = np.array(params["groups"]["layers"]["moe"]["router_bias"])
+        bias = params["groups"]["layers"]["moe"]["router_bias"] = np.array(
+            params["groups"]["layers"]["moe"]["router_bias"]
+        )
         bias[0, 0, 1] = 0.5
     with pytest.raises(ConfigError, match=message):
         export(config, in_memory(params), tmp_path / "hf")

@@ -50,20 +50,27 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "import":
         config = import_model(args.model, args.workdir, args.overrides)
         m = config.model
-        return (f"imported {args.model} into {args.workdir}: {m.num_layers} layers, {m.num_experts} experts per "
-                f"layer, r = {m.reuse}, renormalize_gates={m.renormalize_gates}; {_continue(args.workdir)}")
+        return (
+            f"imported {args.model} into {args.workdir}: {m.num_layers} layers, {m.num_experts} experts per "
+            f"layer, r = {m.reuse}, renormalize_gates={m.renormalize_gates}; {_continue(args.workdir)}"
+        )
     config = read_config(args.workdir)
     leaves = checkpoint_leaves(args.workdir, config)
     if args.command == "export":
-        summary = export(config, leaves, args.output, dtype=args.dtype,
-                         max_shard_bytes=int(args.max_shard_gb * 1024 ** 3))
-        return (f"exported step {summary['step']} of {args.workdir} to {args.output} as Qwen2-MoE: "
-                f"{summary['experts_per_layer']} experts per layer, {summary['bytes'] / 1e6:.1f} MB of {args.dtype} "
-                f"weights in {len(summary['files'])} file(s), {time.perf_counter() - start:.1f}s")
+        summary = export(
+            config, leaves, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3)
+        )
+        return (
+            f"exported step {summary['step']} of {args.workdir} to {args.output} as Qwen2-MoE: "
+            f"{summary['experts_per_layer']} experts per layer, {summary['bytes'] / 1e6:.1f} MB of {args.dtype} "
+            f"weights in {len(summary['files'])} file(s), {time.perf_counter() - start:.1f}s"
+        )
     wide = widen(config, leaves, args.reuse, args.output, args.overrides)
-    return (f"widened step {leaves.step} of {args.workdir} to r = {args.reuse} in {args.output}; PSR "
-            f"{wide.psr.schedule} from step {wide.psr.start_step} to {wide.psr.end_step}, order "
-            f"{wide.psr.order}; {_continue(args.output)}")
+    return (
+        f"widened step {leaves.step} of {args.workdir} to r = {args.reuse} in {args.output}; PSR "
+        f"{wide.psr.schedule} from step {wide.psr.start_step} to {wide.psr.end_step}, order "
+        f"{wide.psr.order}; {_continue(args.output)}"
+    )
 
 
 def _continue(workdir: pathlib.Path) -> str:

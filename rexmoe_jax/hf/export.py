@@ -33,12 +33,20 @@ def check_exportable(config: Config, leaves: Leaves) -> None:
         raise ConfigError(f"cannot export: {reason}")
     for path in leaves.shapes:
         if path[-1] == "router_bias" and np.any(leaves.read(path)):
-            raise ConfigError("cannot export: model.router_bias holds nonzero values, a bias on the selection "
-                              "only, and Qwen2-MoE's router has none (its gates and choices use the same scores)")
+            raise ConfigError(
+                "cannot export: model.router_bias holds nonzero values, a bias on the selection "
+                "only, and Qwen2-MoE's router has none (its gates and choices use the same scores)"
+            )
 
 
-def export(config: Config, leaves: Leaves, output: pathlib.Path, *, dtype: str = "float32",
-           max_shard_bytes: int = 5 * 1024 ** 3) -> dict:
+def export(
+    config: Config,
+    leaves: Leaves,
+    output: pathlib.Path,
+    *,
+    dtype: str = "float32",
+    max_shard_bytes: int = 5 * 1024**3,
+) -> dict:
     """Writes the model of `config` with the parameters `leaves` into `output`; returns a summary."""
     check_new_folder(output, "--output")
     if dtype not in DTYPES:
@@ -57,9 +65,13 @@ def export(config: Config, leaves: Leaves, output: pathlib.Path, *, dtype: str =
                 del array  # a view of a whole leaf: gone before the next leaf is read
         finally:
             writer.close()
-        hf = qwen2_moe.hf_config(model, max_positions=config.data.seq_len, eos_id=tokenizer.eod_id, dtype=dtype)
+        hf = qwen2_moe.hf_config(
+            model, max_positions=config.data.seq_len, eos_id=tokenizer.eod_id, dtype=dtype
+        )
         _write_json(partial / "config.json", hf)
-        _write_json(partial / "generation_config.json", {"eos_token_id": tokenizer.eod_id, "do_sample": False})
+        _write_json(
+            partial / "generation_config.json", {"eos_token_id": tokenizer.eod_id, "do_sample": False}
+        )
         _write_tokenizer(tokenizer_file, tokenizer.eod_id, config.data.seq_len, partial)
         if output.exists():
             output.rmdir()  # empty: check_new_folder said so
@@ -67,8 +79,12 @@ def export(config: Config, leaves: Leaves, output: pathlib.Path, *, dtype: str =
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return {"files": writer.files, "bytes": writer.total_bytes, "experts_per_layer": model.pool_size,
-            "step": leaves.step}
+    return {
+        "files": writer.files,
+        "bytes": writer.total_bytes,
+        "experts_per_layer": model.pool_size,
+        "step": leaves.step,
+    }
 
 
 def _write_json(path: pathlib.Path, value: dict) -> None:
@@ -90,5 +106,7 @@ def _write_tokenizer(source: pathlib.Path, eod_id: int, max_length: int, folder:
         shutil.copyfile(source, folder / "tokenizer.model")
         eos = sentencepiece.SentencePieceProcessor(model_file=str(source)).id_to_piece(eod_id)
         settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False}
-    _write_json(folder / "tokenizer_config.json", {**settings, "eos_token": eos, "model_max_length": max_length,
-                                                   "clean_up_tokenization_spaces": False})
+    _write_json(
+        folder / "tokenizer_config.json",
+        {**settings, "eos_token": eos, "model_max_length": max_length, "clean_up_tokenization_spaces": False},
+    )

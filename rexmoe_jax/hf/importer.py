@@ -46,8 +46,11 @@ def model_config(hf: dict) -> ModelConfig:
         if hf.get("sliding_window"):
             raise ConfigError(f"Mixtral with sliding_window={hf['sliding_window']} is not supported")
         return qwen2_moe.common_model_config(
-            hf, expert_ffn=qwen2_moe.integer(hf, "intermediate_size"),
-            num_experts=qwen2_moe.integer(hf, "num_local_experts"), renormalize_gates=True)
+            hf,
+            expert_ffn=qwen2_moe.integer(hf, "intermediate_size"),
+            num_experts=qwen2_moe.integer(hf, "num_local_experts"),
+            renormalize_gates=True,
+        )
     raise ConfigError(f"model_type {kind!r} is not supported; import reads qwen2_moe and mixtral")
 
 
@@ -62,8 +65,10 @@ class _Tensors:
             raise ConfigError(f"tensor {name!r} is missing")
         self.left.discard(name)
         if self.files.shape(name) != tuple(shape):
-            raise ConfigError(f"tensor {name!r} has shape {list(self.files.shape(name))}, but config.json "
-                              f"implies {list(shape)}")
+            raise ConfigError(
+                f"tensor {name!r} has shape {list(self.files.shape(name))}, but config.json "
+                f"implies {list(shape)}"
+            )
         return np.asarray(self.files.get(name), np.float32)
 
     def zero(self, name: str, shape: tuple[int, ...], why: str) -> None:
@@ -90,37 +95,63 @@ def imported_layers(files: TensorFiles, hf: dict, model: ModelConfig) -> Layers:
         prefix = f"model.layers.{layer}."
         for path in qwen2_moe.layer_paths(model):
             name = prefix + qwen2_moe.LAYER_TENSORS[path]
-            value = qwen2_moe.layer_from_hf(path, tensors.take(name.replace(".mlp.", f".{moe}."), shapes[name]), model)
+            value = qwen2_moe.layer_from_hf(
+                path, tensors.take(name.replace(".mlp.", f".{moe}."), shapes[name]), model
+            )
             if path == ROUTER:
                 routers.append(value)
             else:
                 layers.setdefault(path, []).append(value)
-        for name, heads in zip(("q_proj", "k_proj", "v_proj"), (model.num_heads, model.num_kv_heads,
-                                                                  model.num_kv_heads)):
-            tensors.zero(f"{prefix}self_attn.{name}.bias", shapes[f"{prefix}self_attn.{name}.bias"],
-                         "attention biases are not supported")
-        tensors.zero(prefix + "mlp.shared_expert_gate.weight", (1, model.d_model),
-                     "a per-token shared-expert gate has no counterpart here (only a zero gate, a constant 1/2)")
+        for name, heads in zip(
+            ("q_proj", "k_proj", "v_proj"), (model.num_heads, model.num_kv_heads, model.num_kv_heads)
+        ):
+            tensors.zero(
+                f"{prefix}self_attn.{name}.bias",
+                shapes[f"{prefix}self_attn.{name}.bias"],
+                "attention biases are not supported",
+            )
+        tensors.zero(
+            prefix + "mlp.shared_expert_gate.weight",
+            (1, model.d_model),
+            "a per-token shared-expert gate has no counterpart here (only a zero gate, a constant 1/2)",
+        )
         j = layer % model.reuse
         for ours, theirs in names.items():
             ours_name = qwen2_moe.EXPERT_TENSORS[ours]
-            pool = np.stack([tensors.take(f"{prefix}{moe}.experts.{e}.{theirs}.weight",
-                                          shapes[f"{prefix}mlp.experts.{e}.{ours_name}.weight"]).T
-                             for e in range(model.pool_size)])
+            pool = np.stack(
+                [
+                    tensors.take(
+                        f"{prefix}{moe}.experts.{e}.{theirs}.weight",
+                        shapes[f"{prefix}mlp.experts.{e}.{ours_name}.weight"],
+                    ).T
+                    for e in range(model.pool_size)
+                ]
+            )
             if j == 0:
                 group_pool[ours] = pool
             elif not np.array_equal(pool, group_pool[ours]):
-                raise ConfigError(f"layer {layer}'s experts differ from layer {layer - j}'s, but rexmoe_reuse="
-                                  f"{model.reuse} says the two share one pool")
-            own[ours].append(pool[j * n:(j + 1) * n])
-    top = {path: tensors.take(name, shapes[name]) for path, name in qwen2_moe.TOP_TENSORS.items() if name in shapes}
+                raise ConfigError(
+                    f"layer {layer}'s experts differ from layer {layer - j}'s, but rexmoe_reuse="
+                    f"{model.reuse} says the two share one pool"
+                )
+            own[ours].append(pool[j * n : (j + 1) * n])
+    top = {
+        path: tensors.take(name, shapes[name])
+        for path, name in qwen2_moe.TOP_TENSORS.items()
+        if name in shapes
+    }
     if ("lm_head",) in top:
         top[("lm_head",)] = top[("lm_head",)].T
     if tensors.left:
-        raise ConfigError(f"tensor {sorted(tensors.left)[0]!r} has no place in the model "
-                          f"({len(tensors.left)} such tensors)")
-    return Layers(top, {path: np.stack(v) for path, v in layers.items()},
-                  {name: np.stack(v) for name, v in own.items()}, routers)
+        raise ConfigError(
+            f"tensor {min(tensors.left)!r} has no place in the model ({len(tensors.left)} such tensors)"
+        )
+    return Layers(
+        top,
+        {path: np.stack(v) for path, v in layers.items()},
+        {name: np.stack(v) for name, v in own.items()},
+        routers,
+    )
 
 
 def import_model(folder: pathlib.Path, workdir: pathlib.Path, overrides: list[str] = ()) -> Config:
@@ -129,7 +160,9 @@ def import_model(folder: pathlib.Path, workdir: pathlib.Path, overrides: list[st
     check_new_folder(workdir, "--workdir")
     hf = read_hf_config(folder)
     model = model_config(hf)
-    tokenizer = next((folder / n for n in ("tokenizer.json", "tokenizer.model") if (folder / n).is_file()), None)
+    tokenizer = next(
+        (folder / n for n in ("tokenizer.json", "tokenizer.model") if (folder / n).is_file()), None
+    )
     if tokenizer is None:
         raise ConfigError(f"{str(folder)!r} has no tokenizer.json or tokenizer.model")
     layers = imported_layers(TensorFiles(folder), hf, model)

@@ -40,8 +40,11 @@ LAYER_TENSORS = {  # path under groups/layers -> name under model.layers.<l>.
     ("moe", "shared_experts", "down"): "mlp.shared_expert.down_proj.weight",
 }
 EXPERT_TENSORS = {"experts_gate": "gate_proj", "experts_up": "up_proj", "experts_down": "down_proj"}
-TOP_TENSORS = {("token_embed",): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
-               ("lm_head",): "lm_head.weight"}
+TOP_TENSORS = {
+    ("token_embed",): "model.embed_tokens.weight",
+    ("final_norm", "scale"): "model.norm.weight",
+    ("lm_head",): "lm_head.weight",
+}
 _BIASES = ("q_proj", "k_proj", "v_proj")
 
 
@@ -50,30 +53,51 @@ def unexportable(model: ModelConfig) -> str | None:
     if model.ffn != "moe":
         return "model.ffn=dense has no experts; export writes MoE models only"
     if model.num_layers % model.reuse:
-        return (f"model.num_layers={model.num_layers} is not divisible by model.reuse={model.reuse}: the "
-                "smaller last group routes over fewer experts, and Qwen2-MoE has one expert count for all layers")
+        return (
+            f"model.num_layers={model.num_layers} is not divisible by model.reuse={model.reuse}: the "
+            "smaller last group routes over fewer experts, and Qwen2-MoE has one expert count for all layers"
+        )
     if model.head_dim and model.head_dim != model.d_model // model.num_heads:
-        return (f"model.head_dim={model.head_dim} differs from d_model/num_heads: vLLM's Qwen2-MoE derives the "
-                "head width from them")
+        return (
+            f"model.head_dim={model.head_dim} differs from d_model/num_heads: vLLM's Qwen2-MoE derives the "
+            "head width from them"
+        )
     return None
 
 
 def hf_config(model: ModelConfig, *, max_positions: int, eos_id: int, dtype: str) -> dict:
     return {
-        "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-        "vocab_size": model.vocab_size, "hidden_size": model.d_model, "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
-        "hidden_act": "silu", "rms_norm_eps": model.norm_eps, "tie_word_embeddings": model.tie_embeddings,
+        "architectures": ["Qwen2MoeForCausalLM"],
+        "model_type": "qwen2_moe",
+        "vocab_size": model.vocab_size,
+        "hidden_size": model.d_model,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": model.norm_eps,
+        "tie_word_embeddings": model.tie_embeddings,
         # transformers 5 reads rope_parameters; transformers 4 and older vLLM read rope_theta.
-        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_base}, "rope_theta": model.rope_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": model.rope_base},
+        "rope_theta": model.rope_base,
         "max_position_embeddings": max_positions,
-        "num_experts": model.pool_size, "num_experts_per_tok": model.top_k,
-        "moe_intermediate_size": model.expert_ffn, "norm_topk_prob": model.renormalize_gates,
+        "num_experts": model.pool_size,
+        "num_experts_per_tok": model.top_k,
+        "moe_intermediate_size": model.expert_ffn,
+        "norm_topk_prob": model.renormalize_gates,
         "shared_expert_intermediate_size": model.num_shared_experts * model.expert_ffn,
         "intermediate_size": model.expert_ffn,  # the width of dense layers, of which there are none
-        "decoder_sparse_step": 1, "mlp_only_layers": [], "qkv_bias": True, "use_sliding_window": False,
-        "attention_dropout": 0.0, "initializer_range": model.init_std, "use_cache": True,
-        "bos_token_id": None, "eos_token_id": eos_id, "dtype": dtype, "rexmoe_reuse": model.reuse,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "qkv_bias": True,
+        "use_sliding_window": False,
+        "attention_dropout": 0.0,
+        "initializer_range": model.init_std,
+        "use_cache": True,
+        "bos_token_id": None,
+        "eos_token_id": eos_id,
+        "dtype": dtype,
+        "rexmoe_reuse": model.reuse,
     }
 
 
@@ -109,31 +133,42 @@ def layer_paths(model: ModelConfig) -> list[tuple[str, ...]]:
 def tensor_specs(model: ModelConfig, dtype: np.dtype) -> list[tuple[str, tuple[int, ...], np.dtype]]:
     """Every tensor of the exported model, layer by layer (the order of the files)."""
     d, z, p, f = model.d_model, model.resolved_head_dim, model.pool_size, model.expert_ffn
-    shapes = {("attn_norm", "scale"): (d,), ("ffn_norm", "scale"): (d,),
-              ("attention", "query"): (model.num_heads * z, d), ("attention", "key"): (model.num_kv_heads * z, d),
-              ("attention", "value"): (model.num_kv_heads * z, d), ("attention", "out"): (d, model.num_heads * z),
-              ("moe", "router"): (p, d), ("moe", "shared_experts", "gate"): (model.num_shared_experts * f, d),
-              ("moe", "shared_experts", "up"): (model.num_shared_experts * f, d),
-              ("moe", "shared_experts", "down"): (d, model.num_shared_experts * f)}
+    shapes = {
+        ("attn_norm", "scale"): (d,),
+        ("ffn_norm", "scale"): (d,),
+        ("attention", "query"): (model.num_heads * z, d),
+        ("attention", "key"): (model.num_kv_heads * z, d),
+        ("attention", "value"): (model.num_kv_heads * z, d),
+        ("attention", "out"): (d, model.num_heads * z),
+        ("moe", "router"): (p, d),
+        ("moe", "shared_experts", "gate"): (model.num_shared_experts * f, d),
+        ("moe", "shared_experts", "up"): (model.num_shared_experts * f, d),
+        ("moe", "shared_experts", "down"): (d, model.num_shared_experts * f),
+    }
     specs = [("model.embed_tokens.weight", (model.vocab_size, d), dtype)]
     for layer in range(model.num_layers):
         prefix = f"model.layers.{layer}."
         specs += [(prefix + LAYER_TENSORS[path], shapes[path], dtype) for path in layer_paths(model)]
-        specs += [(prefix + f"self_attn.{name}.bias", (heads * z,), dtype)
-                  for name, heads in zip(_BIASES, (model.num_heads, model.num_kv_heads, model.num_kv_heads))]
+        specs += [
+            (prefix + f"self_attn.{name}.bias", (heads * z,), dtype)
+            for name, heads in zip(_BIASES, (model.num_heads, model.num_kv_heads, model.num_kv_heads))
+        ]
         specs.append((prefix + "mlp.shared_expert_gate.weight", (1, d), dtype))
         for e in range(p):
-            specs += [(prefix + f"mlp.experts.{e}.gate_proj.weight", (f, d), dtype),
-                      (prefix + f"mlp.experts.{e}.up_proj.weight", (f, d), dtype),
-                      (prefix + f"mlp.experts.{e}.down_proj.weight", (d, f), dtype)]
+            specs += [
+                (prefix + f"mlp.experts.{e}.gate_proj.weight", (f, d), dtype),
+                (prefix + f"mlp.experts.{e}.up_proj.weight", (f, d), dtype),
+                (prefix + f"mlp.experts.{e}.down_proj.weight", (d, f), dtype),
+            ]
     specs.append(("model.norm.weight", (d,), dtype))
     if not model.tie_embeddings:
         specs.append(("lm_head.weight", (model.vocab_size, d), dtype))
     return specs
 
 
-def exported_tensors(model: ModelConfig, read: Callable[[tuple[str, ...]], np.ndarray]
-                     ) -> Iterator[tuple[str, np.ndarray]]:
+def exported_tensors(
+    model: ModelConfig, read: Callable[[tuple[str, ...]], np.ndarray]
+) -> Iterator[tuple[str, np.ndarray]]:
     """(name, array) for every tensor of tensor_specs, reading one parameter leaf at a time
     with `read(path)`: a layer's weights come out of its block's stacked leaf, and a group's
     pool is written into each of its r layers."""
@@ -163,17 +198,37 @@ def exported_tensors(model: ModelConfig, read: Callable[[tuple[str, ...]], np.nd
 
 def model_config(hf: dict) -> ModelConfig:
     """The ModelConfig of a Qwen2-MoE config.json, or a ConfigError naming what has none."""
-    _check(hf.get("decoder_sparse_step", 1) == 1 and not hf.get("mlp_only_layers"),
-           "dense layers (decoder_sparse_step != 1 or mlp_only_layers) are not supported")
-    _check(not hf.get("use_sliding_window", False), "sliding-window attention (use_sliding_window) is not supported")
-    pool, reuse_factor, ffn = integer(hf, "num_experts"), hf.get("rexmoe_reuse", 1), integer(hf, "moe_intermediate_size")
-    _check(isinstance(reuse_factor, int) and reuse_factor >= 1 and pool % reuse_factor == 0,
-           f"rexmoe_reuse={reuse_factor!r} does not divide num_experts={pool}")
+    _check(
+        hf.get("decoder_sparse_step", 1) == 1 and not hf.get("mlp_only_layers"),
+        "dense layers (decoder_sparse_step != 1 or mlp_only_layers) are not supported",
+    )
+    _check(
+        not hf.get("use_sliding_window", False),
+        "sliding-window attention (use_sliding_window) is not supported",
+    )
+    pool, reuse_factor, ffn = (
+        integer(hf, "num_experts"),
+        hf.get("rexmoe_reuse", 1),
+        integer(hf, "moe_intermediate_size"),
+    )
+    _check(
+        isinstance(reuse_factor, int) and reuse_factor >= 1 and pool % reuse_factor == 0,
+        f"rexmoe_reuse={reuse_factor!r} does not divide num_experts={pool}",
+    )
     shared = hf.get("shared_expert_intermediate_size") or 0
-    _check(isinstance(shared, int) and shared % ffn == 0, f"shared_expert_intermediate_size={shared} is not a "
-           f"multiple of moe_intermediate_size={ffn}: shared experts are whole experts here")
-    return common_model_config(hf, expert_ffn=ffn, num_experts=pool // reuse_factor, reuse=reuse_factor,
-                               num_shared_experts=shared // ffn, renormalize_gates=bool(hf.get("norm_topk_prob")))
+    _check(
+        isinstance(shared, int) and shared % ffn == 0,
+        f"shared_expert_intermediate_size={shared} is not a "
+        f"multiple of moe_intermediate_size={ffn}: shared experts are whole experts here",
+    )
+    return common_model_config(
+        hf,
+        expert_ffn=ffn,
+        num_experts=pool // reuse_factor,
+        reuse=reuse_factor,
+        num_shared_experts=shared // ffn,
+        renormalize_gates=bool(hf.get("norm_topk_prob")),
+    )
 
 
 def integer(hf: dict, key: str) -> int:
@@ -184,20 +239,29 @@ def integer(hf: dict, key: str) -> int:
 
 def common_model_config(hf: dict, **moe) -> ModelConfig:
     """The fields Qwen2-MoE and Mixtral configs share: attention, norms, rotary, embeddings."""
-    _check(hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} is not supported (silu)")
+    _check(
+        hf.get("hidden_act", "silu") == "silu", f"hidden_act={hf.get('hidden_act')!r} is not supported (silu)"
+    )
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
     _check(kind == "default", f"rope scaling {kind!r} is not supported")
     base = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
     d, heads = integer(hf, "hidden_size"), integer(hf, "num_attention_heads")
     head_dim = hf.get("head_dim") or 0
-    return ModelConfig(vocab_size=integer(hf, "vocab_size"), d_model=d, num_layers=integer(hf, "num_hidden_layers"),
-                       num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-                       head_dim=0 if head_dim == d // heads else head_dim,
-                       top_k=integer(hf, "num_experts_per_tok"), rope_base=float(base),
-                       norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                       init_std=float(hf.get("initializer_range", 0.02)), **moe)
+    return ModelConfig(
+        vocab_size=integer(hf, "vocab_size"),
+        d_model=d,
+        num_layers=integer(hf, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=0 if head_dim == d // heads else head_dim,
+        top_k=integer(hf, "num_experts_per_tok"),
+        rope_base=float(base),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+        **moe,
+    )
 
 
 def _check(condition: bool, message: str) -> None:

@@ -72,8 +72,13 @@ def ungroup(params: dict, config: ModelConfig) -> Layers:
         for name in (e for e in EXPERTS if e in params[block]):
             pools = np.asarray(params[block][name])
             experts.setdefault(name, []).append(pools.reshape(-1, n, *pools.shape[2:]))
-    return Layers(top, {p: np.concatenate(a) for p, a in layers.items()},
-                  {name: np.concatenate(a) for name, a in experts.items()}, routers, biases or None)
+    return Layers(
+        top,
+        {p: np.concatenate(a) for p, a in layers.items()},
+        {name: np.concatenate(a) for name, a in experts.items()},
+        routers,
+        biases or None,
+    )
 
 
 def group(layers: Layers, config: ModelConfig) -> dict:

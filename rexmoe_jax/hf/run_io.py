@@ -48,9 +48,10 @@ def in_memory(params: dict, step: int = 0) -> Leaves:
 
 
 def checkpoint_leaves(workdir: pathlib.Path, config: Config) -> Leaves:
-    """The parameters of the newest readable checkpoint, each leaf read only when asked for (the
-    optimizer state is never read). Orbax stores each leaf as a zarr array in an OCDBT database;
-    when that cannot be opened, the whole state is restored through orbax instead."""
+    """The parameters of the newest checkpoint, each leaf read only when asked for (the optimizer
+    state is never read): orbax stores each leaf as a zarr array in an OCDBT database. When they
+    cannot be opened so (another layout, a damaged checkpoint), restore.restore reads the newest
+    readable checkpoint whole instead."""
     expected = {path: tuple(s.shape) for path, s in param_shapes(config).items()}
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
     try:
@@ -59,26 +60,32 @@ def checkpoint_leaves(workdir: pathlib.Path, config: Config) -> Leaves:
         checkpointer.close()
     if not steps:
         raise ConfigError(f"{str(workdir)!r} has no checkpoint yet; train first")
-    for step in reversed(steps):
-        state = (workdir / "checkpoints" / str(step) / "state").resolve()
-        try:
-            stores = {path: _open_leaf(state, path) for path in expected}
-        except Exception as err:  # noqa: BLE001 - tensorstore reports a missing or other layout in several types
-            print(f"note: checkpoint {step}'s leaves cannot be read one by one ({str(err).splitlines()[0][:120]}); "
-                  "restoring it whole", file=sys.stderr)
-            run = restore.restore(workdir)
-            return dataclasses.replace(in_memory(jax.device_get(run.params)), step=run.step)
-        for path, store in stores.items():
-            if tuple(store.shape) != expected[path]:
-                raise ConfigError(f"checkpoint {step} holds params/{'/'.join(path)} of shape {list(store.shape)}, "
-                                  f"but config.json implies {list(expected[path])}")
-        return Leaves(expected, lambda path, stores=stores: np.asarray(stores[path].read().result()), step)
-    raise AssertionError("unreachable")
+    step = steps[-1]
+    state = (workdir / "checkpoints" / str(step) / "state").resolve()
+    try:
+        stores = {path: _open_leaf(state, path) for path in expected}
+    except Exception as err:  # noqa: BLE001 - TensorStore reports a missing or other layout in several types
+        print(
+            f"note: checkpoint {step}'s leaves cannot be read one by one ({str(err).splitlines()[0][:120]}); "
+            "restoring the newest readable checkpoint whole",
+            file=sys.stderr,
+        )
+        run = restore.restore(workdir)
+        return dataclasses.replace(in_memory(jax.device_get(run.params)), step=run.step)
+    for path, store in stores.items():
+        if tuple(store.shape) != expected[path]:
+            raise ConfigError(
+                f"checkpoint {step} holds params/{'/'.join(path)} of shape {list(store.shape)}, "
+                f"but config.json implies {list(expected[path])}"
+            )
+    return Leaves(expected, lambda path: np.asarray(stores[path].read().result()), step)
 
 
 def _open_leaf(state: pathlib.Path, path: tuple[str, ...]):
-    spec = {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{state}/",
-                                          "path": "params." + ".".join(path)}}
+    spec = {
+        "driver": "zarr",
+        "kvstore": {"driver": "ocdbt", "base": f"file://{state}/", "path": "params." + ".".join(path)},
+    }
     return ts.open(spec, open=True, read=True).result()
 
 
@@ -124,21 +131,28 @@ def write_run(workdir: pathlib.Path, config: Config, params: dict, tokenizer: pa
     try:
         copy = workdir / ("tokenizer" + tokenizer.suffix)
         shutil.copyfile(tokenizer, copy)
-        config = dataclasses.replace(config, data=dataclasses.replace(config.data, tokenizer=str(copy.resolve())))
+        config = dataclasses.replace(
+            config, data=dataclasses.replace(config.data, tokenizer=str(copy.resolve()))
+        )
         vocab = load_tokenizer(copy).vocab_size
         if vocab > config.model.vocab_size:
-            raise ConfigError(f"the tokenizer has {vocab} tokens but the model's vocabulary only "
-                              f"{config.model.vocab_size}")
+            raise ConfigError(
+                f"the tokenizer has {vocab} tokens but the model's vocabulary only {config.model.vocab_size}"
+            )
         (workdir / "config.json").write_text(config.to_json() + "\n")
         (workdir / PRESET).write_text(_PRESET_TEMPLATE.format(config=config.to_json()))
-        state_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), unflatten(
-            {path: flat[path] for path in expected}))
+        state_params = jax.tree.map(
+            lambda a: jnp.asarray(a, jnp.float32), unflatten({path: flat[path] for path in expected})
+        )
         tx = make_optimizer(config.optim, config.train.steps)
-        state = trainer.TrainState(step=jnp.zeros((), jnp.int32), params=state_params,
-                                   opt_state=tx.init(state_params))
+        state = trainer.TrainState(
+            step=jnp.zeros((), jnp.int32), params=state_params, opt_state=tx.init(state_params)
+        )
         checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
         try:
-            checkpointer.save(0, state, {"step": 0, "config": config.to_dict(), "data": BatchIterator.state_at(0)})
+            checkpointer.save(
+                0, state, {"step": 0, "config": config.to_dict(), "data": BatchIterator.state_at(0)}
+            )
         finally:
             checkpointer.close()
     except BaseException:

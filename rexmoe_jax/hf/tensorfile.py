@@ -19,10 +19,18 @@ import numpy as np
 
 from rexmoe_jax.config import ConfigError
 
-DTYPES = {"F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
-          "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-          "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
-          "BOOL": np.dtype(np.bool_)}
+DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -51,10 +59,14 @@ def _header(path: pathlib.Path) -> tuple[dict, int]:
         except (KeyError, TypeError, ValueError):
             raise ConfigError(f"{str(path)!r}: tensor {name!r} has a malformed header entry") from None
         if end - begin != int(np.prod(shape)) * dtype.itemsize:
-            raise ConfigError(f"{str(path)!r}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}")
+            raise ConfigError(
+                f"{str(path)!r}: tensor {name!r} has {end - begin} bytes for shape {list(shape)}"
+            )
         if start + end > size:
-            raise ConfigError(f"{str(path)!r} is truncated: tensor {name!r} ends at byte {start + end} "
-                              f"of a {size}-byte file")
+            raise ConfigError(
+                f"{str(path)!r} is truncated: tensor {name!r} ends at byte {start + end} "
+                f"of a {size}-byte file"
+            )
     return header, start
 
 
@@ -93,8 +105,9 @@ class TensorFiles:
         shape = tuple(entry["shape"])
         if not np.prod(shape):
             return np.zeros(shape, DTYPES[entry["dtype"]])
-        return np.memmap(path, dtype=DTYPES[entry["dtype"]], mode="r", offset=start + entry["data_offsets"][0],
-                         shape=shape)
+        return np.memmap(
+            path, dtype=DTYPES[entry["dtype"]], mode="r", offset=start + entry["data_offsets"][0], shape=shape
+        )
 
 
 class TensorWriter:
@@ -102,8 +115,9 @@ class TensorWriter:
     one model.safetensors, or shards of at most about `max_shard_bytes` with an index.
     `put` may come in any order; `close` checks that every tensor was written exactly once."""
 
-    def __init__(self, folder: pathlib.Path, specs: list[tuple[str, tuple[int, ...], np.dtype]],
-                 max_shard_bytes: int):
+    def __init__(
+        self, folder: pathlib.Path, specs: list[tuple[str, tuple[int, ...], np.dtype]], max_shard_bytes: int
+    ):
         shards: list[list[tuple[str, tuple[int, ...], np.dtype]]] = [[]]
         size = 0
         for name, shape, dtype in specs:
@@ -114,15 +128,22 @@ class TensorWriter:
             shards[-1].append((name, tuple(shape), np.dtype(dtype)))
             size += nbytes
         count = len(shards)
-        self.files = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors"
-                                                       for i in range(count)]
+        self.files = (
+            [SINGLE_FILE]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+        )
         self._where: dict[str, tuple[int, int, tuple[int, ...], np.dtype]] = {}
         self._fds, self._folder, self.total_bytes = [], folder, 0
         for file_index, (file, shard) in enumerate(zip(self.files, shards)):
             header, offset, relative = {"__metadata__": {"format": "pt"}}, 0, {}
             for name, shape, dtype in shard:
                 nbytes = int(np.prod(shape)) * dtype.itemsize
-                header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+                header[name] = {
+                    "dtype": _NAMES[dtype],
+                    "shape": list(shape),
+                    "data_offsets": [offset, offset + nbytes],
+                }
                 relative[name] = (offset, shape, dtype)
                 offset += nbytes
             text = json.dumps(header, separators=(",", ":")).encode()
@@ -154,8 +175,10 @@ class TensorWriter:
             os.close(fd)
         self._fds = []
         if self._missing:
-            raise ValueError(f"{len(self._missing)} tensors never written, e.g. {sorted(self._missing)[0]}")
+            raise ValueError(f"{len(self._missing)} tensors never written, e.g. {min(self._missing)}")
         if len(self.files) > 1:
             weight_map = {name: self.files[index] for name, (index, *_) in self._where.items()}
-            (self._folder / INDEX_FILE).write_text(json.dumps(
-                {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2) + "\n")
+            (self._folder / INDEX_FILE).write_text(
+                json.dumps({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, indent=2)
+                + "\n"
+            )

@@ -41,8 +41,12 @@ def widened_config(config: Config, reuse: int) -> Config:
     psr = dataclasses.replace(config.psr, order="local_first")
     if psr.schedule == "none":
         steps = config.train.steps
-        psr = dataclasses.replace(psr, schedule="linear", start_step=steps * 21 // 100,
-                                  end_step=max(steps * 63 // 100, steps * 21 // 100 + 1))
+        psr = dataclasses.replace(
+            psr,
+            schedule="linear",
+            start_step=steps * 21 // 100,
+            end_step=max(steps * 63 // 100, steps * 21 // 100 + 1),
+        )
     return dataclasses.replace(config, model=dataclasses.replace(config.model, reuse=reuse), psr=psr)
 
 
@@ -64,7 +68,9 @@ def widened_layers(layers: Layers, config: Config) -> Layers:
     return dataclasses.replace(layers, routers=routers, router_biases=biases)
 
 
-def widen(config: Config, leaves: Leaves, reuse: int, output: pathlib.Path, overrides: list[str] = ()) -> Config:
+def widen(
+    config: Config, leaves: Leaves, reuse: int, output: pathlib.Path, overrides: list[str] = ()
+) -> Config:
     """Writes the widened run into `output`; returns its config."""
     check_new_folder(output, "--output")
     wide = apply_overrides(widened_config(config, reuse), overrides)
