@@ -26,6 +26,7 @@ import pathlib
 import re
 import shutil
 import sys
+import threading
 import time
 import typing
 
@@ -70,29 +71,57 @@ class _Unreadable(typing.NamedTuple):
     moved_to: str | None  # its new name, None when a read-only user left it
 
 
+_ORBAX = f"{os.sep}orbax{os.sep}"
+
+
 def _is_orbax_coroutine(obj) -> bool:
     code = getattr(obj, "cr_code", None)
-    return code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    return code is not None and _ORBAX in code.co_filename
+
+
+def _through_orbax(tb) -> bool:
+    """Whether a traceback passes through orbax's code."""
+    while tb is not None:
+        if _ORBAX in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+class _OrbaxTaskNoise(logging.Filter):
+    """asyncio's "Task exception was never retrieved" for one of orbax's reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and _through_orbax(record.exc_info[2]))
 
 
 def _drop_closed_loop_reports() -> None:
     """A failed restore or save closes orbax's event loop while TensorStore still completes the
     other reads or writes; each completion then reports "RuntimeError: Event loop is closed" as
-    an unraisable exception, and each of orbax's other read coroutines that failed too is
-    reported when it is collected ("Exception ignored in: <coroutine object ...>"): dozens to
-    thousands of tracebacks for one unreadable checkpoint. Those, and only those, are dropped;
-    the failure itself is reported in one line."""
+    an unraisable exception, and each of orbax's other reads that failed too is reported when it
+    is collected ("Exception ignored in: <coroutine object ...>", asyncio's "Task exception was
+    never retrieved", or from one of its threads): dozens to thousands of tracebacks for one
+    unreadable checkpoint, more on a busy machine. Those, and only those, are dropped; the
+    failure itself is reported in one line."""
     previous = sys.unraisablehook
     if getattr(previous, "drops_closed_loop_reports", False):
         return
 
     def hook(args):
         closed = isinstance(args.exc_value, RuntimeError) and str(args.exc_value) == "Event loop is closed"
-        if not (closed or _is_orbax_coroutine(args.object)):
+        if not (closed or _is_orbax_coroutine(args.object) or _through_orbax(args.exc_traceback)):
             previous(args)
 
     hook.drops_closed_loop_reports = True
     sys.unraisablehook = hook
+    previous_thread_hook = threading.excepthook
+
+    def thread_hook(args):
+        if not _through_orbax(args.exc_traceback):
+            previous_thread_hook(args)
+
+    threading.excepthook = thread_hook
+    logging.getLogger("asyncio").addFilter(_OrbaxTaskNoise())
 
 
 class _OrbaxNoise(logging.Filter):

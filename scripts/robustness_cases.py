@@ -829,6 +829,10 @@ def main(argv: list[str]) -> int:
           f"{time.perf_counter() - start:.0f} s in all")
     for name in failed:
         print(f"- not as demanded: {name}")
+    for case in rows:  # What went wrong, for the one reading the progress stream.
+        if not case.ok:
+            print(f"--- stderr of {case.name}:\n" + "\n".join(case.result.stderr.splitlines()[:60]),
+                  file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -9,6 +9,7 @@ import resource
 import shutil
 import signal
 import sys
+import threading
 import time
 import types
 
@@ -277,3 +278,33 @@ def test_changed_settings_are_noted_when_resuming_not_when_reading(tmp_path, cap
         checkpointer.close()
         out = capsys.readouterr().out
         assert ("note: resuming step 2 with changed settings: train.steps" in out) == noted, out
+
+
+def _traceback_through(filename: str):
+    """A real traceback whose frame runs code compiled as `filename`."""
+    try:
+        exec(compile("raise ValueError('read failed')", filename, "exec"))
+    except ValueError as err:
+        return err
+
+
+def test_orbax_read_failures_from_tasks_and_threads_are_dropped_and_others_kept(monkeypatch):
+    """asyncio's "Task exception was never retrieved" and a thread's exception are dropped when
+    the traceback passes through orbax; the same from anyone else's code still shows."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda args: seen.append(("unraisable", args.exc_value)))
+    monkeypatch.setattr(threading, "excepthook", lambda args: seen.append(("thread", args.exc_value)))
+    asyncio_logger = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_logger, "filters", [])
+    Checkpointer(pathlib.Path("unused"), keep=1, read_only=True).close()
+    orbax = _traceback_through("/venv/site-packages/orbax/checkpoint/_src/serialization/serialization.py")
+    mine = _traceback_through("/work/mine.py")
+    for err in (orbax, mine):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=ValueError, exc_value=err, exc_traceback=err.__traceback__,
+                                                 err_msg=None, object=None))
+        threading.excepthook(types.SimpleNamespace(exc_type=ValueError, exc_value=err,
+                                                   exc_traceback=err.__traceback__, thread=None))
+    assert seen == [("unraisable", mine), ("thread", mine)]
+    records = [logging.LogRecord("asyncio", logging.ERROR, "tasks.py", 1, "Task exception was never retrieved",
+                                 None, (ValueError, err, err.__traceback__)) for err in (orbax, mine)]
+    assert [asyncio_logger.filter(record) for record in records] == [False, True]
