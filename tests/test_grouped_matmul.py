@@ -107,6 +107,7 @@ def test_tokamax_pads_widths_exactly():
 
 def test_auto_picks_blocked_on_cpu():
     assert jax.default_backend() == "cpu" and resolve("auto") == "blocked" and resolve("tokamax") == "tokamax"
+    assert resolve("auto", platform="tpu") == "ragged_dot" and resolve("auto", platform="cpu") == "blocked"
 
 
 def numpy_swiglu(x, gate, up, down, sizes):

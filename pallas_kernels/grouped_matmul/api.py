@@ -25,11 +25,12 @@ Implementation = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"
 _TOKAMAX_ALIGN = 64
 
 
-def resolve(implementation: Implementation) -> str:
-    """The concrete implementation "auto" stands for on the default backend."""
+def resolve(implementation: Implementation, platform: str | None = None) -> str:
+    """The concrete implementation "auto" stands for on `platform` ("cpu", "gpu", "tpu": the
+    platform of the devices compiled for; None: jax.default_backend())."""
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend()
+    backend = platform or jax.default_backend()
     if backend == "cpu":
         return "blocked"
     if backend == "gpu":
@@ -41,10 +42,10 @@ def resolve(implementation: Implementation) -> str:
     return "ragged_dot"
 
 
-def alignment(implementation: Implementation) -> int:
+def alignment(implementation: Implementation, platform: str | None = None) -> int:
     """The multiple the widths I and O should be of for `implementation` (1: any). Callers that
     reuse weights across calls pad them once to this, and the call pads nothing."""
-    return _TOKAMAX_ALIGN if resolve(implementation) == "tokamax" else 1
+    return _TOKAMAX_ALIGN if resolve(implementation, platform) == "tokamax" else 1
 
 
 def _tokamax(lhs_MxI, rhs_ExIxO, group_sizes_E, preferred_element_type):
@@ -70,14 +71,14 @@ def _tokamax(lhs_MxI, rhs_ExIxO, group_sizes_E, preferred_element_type):
 
 def grouped_matmul(lhs_MxI: jax.Array, rhs_ExIxO: jax.Array, group_sizes_E: jax.Array, *,
                    implementation: Implementation = "ragged_dot",
-                   preferred_element_type=None) -> jax.Array:
+                   preferred_element_type=None, platform: str | None = None) -> jax.Array:
     if lhs_MxI.ndim != 2 or rhs_ExIxO.ndim != 3 or group_sizes_E.ndim != 1:
         raise ValueError(f"grouped_matmul expects lhs (M, I), rhs (E, I, O), group_sizes (E,); got "
                          f"{lhs_MxI.shape}, {rhs_ExIxO.shape}, {group_sizes_E.shape}")
     if lhs_MxI.shape[1] != rhs_ExIxO.shape[1] or rhs_ExIxO.shape[0] != group_sizes_E.shape[0]:
         raise ValueError(f"grouped_matmul shape mismatch: lhs {lhs_MxI.shape}, rhs {rhs_ExIxO.shape}, "
                          f"group_sizes {group_sizes_E.shape}")
-    implementation = resolve(implementation)
+    implementation = resolve(implementation, platform)
     if implementation == "ragged_dot":
         return jax.lax.ragged_dot(lhs_MxI, rhs_ExIxO, group_sizes_E.astype("int32"),
                                   preferred_element_type=preferred_element_type)
