@@ -8,6 +8,7 @@ import numpy as np
 
 from rexmoe_jax.config import ModelConfig
 from rexmoe_jax.reuse import own_experts
+from rexmoe_jax.targets import CHIPS
 
 # Decision (the paper plots "under-used experts" without a threshold): an expert is under-used
 # when its load is below half of the uniform share, i.e. LBV < -0.5.
@@ -66,11 +67,11 @@ def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> fl
 
 
 # Dense bf16 peak FLOP/s of one device, by jax's device_kind; MFU is reported only for these.
+# The TPUs' come from targets.CHIPS, their one home (with sources).
 _PEAK_FLOPS = {
     "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
     "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12,
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+    **{chip.device_kind: chip.peak_bf16_flops for chip in CHIPS.values()},
 }
 
 
@@ -78,4 +79,4 @@ def device_peak_flops(device: jax.Device) -> float | None:
     kind = getattr(device, "device_kind", "")
     if kind in _PEAK_FLOPS:
         return _PEAK_FLOPS[kind]
-    return next((v for k, v in _PEAK_FLOPS.items() if kind.startswith(k)), None)
+    return next((v for k, v in _PEAK_FLOPS.items() if kind.startswith(k) and not k.startswith("TPU")), None)

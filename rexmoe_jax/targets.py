@@ -21,6 +21,7 @@ class Chip:
     """One TPU chip's peak figures, as Google's Cloud TPU pages give them (source)."""
 
     name: str
+    device_kind: str  # what jax calls its devices
     peak_bf16_flops: float  # per second, dense bf16 matmuls
     hbm_bytes: int
     hbm_bytes_per_second: float
@@ -30,10 +31,10 @@ class Chip:
 _GIB, _GB = 1024 ** 3, 1000 ** 3
 
 CHIPS = {
-    "v4": Chip("v4", 275e12, 32 * _GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", 197e12, 16 * _GB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", 459e12, 95 * _GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", 918e12, 32 * _GB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip("v4", "TPU v4", 275e12, 32 * _GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 

@@ -1,0 +1,129 @@
+"""What the compiler plans for one train step on a mesh, from shapes alone (`train.py
+--compile-only`): per-device memory, the step's FLOPs and bytes (cost_analysis), a roofline
+estimate of its time and MFU on a named TPU, and the collectives of the compiled HLO.
+
+With `--target` the devices are a TPU slice described by libtpu (sharding.target_devices), so
+XLA:TPU and Mosaic compile exactly what that slice would run; otherwise they are this machine's.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from rexmoe_jax import hlo_collectives, sharding, trainer
+from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.loop import jitted_steps
+from rexmoe_jax.metrics import flops_per_token
+from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.targets import Target
+
+_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                  "alias_size_in_bytes", "generated_code_size_in_bytes")
+# XLA:TPU's words when a step does not fit, e.g. "RESOURCE_EXHAUSTED: XLA:TPU compile permanent
+# error. Ran out of memory in memory space hbm. Used 402.88G of 95.74G hbm. Exceeded hbm
+# capacity by 307.14G." or "HLO temporaries (402.88G) exceeds available HBM (95.74G)".
+_TOO_BIG = (re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm"),
+            re.compile(r"\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)"))
+
+
+class DoesNotFit(ConfigError):
+    """The compiler found the step too big for the device's memory; one line says by how much."""
+
+
+def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFit | None:
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    found = next((m for m in (p.search(text) for p in _TOO_BIG) if m), None)
+    needed, available = found.groups() if found else ("more", "the available")
+    where = f"a {target.chip.name} chip" if target else "a device"
+    return DoesNotFit(
+        f"the train step does not fit: the compiler plans {needed}B of memory per device and {where} "
+        f"has {available}B; try optim.grad_accum={2 * config.optim.grad_accum}, compute.remat=full, "
+        "or a mesh that splits more (mesh.fsdp, mesh.expert) or a bigger slice")
+
+
+def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per device of one step, as XLA's cost analysis counts them."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _roofline(report: dict, config: Config, target: Target) -> dict:
+    """An estimate, not a measurement: the step's time if it ran at the chip's peak FLOP/s or
+    HBM bandwidth, whichever binds (collectives and their overlap are not modelled), and the
+    MFU that time would give for the model's FLOPs (metrics.flops_per_token)."""
+    chip = target.chip
+    seconds = max(report["flops_per_device"] / chip.peak_bf16_flops,
+                  report["bytes_accessed_per_device"] / chip.hbm_bytes_per_second)
+    model_flops = flops_per_token(config.model, config.data.seq_len,
+                                  trainer.summary(config)["params_active"]) * config.tokens_per_step
+    return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
+            "hbm_bytes_per_second": chip.hbm_bytes_per_second, "source": chip.source,
+            "step_seconds": seconds, "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
+            "bound": "compute" if report["flops_per_device"] / chip.peak_bf16_flops >= seconds else "memory"}
+
+
+def compile_report(config: Config, target: Target | None = None) -> dict:
+    """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
+    given) and returns what the compiler plans, per device; raises DoesNotFit with one line
+    when the step is too big for the device's memory."""
+    mesh = sharding.make_mesh(config.mesh, sharding.target_devices(target) if target else None)
+    sharding.validate(config, mesh)
+    model = trainer.build_model(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = trainer.state_shardings(config, model, tx, mesh)
+    state = trainer.abstract_state(config, model, tx, shardings)
+    batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    train_step, _ = jitted_steps(config, model, tx, mesh, shardings)
+    start = time.perf_counter()
+    try:
+        with sharding.activate(mesh):
+            compiled = train_step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as err:
+        raise _too_big(err, config, target) or err from None
+    report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
+              "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+              "compile_seconds": round(time.perf_counter() - start, 1)}
+    memory = compiled.memory_analysis()
+    report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})
+    # Donated state is both argument and output; count it once.
+    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    report["flops_per_device"], report["bytes_accessed_per_device"] = _cost(compiled)
+    report["collectives"] = hlo_collectives.per_step(compiled.as_text())
+    if target:
+        report["hbm_bytes_per_device"] = target.chip.hbm_bytes
+        report["hbm_headroom_bytes"] = target.chip.hbm_bytes - report["total_bytes_per_device"]
+        report["roofline_estimate"] = _roofline(report, config, target)
+    return report
+
+
+def describe(report: dict) -> str:
+    """The report for a person, a few lines; the JSON line after it has everything."""
+    gib = 1024 ** 3
+    where = f"{report['target']} ({report['devices']} chips)" if report["target"] else f"{report['devices']} devices"
+    lines = [f"compiled the train step in {report['compile_seconds']}s for {where}, mesh {report['mesh']}",
+             f"per device: parameters and optimizer state {report['argument_size_in_bytes'] / gib:.2f} GiB, "
+             f"temporaries {report['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased "
+             f"{(report['output_size_in_bytes'] - report['alias_size_in_bytes']) / gib:.2f} GiB, code "
+             f"{report['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, total {report['total_bytes_per_device'] / gib:.2f} GiB"]
+    if "hbm_bytes_per_device" in report:
+        lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_bytes_per_device'] / gib:.2f} "
+                     f"GiB of HBM ({report['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
+    lines.append(f"per device and step: {report['flops_per_device']:.3e} FLOPs, "
+                 f"{report['bytes_accessed_per_device'] / gib:.1f} GiB accessed (XLA's cost analysis)")
+    roof = report.get("roofline_estimate")
+    if roof:
+        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks {roof['peak_bf16_flops'] / 1e12:.0f} "
+                     f"TFLOP/s bf16, {roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
+                     f"{roof['step_seconds'] * 1e3:.1f} ms per step, {roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
+    for kind, c in report["collectives"].items():
+        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB")
+    return "\n".join(lines)
