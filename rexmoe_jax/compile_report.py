@@ -1,6 +1,7 @@
 """What the compiler plans for one train step on a mesh, from shapes alone (`train.py
---compile-only`): per-device memory, the step's FLOPs and bytes (cost_analysis), a roofline
-estimate of its time and MFU on a named TPU, and the collectives of the compiled HLO.
+--compile-only`): per-device memory, the step's FLOPs and bytes (XLA's cost analysis, and the
+same counted through the step's loops from its HLO: hlo_analysis), a roofline estimate of its
+time and MFU on a named TPU, and the collectives of the compiled HLO.
 
 With `--target` the devices are a TPU slice described by libtpu (sharding.target_devices), so
 XLA:TPU and Mosaic compile exactly what that slice would run; otherwise they are this machine's.
@@ -14,7 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax import hlo_collectives, sharding, trainer
+from rexmoe_jax import hlo_analysis, sharding, trainer
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.loop import jitted_steps
 from rexmoe_jax.metrics import flops_per_token
@@ -48,25 +49,29 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
 
 
 def _cost(compiled) -> tuple[float, float]:
-    """(FLOPs, bytes accessed) per device of one step, as XLA's cost analysis counts them."""
+    """(FLOPs, bytes accessed) per device as XLA's cost analysis counts them: a loop's body
+    once, so a step that scans layers and micro-batches looks far cheaper (hlo_analysis)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
 def _roofline(report: dict, config: Config, target: Target) -> dict:
-    """An estimate, not a measurement: the step's time if it ran at the chip's peak FLOP/s or
-    HBM bandwidth, whichever binds (collectives and their overlap are not modelled), and the
-    MFU that time would give for the model's FLOPs (metrics.flops_per_token)."""
+    """An estimate, not a measurement: the step's time if its matmul FLOPs ran at the chip's
+    peak FLOP/s or its HBM bytes at the peak bandwidth, whichever binds (both counted through
+    the step's loops; collectives and their overlap, elementwise work and the Pallas kernels
+    are not modelled), and the MFU that time would give for the model's FLOPs
+    (metrics.flops_per_token: no remat recompute, no padded rows)."""
     chip = target.chip
-    seconds = max(report["flops_per_device"] / chip.peak_bf16_flops,
-                  report["bytes_accessed_per_device"] / chip.hbm_bytes_per_second)
+    compute = report["flops_per_device"] / chip.peak_bf16_flops
+    seconds = max(compute, report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second)
     model_flops = flops_per_token(config.model, config.data.seq_len,
                                   trainer.summary(config)["params_active"]) * config.tokens_per_step
     return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
             "hbm_bytes_per_second": chip.hbm_bytes_per_second, "source": chip.source,
             "step_seconds": seconds, "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
-            "bound": "compute" if report["flops_per_device"] / chip.peak_bf16_flops >= seconds else "memory"}
+            "model_flops_per_device": model_flops / report["devices"],
+            "bound": "compute" if compute >= seconds else "memory"}
 
 
 def compile_report(config: Config, target: Target | None = None) -> dict:
@@ -96,10 +101,12 @@ def compile_report(config: Config, target: Target | None = None) -> dict:
     # Donated state is both argument and output; count it once.
     report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
                                         - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
-    report["flops_per_device"], report["bytes_accessed_per_device"] = _cost(compiled)
-    report["collectives"] = hlo_collectives.per_step(compiled.as_text())
+    report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
+    step = hlo_analysis.analyse(compiled.as_text())
+    report["flops_per_device"], report["hbm_bytes_per_device"] = step["flops"], step["hbm_bytes"]
+    report["collectives"] = step["collectives"]
     if target:
-        report["hbm_bytes_per_device"] = target.chip.hbm_bytes
+        report["hbm_capacity_per_device"] = target.chip.hbm_bytes
         report["hbm_headroom_bytes"] = target.chip.hbm_bytes - report["total_bytes_per_device"]
         report["roofline_estimate"] = _roofline(report, config, target)
     return report
@@ -114,16 +121,19 @@ def describe(report: dict) -> str:
              f"temporaries {report['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased "
              f"{(report['output_size_in_bytes'] - report['alias_size_in_bytes']) / gib:.2f} GiB, code "
              f"{report['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, total {report['total_bytes_per_device'] / gib:.2f} GiB"]
-    if "hbm_bytes_per_device" in report:
-        lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_bytes_per_device'] / gib:.2f} "
+    if "hbm_capacity_per_device" in report:
+        lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_capacity_per_device'] / gib:.2f} "
                      f"GiB of HBM ({report['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
-    lines.append(f"per device and step: {report['flops_per_device']:.3e} FLOPs, "
-                 f"{report['bytes_accessed_per_device'] / gib:.1f} GiB accessed (XLA's cost analysis)")
+    xla = report["xla_cost_analysis"]
+    lines.append(f"per device and step, counted through the step's loops: {report['flops_per_device']:.3e} matmul "
+                 f"FLOPs, {report['hbm_bytes_per_device'] / gib:.1f} GiB of HBM traffic (XLA's cost analysis, "
+                 f"which counts each loop body once: {xla['flops']:.3e} FLOPs, {xla['bytes_accessed'] / gib:.1f} GiB)")
     roof = report.get("roofline_estimate")
     if roof:
         lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks {roof['peak_bf16_flops'] / 1e12:.0f} "
                      f"TFLOP/s bf16, {roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
                      f"{roof['step_seconds'] * 1e3:.1f} ms per step, {roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
     for kind, c in report["collectives"].items():
-        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB")
+        dynamic = f" (+{c['dynamic_loops']} loops of unknown length counted once)" if c["dynamic_loops"] else ""
+        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB{dynamic}")
     return "\n".join(lines)

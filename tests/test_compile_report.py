@@ -49,7 +49,7 @@ def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices):
     hand = by_hand(config, devices)
     # The norms' 1-D float32 arrays and the scalars are padded to whole TPU tiles: 2 KiB here.
     assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024
-    assert 0 < report["total_bytes_per_device"] < report["hbm_bytes_per_device"] == 95 * 2 ** 30
+    assert 0 < report["total_bytes_per_device"] < report["hbm_capacity_per_device"] == 95 * 2 ** 30
     c = report["collectives"]
     layers, d, f, pool, k = 2, 256, 128, 8, 2
     # The ragged exchange: two ragged_all_to_all per MoE layer forward and two backward. Each
