@@ -180,8 +180,11 @@ def activate(mesh: jax.sharding.Mesh):
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(RULES))
-    token = _PLATFORM.set(mesh.devices.flat[0].platform)
+    device = mesh.devices.flat[0]
+    token = _PLATFORM.set(device.platform)
     stack.callback(_PLATFORM.reset, token)
+    if device.platform != jax.default_backend():  # compiling for a target (a TPU slice from a CPU):
+        stack.enter_context(jax.default_device(device))  # libraries that ask (tokamax) see its chip
     return stack
 
 

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import train
 from rexmoe_jax import compile_report, sharding, targets, trainer
 from rexmoe_jax.config import Config, apply_overrides
 from rexmoe_jax.optimizer import make_optimizer
@@ -77,14 +78,15 @@ def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
     assert report["roofline_estimate"]["source"] == "https://cloud.google.com/tpu/docs/v6e"
 
 
-def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices):
+def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     # Logits of 256 x 1024 tokens x 16,384 float32 are 16 GiB on one v5e chip of 16 GB.
-    config = apply_overrides(Config(), MODEL[:-2] + ["model.vocab_size=16384", "data.seq_len=1024",
-                                                     "data.batch_size=256"])
     tpu_devices("v5e-1")
-    with pytest.raises(compile_report.DoesNotFit) as err:
-        compile_report.compile_report(config, targets.parse("v5e-1"))
-    message = str(err.value)
-    assert "\n" not in message and "a v5e chip has" in message and "optim.grad_accum=2" in message
+    argv = ["--compile-only", "--target", "v5e-1", *MODEL[:-2], "model.vocab_size=16384", "data.seq_len=1024",
+            "data.batch_size=256"]
+    assert train.main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("error: the train step does not fit") and "a v5e chip has" in message
+    assert "optim.grad_accum=2" in message
     needed, available = (float(x) for x in re.findall(r"([\d.]+)[KMGT]?B", message)[:2])
     assert needed > available
