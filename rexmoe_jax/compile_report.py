@@ -57,7 +57,8 @@ def _cost(compiled) -> tuple[float, float]:
 
 
 def _roofline(report: dict, config: Config, target: Target) -> dict:
-    """An estimate, not a measurement: the step's time if its matmul FLOPs ran at the chip's
+    """An estimate, not a measurement (and a lower bound where loops of unknown length, such as
+    the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at the chip's
     peak FLOP/s or its HBM bytes at the peak bandwidth, whichever binds (both counted through
     the step's loops; collectives and their overlap, elementwise work and the Pallas kernels
     are not modelled), and the MFU that time would give for the model's FLOPs
@@ -104,6 +105,7 @@ def compile_report(config: Config, target: Target | None = None) -> dict:
     report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
     step = hlo_analysis.analyse(compiled.as_text())
     report["flops_per_device"], report["hbm_bytes_per_device"] = step["flops"], step["hbm_bytes"]
+    report["loops_of_unknown_length"] = step["loops_of_unknown_length"]
     report["collectives"] = step["collectives"]
     if target:
         report["hbm_capacity_per_device"] = target.chip.hbm_bytes
@@ -125,7 +127,9 @@ def describe(report: dict) -> str:
         lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_capacity_per_device'] / gib:.2f} "
                      f"GiB of HBM ({report['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
     xla = report["xla_cost_analysis"]
-    lines.append(f"per device and step, counted through the step's loops: {report['flops_per_device']:.3e} matmul "
+    unknown = report["loops_of_unknown_length"]
+    bound = f" (at least: {unknown} loops of unknown length counted once)" if unknown else ""
+    lines.append(f"per device and step, counted through the step's loops{bound}: {report['flops_per_device']:.3e} matmul "
                  f"FLOPs, {report['hbm_bytes_per_device'] / gib:.1f} GiB of HBM traffic (XLA's cost analysis, "
                  f"which counts each loop body once: {xla['flops']:.3e} FLOPs, {xla['bytes_accessed'] / gib:.1f} GiB)")
     roof = report.get("roofline_estimate")

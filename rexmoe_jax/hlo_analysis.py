@@ -125,13 +125,14 @@ class _Totals:
     """Sums of one computation (per run of it), scaled and added into its caller's."""
 
     def __init__(self):
-        self.flops, self.hbm_bytes, self.collectives = 0, 0, {}
+        self.flops, self.hbm_bytes, self.collectives, self.unknown_loops = 0, 0, {}, 0
 
     def add_collective(self, kind, count, size, largest, dynamic):
         c = self.collectives.setdefault(kind, [0, 0, 0, 0])
         c[0], c[1], c[2], c[3] = c[0] + count, c[1] + size, max(c[2], largest), c[3] + dynamic
 
     def add(self, other: _Totals, trips: int, dynamic: bool, with_bytes: bool):
+        self.unknown_loops += other.unknown_loops + dynamic
         self.flops += other.flops * trips
         self.hbm_bytes += other.hbm_bytes * trips if with_bytes else 0
         for kind, (count, size, largest, dyn) in other.collectives.items():
@@ -139,8 +140,9 @@ class _Totals:
 
 
 def analyse(hlo: str) -> dict:
-    """{"flops", "hbm_bytes", "collectives": {kind: {"count", "bytes", "largest", "dynamic_loops"}}}
-    of one run of the program, per device."""
+    """{"flops", "hbm_bytes", "loops_of_unknown_length", "collectives": {kind: {"count", "bytes",
+    "largest", "dynamic_loops"}}} of one run of the program, per device; with loops of unknown
+    length (counted once) the FLOPs and bytes are lower bounds."""
     computations, entry = _computations(hlo)
 
     @functools.cache
@@ -178,6 +180,6 @@ def analyse(hlo: str) -> dict:
         return t
 
     t = totals(entry)
-    return {"flops": t.flops, "hbm_bytes": t.hbm_bytes,
+    return {"flops": t.flops, "hbm_bytes": t.hbm_bytes, "loops_of_unknown_length": t.unknown_loops,
             "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops"), t.collectives[kind]))
                             for kind in KINDS if kind in t.collectives}}

@@ -10,11 +10,14 @@ the sum give zeros. Implementations:
                 TPU kernels (megablox gmm, and tgmm for the weight gradient), any widths
   "reference"   one masked dense matmul per group; the oracle
   "auto"        per platform: "blocked" on CPU (8 to 12 times ragged_dot at the tiny preset's
-                shapes), "tokamax" on GPU (20 to 30 times ragged_dot on an H100,
-                shared/docs/gpu-baselines.md) and on TPU, when installed, else "ragged_dot". On TPU
-                (libtpu 0.0.42.1) XLA computes ragged_dot's weight gradient as one masked dense
-                matmul per group, G times the work: 32 times at the 2.3B preset's 32 local experts,
-                the compile report's FLOPs show it; tokamax's tgmm computes each group's rows only
+                shapes) and TPU, "tokamax" on GPU when installed (20 to 30 times ragged_dot on an
+                H100, shared/docs/gpu-baselines.md), else "ragged_dot". Not ragged_dot on TPU: XLA
+                (libtpu 0.0.42.1) computes its weight gradient as one masked dense matmul per
+                group, G times the work (32 times at the 2.3B preset's 32 local experts). Not
+                tokamax on TPU: its Mosaic TPU kernels (gmm, and tgmm for the weight gradient)
+                do only each group's rows, but tokamax 0.0.12 leaves their outputs' manual axis
+                type unset, which the model's checking shard_map rejects. blocked runs one matmul
+                per block of rows in use, in plain XLA.
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def resolve(implementation: Implementation, platform: str | None = None) -> str:
     if implementation != "auto":
         return implementation
     backend = platform or jax.default_backend()
-    if backend == "cpu":
+    if backend in ("cpu", "tpu"):
         return "blocked"
-    if backend in ("gpu", "tpu"):
+    if backend == "gpu":
         try:
             import tokamax  # noqa: F401
         except ImportError:
