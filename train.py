@@ -44,6 +44,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--target", default=None, metavar="SLICE",
                         help="with --compile-only: compile for a TPU slice (v5p-64, v6e-8, v4-32, "
                              "v5e-16 / v5litepod-16, 2xv5p-64 for two slices) from this machine, with libtpu")
+    parser.add_argument("--hlo-out", default=None, metavar="FILE",
+                        help="with --compile-only: also write the compiled step's HLO text there")
     parser.add_argument("--simulate-devices", type=int, default=0, metavar="N",
                         help="run on N simulated CPU devices (to try a mesh without the hardware)")
     parser.add_argument("--distributed", action="store_true",
@@ -121,7 +123,8 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         from rexmoe_jax import compile_report, targets
 
         try:
-            report = compile_report.compile_report(config, targets.parse(args.target) if args.target else None)
+            report = compile_report.compile_report(config, targets.parse(args.target) if args.target else None,
+                                                   args.hlo_out)
         except ConfigError as err:  # A bad mesh, an unknown target, a step too big for the chip.
             print(f"error: {err}", file=sys.stderr)
             return 2

@@ -9,6 +9,7 @@ XLA:TPU and Mosaic compile exactly what that slice would run; otherwise they are
 
 from __future__ import annotations
 
+import pathlib
 import re
 import time
 
@@ -75,10 +76,10 @@ def _roofline(report: dict, config: Config, target: Target) -> dict:
             "bound": "compute" if compute >= seconds else "memory"}
 
 
-def compile_report(config: Config, target: Target | None = None) -> dict:
+def compile_report(config: Config, target: Target | None = None, hlo_path: pathlib.Path | None = None) -> dict:
     """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
-    given) and returns what the compiler plans, per device; raises DoesNotFit with one line
-    when the step is too big for the device's memory."""
+    given) and returns what the compiler plans, per device (and writes the compiled HLO to
+    `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
     mesh = sharding.make_mesh(config.mesh, sharding.target_devices(target) if target else None)
     sharding.validate(config, mesh)
     model = trainer.build_model(config)
@@ -103,7 +104,10 @@ def compile_report(config: Config, target: Target | None = None) -> dict:
     report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
                                         - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
     report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
-    step = hlo_analysis.analyse(compiled.as_text())
+    hlo = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(hlo)
+    step = hlo_analysis.analyse(hlo)
     report["flops_per_device"], report["hbm_bytes_per_device"] = step["flops"], step["hbm_bytes"]
     report["loops_of_unknown_length"] = step["loops_of_unknown_length"]
     report["collectives"] = step["collectives"]

@@ -13,7 +13,10 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   convolutions), counting only the kernel positions that meet the input, not padding, as
   XLA's cost analysis does. Elementwise work and Pallas kernels are not counted.
 - HBM bytes: operands plus results of every op outside fusions (a fusion reads its operands
-  and writes its result once), bookkeeping ops (tuples, bitcasts, parameters) excluded.
+  and writes its result once), bookkeeping ops (tuples, bitcasts, parameters) excluded; an
+  operand read only through dynamic slices counts as the slices (a scan's layer of stacked
+  weights), and an update in place (dynamic-update-slice, scatter, also as a fusion's root)
+  as the update read and written, not the whole buffer.
 - Collectives by kind: how often they run and the bytes of their results (the gathered array of
   an all-gather, the scattered one of a reduce-scatter, the whole receive buffer of a ragged
   all-to-all); `largest` is the biggest single op.
@@ -114,6 +117,85 @@ def _computations(hlo: str):
     return computations, entry
 
 
+def _operands(text: str) -> list[str]:
+    return [o.strip().split("%")[-1] for o in text.split(",") if "%" in o]
+
+
+_PARSED: dict[int, tuple] = {}  # id of a computation's lines -> _parse_fused's answer, within analyse()
+
+
+def _parse_fused(lines: list[str]):
+    if id(lines) not in _PARSED:
+        _PARSED[id(lines)] = _parse(lines)
+    return _PARSED[id(lines)]
+
+
+def _parse(lines: list[str]):
+    """A fused computation's parameters (name -> index), each value's uses (kind, operand
+    position, result shape, called computation), its ops (name -> kind, operands, shape) and root."""
+    params, uses, ops, root = {}, {}, {}, None
+    for line in lines:
+        op = _OP.match(line)
+        if not op:
+            continue
+        name, out, kind, args = op.groups()
+        ops[name] = (kind, _operands(args), out)
+        if kind == "parameter":
+            params[name] = int(re.search(r"parameter\((\d+)\)", line).group(1))
+        called = _CALLED.search(line[op.end():])
+        for position, arg in enumerate(_operands(args)):
+            uses.setdefault(arg, []).append((kind, position, out, called.group(2) if called else None))
+        if line.lstrip().startswith("ROOT"):
+            root = name
+    return params, uses, ops, root
+
+
+def _read(computations: dict, name: str, param: str, full: int) -> int:
+    """Bytes a fused computation reads of its parameter `param`: the dynamic slices taken of it
+    when that is all it is used for (also through nested fusions), else all of it."""
+    _, uses, _, _ = _parse_fused(computations.get(name, ([], {}))[0])
+    total = 0
+    for kind, position, out, called in uses.get(param, []):
+        if kind == "dynamic-slice" and position == 0:
+            total += _bytes(out)
+        elif kind == "fusion" and called:
+            inner_params, _, _, _ = _parse_fused(computations.get(called, ([], {}))[0])
+            inner = next((p for p, i in inner_params.items() if i == position), None)
+            total += _read(computations, called, inner, full) if inner else full
+        else:
+            return full
+    return min(total, full) if uses.get(param) else full
+
+
+def _fusion_bytes(computations: dict, name: str, operands: list[str], symbols: dict, shape: str) -> int:
+    """HBM bytes of one fusion: each operand read (only the dynamic slices taken of it, when
+    that is all it is used for) and each result written, or, for a result updated in place
+    (a dynamic-update-slice or scatter of an operand), that update read and written."""
+    params, _, ops, root = _parse_fused(computations.get(name, ([], {}))[0])
+    read = {i: _bytes(symbols.get(operands[i], "")) for i in range(len(operands))}
+    for param, i in params.items():
+        if i < len(operands):
+            read[i] = _read(computations, name, param, read[i])
+    results = ops[root][1] if root and ops[root][0] == "tuple" else [root] if root else []
+    written = 0 if results else _bytes(shape)
+    for result in results:
+        kind, args, out = ops.get(result, ("", [], ""))
+        if kind in ("dynamic-update-slice", "scatter") and args and args[0] in params:
+            read[params[args[0]]] = 0
+            written += 2 * _bytes(ops.get(args[-1] if kind == "scatter" else args[1], ("", [], ""))[2])
+        else:
+            written += _bytes(out)
+    return sum(read.values()) + written
+
+
+def _op_bytes(kind: str, shape: str, operands: list[str], symbols: dict) -> int:
+    if kind == "dynamic-slice":
+        return 2 * _bytes(shape)
+    if kind == "dynamic-update-slice":
+        return 2 * _bytes(symbols.get(operands[1], ""))
+    return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in operands)
+
+
 def _trip_count(condition: list[str]) -> int | None:
     """N for a loop condition `counter < N` with N a constant; None when the bound is not one."""
     constants = {int(m.group(1)) for line in condition for m in [_CONSTANT.search(line)] if m}
@@ -144,6 +226,7 @@ def analyse(hlo: str) -> dict:
     "largest", "dynamic_loops"}}} of one run of the program, per device; with loops of unknown
     length (counted once) the FLOPs and bytes are lower bounds."""
     computations, entry = _computations(hlo)
+    _PARSED.clear()
 
     @functools.cache
     def totals(name: str) -> _Totals:
@@ -160,9 +243,10 @@ def analyse(hlo: str) -> dict:
                 t.flops += _conv_flops(shape, lhs, attrs)
             elif kind == "dot":
                 t.flops += _dot_flops(shape, lhs, attrs)
-            if kind not in _NO_MEMORY and not kind.endswith("-done"):
-                t.hbm_bytes += _bytes(shape) + sum(_bytes(symbols.get(o.strip().split("%")[-1], ""))
-                                                   for o in operands.split(",") if "%" in o)
+            if kind == "fusion" and (fused := _CALLED.search(attrs)):
+                t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols, shape)
+            elif kind not in _NO_MEMORY and not kind.endswith("-done"):
+                t.hbm_bytes += _op_bytes(kind, shape, _operands(operands), symbols)
             collective = kind.removesuffix("-start")
             if collective in KINDS and not kind.endswith("-done"):
                 size = max((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), default=0) \
@@ -180,6 +264,7 @@ def analyse(hlo: str) -> dict:
         return t
 
     t = totals(entry)
+    _PARSED.clear()
     return {"flops": t.flops, "hbm_bytes": t.hbm_bytes, "loops_of_unknown_length": t.unknown_loops,
             "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops"), t.collectives[kind]))
                             for kind in KINDS if kind in t.collectives}}
