@@ -67,10 +67,13 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
 
 def target_devices(target: Target) -> list:
     """The devices of a TPU slice (or slices) described to the TPU compiler, from any machine
-    with libtpu installed: enough to lower and compile for them, never to run. libtpu is told
-    not to ask a TPU VM's metadata server (there is none) before it first loads."""
+    with libtpu installed: enough to lower and compile for them, never to run. Before libtpu
+    first loads it is told not to ask a TPU VM's metadata server (there is none), and not to
+    take its one-process-per-machine lock (/tmp/libtpu_lockfile), which guards chips that are
+    not here and would fail every compile but the first of several processes (test workers)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         topology = topologies.get_topology_desc(
             platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
