@@ -5,6 +5,8 @@
     python train.py --config configs/NAME.py --dry-run     # sizes only; last line is JSON
     python train.py --config configs/NAME.py --compile-only mesh.data=8 mesh.expert=8 \
         --simulate-devices 64                            # per-device memory of a mesh, on a CPU
+    python train.py --config configs/NAME.py --compile-only --target v5p-64 mesh.fsdp=4 mesh.expert=8
+                                                         # what the TPU compiler plans for a slice
 
 Overrides name a config field by section and field (model.reuse=4, psr.schedule=linear,
 train.steps=1000); an unknown key or a value of the wrong type is an error.
@@ -37,7 +39,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model without training; print its sizes as JSON")
     parser.add_argument("--compile-only", action="store_true",
-                        help="compile the train step for the mesh and print its per-device memory")
+                        help="compile the train step for the mesh and print what the compiler plans: "
+                             "per-device memory, FLOPs and bytes, collectives")
+    parser.add_argument("--target", default=None, metavar="SLICE",
+                        help="with --compile-only: compile for a TPU slice (v5p-64, v6e-8, v4-32, "
+                             "v5e-16 / v5litepod-16, 2xv5p-64 for two slices) from this machine, with libtpu")
+    parser.add_argument("--hlo-out", default=None, metavar="FILE",
+                        help="with --compile-only: also write the compiled step's HLO text there")
     parser.add_argument("--simulate-devices", type=int, default=0, metavar="N",
                         help="run on N simulated CPU devices (to try a mesh without the hardware)")
     parser.add_argument("--distributed", action="store_true",
@@ -70,6 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     config = apply_overrides(load_preset(args.config), args.overrides)
 
+    if args.target and not args.compile_only:
+        print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
+        return 2
+    if args.target:  # Before jax is imported: this machine's own backend is only the host.
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -106,12 +119,12 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         print(json.dumps(sizes))
         return 0
     if args.compile_only:
-        report = loop.compile_report(config)
-        gib = 1024 ** 3
-        print(f"compiled the train step in {report['compile_seconds']}s for {report['devices']} devices, "
-              f"mesh {report['mesh']}; per device: parameters and optimizer state "
-              f"{report['argument_size_in_bytes'] / gib:.2f} GiB, temporaries {report['temp_size_in_bytes'] / gib:.2f} "
-              f"GiB, total {report['total_bytes_per_device'] / gib:.2f} GiB")
+        from rexmoe_jax import compile_report, targets
+
+        # A bad mesh, an unknown target or a step too big for the chip is a ConfigError: one line.
+        report = compile_report.compile_report(config, targets.parse(args.target) if args.target else None,
+                                               args.hlo_out)
+        print(compile_report.describe(report))
         print(json.dumps(report))
         return 0
     workdir = pathlib.Path(args.workdir) if args.workdir else (

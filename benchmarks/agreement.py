@@ -80,7 +80,7 @@ def _measure(args) -> None:
     model, tx = trainer.build_model(config), make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
     state = trainer.init_state(config, model, tx, shardings)
-    train_step, _ = loop._compiled_steps(config, model, tx, mesh, shardings)
+    train_step, _ = loop.jitted_steps(config, model, tx, mesh, shardings)
     block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     shape = (config.data.batch_size // blocks, config.data.seq_len + 1)
     rows = np.random.default_rng(block).integers(0, config.model.vocab_size, shape, dtype=np.int32)

@@ -100,7 +100,7 @@ def _compiled_check() -> None:
                 state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                      jax.eval_shape(trainer.init_state, cfg, model, tx), shardings)
                 batch = jax.ShapeDtypeStruct((8, 9), jnp.int32, sharding=sharding.batch_sharding(mesh))
-                step, _ = loop._compiled_steps(cfg, model, tx, mesh, shardings)
+                step, _ = loop.jitted_steps(cfg, model, tx, mesh, shardings)
                 with sharding.activate(mesh):
                     lowered = step.lower(state, batch)
                 text = lowered.as_text()

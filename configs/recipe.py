@@ -23,7 +23,10 @@ PAPER_STEPS = 47_684
 def paper_config(model: ModelConfig) -> Config:
     """4,096-token sequences, 512 per batch, AdamW (0.9, 0.95), weight decay 0.1, clipping 1.0,
     3e-4 cosine to 3e-5 after 100 warm-up steps, bf16 compute with float32 parameters. PSR's
-    t_s = 10k and t_e = 30k are set here so an r > 1 variant only switches the schedule on."""
+    t_s = 10k and t_e = 30k are set here so an r > 1 variant only switches the schedule on.
+    The batch is taken in 16 micro-batches of 32 sequences, one per device on 32 devices (the
+    README's pod table, benchmarks/tpu_presets.py); all 512 at once would put 16 sequences of
+    4,096 tokens on each device at a time. With 64 devices or more, lower it."""
     return Config(
         model=dataclasses.replace(model, vocab_size=32_000),
         # Expert-parallel buffers at twice the even share: drops are rare and logged.
@@ -31,7 +34,7 @@ def paper_config(model: ModelConfig) -> Config:
         psr=PSRConfig(schedule="none", start_step=10_000, end_step=30_000),
         loss=LossConfig(load_balance=0.01, z_loss=0.001),
         optim=OptimConfig(learning_rate=3e-4, min_lr_ratio=0.1, warmup_steps=100, b1=0.9, b2=0.95,
-                          weight_decay=0.1, clip_norm=1.0),
+                          weight_decay=0.1, clip_norm=1.0, grad_accum=16),
         data=DataConfig(seq_len=4096, batch_size=512),
         train=TrainConfig(steps=PAPER_STEPS, log_every=10, eval_every=1000, eval_batches=16,
                           checkpoint_every=1000, sample_tokens=0),

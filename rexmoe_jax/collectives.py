@@ -12,7 +12,8 @@ devices, with N slices (N a multiple of E, s = N / E slices per destination):
 
 Implementations: "native" is the op (GPU, TPU); "emulated" pads every slice to the operand's
 length, moves them with an ordinary all_to_all and scatters them into place (N x rows rows
-moved, so only for CPU and tests); "auto" is native except on CPU. Both are differentiable
+moved, so only for CPU and tests); "auto" is native except on CPU (the platform of
+the current mesh's devices, sharding.platform). Both are differentiable
 (the op's transpose is the op with the roles of sender and receiver swapped).
 """
 
@@ -23,14 +24,16 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from rexmoe_jax import sharding
+
 Implementation = Literal["auto", "native", "emulated"]
 
 
 def resolve(implementation: Implementation) -> str:
-    """The concrete implementation "auto" stands for on the default backend."""
+    """The concrete implementation "auto" stands for on the current mesh's platform."""
     if implementation != "auto":
         return implementation
-    return "emulated" if jax.default_backend() == "cpu" else "native"
+    return "emulated" if sharding.platform() == "cpu" else "native"
 
 
 def _emulated(operand_RxD, output_OxD, input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import alignment, blocked, grouped_matmul, resolve
+from rexmoe_jax import sharding
 from rexmoe_jax.config import ComputeConfig
 from rexmoe_jax.layers import swiglu
 
@@ -86,7 +87,7 @@ def kernel_aligned(weights: ExpertWeights, compute: ComputeConfig) -> ExpertWeig
     each of the matmuls of every layer that shares the pool. Exact: the padded columns of gate
     and up give silu(0) * 0 = 0, which the padded rows of down multiply; their gradients are
     sliced away by the pad's transpose."""
-    pad = -weights.gate_PxDxF.shape[-1] % alignment(compute.grouped_matmul)
+    pad = -weights.gate_PxDxF.shape[-1] % alignment(compute.grouped_matmul, sharding.platform())
     if compute.dispatch != "sort" or not pad:
         return weights
     return ExpertWeights(jnp.pad(weights.gate_PxDxF, ((0, 0), (0, 0), (0, pad))),
@@ -99,12 +100,13 @@ def grouped_swiglu(x_AxD: jax.Array, group_sizes_P: jax.Array, weights: ExpertWe
     """Rows sorted by expert, group_sizes_P rows per expert, through their experts' SwiGLU.
     Rows past sum(group_sizes) come out as zeros. The blocked implementation runs the whole
     expert in one loop (blocked.swiglu); the others make three grouped matmuls."""
-    if resolve(implementation) == "blocked":
+    platform = sharding.platform()
+    if resolve(implementation, platform) == "blocked":
         with jax.named_scope("expert_ffn"):  # Named scopes label the parts in a profile.
             return blocked.swiglu(x_AxD, *weights, group_sizes_P)
 
     def matmul(lhs, rhs):
-        return grouped_matmul(lhs, rhs, group_sizes_P, implementation=implementation)
+        return grouped_matmul(lhs, rhs, group_sizes_P, implementation=implementation, platform=platform)
 
     return swiglu(x_AxD, *weights, matmul=matmul)
 
@@ -122,13 +124,14 @@ def sorted_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, i
         inverse_A = token_permute.inverse_permutation(order_A)
         group_sizes_P = jnp.bincount(experts_A, length=weights.gate_PxDxF.shape[0]).astype(jnp.int32)
     with jax.named_scope("permute"):
-        x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute_implementation)
+        x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute_implementation,
+                                      platform=sharding.platform())
     y_AxD = grouped_swiglu(x_AxD, group_sizes_P, weights, implementation)
     if reduce_rows is not None:
         y_AxD = reduce_rows(y_AxD)
     with jax.named_scope("combine"):
         return token_permute.combine(y_AxD, order_A, inverse_A, routing.gates_TxK,
-                                     implementation=permute_implementation)
+                                     implementation=permute_implementation, platform=sharding.platform())
 
 
 class Slots(NamedTuple):
@@ -212,7 +215,7 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
     weights), and how tokens travel between devices of an expert axis."""
     exchange = compute.expert_exchange
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
-        exchange = "fixed" if jax.default_backend() == "cpu" else "ragged"
+        exchange = "fixed" if sharding.platform() == "cpu" else "ragged"
     if compute.dispatch == "capacity":
         def path(x_TxD, routing, weights, reduce_rows):
             y_TxD, dropped = capacity_experts(x_TxD, routing, weights, compute.capacity_factor, live_share)

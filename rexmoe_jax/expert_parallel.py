@@ -84,7 +84,8 @@ def _ragged_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, reduc
     experts_A = experts_TxK.reshape(-1)
     order_A = jnp.argsort(experts_A, stable=True).astype(jnp.int32)
     inverse_A = inverse_permutation(order_A)
-    x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute)
+    x_AxD = token_permute.permute(x_TxD, order_A, inverse_A, top_k, implementation=permute,
+                                  platform=sharding.platform())
 
     # c[s, r, p]: rows device s sends to local expert p of device r. Slice g = r*P_l + p of a
     # sender is its rows for expert g; receiver r keeps them by expert p, then by sender s.
@@ -108,7 +109,8 @@ def _ragged_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, reduc
     back_start_ExL = sorted_start_ExP.reshape(num_shards, num_shards, pool_local)[:, me]  # [s, p]
     y_AxD = exchange(y_YxD, experts_A.shape[0], landing_ExExL[:, me].reshape(-1), to_me_ExL.reshape(-1),
                      back_start_ExL.reshape(-1), mine_to_ExL.reshape(-1))
-    return token_permute.combine(reduce_rows(y_AxD), order_A, inverse_A, gates_TxK, implementation=permute)
+    return token_permute.combine(reduce_rows(y_AxD), order_A, inverse_A, gates_TxK, implementation=permute,
+                                 platform=sharding.platform())
 
 
 def sharded_experts(x_TxD: jax.Array, routing: Routing, weights: ExpertWeights, local: Path, *,

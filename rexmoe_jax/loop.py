@@ -142,7 +142,8 @@ class _Session:
         return sharding.put_batch(rows[self.rows], self.mesh)
 
 
-def _compiled_steps(config: Config, model, tx, mesh, shardings):
+def jitted_steps(config: Config, model, tx, mesh, shardings):
+    """The train and eval steps, jitted with explicit shardings (the state donated)."""
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
     train_step = jax.jit(trainer.make_train_step(config, model, tx), in_shardings=(shardings, batch),
@@ -196,7 +197,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
                                      host_index=block, host_count=blocks, state=data_state)
-    train_step, eval_step = _compiled_steps(config, model, tx, mesh, shardings)
+    train_step, eval_step = jitted_steps(config, model, tx, mesh, shardings)
     vote = distributed.StopVote(mesh)
     if jax.process_count() > 1:
         train_step, eval_step = _compile_ahead(train_step, eval_step, abstract, mesh, (
@@ -366,30 +367,3 @@ def _sample(s: _Session) -> str:
                                       sampling=generate_lib.Sampling(temperature=0.8, top_k=40),
                                       eod_id=tokenizer.eod_id, compute=s.config.compute)
     return train.sample_prompt + tokenizer.decode(new)
-
-
-def compile_report(config: Config) -> dict:
-    """Lowers and compiles the train step for the configured mesh from shapes alone and returns
-    the per-device memory the compiler plans (bytes)."""
-    mesh = sharding.make_mesh(config.mesh)
-    sharding.validate(config, mesh)
-    model = trainer.build_model(config)
-    tx = make_optimizer(config.optim, config.train.steps)
-    shardings = trainer.state_shardings(config, model, tx, mesh)
-    state = trainer.abstract_state(config, model, tx, shardings)
-    batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
-                                 sharding=sharding.batch_sharding(mesh))
-    train_step, _ = _compiled_steps(config, model, tx, mesh, shardings)
-    start = time.perf_counter()
-    with sharding.activate(mesh):
-        compiled = train_step.lower(state, batch).compile()
-    memory = compiled.memory_analysis()
-    report = {"devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
-              "compile_seconds": round(time.perf_counter() - start, 1)}
-    for name in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                 "alias_size_in_bytes", "generated_code_size_in_bytes"):
-        report[name] = int(getattr(memory, name, 0) or 0)
-    # Donated state is both argument and output; count it once.
-    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
-                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
-    return report

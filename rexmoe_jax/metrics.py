@@ -8,6 +8,7 @@ import numpy as np
 
 from rexmoe_jax.config import ModelConfig
 from rexmoe_jax.reuse import own_experts
+from rexmoe_jax.targets import CHIPS
 
 # Decision (the paper plots "under-used experts" without a threshold): an expert is under-used
 # when its load is below half of the uniform share, i.e. LBV < -0.5.
@@ -65,17 +66,12 @@ def flops_per_token(config: ModelConfig, seq_len: int, params_active: int) -> fl
     return 6.0 * (params_active + head) + attention
 
 
-# Dense (not 2:4-sparse) peak FLOP/s of one device by jax's device_kind, for bfloat16 and for
-# float32 matmuls. Sources: Google Cloud TPU system-architecture pages (v4 275, v5e 197, v5p 459,
-# v6e 918 bf16 TFLOP/s per chip); NVIDIA datasheets (A100 312 bf16 / 156 TF32; H100 SXM and H200
-# 989 / 495; H100 PCIe 756 / 378; HGX B200 2,250 / 1,125: half of the printed sparse figures).
-# float32 on a TPU: XLA's default precision runs f32 matmuls as one bf16 pass, hence the bf16
-# peak; on an NVIDIA GPU: TF32 tensor cores, which XLA's default precision uses for f32.
-_PEAK_FLOPS = {
-    "TPU v4": (275e12, 275e12),
-    "TPU v5 lite": (197e12, 197e12), "TPU v5e": (197e12, 197e12),
-    "TPU v5p": (459e12, 459e12), "TPU v5": (459e12, 459e12),
-    "TPU v6 lite": (918e12, 918e12), "TPU v6e": (918e12, 918e12),
+# Dense (not 2:4-sparse) peak FLOP/s of one NVIDIA GPU by jax's device_kind, for bfloat16 and
+# for float32 matmuls, from NVIDIA's datasheets: A100 312 bf16 / 156 TF32; H100 SXM and H200
+# 989 / 495; H100 PCIe 756 / 378; HGX B200 2,250 / 1,125 (half of the printed sparse figures).
+# float32 runs on TF32 tensor cores, which XLA's default precision uses for f32 matmuls. The
+# TPUs' figures are in targets.CHIPS, their one home (with sources).
+_GPU_PEAK_FLOPS = {
     "NVIDIA A100": (312e12, 156e12),
     "NVIDIA H100 PCIe": (756e12, 378e12), "NVIDIA H100": (989e12, 495e12),
     "NVIDIA H200": (989e12, 495e12),
@@ -88,10 +84,13 @@ def device_peak_flops(device: jax.Device, dtype: str = "bfloat16") -> float | No
     for a kind the table does not know (a CPU). The longest table name that begins the
     device's kind wins ("NVIDIA H100 PCIe" before "NVIDIA H100")."""
     kind = getattr(device, "device_kind", "")
-    names = sorted((k for k in _PEAK_FLOPS if kind.startswith(k)), key=len, reverse=True)
+    tpu = next((chip for chip in CHIPS.values() if chip.device_kind == kind), None)
+    if tpu is not None:  # XLA's default precision runs a TPU's f32 matmuls as one bf16 pass.
+        return tpu.peak_bf16_flops
+    names = sorted((k for k in _GPU_PEAK_FLOPS if kind.startswith(k)), key=len, reverse=True)
     if not names:
         return None
-    bf16, f32 = _PEAK_FLOPS[names[0]]
+    bf16, f32 = _GPU_PEAK_FLOPS[names[0]]
     return f32 if dtype == "float32" else bf16
 
 

@@ -15,14 +15,18 @@ each to a mesh axis (or None: replicated). Activations are constrained with the 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
+import os
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils, topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rexmoe_jax.config import Config, ConfigError, MeshConfig
+from rexmoe_jax.targets import Target
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")  # every device but the tensor axis sees its own tokens
@@ -61,6 +65,40 @@ def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, ...]:
     return sizes
 
 
+def target_devices(target: Target) -> list:
+    """The devices of a TPU slice (or slices) described to the TPU compiler, from any machine
+    with libtpu installed: enough to lower and compile for them, never to run. Before libtpu
+    first loads it is told not to ask a TPU VM's metadata server (there is none), and not to
+    take its one-process-per-machine lock (/tmp/libtpu_lockfile), which guards chips that are
+    not here and would fail every compile but the first of several processes (test workers)."""
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    try:
+        topology = topologies.get_topology_desc(
+            platform="tpu", topology_name=target.topology, chip_config_name=target.chip_config,
+            chips_per_host_bounds=target.chips_per_host, num_slices=target.num_slices)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"--target {target.name}: the TPU compiler cannot describe {target.topology} "
+                          f"({str(err).splitlines()[0]}); is libtpu installed (pip install -e '.[tpu]')?") from None
+    return list(topology.devices)
+
+
+def _device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """TPU devices in the physical order mesh_utils gives (neighbours on the torus next to each
+    other along each mesh axis), a physical axis split where a mesh axis needs part of it; with
+    several slices the data axis spans them (the data-centre network carries only its gradient
+    all-reduce)."""
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    if shape[0] % slices:
+        raise ConfigError(f"mesh.data={shape[0]} must be a multiple of the {slices} slices, which it spans")
+    within = (shape[0] // slices, *shape[1:])
+    return mesh_utils.create_hybrid_device_mesh(within, (slices,) + (1,) * (len(shape) - 1), devices,
+                                                allow_split_physical_axes=True)
+
+
 def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if config.num_devices:
@@ -70,6 +108,8 @@ def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
     shape = mesh_shape(config, len(devices))
     # Auto axes: the compiler places the work the rules table does not pin down.
     types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    if devices[0].platform == "tpu" and not config.num_devices:
+        return jax.sharding.Mesh(_device_grid(shape, devices), MESH_AXES, axis_types=types)
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
 
 
@@ -134,13 +174,28 @@ def sync_hosts(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+_PLATFORM = contextvars.ContextVar("platform", default=None)
+
+
 def activate(mesh: jax.sharding.Mesh):
     """A context that makes `mesh` and the rules current (for logical constraints and the MoE
-    layer's shard_map)."""
+    layer's shard_map), and its devices' platform the one `platform()` answers."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(RULES))
+    device = mesh.devices.flat[0]
+    token = _PLATFORM.set(device.platform)
+    stack.callback(_PLATFORM.reset, token)
+    if device.platform != jax.default_backend():  # compiling for a target (a TPU slice from a CPU):
+        stack.enter_context(jax.default_device(device))  # libraries that ask (tokamax) see its chip
     return stack
+
+
+def platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the devices of the mesh `activate` made current, or
+    JAX's default backend outside one. Every per-platform choice (kernels, exchange) reads this,
+    so a step compiled for TPU devices from a CPU machine compiles what a TPU would run."""
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | jax.sharding.Mesh:

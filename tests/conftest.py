@@ -54,3 +54,13 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def maybe_jit(request):
     """Runs a test case with and without jax.jit."""
     return jax.jit if request.param else (lambda f, **_: f)
+
+
+@pytest.fixture
+def tpu_devices():
+    """name -> the devices of that TPU slice as the TPU compiler describes them (libtpu, from
+    this CPU machine: for lowering and compiling, never running); skipped without libtpu."""
+    pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
+    from rexmoe_jax import sharding, targets
+
+    return lambda name: sharding.target_devices(targets.parse(name))

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.grouped_matmul import blocked, grouped_matmul, resolve
 
@@ -107,6 +108,7 @@ def test_tokamax_pads_widths_exactly():
 
 def test_auto_picks_blocked_on_cpu():
     assert jax.default_backend() == "cpu" and resolve("auto") == "blocked" and resolve("tokamax") == "tokamax"
+    assert resolve("auto", platform="tpu") == "blocked" and resolve("auto", platform="cpu") == "blocked"
 
 
 def numpy_swiglu(x, gate, up, down, sizes):
@@ -162,3 +164,31 @@ def test_blocked_swiglu_against_numpy_values_and_finite_differences(sizes, extra
     for name, got, want in zip(["x", "gate", "up", "down"], grads, expected):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=name)
     assert not np.any(grads[0][sum(sizes):]), "rows past the groups get no gradient"
+
+
+@pytest.mark.parametrize("implementation", ["ragged_dot", "tokamax"])
+def test_tpu_weight_gradient_flops(tpu_devices, implementation):
+    """Compiled by the real TPU compiler (forward and both gradients): XLA's ragged_dot computes
+    the weight gradient as one masked dense matmul per group, G times the work (what the compile
+    report's FLOPs showed at the 2.3B preset); tokamax's Mosaic TPU kernels (gmm, tgmm) do only
+    each group's rows, with no XLA matmul at all, but not inside a checking shard_map, which is
+    why "auto" is "blocked" on TPU."""
+    from rexmoe_jax import hlo_analysis, sharding
+
+    m, k, n, g = 1024, 256, 384, 8
+    mesh = jax.sharding.Mesh(np.array(tpu_devices("v5e-1")), ("x",))
+
+    def loss(lhs, rhs, sizes):
+        out = grouped_matmul(lhs, rhs, sizes, implementation=implementation, platform="tpu")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    shapes = [((m, k), jnp.bfloat16), ((g, k, n), jnp.bfloat16), ((g,), jnp.int32)]
+    with sharding.activate(mesh):  # the default device is then the TPU's, which tokamax asks for
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*(jax.ShapeDtypeStruct(*s) for s in shapes)).compile()
+    flops = hlo_analysis.analyse(hlo.as_text())["flops"]
+    assert flops == {"ragged_dot": g * 2 * m * k * n, "tokamax": 0}[implementation]
+    assert hlo.as_text().count('custom_call_target="tpu_custom_call"') == 3  # fwd, d lhs, d rhs (tgmm)
+    if implementation == "tokamax":
+        step = jax.shard_map(loss, mesh=mesh, in_specs=(P("x"), P(), P()), out_specs=P())
+        with sharding.activate(mesh), pytest.raises(ValueError, match="manual_axis_type"):
+            jax.jit(jax.grad(step)).lower(*(jax.ShapeDtypeStruct(*s) for s in shapes))

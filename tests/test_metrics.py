@@ -62,3 +62,23 @@ def test_foreign_share_by_hand():
     # r = 2, N = 2: layer 0 owns pool ids 0-1, layer 1 owns 2-3.
     load = np.array([[0.5, 0.25, 0.25, 0.0], [0.1, 0.0, 0.9, 0.0]])
     np.testing.assert_allclose(metrics.foreign_share(load, num_experts=2, reuse=2), [0.25, 0.1])
+
+
+class _Device:
+    def __init__(self, kind):
+        self.device_kind = kind
+
+
+def test_device_peaks_by_kind_and_dtype():
+    """Dense peaks from the datasheets and Cloud TPU pages, as the tables state them: a TPU's
+    float32 matmuls run at its bf16 rate, a GPU's on TF32 (half); the longest matching name
+    wins; an unknown kind (a CPU) has none."""
+    assert metrics.device_peak_flops(_Device("TPU v5 lite")) == 197e12
+    assert metrics.device_peak_flops(_Device("TPU v5"), "float32") == 459e12
+    assert metrics.device_peak_flops(_Device("NVIDIA H100 80GB HBM3")) == 989e12
+    assert metrics.device_peak_flops(_Device("NVIDIA H100 80GB HBM3"), "float32") == 495e12
+    assert metrics.device_peak_flops(_Device("NVIDIA H100 PCIe")) == 756e12
+    assert metrics.device_peak_flops(_Device("NVIDIA B200"), "bfloat16") == 2250e12
+    assert metrics.device_peak_flops(_Device("cpu")) is None
+    tflops, mfu = metrics.utilisation(1e6, 2e6, 4, 1e12)
+    assert (tflops, mfu) == (0.5, 0.5)  # 1e6 FLOPs x 2e6 tokens/s over 4 devices = 5e11 each

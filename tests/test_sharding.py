@@ -155,3 +155,21 @@ def test_training_curve_matches_one_device_and_resumes_on_another_mesh(tmp_path,
     loop.run(apply_overrides(Config(), TRAIN + [corpus_file, "mesh.data=8"]), ep)
     np.testing.assert_allclose(losses(ep), losses(tmp_path / "one"), rtol=2e-4)
     assert len(losses(ep)) == 10
+
+
+def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_devices):
+    from rexmoe_jax import dispatch
+    from rexmoe_jax.config import ComputeConfig
+
+    # A v5p-128 is a 4x4x4 torus: axes of 8 need two physical axes' parts.
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8, expert=8), tpu_devices("v5p-128"))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 8, "expert": 8, "tensor": 1}
+    assert len({d.id for d in mesh.devices.flat}) == 64
+    # Two slices: the data axis spans them, every other axis stays within one slice.
+    mesh = sharding.make_mesh(MeshConfig(data=2, expert=8), tpu_devices("2xv5p-16"))
+    assert [{d.slice_index for d in mesh.devices[i].flat} for i in range(2)] == [{0}, {1}]
+    assert sharding.platform() == "cpu"
+    with sharding.activate(mesh):
+        assert sharding.platform() == "tpu"  # what a TPU would run, though this machine is a CPU
+        assert dispatch.choose_path(ComputeConfig(), 1.0).exchange == "ragged"
+    assert dispatch.choose_path(ComputeConfig(), 1.0).exchange == "fixed"

@@ -20,7 +20,9 @@ float32 or the activations' dtype; combine accumulates in float32. Implementatio
 
 `interpret` picks, for "pallas" only, which kernels to run on the CPU whatever the backend:
 "tpu" (TPU interpret mode) or "gpu" (GPU interpret mode, which needs jax >= 0.12). Left None,
-the backend decides as above.
+the platform decides as above: `platform` ("cpu", "gpu", "tpu"), the platform of the devices
+the call is compiled for, which a caller compiling for TPU devices from a CPU machine must
+give; None means jax.default_backend().
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ def inverse_permutation(order_A: jax.Array) -> jax.Array:
     return jnp.zeros_like(order_A).at[order_A].set(jnp.arange(order_A.shape[0], dtype=order_A.dtype))
 
 
-def _pallas(interpret: Interpret | None):
-    """(kernel module, interpret flag) for "pallas": the backend's own kernels, or those asked for."""
+def _pallas(interpret: Interpret | None, platform: str | None):
+    """(kernel module, interpret flag) for "pallas": the platform's own kernels, or those asked for."""
     if interpret is None:
-        backend = jax.default_backend()
+        backend = platform or jax.default_backend()
         if backend == "gpu":
             return mosaic_gpu, False
         return pallas, backend == "cpu"  # No GPU interpret mode by default: it needs jax >= 0.12.
@@ -54,25 +56,26 @@ def _pallas(interpret: Interpret | None):
     raise ValueError(f"unknown interpret mode {interpret!r}; expected 'tpu', 'gpu' or None")
 
 
-def resolve(implementation: Implementation, width: int) -> str:
-    """The concrete implementation "auto" stands for on the default backend, for rows of `width`."""
+def resolve(implementation: Implementation, width: int, platform: str | None = None) -> str:
+    """The concrete implementation "auto" stands for on `platform` (None: the default backend),
+    for rows of `width`."""
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend()
+    backend = platform or jax.default_backend()
     if backend == "tpu" or (backend == "gpu" and width % mosaic_gpu.ROW_ALIGN == 0):
         return "pallas"
     return "xla"
 
 
-def _implementation(name: str, operation: str, interpret: Interpret | None, width: int):
+def _implementation(name: str, operation: str, interpret: Interpret | None, width: int, platform: str | None):
     """(module, trailing arguments) of an implementation: Pallas also needs interpret mode."""
-    name = resolve(name, width) if interpret is None else name
+    name = resolve(name, width, platform) if interpret is None else name
     if name != "pallas" and interpret is not None:
         raise ValueError(f"interpret={interpret!r} applies to implementation='pallas' only, not {name!r}")
     if name == "xla":
         return xla, ()
     if name == "pallas":
-        module, flag = _pallas(interpret)
+        module, flag = _pallas(interpret, platform)
         return module, (flag,)
     if name == "reference":
         return reference, ()
@@ -88,21 +91,23 @@ def _check(order_A, inverse_A, rows, top_k):
 
 
 def permute(x_TxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, top_k: int, *,
-            implementation: Implementation = "xla", interpret: Interpret | None = None) -> jax.Array:
+            implementation: Implementation = "xla", interpret: Interpret | None = None,
+            platform: str | None = None) -> jax.Array:
     if x_TxD.ndim != 2 or not jnp.issubdtype(x_TxD.dtype, jnp.floating):
         raise ValueError(f"permute expects float x of shape (T, D); got {x_TxD.shape} {x_TxD.dtype}")
     _check(order_A, inverse_A, x_TxD.shape[0], top_k)
-    module, extra = _implementation(implementation, "permute", interpret, x_TxD.shape[1])
+    module, extra = _implementation(implementation, "permute", interpret, x_TxD.shape[1], platform)
     return module.permute(x_TxD, order_A, inverse_A, top_k, *extra)
 
 
 def combine(y_AxD: jax.Array, order_A: jax.Array, inverse_A: jax.Array, gates_TxK: jax.Array, *,
-            implementation: Implementation = "xla", interpret: Interpret | None = None) -> jax.Array:
+            implementation: Implementation = "xla", interpret: Interpret | None = None,
+            platform: str | None = None) -> jax.Array:
     if y_AxD.ndim != 2 or gates_TxK.ndim != 2:
         raise ValueError(f"combine expects y (A, D) and gates (T, K); got {y_AxD.shape} and {gates_TxK.shape}")
     t, k = gates_TxK.shape
     _check(order_A, inverse_A, t, k)
     if y_AxD.shape[0] != t * k:
         raise ValueError(f"y has {y_AxD.shape[0]} rows but gates give {t} x {k} assignments")
-    module, extra = _implementation(implementation, "combine", interpret, y_AxD.shape[1])
+    module, extra = _implementation(implementation, "combine", interpret, y_AxD.shape[1], platform)
     return module.combine(y_AxD, order_A, inverse_A, gates_TxK, *extra)

@@ -29,7 +29,10 @@ def _pad_rows(x, multiple):
 
 
 def _fetch_rows(idx_ref, src_hbm, dst_vmem, sem, first, count):
-    """DMA src[idx[first + j]] into dst[j] for j < count, and wait for all of them."""
+    """DMA src[idx[first + j]] into dst[j] for j < count, and wait for all of them. Both are
+    (rows, 1, D): Mosaic tiles the last two dimensions of a VMEM buffer, and a copy into one
+    row of a (rows, D) buffer would start inside a tile, which it rejects; the leading axis of
+    a (rows, 1, D) buffer is not tiled."""
     def start(j, _):
         pltpu.make_async_copy(src_hbm.at[pl.ds(idx_ref[first + j], 1)], dst_vmem.at[pl.ds(j, 1)], sem).start()
 
@@ -40,9 +43,21 @@ def _fetch_rows(idx_ref, src_hbm, dst_vmem, sem, first, count):
     jax.lax.fori_loop(0, count, wait, None)
 
 
+def _varying(*operands):
+    """The result's manual-axis type: inside a shard_map that checks it (check_vma, the model's),
+    a kernel's output must say which mesh axes it varies over, that is every axis any operand
+    varies over. Outside one, None."""
+    types = [t for t in (jax.typeof(a).manual_axis_type for a in operands) if t is not None]
+    if not types:
+        return None
+    return type(types[0])(varying=frozenset().union(*(t.varying for t in types)))
+
+
 def _call(kernel, grid, idx, operands, in_specs, out_spec, out_shape, scratch, interpret):
     spec = pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=1, grid=grid, in_specs=in_specs,
                                         out_specs=out_spec, scratch_shapes=scratch)
+    out_shape = jax.ShapeDtypeStruct(out_shape.shape, out_shape.dtype,
+                                     manual_axis_type=_varying(idx, *operands))
     return pl.pallas_call(kernel, out_shape=out_shape, grid_spec=spec,
                           interpret=pltpu.InterpretParams() if interpret else False)(idx, *operands)
 
@@ -55,13 +70,14 @@ def gather_rows(src_MxD, idx_A, scale_A, *, block: int = 8, interpret: bool = Fa
 
     def kernel(idx_ref, scale_ref, src_hbm, out_ref, rows_vmem, sem):
         _fetch_rows(idx_ref, src_hbm, rows_vmem, sem, pl.program_id(0) * block, block)
-        out_ref[...] = (rows_vmem[...].astype(jnp.float32) * scale_ref[...]).astype(out_ref.dtype)
+        rows = rows_vmem[...].astype(jnp.float32).reshape(block, d)
+        out_ref[...] = (rows * scale_ref[...]).astype(out_ref.dtype)
 
-    out = _call(kernel, (idx.shape[0] // block,), idx, (scale, src_MxD),
+    out = _call(kernel, (idx.shape[0] // block,), idx, (scale, src_MxD[:, None]),
                 [pl.BlockSpec((block, 1), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
                 pl.BlockSpec((block, d), lambda i, _: (i, 0)),
                 jax.ShapeDtypeStruct((idx.shape[0], d), src_MxD.dtype),
-                [pltpu.VMEM((block, d), src_MxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+                [pltpu.VMEM((block, 1, d), src_MxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
     return out[:n]
 
 
@@ -77,11 +93,11 @@ def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int = 8, interpret: bo
         rows = rows_vmem[...].astype(jnp.float32).reshape(block, k, d)
         out_ref[...] = jnp.sum(rows * w_ref[...][:, :, None], axis=1).astype(out_ref.dtype)
 
-    out = _call(kernel, (weights.shape[0] // block,), idx, (weights, src_AxD),
+    out = _call(kernel, (weights.shape[0] // block,), idx, (weights, src_AxD[:, None]),
                 [pl.BlockSpec((block, k), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
                 pl.BlockSpec((block, d), lambda i, _: (i, 0)),
                 jax.ShapeDtypeStruct((weights.shape[0], d), src_AxD.dtype),
-                [pltpu.VMEM((block * k, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+                [pltpu.VMEM((block * k, 1, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
     return out[:t]
 
 
@@ -96,11 +112,11 @@ def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int = 8, interpret:
         rows = rows_vmem[...].astype(jnp.float32).reshape(block, top_k, d)
         out_ref[...] = jnp.sum(rows * dy_ref[...].astype(jnp.float32)[:, None, :], axis=2)
 
-    out = _call(kernel, (dy.shape[0] // block,), idx, (dy, src_AxD),
+    out = _call(kernel, (dy.shape[0] // block,), idx, (dy, src_AxD[:, None]),
                 [pl.BlockSpec((block, d), lambda i, _: (i, 0)), pl.BlockSpec(memory_space=pl.ANY)],
                 pl.BlockSpec((block, top_k), lambda i, _: (i, 0)),
                 jax.ShapeDtypeStruct((dy.shape[0], top_k), jnp.float32),
-                [pltpu.VMEM((block * top_k, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
+                [pltpu.VMEM((block * top_k, 1, d), src_AxD.dtype), pltpu.SemaphoreType.DMA(())], interpret)
     return out[:t]
 
 

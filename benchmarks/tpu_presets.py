@@ -1,0 +1,82 @@
+"""The paper presets compiled for TPU slices from this machine (libtpu; nothing runs): per row,
+`train.py --compile-only --target` in its own process, and a Markdown table of memory per chip,
+compile time, the roofline estimate and the collectives' bytes per step (the README's pod table).
+
+    python -m benchmarks.tpu_presets                       # every row below, one at a time
+    python -m benchmarks.tpu_presets --rows 0 3            # some of them
+    python -m benchmarks.tpu_presets --json runs/tpu.jsonl # also keep each report
+
+A row that does not fit prints the compiler's one line instead. Each compile takes 2 to 6
+minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+GIB = 1024 ** 3
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
+
+# (preset, target, overrides): the mesh and grad_accum each preset is recommended with.
+ROWS = (
+    ("moe_0p5b_a0p07b", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
+    ("moe_0p5b_a0p07b_r4", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
+    ("moe_2p3b_a0p3b", "v5p-64", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_2p3b_a0p3b_r4", "v5p-64", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_7b_a3b_se", "v5p-64", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_7b_a3b_se_r3", "v5p-64", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_0p5b_a0p07b", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_0p5b_a0p07b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_2p3b_a0p3b", "v6e-32", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+    ("moe_2p3b_a0p3b_r4", "v6e-32", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),
+)
+
+
+def compile_row(preset: str, target: str, overrides: list[str]) -> dict:
+    command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.py"),
+               "--compile-only", "--target", target, *overrides]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    last = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+    if done.returncode == 0 and last.startswith("{"):
+        return json.loads(last)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    return {"error": errors[-1] if errors else done.stderr.strip().splitlines()[-1]}
+
+
+def table_row(preset: str, target: str, overrides: list[str], report: dict) -> str:
+    settings = " ".join(overrides)
+    if "error" in report:
+        return f"| `{preset}` | {target} | `{settings}` | does not fit: {report['error']} |||||"
+    roof = report["roofline_estimate"]
+    bound = "at least " if report["loops_of_unknown_length"] else ""
+    collectives = ", ".join(f"{kind} {c['bytes'] / GIB:.1f}" for kind, c in report["collectives"].items())
+    return (f"| `{preset}` | {target} | `{settings}` | {report['total_bytes_per_device'] / GIB:.1f} "
+            f"({report['argument_size_in_bytes'] / GIB:.1f} state) | {report['compile_seconds']:.0f} s | "
+            f"{bound}{roof['step_seconds']:.2f} s | {100 * roof['mfu']:.0f}% | {collectives} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="*", default=None, help="indices into ROWS (default: all)")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="append each report to this JSON Lines file")
+    args = parser.parse_args(argv)
+    print("| preset | slice | settings | GiB per chip | compile | step (estimate) | MFU (estimate) "
+          "| GiB per step and chip, by collective |")
+    print("|---|---|---|---|---|---|---|---|")
+    for index in args.rows if args.rows is not None else range(len(ROWS)):
+        preset, target, overrides = ROWS[index]
+        report = compile_row(preset, target, overrides)
+        if args.json:
+            with args.json.open("a") as out:
+                out.write(json.dumps({"preset": preset, "target": target, "overrides": overrides, **report}) + "\n")
+        print(table_row(preset, target, overrides, report), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

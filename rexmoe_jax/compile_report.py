@@ -1,0 +1,147 @@
+"""What the compiler plans for one train step on a mesh, from shapes alone (`train.py
+--compile-only`): per-device memory, the step's FLOPs and bytes (XLA's cost analysis, and the
+same counted through the step's loops from its HLO: hlo_analysis), a roofline estimate of its
+time and MFU on a named TPU, and the collectives of the compiled HLO.
+
+With `--target` the devices are a TPU slice described by libtpu (sharding.target_devices), so
+XLA:TPU and Mosaic compile exactly what that slice would run; otherwise they are this machine's.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+
+from rexmoe_jax import hlo_analysis, sharding, trainer
+from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.loop import jitted_steps
+from rexmoe_jax.metrics import flops_per_token
+from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.targets import Target
+
+_MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+                  "alias_size_in_bytes", "generated_code_size_in_bytes")
+# XLA:TPU's words when a step does not fit, e.g. "RESOURCE_EXHAUSTED: XLA:TPU compile permanent
+# error. Ran out of memory in memory space hbm. Used 402.88G of 95.74G hbm. Exceeded hbm
+# capacity by 307.14G." or "HLO temporaries (402.88G) exceeds available HBM (95.74G)".
+_TOO_BIG = (re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm"),
+            re.compile(r"\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)"))
+
+
+class DoesNotFit(ConfigError):
+    """The compiler found the step too big for the device's memory; one line says by how much."""
+
+
+def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFit | None:
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    found = next((m for m in (p.search(text) for p in _TOO_BIG) if m), None)
+    needed, available = found.groups() if found else ("more", "the available")
+    where = f"a {target.chip.name} chip" if target else "a device"
+    return DoesNotFit(
+        f"the train step does not fit: the compiler plans {needed}B of memory per device and {where} "
+        f"has {available}B; try optim.grad_accum={2 * config.optim.grad_accum}, compute.remat=full, "
+        "or a mesh that splits more (mesh.fsdp, mesh.expert) or a bigger slice")
+
+
+def _cost(compiled) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) per device as XLA's cost analysis counts them: a loop's body
+    once, so a step that scans layers and micro-batches looks far cheaper (hlo_analysis)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+
+
+def _roofline(report: dict, config: Config, target: Target) -> dict:
+    """An estimate, not a measurement (and a lower bound where loops of unknown length, such as
+    the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at the chip's
+    peak FLOP/s or its HBM bytes at the peak bandwidth, whichever binds (both counted through
+    the step's loops; collectives and their overlap, elementwise work and the Pallas kernels
+    are not modelled), and the MFU that time would give for the model's FLOPs
+    (metrics.flops_per_token: no remat recompute, no padded rows)."""
+    chip = target.chip
+    compute = report["flops_per_device"] / chip.peak_bf16_flops
+    seconds = max(compute, report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second)
+    model_flops = flops_per_token(config.model, config.data.seq_len,
+                                  trainer.summary(config)["params_active"]) * config.tokens_per_step
+    return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
+            "hbm_bytes_per_second": chip.hbm_bytes_per_second, "source": chip.source,
+            "step_seconds": seconds, "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
+            "model_flops_per_device": model_flops / report["devices"],
+            "bound": "compute" if compute >= seconds else "memory"}
+
+
+def compile_report(config: Config, target: Target | None = None, hlo_path: pathlib.Path | None = None) -> dict:
+    """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
+    given) and returns what the compiler plans, per device (and writes the compiled HLO to
+    `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
+    mesh = sharding.make_mesh(config.mesh, sharding.target_devices(target) if target else None)
+    sharding.validate(config, mesh)
+    model = trainer.build_model(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    shardings = trainer.state_shardings(config, model, tx, mesh)
+    state = trainer.abstract_state(config, model, tx, shardings)
+    batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
+                                 sharding=sharding.batch_sharding(mesh))
+    train_step, _ = jitted_steps(config, model, tx, mesh, shardings)
+    start = time.perf_counter()
+    try:
+        with sharding.activate(mesh):
+            compiled = train_step.lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as err:
+        raise _too_big(err, config, target) or err from None
+    report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
+              "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+              "compile_seconds": round(time.perf_counter() - start, 1)}
+    memory = compiled.memory_analysis()
+    report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})
+    # Donated state is both argument and output; count it once.
+    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
+    hlo = compiled.as_text()
+    if hlo_path:
+        pathlib.Path(hlo_path).write_text(hlo)
+    step = hlo_analysis.analyse(hlo)
+    report["flops_per_device"], report["hbm_bytes_per_device"] = step["flops"], step["hbm_bytes"]
+    report["loops_of_unknown_length"] = step["loops_of_unknown_length"]
+    report["collectives"] = step["collectives"]
+    if target:
+        report["hbm_capacity_per_device"] = target.chip.hbm_bytes
+        report["hbm_headroom_bytes"] = target.chip.hbm_bytes - report["total_bytes_per_device"]
+        report["roofline_estimate"] = _roofline(report, config, target)
+    return report
+
+
+def describe(report: dict) -> str:
+    """The report for a person, a few lines; the JSON line after it has everything."""
+    gib = 1024 ** 3
+    where = f"{report['target']} ({report['devices']} chips)" if report["target"] else f"{report['devices']} devices"
+    lines = [f"compiled the train step in {report['compile_seconds']}s for {where}, mesh {report['mesh']}",
+             f"per device: parameters and optimizer state {report['argument_size_in_bytes'] / gib:.2f} GiB, "
+             f"temporaries {report['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased "
+             f"{(report['output_size_in_bytes'] - report['alias_size_in_bytes']) / gib:.2f} GiB, code "
+             f"{report['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, total {report['total_bytes_per_device'] / gib:.2f} GiB"]
+    if "hbm_capacity_per_device" in report:
+        lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_capacity_per_device'] / gib:.2f} "
+                     f"GiB of HBM ({report['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
+    xla = report["xla_cost_analysis"]
+    unknown = report["loops_of_unknown_length"]
+    bound = f" (at least: {unknown} loops of unknown length counted once)" if unknown else ""
+    lines.append(f"per device and step, counted through the step's loops{bound}: {report['flops_per_device']:.3e} matmul "
+                 f"FLOPs, {report['hbm_bytes_per_device'] / gib:.1f} GiB of HBM traffic (XLA's cost analysis, "
+                 f"which counts each loop body once: {xla['flops']:.3e} FLOPs, {xla['bytes_accessed'] / gib:.1f} GiB)")
+    roof = report.get("roofline_estimate")
+    if roof:
+        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks {roof['peak_bf16_flops'] / 1e12:.0f} "
+                     f"TFLOP/s bf16, {roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
+                     f"{roof['step_seconds'] * 1e3:.1f} ms per step, {roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
+    for kind, c in report["collectives"].items():
+        dynamic = f" (+{c['dynamic_loops']} loops of unknown length counted once)" if c["dynamic_loops"] else ""
+        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB{dynamic}")
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Compile targets: Cloud TPU slice names mapped to the topology the TPU compiler takes, and the
+chips' peak figures the compile report's roofline estimate uses. No jax here: sharding.py
+turns a target into devices.
+
+A name is `<generation>-<n>`, with n counted as Cloud TPU counts it: TensorCores for v4 and
+v5p (two per chip, driven as one "megacore" device), chips for v5e (also `v5litepod-<n>`) and
+v6e; `<s>x<name>` is s such slices joined over the data-centre network (multi-slice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+
+from rexmoe_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One TPU chip's peak figures, as Google's Cloud TPU pages give them (source)."""
+
+    name: str
+    device_kind: str  # what jax calls its devices
+    peak_bf16_flops: float  # per second, dense bf16 matmuls
+    hbm_bytes: int
+    hbm_bytes_per_second: float
+    source: str
+
+
+_GIB, _GB = 1024 ** 3, 1000 ** 3
+
+CHIPS = {
+    "v4": Chip("v4", "TPU v4", 275e12, 32 * _GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Generation:
+    topology_prefix: str  # what get_topology_desc calls the generation
+    chip_config: str  # "megacore": a chip's two TensorCores are one device
+    cores_in_name: int  # what one chip counts for in a slice name
+    shapes: tuple[str, ...]  # the chip grids of the single-slice sizes offered
+
+
+_3D = ("2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8")
+_2D = ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16")
+GENERATIONS = {
+    "v4": _Generation("v4", "megacore", 2, _3D),
+    "v5p": _Generation("v5p", "megacore", 2, _3D),
+    "v5e": _Generation("v5e", "default", 1, _2D),
+    "v6e": _Generation("v6e", "default", 1, _2D),
+}
+_ALIASES = {"v5litepod": "v5e"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """Everything the TPU compiler needs to describe a slice (or several), and its chip."""
+
+    name: str
+    chip: Chip
+    topology: str  # e.g. "v5p:2x4x4"
+    chip_config: str
+    chips_per_host: tuple[int, int, int]
+    num_slices: int
+
+    @property
+    def chips(self) -> int:
+        return self.num_slices * math.prod(int(n) for n in self.topology.split(":")[1].split("x"))
+
+
+def _sizes() -> dict[str, tuple[str, str]]:
+    """slice name -> (generation, chip grid), e.g. "v5p-64" -> ("v5p", "2x4x4")."""
+    sizes = {}
+    for generation, g in GENERATIONS.items():
+        for shape in g.shapes:
+            chips = math.prod(int(n) for n in shape.split("x"))
+            sizes[f"{generation}-{chips * g.cores_in_name}"] = (generation, shape)
+    return sizes
+
+
+SLICES = _sizes()
+
+
+def parse(name: str) -> Target:
+    """A target from its name ("v5p-64", "v6e-8", "v5litepod-16", "2xv5p-64"); an unknown one
+    is a ConfigError listing the known names."""
+    match = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+)-(\d+)", name)
+    slices = int(match.group(1) or 1) if match else 0
+    key = f"{_ALIASES.get(match.group(2), match.group(2))}-{match.group(3)}" if match else name
+    if key not in SLICES or slices < 1:
+        raise ConfigError(f"unknown --target {name!r}; known slices: {', '.join(SLICES)} "
+                          "(also v5litepod-N for v5e-N, and Sx<slice> for S slices)")
+    generation, shape = SLICES[key]
+    g = GENERATIONS[generation]
+    dims = [int(n) for n in shape.split("x")] + [1] * (3 - shape.count("x") - 1)
+    per_host = tuple(min(2, n) if i < 2 else 1 for i, n in enumerate(dims))
+    return Target(name, CHIPS[generation], f"{g.topology_prefix}:{shape}", g.chip_config, per_host, slices)

@@ -1,0 +1,99 @@
+"""The compile report on TPU slices described by libtpu: the real TPU compiler's memory plan
+against a count by hand, the collectives the sharding design implies, and the one-line error
+of a step too big for the chip. Small models: each compile takes 15 to 30 s on two cores."""
+
+import math
+import re
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from rexmoe_jax import compile_report, sharding, targets, trainer
+from rexmoe_jax.config import Config, apply_overrides
+from rexmoe_jax.optimizer import make_optimizer
+
+# Widths of 128 per device, so the TPU's (8, 128) tiles pad nothing but the 1-D norms.
+MODEL = ["model.vocab_size=512", "model.d_model=256", "model.num_layers=2", "model.num_heads=2",
+         "model.num_kv_heads=1", "model.expert_ffn=128", "model.num_experts=4", "model.top_k=2",
+         "model.reuse=2", "data.seq_len=16", "data.batch_size=8"]
+
+
+def by_hand(config, devices) -> int:
+    """Bytes per device of the train state and the batch: every array's elements divided by the
+    sizes of the mesh axes its sharding splits each dimension over, times its item size."""
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = trainer.build_model(config)
+    tx = make_optimizer(config.optim, config.train.steps)
+    state = trainer.abstract_state(config, model, tx, trainer.state_shardings(config, model, tx, mesh))
+    axes = dict(mesh.shape)
+
+    def per_device(shape, spec, itemsize):
+        splits = [math.prod(axes[a] for a in ((s,) if isinstance(s, str) else s or ())) for s in spec]
+        return math.prod(d // n for d, n in zip(shape, list(splits) + [1] * len(shape))) * itemsize
+
+    leaves = jax.tree.leaves(state)
+    total = sum(per_device(a.shape, a.sharding.spec, a.dtype.itemsize) for a in leaves)
+    batch = config.data.batch_size * (config.data.seq_len + 1) * 4 // math.prod(axes[a] for a in sharding.BATCH_AXES)
+    return total + batch
+
+
+def compiled(overrides, target, tpu_devices, hlo_path=None):
+    config = apply_overrides(Config(), MODEL + overrides)
+    return config, compile_report.compile_report(config, targets.parse(target), hlo_path), tpu_devices(target)
+
+
+def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
+    config, report, devices = compiled(["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"], "v5p-16", tpu_devices,
+                                       tmp_path / "step.hlo")
+    assert report["platform"] == "tpu" and report["devices"] == 8
+    hand = by_hand(config, devices)
+    # The norms' 1-D float32 arrays and the scalars are padded to whole TPU tiles: 2 KiB here.
+    assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024
+    assert 0 < report["total_bytes_per_device"] < report["hbm_capacity_per_device"] == 95 * 2 ** 30
+    c = report["collectives"]
+    layers, d, f, pool, k = 2, 256, 128, 8, 2
+    # The ragged exchange: two ragged_all_to_all per MoE layer forward and two backward. Each
+    # device holds 8 x 16 / 8 = 16 tokens, A = 32 assignments; the forward sends receive E A
+    # rows and A rows back, and the backward's transposes the same. float32, or bf16 where
+    # XLA:TPU moves a convert before the exchange (an f32 matmul at default precision reads
+    # bf16 on TPU), so the bytes lie between the two.
+    rows, ragged = layers * 2 * (2 * 32 + 32), c["ragged-all-to-all"]
+    assert ragged["count"] == 4 * layers and rows * d * 2 <= ragged["bytes"] <= rows * d * 4
+    assert ragged["largest"] in (2 * 32 * d * 2, 2 * 32 * d * 4)  # the receive buffer, E A rows
+    # fsdp: each layer gathers its D-split weights; the largest gather is the local experts'
+    # gate, up or down weights (P / E = 4 experts, whole D; float32 or bf16 as above), and no
+    # gather has a whole pool of 8 experts' D x F weights.
+    assert c["all-gather"]["count"] >= 2 * layers
+    assert c["all-gather"]["largest"] in (pool // 2 * d * f * 2, pool // 2 * d * f * 4)
+    gathered = re.findall(r"= \w+\[([\d,]+)\][^=]* all-gather(?:-start)?\(", (tmp_path / "step.hlo").read_text())
+    assert gathered and not [g for g in gathered if {str(pool), str(d), str(f)} <= set(g.split(","))]
+    assert report["roofline_estimate"]["chip"] == "v5p" and report["roofline_estimate"]["step_seconds"] > 0
+
+
+def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
+    config, report, devices = compiled(["mesh.data=2", "mesh.expert=4", "compute.expert_exchange=fixed"],
+                                       "v6e-8", tpu_devices)
+    hand = by_hand(config, devices)
+    assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024
+    c = report["collectives"]
+    assert "ragged-all-to-all" not in c
+    # Forward: tokens and their expert ids out, results back; backward: the transposes of the
+    # two float ones. At least 5 per MoE layer (the compiler may split or merge others).
+    assert c["all-to-all"]["count"] >= 5 * 2
+    assert report["roofline_estimate"]["source"] == "https://cloud.google.com/tpu/docs/v6e"
+
+
+def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
+    # Logits of 256 x 1024 tokens x 16,384 float32 are 16 GiB on one v5e chip of 16 GB.
+    tpu_devices("v5e-1")
+    argv = ["--compile-only", "--target", "v5e-1", *MODEL[:-2], "model.vocab_size=16384", "data.seq_len=1024",
+            "data.batch_size=256"]
+    assert train.main(argv) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("error: the train step does not fit") and "a v5e chip has" in message
+    assert "optim.grad_accum=2" in message
+    needed, available = (float(x) for x in re.findall(r"([\d.]+)[KMGT]?B", message)[:2])
+    assert needed > available

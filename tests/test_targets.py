@@ -1,0 +1,29 @@
+"""Compile targets: slice names to the topology the TPU compiler takes, and its chip."""
+
+import pytest
+
+from rexmoe_jax import targets
+from rexmoe_jax.config import ConfigError
+
+
+def test_names_count_what_cloud_tpu_counts():
+    v5p = targets.parse("v5p-64")  # 64 TensorCores = 32 chips, two cores per megacore chip
+    assert (v5p.topology, v5p.chip_config, v5p.chips, v5p.num_slices) == ("v5p:2x4x4", "megacore", 32, 1)
+    v6e = targets.parse("v6e-8")  # chips
+    assert (v6e.topology, v6e.chip_config, v6e.chips, v6e.chip.name) == ("v6e:2x4", "default", 8, "v6e")
+    assert targets.parse("v5litepod-16").topology == "v5e:4x4"
+    assert targets.parse("v4-32").topology == "v4:2x2x4"
+    assert targets.parse("v5e-1").chips_per_host == (1, 1, 1)
+    two = targets.parse("2xv5p-128")
+    assert (two.topology, two.num_slices, two.chips) == ("v5p:4x4x4", 2, 128)
+
+
+def test_chip_peaks_cite_their_source():
+    assert targets.CHIPS["v5p"].peak_bf16_flops == 459e12 and targets.CHIPS["v5p"].hbm_bytes == 95 * 2 ** 30
+    assert all(chip.source.startswith("https://cloud.google.com/tpu/docs/") for chip in targets.CHIPS.values())
+
+
+@pytest.mark.parametrize("name", ["v5p-63", "v7-8", "v5p64", "0xv5p-64"])
+def test_unknown_names_list_the_known_ones(name):
+    with pytest.raises(ConfigError, match="known slices: v4-8, "):
+        targets.parse(name)
