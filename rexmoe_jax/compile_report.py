@@ -71,12 +71,14 @@ def _roofline(report: dict, config: Config, target: Target) -> dict:
                                   trainer.summary(config)["params_active"]) * config.tokens_per_step
     return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
             "hbm_bytes_per_second": chip.hbm_bytes_per_second, "source": chip.source,
-            "step_seconds": seconds, "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
+            "step_seconds": seconds,
+            "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
             "model_flops_per_device": model_flops / report["devices"],
             "bound": "compute" if compute >= seconds else "memory"}
 
 
-def compile_report(config: Config, target: Target | None = None, hlo_path: pathlib.Path | None = None) -> dict:
+def compile_report(config: Config, target: Target | None = None,
+                   hlo_path: pathlib.Path | None = None) -> dict:
     """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
     given) and returns what the compiler plans, per device (and writes the compiled HLO to
     `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
@@ -120,28 +122,32 @@ def compile_report(config: Config, target: Target | None = None, hlo_path: pathl
 
 def describe(report: dict) -> str:
     """The report for a person, a few lines; the JSON line after it has everything."""
-    gib = 1024 ** 3
-    where = f"{report['target']} ({report['devices']} chips)" if report["target"] else f"{report['devices']} devices"
-    lines = [f"compiled the train step in {report['compile_seconds']}s for {where}, mesh {report['mesh']}",
-             f"per device: parameters and optimizer state {report['argument_size_in_bytes'] / gib:.2f} GiB, "
-             f"temporaries {report['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased "
-             f"{(report['output_size_in_bytes'] - report['alias_size_in_bytes']) / gib:.2f} GiB, code "
-             f"{report['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, total {report['total_bytes_per_device'] / gib:.2f} GiB"]
-    if "hbm_capacity_per_device" in report:
-        lines.append(f"fits: {report['total_bytes_per_device'] / gib:.2f} of {report['hbm_capacity_per_device'] / gib:.2f} "
-                     f"GiB of HBM ({report['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
-    xla = report["xla_cost_analysis"]
-    unknown = report["loops_of_unknown_length"]
+    r, gib = report, 1024 ** 3
+    where = f"{r['target']} ({r['devices']} chips)" if r["target"] else f"{r['devices']} devices"
+    outputs = (r["output_size_in_bytes"] - r["alias_size_in_bytes"]) / gib
+    lines = [f"compiled the train step in {r['compile_seconds']}s for {where}, mesh {r['mesh']}",
+             f"per device: parameters and optimizer state {r['argument_size_in_bytes'] / gib:.2f} GiB, "
+             f"temporaries {r['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased {outputs:.2f} GiB, "
+             f"code {r['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, "
+             f"total {r['total_bytes_per_device'] / gib:.2f} GiB"]
+    if "hbm_capacity_per_device" in r:
+        lines.append(f"fits: {r['total_bytes_per_device'] / gib:.2f} of "
+                     f"{r['hbm_capacity_per_device'] / gib:.2f} GiB of HBM "
+                     f"({r['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
+    xla, unknown = r["xla_cost_analysis"], r["loops_of_unknown_length"]
     bound = f" (at least: {unknown} loops of unknown length counted once)" if unknown else ""
-    lines.append(f"per device and step, counted through the step's loops{bound}: {report['flops_per_device']:.3e} matmul "
-                 f"FLOPs, {report['hbm_bytes_per_device'] / gib:.1f} GiB of HBM traffic (XLA's cost analysis, "
-                 f"which counts each loop body once: {xla['flops']:.3e} FLOPs, {xla['bytes_accessed'] / gib:.1f} GiB)")
-    roof = report.get("roofline_estimate")
+    lines.append(f"per device and step, counted through the step's loops{bound}: {r['flops_per_device']:.3e} "
+                 f"matmul FLOPs, {r['hbm_bytes_per_device'] / gib:.1f} GiB of HBM traffic "
+                 f"(XLA's cost analysis, which counts each loop body once: {xla['flops']:.3e} FLOPs, "
+                 f"{xla['bytes_accessed'] / gib:.1f} GiB)")
+    roof = r.get("roofline_estimate")
     if roof:
-        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks {roof['peak_bf16_flops'] / 1e12:.0f} "
-                     f"TFLOP/s bf16, {roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
-                     f"{roof['step_seconds'] * 1e3:.1f} ms per step, {roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
-    for kind, c in report["collectives"].items():
-        dynamic = f" (+{c['dynamic_loops']} loops of unknown length counted once)" if c["dynamic_loops"] else ""
-        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB{dynamic}")
+        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks "
+                     f"{roof['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
+                     f"{roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
+                     f"{roof['step_seconds'] * 1e3:.1f} ms per step, "
+                     f"{roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
+    for kind, c in r["collectives"].items():
+        dynamic = c["dynamic_loops"] and f" (+{c['dynamic_loops']} loops of unknown length counted once)"
+        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB{dynamic or ''}")
     return "\n".join(lines)

@@ -5,8 +5,9 @@ loop counted once per trip.
 XLA's own cost analysis (`compiled.cost_analysis()`) counts a loop body once, however many
 times it runs (a scan of 10 matmuls reports the FLOPs of one), so a step that scans its layers
 and loops over micro-batches looks tens of times cheaper than it is. Here a loop's trip count
-is the compiler's `known_trip_count` where it gives one (XLA:CPU), else read from its condition,
-`counter < constant`, the form scans and fori_loops compile to (XLA:TPU); a loop whose bound is computed at run time counts once, and `dynamic_loops` says how many such
+is the compiler's `known_trip_count` where it gives one (XLA:CPU), else read from its
+condition, `counter < constant`, the form scans and fori_loops compile to (XLA:TPU); a loop
+whose bound is computed at run time counts once, and `dynamic_loops` says how many such
 loops hold collectives. Each branch of a conditional counts as if it ran.
 
 - FLOPs: 2 x multiply-adds of every dot and convolution (TPU HLO writes matmuls as
@@ -30,7 +31,8 @@ import re
 
 import numpy as np
 
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
+         "collective-permute")
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .*\{$")
 _OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\(([^)]*)\)")
@@ -42,7 +44,8 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
 _CONSTANT = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-_NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call", "conditional",
+_NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
+              "conditional",
               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
 
 
@@ -61,7 +64,8 @@ def _dims(shape: str) -> list[int]:
     return arrays[0][1] if arrays else []
 
 
-def _valid_positions(out: int, window: int, in_size: int, pad_lo: int, stride: int, lhs_dil: int, rhs_dil: int) -> int:
+def _valid_positions(out: int, window: int, in_size: int, pad_lo: int, stride: int, lhs_dil: int,
+                     rhs_dil: int) -> int:
     """(output, kernel) position pairs of one spatial dimension whose input position exists."""
     p = np.arange(out)[:, None] * stride + np.arange(window)[None, :] * rhs_dil - pad_lo
     return int(np.count_nonzero((p >= 0) & (p <= (in_size - 1) * lhs_dil) & (p % lhs_dil == 0)))
@@ -85,11 +89,14 @@ def _conv_flops(out_shape: str, lhs: list[int], attrs: str) -> int:
     pads = [int(v.split("_")[0]) for v in re.search(r"pad=([\dx_-]+)", attrs).group(1).split("x")] \
         if "pad=" in attrs else [0] * len(spatial)
     strides = _window(attrs, "stride", len(spatial), 1)
-    lhs_dil, rhs_dil = _window(attrs, "lhs_dilate", len(spatial), 1), _window(attrs, "rhs_dilate", len(spatial), 1)
+    lhs_dil = _window(attrs, "lhs_dilate", len(spatial), 1)
+    rhs_dil = _window(attrs, "rhs_dilate", len(spatial), 1)
     groups = int(m.group(1)) if (m := re.search(r"feature_group_count=(\d+)", attrs)) else 1
-    positions = math.prod(_valid_positions(out[out_labels.index(c)], sizes[k], lhs[lhs_labels.index(c)], pads[k],
-                                           strides[k], lhs_dil[k], rhs_dil[k]) for k, c in enumerate(spatial))
-    return 2 * out[out_labels.index("b")] * out[out_labels.index("f")] * lhs[lhs_labels.index("f")] // groups * positions
+    positions = math.prod(_valid_positions(out[out_labels.index(c)], sizes[k], lhs[lhs_labels.index(c)],
+                                           pads[k], strides[k], lhs_dil[k], rhs_dil[k])
+                          for k, c in enumerate(spatial))
+    batch, features = out[out_labels.index("b")], out[out_labels.index("f")]
+    return 2 * batch * features * lhs[lhs_labels.index("f")] // groups * positions
 
 
 def _dot_flops(out_shape: str, lhs: list[int], attrs: str) -> int:
@@ -244,7 +251,8 @@ def analyse(hlo: str) -> dict:
             elif kind == "dot":
                 t.flops += _dot_flops(shape, lhs, attrs)
             if kind == "fusion" and (fused := _CALLED.search(attrs)):
-                t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols, shape)
+                t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols,
+                                             shape)
             elif kind not in _NO_MEMORY and not kind.endswith("-done"):
                 t.hbm_bytes += _op_bytes(kind, shape, _operands(operands), symbols)
             collective = kind.removesuffix("-start")
@@ -266,5 +274,6 @@ def analyse(hlo: str) -> dict:
     t = totals(entry)
     _PARSED.clear()
     return {"flops": t.flops, "hbm_bytes": t.hbm_bytes, "loops_of_unknown_length": t.unknown_loops,
-            "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops"), t.collectives[kind]))
+            "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops"),
+                                           t.collectives[kind]))
                             for kind in KINDS if kind in t.collectives}}

@@ -80,7 +80,8 @@ def target_devices(target: Target) -> list:
             chips_per_host_bounds=target.chips_per_host, num_slices=target.num_slices)
     except (RuntimeError, ValueError) as err:
         raise ConfigError(f"--target {target.name}: the TPU compiler cannot describe {target.topology} "
-                          f"({str(err).splitlines()[0]}); is libtpu installed (pip install -e '.[tpu]')?") from None
+                          f"({str(err).splitlines()[0]}); is libtpu installed (pip install -e '.[tpu]')?"
+                          ) from None
     return list(topology.devices)
 
 

@@ -57,12 +57,13 @@ def test_collectives_inside_a_loop_count_each_trip():
             return total * 0.5 + gathered[:x.shape[0]], None
         return jax.lax.scan(body, x_TxD, None, length=3)[0]
 
-    f = jax.shard_map(step, mesh=jax.sharding.Mesh(np.array(devices), ("x",)), in_specs=P("x"), out_specs=P("x"))
+    mesh = jax.sharding.Mesh(np.array(devices), ("x",))
+    f = jax.shard_map(step, mesh=mesh, in_specs=P("x"), out_specs=P("x"))
     compiled = compile_on(devices, f, (64, 128), spec=P("x"), dtype=jnp.float32)
     c = hlo_analysis.analyse(compiled.as_text())["collectives"]
     assert (c["all-reduce"]["count"], c["all-reduce"]["bytes"]) == (3, 3 * 8 * 128 * 4)  # 8 rows a device
-    assert (c["all-gather"]["count"], c["all-gather"]["bytes"], c["all-gather"]["largest"]) == (3, 3 * 64 * 128 * 4,
-                                                                                             64 * 128 * 4)
+    gather = c["all-gather"]
+    assert (gather["count"], gather["bytes"], gather["largest"]) == (3, 3 * 64 * 128 * 4, 64 * 128 * 4)
 
 
 def test_hbm_bytes_count_slices_of_stacked_weights_and_in_place_updates(tpu_devices):
