@@ -111,9 +111,12 @@ class _Profiler:
         if self.active and step >= self.window[1]:
             self.stop(state)
 
-    def stop(self, state) -> None:
+    def stop(self, state=None) -> None:
+        """Ends the trace; after the window's last step `state` is waited for, and on the way
+        out of a failed run (whose state may have been donated) nothing is."""
         if self.active:
-            jax.block_until_ready(state)
+            if state is not None:
+                jax.block_until_ready(state)
             jax.profiler.stop_trace()
             self.active = False
 
@@ -301,7 +304,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     except WriteError as err:
         raise WriteError(f"{err}; {_intact(s.checkpointer.settle())}") from None
     finally:
-        profiler.stop(s.state)
+        profiler.stop()
         bar.close()
         s.checkpointer.close()
         log.close()
