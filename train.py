@@ -91,11 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         raise cli.BadInput(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} is set: pass --distributed to "
                            "join the other processes")
     if args.distributed:
-        with stop.ending_at_once():
-            if stop.requested(0):
-                print(f"stopped by {stop.signal_name} before joining the run; nothing to save", flush=True)
-                return 0
-            distributed.initialize(args.init_timeout, args.heartbeat_timeout)
+        distributed.initialize(args.init_timeout, args.heartbeat_timeout, stop)
     try:
         return _run(args, config, stop)
     finally:

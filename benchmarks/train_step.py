@@ -101,9 +101,10 @@ def main(argv=None) -> None:
 
 
 def bench_config(name: str, args, extra: list[str]):
-    """A preset at the benchmark's batch, sequence and depth (and tiny widths with --small),
-    PSR off, with `extra` and the command line's overrides applied last."""
-    overrides = [f"data.batch_size={args.batch}", f"data.seq_len={args.seq}", "psr.schedule=none"]
+    """A preset at the benchmark's batch, sequence and depth (and tiny widths with --small), in
+    one micro-batch, PSR off, with `extra` and the command line's overrides applied last."""
+    overrides = [f"data.batch_size={args.batch}", f"data.seq_len={args.seq}", "psr.schedule=none",
+                 "optim.grad_accum=1"]
     if args.layers:
         overrides.append(f"model.num_layers={args.layers}")
     if args.small:

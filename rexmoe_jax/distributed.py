@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -43,9 +44,11 @@ import numpy as np
 
 from rexmoe_jax.cli import LOST_PROCESS, CommandError, one_line
 from rexmoe_jax.config import ConfigError
+from rexmoe_jax.preemption import StopRequest
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _POLL_SECONDS = 1.0
+JOIN_PATIENCE = 15.0  # seconds a process asked to stop while joining still waits for the others
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 
 
@@ -78,8 +81,9 @@ def _join_arguments() -> dict:
     return {"coordinator_address": address, "num_processes": count, "process_id": index}
 
 
-def initialize(init_timeout: int, heartbeat_timeout: int) -> None:
-    """Joins the run described by the environment (or detected by JAX); see the module doc."""
+def initialize(init_timeout: int, heartbeat_timeout: int, stop: StopRequest | None = None) -> None:
+    """Joins the run described by the environment (or detected by JAX); see the module doc. A
+    `stop` request while joining: see `_join_or_stop`."""
     import jax
 
     where = _join_arguments()
@@ -95,9 +99,9 @@ def initialize(init_timeout: int, heartbeat_timeout: int) -> None:
     timer.daemon = True
     timer.start()
     try:
-        jax.distributed.initialize(**where, initialization_timeout=init_timeout + 60,
-                                   heartbeat_timeout_seconds=heartbeat_timeout,
-                                   shutdown_timeout_seconds=heartbeat_timeout)
+        _join_or_stop(lambda: jax.distributed.initialize(**where, initialization_timeout=init_timeout + 60,
+                                                         heartbeat_timeout_seconds=heartbeat_timeout,
+                                                         shutdown_timeout_seconds=heartbeat_timeout), stop, who)
     except Exception as err:  # noqa: BLE001 - any failure to join is reported the same way
         raise StartupError(f"{who} could not join the run at {address} ({one_line(err)}); set "
                            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
@@ -125,6 +129,39 @@ def barrier(name: str) -> None:
         sharding.sync_hosts(name)
         return
     client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
+
+
+def _join_or_stop(join, stop: StopRequest | None, who: str) -> None:
+    """Calls `join`, which blocks where no Python signal handler runs, on another thread, so that
+    this one sees a stop request meanwhile. A process asked to stop while joining keeps waiting
+    JOIN_PATIENCE seconds more: a preemption during start-up reaches every process at about the
+    same time, and once all have joined they stop together after the first step, with a
+    checkpoint. If the others do not come (a partner failed, and the launcher stops the rest),
+    it ends as killed by the signal, with one line and nothing to save."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            join()
+        except BaseException as err:  # noqa: BLE001 - raised again on the calling thread
+            failure.append(err)
+
+    thread = threading.Thread(target=run, name="rexmoe-join", daemon=True)
+    thread.start()
+    asked_at = None
+    while thread.is_alive():
+        thread.join(0.1)
+        if stop is None or stop.signal_name is None or not thread.is_alive():
+            continue
+        asked_at = asked_at or time.monotonic()
+        if time.monotonic() - asked_at > JOIN_PATIENCE:
+            print(f"stopped by {stop.signal_name}: {who} had not joined the run {JOIN_PATIENCE:.0f} s later; "
+                  "nothing to save", file=sys.stderr, flush=True)
+            sig = getattr(signal, stop.signal_name)
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+    if failure:
+        raise failure[0]
 
 
 def _give_up(who: str, address: str, seconds: int) -> None:

@@ -80,7 +80,7 @@ def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[lis
                   sampling: Sampling = GREEDY, free: int | None = None) -> None:
     """Raises ConfigError, before anything is compiled, for a request the model cannot serve:
     an empty prompt, ids outside the vocabulary, top-k past it, or a KV cache larger than half of
-    the `free` bytes (default: free_memory of the default device; the other half is for the
+    the `free` bytes (default: free_memory of this process's first device; the other half is for the
     weights, the prefill and XLA's copies)."""
     if not prompts:
         raise ConfigError("generate needs at least one prompt")
@@ -96,7 +96,7 @@ def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[lis
         raise ConfigError(f"top-k {sampling.top_k} is larger than the vocabulary (model.vocab_size="
                           f"{config.vocab_size})")
     longest = max(map(len, prompts))
-    budget = (free_memory(jax.devices()[0]) if free is None else free) // 2
+    budget = (free_memory(jax.local_devices()[0]) if free is None else free) // 2
     per_position = kv_cache_bytes(config, compute, len(prompts), 1)
     if per_position * (longest + new_tokens) > budget:
         fits = max(0, budget // per_position - longest)

@@ -3,7 +3,6 @@ install it before jax is imported and a preemption during start-up is not lost."
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 
@@ -26,19 +25,6 @@ class StopRequest:
               "(send it again to quit at once)", file=sys.stderr, flush=True)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_DFL)
-
-    @contextlib.contextmanager
-    def ending_at_once(self):
-        """While the block runs, SIGTERM and SIGINT take their default action and end the
-        process at once: for a blocking call that has nothing to save and that a Python signal
-        handler cannot interrupt (joining a multi-process run whose other processes may never
-        come)."""
-        previous = {sig: signal.signal(sig, signal.SIG_DFL) for sig in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
 
     def requested(self, step: int) -> bool:
         del step  # A test's subclass stops at a chosen step.

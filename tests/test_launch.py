@@ -89,7 +89,8 @@ def test_a_command_that_cannot_start_is_one_line_and_starts_nothing(tmp_path):
 
 def test_train_py_waiting_to_join_ends_when_its_partner_fails():
     """Process 1 fails before joining; process 0, train.py waiting for it at the coordinator,
-    ends on the launcher's SIGTERM at once, not at the end of the 60 s grace."""
+    ends on the launcher's SIGTERM after distributed.JOIN_PATIENCE, not at the end of the 60 s
+    grace."""
     env = dict(os.environ, XLA_FLAGS=TEST_XLA_FLAGS)
     start = time.monotonic()
     proc = launch("-n", "2", "--", "bash", "-c",
