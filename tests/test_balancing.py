@@ -114,6 +114,7 @@ def test_bias_is_a_router_shaped_parameter_of_every_layer():
         assert moe["router_bias"].names == moe["router"].names[:2] + moe["router"].names[3:]
 
 
+@pytest.mark.e2e
 def test_the_trainer_moves_the_bias_by_hand_outside_the_optimizer():
     """After one step (no PSR: every expert available) each layer's bias is
     rate * (sign(1/P - load) centred), from the step's loads; no weight decay or Adam touches it."""
@@ -143,6 +144,7 @@ def _skewed(state):
     return dataclasses.replace(state, params=params)
 
 
+@pytest.mark.e2e
 def test_a_skewed_router_is_balanced_faster_with_the_bias():
     """Trained on one batch with no balancing loss, a skewed router stays skewed; with the bias
     its largest LBV over the last five of 30 steps is well under the plain router's."""

@@ -6,6 +6,7 @@ import math
 import re
 
 import jax
+import pytest
 
 import train
 from rexmoe_jax import compile_report, sharding, targets, trainer
@@ -43,6 +44,7 @@ def compiled(overrides, target, tpu_devices, hlo_path=None):
     return config, compile_report.compile_report(config, targets.parse(target), hlo_path), tpu_devices(target)
 
 
+@pytest.mark.e2e
 def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
     config, report, devices = compiled(["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"], "v5p-16", tpu_devices,
                                        tmp_path / "step.hlo")
@@ -72,6 +74,7 @@ def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
     assert report["roofline_estimate"]["chip"] == "v5p" and report["roofline_estimate"]["step_seconds"] > 0
 
 
+@pytest.mark.e2e
 def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
     config, report, devices = compiled(["mesh.data=2", "mesh.expert=4", "compute.expert_exchange=fixed"],
                                        "v6e-8", tpu_devices)
@@ -85,6 +88,7 @@ def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
     assert report["roofline_estimate"]["source"] == "https://cloud.google.com/tpu/docs/v6e"
 
 
+@pytest.mark.e2e
 def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     # Logits of 256 x 1024 tokens x 16,384 float32 are 16 GiB on one v5e chip of 16 GB.
     tpu_devices("v5e-1")

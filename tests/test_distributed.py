@@ -212,6 +212,7 @@ def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
     ("step", "error: the processes disagree on the resumed step (groups of processes that agree: [[0, 1], [2]]); "
              "start every process with the same command on the same --workdir"),
 ])
+@pytest.mark.e2e
 def test_processes_that_disagree_stop_at_start_naming_the_groups(tmp_path, differing, line):
     """Three processes, one of which holds another config or resumes another step: every one
     exits with status 2 and the same single line naming what differs and who agrees."""
@@ -257,6 +258,7 @@ def test_train_processes_with_different_configs_exit_2(args, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 
+@pytest.mark.e2e
 def test_sigterm_while_joining_alone_ends_the_process_after_the_patience(tmp_path):
     """Process 0 of 2, whose partner never comes, waits inside JAX's join (a C++ call no Python
     handler interrupts): after SIGTERM it waits distributed.JOIN_PATIENCE seconds for the partner,

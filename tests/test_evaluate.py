@@ -87,6 +87,7 @@ def test_task_file_errors_name_the_field(tmp_path, line, message):
     assert str(err.value) == f"{path}:2: {message}"
 
 
+@pytest.mark.e2e
 def test_activation_ratios_sum_to_k_and_foreign_share():
     params = params_for()
     batches = [np.random.default_rng(2).integers(0, 4096, (4, 17)).astype(np.int32)]
@@ -111,6 +112,7 @@ def trained_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.e2e
 def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
     """The README's evaluate, generate and plot commands."""
     workdir = tmp_path / "run"
@@ -141,6 +143,7 @@ def _label_true(path):
     path.write_text('{"context": "a", "choices": [" b", " c"], "label": true}\n')
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("make_args,message", [
     (lambda t: ["--tasks", str(t / "missing.jsonl")], "missing.jsonl' does not exist"),
     (lambda t: (_not_utf8(t / "t.jsonl"), ["--tasks", str(t / "t.jsonl")])[1], "t.jsonl:1: not UTF-8 text"),
@@ -165,6 +168,7 @@ def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tm
     assert not (trained_run / "eval.json").exists()
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("output,message", [
     (lambda run, t: run / "metrics.jsonl", "is one of the files of the training run"),
     (lambda run, t: run / "config.json", "is one of the files of the training run"),
@@ -196,6 +200,7 @@ def test_an_earlier_report_may_be_replaced(tmp_path):
         evaluate._check_output(tmp_path / "other.json")
 
 
+@pytest.mark.e2e
 def test_read_only_tools_change_nothing_in_the_run(trained_run, tmp_path, capsys):
     """An unreadable newest checkpoint is skipped, not renamed; a run with no checkpoint gets
     no checkpoints/ folder."""
@@ -217,6 +222,7 @@ def test_read_only_tools_change_nothing_in_the_run(trained_run, tmp_path, capsys
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json"]
 
 
+@pytest.mark.e2e
 def test_routing_of_texts_counts_every_token(trained_run):
     """LoadedModel.routing: rows of data.seq_len, then a shorter row with the rest, so every
     position of the packed texts but the last is routed once."""

@@ -17,7 +17,8 @@ from rexmoe_jax.model import Decoder
 from rexmoe_jax.tokenizer import load_tokenizer
 
 
-@pytest.mark.parametrize("sampling", [generate.Sampling(), generate.Sampling(1.0, 5, 0.9)], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampling", [pytest.param(generate.Sampling(), id="greedy"),
+                                      pytest.param(generate.Sampling(1.0, 5, 0.9), id="sampled", marks=pytest.mark.e2e)])
 def test_cached_decoding_equals_recomputing_the_sequence(sampling):
     cfg = dataclasses.replace(CFG.model, init_std=0.3)  # peaked logits: no near-ties for argmax
     params = params_for(dataclasses.replace(CFG, model=cfg))
@@ -40,6 +41,7 @@ def test_sampling_filters():
         generate.Sampling(top_p=0)
 
 
+@pytest.mark.e2e
 def test_stop_at_end_of_text():
     cfg = dataclasses.replace(CFG.model, init_std=0.3)
     params = params_for(dataclasses.replace(CFG, model=cfg))
@@ -56,6 +58,7 @@ def test_new_token_count_is_checked_before_anything_is_loaded(tmp_path, capsys):
         generate.generate(CFG.model, params_for(), [[1, 2]], 0, jax.random.key(0))
 
 
+@pytest.mark.e2e
 def test_a_prompt_longer_than_the_trained_length_is_generated_with_a_warning(capsys):
     tokenizer = load_tokenizer(EMBEDDED_TOKENIZER)
     model = LoadedModel(CFG, params_for(), tokenizer, step=0)

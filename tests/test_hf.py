@@ -186,6 +186,7 @@ def test_exported_weights_compute_the_model(tmp_path, fields):
     np.testing.assert_allclose(logits(config, params, ids_1xS)[0], expected, atol=1e-4)
 
 
+@pytest.mark.e2e
 def test_widen_keeps_the_logits_under_local_first_psr():
     """At N_t = N with local_first the widened layers choose their own experts; with
     renormalised gates the pool's softmax denominator cancels, so the logits stay the source's

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import TEST_XLA_FLAGS
 from files import one_error_line
 
@@ -87,6 +89,7 @@ def test_a_command_that_cannot_start_is_one_line_and_starts_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-executable"]
 
 
+@pytest.mark.e2e
 def test_train_py_waiting_to_join_ends_when_its_partner_fails():
     """Process 1 fails before joining; process 0, train.py waiting for it at the coordinator,
     ends on the launcher's SIGTERM after distributed.JOIN_PATIENCE, not at the end of the 60 s

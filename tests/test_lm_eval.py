@@ -94,6 +94,7 @@ def check_against(workdir, task_files, name, results, samples):
         assert results[f"{metric},none"] == pytest.approx(metrics[metric]), metric
 
 
+@pytest.mark.e2e
 def test_scorer_matches_lm_evals_requests_scored_one_by_one(workdir, task_files):
     manager = TaskManager(include_path=str(task_files), include_defaults=False)
     out = evaluator.simple_evaluate(model=HandScored(workdir=str(workdir)), tasks=["edge", "spaced"],
@@ -116,6 +117,7 @@ def test_documented_command_runs_the_registered_model(workdir, task_files, tmp_p
         check_against(workdir, task_files, name, results[name], samples)
 
 
+@pytest.mark.e2e
 def test_rolling_and_generation_requests(workdir):
     model = rexmoe_lm_eval.RexMoeLM(workdir=str(workdir))
     text = GENESIS * 2
@@ -150,6 +152,7 @@ def _label_out_of_range(t):
     (t / "t.jsonl").write_text('{"context": "a", "choices": [" b", " c"], "label": 5}\n')
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("setup,run,message", [
     (lambda t: None, "missing", "missing' has no config.json; is it a training run's --workdir?"),
     (_config_only, "run", "run' has no checkpoint yet; train first"),

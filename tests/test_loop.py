@@ -101,6 +101,7 @@ def assert_same_run(workdir, ref_dir):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stop_at", [1, 5, 8])
 def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
     """Stopped at 1, mid-PSR-ramp (5: N_t grows from step 3 to 9) and on a checkpoint step (8),
@@ -112,6 +113,7 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.e2e
 def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
     """Auxiliary-loss-free balancing: the biases are in the checkpoint, a run stopped mid-ramp
     resumes to the same biases and weights bit for bit, and routing.jsonl has them at evals."""
@@ -130,6 +132,7 @@ def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
     np.testing.assert_allclose(last["router_bias"], bias, atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_mfu_from_the_flops_per_token_and_a_given_peak(tmp_path):
     """Every line's TFLOP/s per device is the model FLOPs per token times its tokens/s (one
     device), and MFU that over train.peak_flops. FLOPs per token by hand for SMALL: 6 x (active
@@ -147,6 +150,7 @@ def test_mfu_from_the_flops_per_token_and_a_given_peak(tmp_path):
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 2e9, rel=1e-9)
 
 
+@pytest.mark.e2e
 def test_a_profiler_window_leaves_a_trace_and_the_same_losses(tmp_path, uninterrupted):
     assert loop.run(config("train.profile_steps=3,4"), tmp_path)["step"] == 12
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
@@ -154,6 +158,7 @@ def test_a_profiler_window_leaves_a_trace_and_the_same_losses(tmp_path, uninterr
     assert metrics(tmp_path) == metrics(uninterrupted)
 
 
+@pytest.mark.e2e
 def test_weights_and_biases_offline_run_and_resume(tmp_path, monkeypatch):
     """train.tracker=jsonl,wandb with WANDB_MODE=offline: W&B run files with the resolved
     config, every metrics line's numbers at its step, and an expert-load heatmap at each
@@ -196,6 +201,7 @@ def test_a_missing_wandb_package_is_a_one_line_error(tmp_path, monkeypatch):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.e2e
 def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterrupted, capsys):
     """A crash after step 7 (no save) in the middle of writing a line: the run restarts from
     checkpoint 4, drops the torn line with a warning and the logged steps 5-7, and writes them
@@ -210,6 +216,7 @@ def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, uninterru
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.e2e
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
     """Checkpoint 6 lost its state/_METADATA: not "an incompatible config" but a damaged
     checkpoint. Loading the run skips it and renames nothing; training sets it aside and
@@ -232,6 +239,7 @@ def snapshot(folder):
             for p in folder.rglob("*") if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_incompatible_config_names_the_fields_and_touches_nothing(tmp_path):
     loop.run(config(), tmp_path, stop=StopAt(4))
     before = snapshot(tmp_path)
@@ -242,6 +250,7 @@ def test_incompatible_config_names_the_fields_and_touches_nothing(tmp_path):
     assert snapshot(tmp_path) == before
 
 
+@pytest.mark.e2e
 def test_allowed_changes_resume_with_a_note(tmp_path, capsys):
     loop.run(config(), tmp_path, stop=StopAt(4))
     result = loop.run(config("train.steps=6", "compute.dispatch=dense"), tmp_path)
@@ -254,6 +263,7 @@ def test_unwritable_workdir(tmp_path):
         loop.run(config(), tmp_path / "file" / "run")
 
 
+@pytest.mark.e2e
 def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path):
     """An absurd learning rate without clipping: the weights blow up within a few steps."""
     bad = ["optim.learning_rate=1e30", "optim.clip_norm=0", "train.checkpoint_every=1", "psr.schedule=none"]
@@ -267,6 +277,7 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.e2e
 def test_nonfinite_skip_keeps_training(tmp_path):
     bad = ["optim.learning_rate=1e30", "optim.clip_norm=0", "psr.schedule=none", "train.nonfinite=skip"]
     result = loop.run(config(*bad), tmp_path)
@@ -306,6 +317,7 @@ class FullDiskAfter(StopRequest):
         signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 
 
+@pytest.mark.e2e
 def test_a_failed_background_save_stops_at_the_next_step_and_keeps_the_rest(tmp_path, uninterrupted):
     """Checkpoint 8 cannot be written: one line naming the step and the intact checkpoint,
     raised at the first step after the failure (not at the next save, 12), no temporary folder,
@@ -325,6 +337,7 @@ def test_a_failed_background_save_stops_at_the_next_step_and_keeps_the_rest(tmp_
     assert_same_run(tmp_path, uninterrupted)
 
 
+@pytest.mark.e2e
 def test_an_unwritable_log_loses_no_step(tmp_path, monkeypatch):
     """metrics.jsonl becomes unwritable at step 8, whose evaluation line comes after its
     checkpoint was started: the run stops with checkpoints 4 and 8 on disk."""
@@ -346,6 +359,7 @@ def test_an_unwritable_log_loses_no_step(tmp_path, monkeypatch):
     assert saved_steps(tmp_path) == [4, 8]
 
 
+@pytest.mark.e2e
 def test_a_stop_during_start_up_ends_before_compiling_with_nothing_new(tmp_path):
     """The stop request comes before the first step: no step, no save, no new file."""
     stop = StopRequest()
@@ -409,6 +423,7 @@ def read_records_safe(path):
         return []
 
 
+@pytest.mark.e2e
 def test_short_training_run_logs_and_learns(tmp_path, capsys):
     """The main job on the embedded corpus: metrics.jsonl has the contract's keys, the loss
     falls well below its start, and the run ends with a perplexity and a sample."""
@@ -437,6 +452,7 @@ def test_short_training_run_logs_and_learns(tmp_path, capsys):
     assert json.loads((workdir / "config.json").read_text())["model"]["d_model"] == 64
 
 
+@pytest.mark.e2e
 def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterrupted):
     """Resumed with train.steps=8 after 12 steps: no "training steps 13-8", no config.json
     rewritten to 8; one error naming both numbers."""
@@ -449,6 +465,7 @@ def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterr
     assert hashes(workdir) == before
 
 
+@pytest.mark.e2e
 def test_every_checkpoint_unreadable_stops_until_start_over(tmp_path, uninterrupted):
     """Each checkpoint's largest array file truncated: the run stops (set aside, nothing
     trained); with start_over it trains from step 0 and ends as the uninterrupted run did."""

@@ -204,6 +204,7 @@ def test_cross_layer_share_against_a_hand_count():
             assert np.all(hand > 0), hand
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
 def test_remat_policies_leave_gradients_unchanged(remat):
     cfg = dataclasses.replace(SMALL, num_layers=2, reuse=2)

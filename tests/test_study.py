@@ -261,6 +261,7 @@ def test_interval_and_paired_difference_by_hand():
     assert (diff.mean, diff.low, diff.high, diff.n) == pytest.approx((-0.1, -0.1 - half, -0.1 + half, 3), abs=1e-4)
 
 
+@pytest.mark.e2e
 def test_report_from_fake_records(setup, tmp_path):
     spec, options = setup()
     assert study_runner.run(spec, options) == 0
@@ -288,6 +289,7 @@ def test_report_from_fake_records(setup, tmp_path):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.e2e
 def test_one_report_of_several_studies(setup, tmp_path, monkeypatch):
     """Two studies make one document: a section each, headings one level down, figures in a
     folder per study, and the one command that regenerates it."""

@@ -34,6 +34,7 @@ def test_psr_pool_follows_the_optimizer_step():
     assert int(state.step) == 8
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("granularity", ["layer", "token"])
 def test_gradient_accumulation_equals_one_big_batch(granularity):
     """Without the (nonlinear, per-batch) balancing loss, two micro-batches of 2 give the same
