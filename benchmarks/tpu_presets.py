@@ -1,6 +1,7 @@
 """The paper presets compiled for TPU slices from this machine (libtpu; nothing runs): per row,
 `train.py --compile-only --target` in its own process, and a Markdown table of memory per chip,
-compile time, the roofline estimate and the collectives' bytes per step (the README's pod table).
+compile time, the roofline estimate and the collectives' bytes per step (the pod table of
+docs/tpu.md).
 
     python -m benchmarks.tpu_presets                       # every row below, one at a time
     python -m benchmarks.tpu_presets --rows 0 3            # some of them

@@ -25,7 +25,7 @@ def paper_config(model: ModelConfig) -> Config:
     3e-4 cosine to 3e-5 after 100 warm-up steps, bf16 compute with float32 parameters. PSR's
     t_s = 10k and t_e = 30k are set here so an r > 1 variant only switches the schedule on.
     The batch is taken in 16 micro-batches of 32 sequences, one per device on 32 devices (the
-    README's pod table, benchmarks/tpu_presets.py); all 512 at once would put 16 sequences of
+    pod table in docs/tpu.md, benchmarks/tpu_presets.py); all 512 at once would put 16 sequences of
     4,096 tokens on each device at a time. With 64 devices or more, lower it."""
     return Config(
         model=dataclasses.replace(model, vocab_size=32_000),
