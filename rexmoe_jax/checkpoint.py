@@ -157,8 +157,10 @@ class Checkpointer:
         else:  # Temporary folders left by a killed save are removed first: a save would trip on them.
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
                                                    cleanup_tmp_directories=True)
-        # Handlers named up front, so metadata and single items can be read before any save.
-        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        # Handlers named up front, so metadata and single items can be read before any save. A
+        # reader opens the state with the general PyTree handler, which can read one part alone.
+        state_handler = ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler()
+        handlers = {"state": state_handler, "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._saving: int | None = None  # The step whose save may still run in the background.
         self._failed: int | None = None  # The step whose save failed.
@@ -283,12 +285,20 @@ class Checkpointer:
             raise ValueError("its meta record holds no config")
         return meta
 
-    def restore(self, abstract_state, config: Config, *, start_over: bool = False) -> tuple[object, dict] | None:
-        """The newest readable checkpoint as (state, meta), or None when there is none.
+    def restore(self, abstract_state, config: Config, *, start_over: bool = False,
+                part: str | None = None) -> tuple[object, dict] | None:
+        """The newest readable checkpoint as (state, meta), or None when there is none. Arrays
+        come with the shardings and dtypes of `abstract_state` (cast while reading).
+
+        `part` (read-only): the name of one top-level field of the saved state, "params", which
+        `abstract_state` then describes alone; nothing else of the checkpoint (the optimizer
+        state) is read.
 
         Raises ConfigError, touching nothing, when the newest readable checkpoint's saved config
         is incompatible with `config`; and when no checkpoint is readable (`_none_readable`).
         """
+        if part is not None and not self.read_only:
+            raise ValueError("restoring one part of a checkpoint is for read-only users")
         failures = []
         for step in reversed(self.steps()):
             try:
@@ -302,10 +312,14 @@ class Checkpointer:
                     f"checkpoint {self.directory / str(step)} was written by an incompatible config "
                     f"({'; '.join(incompatible)}); resume with its settings or use a new --workdir")
             try:  # The configs agree, so arrays that do not fit mean missing or garbled files.
-                if _leaf_shapes(self._manager.item_metadata(step)["state"]) != _leaf_shapes(abstract_state):
+                saved = self._manager.item_metadata(step)["state"]
+                saved = saved.tree if hasattr(saved, "tree") else saved
+                cast = part is not None  # a reader may ask for another dtype
+                if _leaf_shapes(saved[part] if part else saved, cast=cast) != _leaf_shapes(abstract_state, cast=cast):
                     raise ValueError("its array metadata is missing or does not fit the config's shapes")
                 restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state)))
+                    state=self._restore_args(abstract_state, part)))["state"]
+                restored = restored[part] if part else restored
             except Exception as err:  # noqa: BLE001 - missing, truncated or garbled array files.
                 failures.append(self._unusable(step, err))
                 continue
@@ -315,14 +329,22 @@ class Checkpointer:
                       f"{where} and restored checkpoint {step}", file=sys.stderr, flush=True)
             if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
                 print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
-            return restored["state"], meta
+            return restored, meta
         self._none_readable(failures, start_over)
         return None
 
+    def _restore_args(self, abstract_state, part: str | None):
+        if not self.read_only:
+            return ocp.args.StandardRestore(abstract_state)
+        item = {part: abstract_state} if part else abstract_state
+        return ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                      partial_restore=part is not None)
 
-def _leaf_shapes(tree) -> collections.Counter:
-    """The multiset of (shape, dtype) of a state's arrays, from arrays or orbax metadata."""
+
+def _leaf_shapes(tree, *, cast: bool = False) -> collections.Counter:
+    """The multiset of (shape, dtype) of a state's arrays, from arrays or orbax metadata; of
+    shapes alone (`cast`) when the target's dtypes may differ from those saved."""
     if hasattr(tree, "tree"):
         tree = tree.tree
     leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return collections.Counter((tuple(leaf.shape), str(leaf.dtype)) for leaf in leaves)
+    return collections.Counter((tuple(leaf.shape), "" if cast else str(leaf.dtype)) for leaf in leaves)

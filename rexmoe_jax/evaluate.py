@@ -29,8 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax import cli, outputs
+from rexmoe_jax import cli, outputs, sharding
 from rexmoe_jax import metrics as metrics_lib
+from rexmoe_jax import restore as restore_lib
 from rexmoe_jax.config import Config, ConfigError, ModelConfig
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import json_safe
@@ -87,9 +88,18 @@ def eval_step_for(config: Config):
     return jax.jit(trainer.make_eval_step(config, trainer.build_model(config)))
 
 
-def routing_of(config: Config, params, batches: list[np.ndarray]) -> dict:
-    """routing_report of `batches` (rows of S + 1 tokens)."""
-    _, load = held_out(eval_step_for(config), params, batches, config.model)
+def placed(mesh: jax.sharding.Mesh | None):
+    """`held_out`'s `put` for inference: a batch split over the mesh's batch axes (repeated whole
+    where its rows do not divide, which leaves its means as they are)."""
+    return lambda rows: sharding.put_rows(sharding.tile_rows(rows, mesh), mesh)
+
+
+def routing_of(config: Config, params, batches: list[np.ndarray], mesh: jax.sharding.Mesh | None = None) -> dict:
+    """routing_report of `batches` (rows of S + 1 tokens), on the `mesh` where `params` live (by
+    default the one they are placed on, if any)."""
+    mesh = mesh if mesh is not None else sharding.mesh_of(params)
+    with sharding.using(mesh):
+        _, load = held_out(eval_step_for(config), params, batches, config.model, placed(mesh))
     return routing_report(load, sum(b.shape[0] * (b.shape[1] - 1) for b in batches), config.model)
 
 
@@ -135,9 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="held-out (and input-set) batches (default: train.eval_batches, as training)")
     parser.add_argument("--output", default=None,
                         help="JSON results (default: WORKDIR/eval.json); a new file or an earlier one of these")
+    restore_lib.add_placement_arguments(parser)
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / EVAL_FILE)
-    report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output)
+    report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output,
+                          mesh=args.mesh, dtype=args.dtype)
     outputs.write_text(output, json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
     print_report(report)
     print(f"wrote {output}")
@@ -166,11 +178,12 @@ def _check_output(path: pathlib.Path) -> None:
 
 
 def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None,
-                 output: pathlib.Path | None = None) -> dict:
-    """Every input (task files, input sets, `output`) is checked before the evaluation starts."""
+                 output: pathlib.Path | None = None, mesh: list[str] | tuple[str, ...] = (),
+                 dtype: str | None = None) -> dict:
+    """Every input (task files, input sets, `output`, the mesh.*= settings `mesh`) is checked
+    before the evaluation starts; the model runs on restore.inference_mesh."""
     from rexmoe_jax import data as data_lib
     from rexmoe_jax import tasks as tasks_lib
-    from rexmoe_jax.restore import restore
 
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {batches}")
@@ -178,20 +191,23 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     set_files = [_input_set_files(spec) for spec in input_sets]
     if output is not None:
         _check_output(output)
-    run = restore(workdir)
+    devices = restore_lib.inference_mesh(restore_lib.read_config(pathlib.Path(workdir)), mesh)
+    run = restore_lib.restore(workdir, mesh=devices, dtype=dtype)
     config = run.config
     batches = batches or config.train.eval_batches
     set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
-    scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model)
+    with sharding.using(run.mesh):
+        scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
     report = {"step": run.step, **scalars, "tokens": tokens,
               "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}
     for name, batches_of_set in set_batches.items():
-        report["routing"][name] = routing_of(config, run.params, batches_of_set)
+        report["routing"][name] = routing_of(config, run.params, batches_of_set, run.mesh)
     for name, questions_of_task in questions.items():
-        report["tasks"][name] = tasks_lib.score_task(config, run.params, run.tokenizer, questions_of_task)
+        report["tasks"][name] = tasks_lib.score_task(config, run.params, run.tokenizer, questions_of_task,
+                                                     mesh=run.mesh)
     return report
 
 

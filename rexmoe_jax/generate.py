@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax import cli
+from rexmoe_jax import cli, sharding
 from rexmoe_jax.config import ComputeConfig, ConfigError, ModelConfig
 from rexmoe_jax.model import Decoder
 
@@ -77,11 +77,12 @@ def free_memory(device: jax.Device) -> int:
 
 
 def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[list[int]], new_tokens: int,
-                  sampling: Sampling = GREEDY, free: int | None = None) -> None:
+                  sampling: Sampling = GREEDY, free: int | None = None, cache_shards: int = 1) -> None:
     """Raises ConfigError, before anything is compiled, for a request the model cannot serve:
-    an empty prompt, ids outside the vocabulary, top-k past it, or a KV cache larger than half of
-    the `free` bytes (default: free_memory of this process's first device; the other half is for the
-    weights, the prefill and XLA's copies)."""
+    an empty prompt, ids outside the vocabulary, top-k past it, or a device's share of the KV
+    cache (split `cache_shards` ways) larger than half of the `free` bytes (default:
+    free_memory of this process's first device; the other half is for the weights, the prefill
+    and XLA's copies)."""
     if not prompts:
         raise ConfigError("generate needs at least one prompt")
     for number, prompt in enumerate(prompts, 1):
@@ -97,7 +98,7 @@ def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[lis
                           f"{config.vocab_size})")
     longest = max(map(len, prompts))
     budget = (free_memory(jax.local_devices()[0]) if free is None else free) // 2
-    per_position = kv_cache_bytes(config, compute, len(prompts), 1)
+    per_position = kv_cache_bytes(config, compute, len(prompts), 1) // cache_shards
     if per_position * (longest + new_tokens) > budget:
         fits = max(0, budget // per_position - longest)
         raise ConfigError(f"{new_tokens} new tokens do not fit: the KV cache of {len(prompts)} prompt(s) of up "
@@ -161,15 +162,22 @@ def _decode(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, 
 
 
 def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: int, key: jax.Array, *,
-             sampling: Sampling = GREEDY, eod_id: int | None = None,
-             compute: ComputeConfig = DEFAULT_COMPUTE) -> list[list[int]]:
+             sampling: Sampling = GREEDY, eod_id: int | None = None, compute: ComputeConfig = DEFAULT_COMPUTE,
+             mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to `new_tokens` tokens with a KV cache; a
-    sequence ends at `eod_id` (not included)."""
-    check_request(config, compute, prompts, new_tokens, sampling)
+    sequence ends at `eod_id` (not included). On a `mesh` (where `params` live), the prompts
+    and the KV cache are split over its batch axes, the prompts repeated whole where their
+    number does not divide (greedy decoding gives the same tokens; sampling draws for the
+    repeated batch). Without `mesh`, the one `params` are placed on, if any."""
+    mesh = mesh if mesh is not None else sharding.mesh_of(params)
+    check_request(config, compute, prompts, new_tokens, sampling,
+                  cache_shards=1 if mesh is None else sharding.batch_devices(mesh))
     buffer, lengths = _prompt_batch(prompts, new_tokens)
-    out = _decode(config, compute, params, jnp.asarray(buffer), jnp.asarray(lengths), key,
-                  new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
-    return _finish(out, eod_id)
+    with sharding.using(mesh):
+        out = _decode(config, compute, params, sharding.put_rows(sharding.tile_rows(buffer, mesh), mesh),
+                      sharding.put_rows(sharding.tile_rows(lengths, mesh), mesh), key,
+                      new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
+    return _finish(np.asarray(out)[:len(prompts)], eod_id)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
@@ -205,7 +213,7 @@ def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     from rexmoe_jax.data import resolve_tokenizer
-    from rexmoe_jax.restore import read_config, restore
+    from rexmoe_jax.restore import add_placement_arguments, read_config, restore_placed
 
     parser = cli.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -215,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=40)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    add_placement_arguments(parser)
     args = parser.parse_args(argv)
     # Every argument is checked before the checkpoint is read.
     if args.max_new_tokens < 1:
@@ -227,10 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = resolve_tokenizer(config.data)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     check_request(config.model, config.compute, prompts, args.max_new_tokens, sampling)
-    run = restore(args.workdir)
+    run = restore_placed(args.workdir, args)
     warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
     out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
-                   sampling=sampling, eod_id=run.tokenizer.eod_id, compute=run.config.compute)
+                   sampling=sampling, eod_id=run.tokenizer.eod_id, compute=run.config.compute, mesh=run.mesh)
     for prompt, tokens in zip(args.prompt, out):
         print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
     return 0

@@ -2,6 +2,7 @@
 
     from rexmoe_jax import load
     model = load("runs/tiny")                       # the newest checkpoint of a --workdir
+    model = load("runs/big", mesh=["mesh.fsdp=8"], dtype="bfloat16")  # parameters only, sharded
     model.generate(["And God said"], max_new_tokens=32, stop=["\n"])
     model.log_likelihood("In the beginning God created", " the heaven and the earth.")
     model.log_likelihood("", "In the beginning")    # an empty context: after end-of-text
@@ -26,7 +27,7 @@ import numpy as np
 from rexmoe_jax import data as data_lib
 from rexmoe_jax import evaluate, scoring, tasks
 from rexmoe_jax.generate import GREEDY, Sampling, generate, warn_past_training
-from rexmoe_jax.restore import Run, restore
+from rexmoe_jax.restore import Run, inference_mesh, read_config, restore
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -47,7 +48,7 @@ class LoadedModel(Run):
         ids = [self.tokenizer.encode(p) or [self.tokenizer.eod_id] for p in prompts]
         warn_past_training(ids, max_new_tokens, self.config.data.seq_len)
         out = generate(self.config.model, self.params, ids, max_new_tokens, jax.random.key(seed),
-                       sampling=sampling, eod_id=self.tokenizer.eod_id, compute=self.config.compute)
+                       sampling=sampling, eod_id=self.tokenizer.eod_id, compute=self.config.compute, mesh=self.mesh)
         return [cut_at_stop(self.tokenizer.decode(tokens), stop) for tokens in out]
 
     def log_likelihood(self, context: str, continuation: str) -> float:
@@ -58,13 +59,14 @@ class LoadedModel(Run):
         """Summed log-likelihoods, split into tokens as lm-evaluation-harness splits them (an
         empty context conditions on the end-of-text token)."""
         requests = [tasks.encode_pair(self.tokenizer, c, x) for c, x in pairs]
-        return scoring.score(self.config, self.params, requests).logprob.tolist()
+        return scoring.score(self.config, self.params, requests, mesh=self.mesh).logprob.tolist()
 
     def loglikelihood_rolling(self, texts: list[str], stride: int | None = None) -> list[float]:
         """Summed log-likelihood of each whole text after end-of-text, over windows of
         data.seq_len tokens that advance by `stride` (default data.seq_len: lm_eval's windows)."""
         ids = [self.tokenizer.encode(t) for t in texts]
-        scores = scoring.rolling_loglikelihood(self.config, self.params, ids, self.tokenizer.eod_id, stride)
+        scores = scoring.rolling_loglikelihood(self.config, self.params, ids, self.tokenizer.eod_id, stride,
+                                               mesh=self.mesh)
         return scores.tolist()
 
     def perplexity(self, texts: list[str], stride: int | None = None) -> float:
@@ -88,9 +90,15 @@ class LoadedModel(Run):
             batches.append(tail[None])
         if not batches:
             raise ValueError("routing needs at least one token of text")
-        return evaluate.routing_of(self.config, self.params, batches)
+        return evaluate.routing_of(self.config, self.params, batches, self.mesh)
 
 
-def load(workdir: str | pathlib.Path) -> LoadedModel:
-    """The newest readable checkpoint of a training run, on the default device."""
-    return LoadedModel(**vars(restore(workdir)))
+def load(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | Sequence[str] = (),
+         dtype: str | None = None) -> LoadedModel:
+    """The parameters of the newest readable checkpoint of a training run (never its optimizer
+    state), in `dtype` (default: as trained, float32), on `mesh`: a Mesh, or train.py's
+    mesh.*= settings (default: the run's own mesh when it fits the devices here, else every
+    device on the data axis; ["mesh.num_devices=1"] for the first device alone)."""
+    if not isinstance(mesh, jax.sharding.Mesh):
+        mesh = inference_mesh(read_config(pathlib.Path(workdir)), list(mesh))
+    return LoadedModel(**vars(restore(workdir, mesh=mesh, dtype=dtype)))

@@ -143,8 +143,10 @@ class Attention(nn.Module):
         cached_k = self.variable("cache", "key", jnp.zeros, k_BxSxJxZ.shape, k_BxSxJxZ.dtype)
         cached_v = self.variable("cache", "value", jnp.zeros, v_BxSxJxZ.shape, v_BxSxJxZ.dtype)
         rows_Bx1 = jnp.arange(b)[:, None]
-        cached_k.value = cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxJxZ)
-        cached_v.value = cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxJxZ)
+        # Split as the model is: rows over the batch axes, KV heads over "tensor" (under a mesh).
+        names = ("batch", "seq", "kv_heads", "head_dim")
+        cached_k.value = nn.with_logical_constraint(cached_k.value.at[rows_Bx1, positions_BxS].set(k_BxSxJxZ), names)
+        cached_v.value = nn.with_logical_constraint(cached_v.value.at[rows_Bx1, positions_BxS].set(v_BxSxJxZ), names)
         size = cached_k.value.shape[1]
         return cached_k.value, cached_v.value, jnp.broadcast_to(jnp.arange(size)[None, :], (b, size))
 

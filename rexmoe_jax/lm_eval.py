@@ -40,9 +40,12 @@ class RexMoeLM(TemplateLM):
     """The newest checkpoint of a training run's --workdir, as an lm_eval model."""
 
     def __init__(self, workdir: str, stride: int | str | None = None, max_gen_toks: int | str = 256,
-                 batch_size=None, max_batch_size=None, device=None, **unused):
+                 batch_size=None, max_batch_size=None, device=None, dtype: str | None = None, **others):
+        """`dtype` as inference.load takes it; the mesh as mesh_AXIS=SIZE model_args
+        (mesh_fsdp=4,mesh_expert=2 for train.py's mesh.fsdp=4 mesh.expert=2)."""
         super().__init__()
-        self.run = load(workdir)
+        mesh = [f"mesh.{key[len('mesh_'):]}={value}" for key, value in others.items() if key.startswith("mesh_")]
+        self.run = load(workdir, mesh, dtype)
         self.stride = int(stride) if stride else None
         self.max_gen_toks = int(max_gen_toks)
 
@@ -62,7 +65,8 @@ class RexMoeLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
-        scores = scoring.score(self.run.config, self.run.params, [(c, x) for _, c, x in requests])
+        scores = scoring.score(self.run.config, self.run.params, [(c, x) for _, c, x in requests],
+                               mesh=self.run.mesh)
         results = [(float(lp), bool(g)) for lp, g in zip(scores.logprob, scores.greedy)]
         for (key, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", key, result)
@@ -101,7 +105,7 @@ class RexMoeLM(TemplateLM):
                             int(kwargs.get("top_k", 0) or 0), float(kwargs.get("top_p", 1.0) or 1.0))
         out = generate(self.run.config.model, self.run.params, prompts, new_tokens,
                        jax.random.key(int(kwargs.get("seed", 0) or 0)), sampling=sampling,
-                       eod_id=self.eot_token_id, compute=self.run.config.compute)
+                       eod_id=self.eot_token_id, compute=self.run.config.compute, mesh=self.run.mesh)
         return [cut_at_stop(self.tok_decode(tokens), until) for tokens in out]
 
 

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rexmoe_jax import sharding
 from rexmoe_jax.config import Config
 from rexmoe_jax.layers import Segments
 from rexmoe_jax.model import Decoder
@@ -161,8 +162,12 @@ def _dropless(compute):
     return dataclasses.replace(compute, dispatch="sort") if compute.dispatch == "capacity" else compute
 
 
-def score(config: Config, params, requests: Sequence[Request], implementation: str = "packed") -> Scores:
-    """Summed log p(continuation | context) and is_greedy for each request (module docstring)."""
+def score(config: Config, params, requests: Sequence[Request], implementation: str = "packed",
+          mesh: jax.sharding.Mesh | None = None) -> Scores:
+    """Summed log p(continuation | context) and is_greedy for each request (module docstring),
+    on the `mesh` where `params` live (rows split over its batch axes; by default the one they
+    are placed on, if any) or the default device."""
+    mesh = mesh if mesh is not None else sharding.mesh_of(params)
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
     width = config.data.seq_len
@@ -171,10 +176,12 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
     logprob, wrong = np.zeros(len(requests)), np.zeros(len(requests))
     computed = 0
     for rows in build(cut_requests, width):
-        arrays = {f.name: jnp.asarray(getattr(rows, f.name))
+        arrays = {f.name: sharding.put_rows(sharding.tile_rows(getattr(rows, f.name), mesh), mesh)
                   for f in dataclasses.fields(rows) if f.name != "owner"}
-        logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
-                                   implementation == "packed")
+        with sharding.using(mesh):
+            logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
+                                       implementation == "packed")
+        logp, greedy = np.asarray(logp)[:len(rows.owner)], np.asarray(greedy)[:len(rows.owner)]
         owned = rows.owner >= 0
         logprob += np.bincount(rows.owner[owned], np.asarray(logp, np.float64)[owned], len(requests))
         wrong += np.bincount(rows.owner[owned], ~np.asarray(greedy)[owned], len(requests))
@@ -204,7 +211,8 @@ def rolling_windows(tokens: Sequence[int], prefix_id: int, seq_len: int,
 
 
 def rolling_loglikelihood(config: Config, params, texts: Sequence[Sequence[int]], prefix_id: int,
-                          stride: int | None = None, implementation: str = "packed") -> np.ndarray:
+                          stride: int | None = None, implementation: str = "packed",
+                          mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
     """Summed log-probability of each token list, over rolling windows (see rolling_windows)."""
     windows, owner = [], []
     for index, tokens in enumerate(texts):
@@ -213,5 +221,5 @@ def rolling_loglikelihood(config: Config, params, texts: Sequence[Sequence[int]]
         owner += [index] * len(pieces)
     if not windows:
         return np.zeros(len(texts))
-    scores = score(config, params, windows, implementation)
+    scores = score(config, params, windows, implementation, mesh)
     return np.bincount(np.asarray(owner), scores.logprob, len(texts))

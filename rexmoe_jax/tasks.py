@@ -93,9 +93,10 @@ def task_requests(tokenizer: Tokenizer, questions: list[dict]) -> list[tuple[lis
 
 
 def choice_loglikelihoods(config: Config, params, tokenizer: Tokenizer, questions: list[dict],
-                          implementation: str = "packed") -> tuple[list[np.ndarray], scoring.Scores]:
-    """Per question, the summed log-likelihood of each choice; and the scorer's cost."""
-    scores = scoring.score(config, params, task_requests(tokenizer, questions), implementation)
+                          implementation: str = "packed", mesh=None) -> tuple[list[np.ndarray], scoring.Scores]:
+    """Per question, the summed log-likelihood of each choice; and the scorer's cost (on the
+    `mesh` where `params` live, see scoring.score)."""
+    scores = scoring.score(config, params, task_requests(tokenizer, questions), implementation, mesh)
     ends = np.cumsum([len(q["choices"]) for q in questions])
     return np.split(scores.logprob, ends[:-1]), scores
 
@@ -112,8 +113,8 @@ def accuracy(questions: list[dict], loglikelihoods: list[np.ndarray]) -> dict:
 
 
 def score_task(config: Config, params, tokenizer: Tokenizer, questions: list[dict],
-               implementation: str = "packed") -> dict:
+               implementation: str = "packed", mesh=None) -> dict:
     """acc, acc_norm and acc_bytes of a task, and the token positions computed and scored."""
-    loglikelihoods, scores = choice_loglikelihoods(config, params, tokenizer, questions, implementation)
+    loglikelihoods, scores = choice_loglikelihoods(config, params, tokenizer, questions, implementation, mesh)
     return {**accuracy(questions, loglikelihoods), "tokens_computed": scores.computed,
             "tokens_scored": scores.scored}

@@ -62,6 +62,22 @@ def state_shardings(config: Config, model: Decoder, tx: optax.GradientTransforma
     return sharding.logical_shardings(jax.eval_shape(lambda: _boxed_state(config, model, tx)), mesh)
 
 
+def abstract_params(config: Config, mesh: jax.sharding.Mesh | None = None, dtype=None):
+    """The parameters' shapes, in `dtype` (default float32, as trained), placed on `mesh` by the
+    logical rules (default: the default device): what an inference restore reads into."""
+    model = build_model(config)
+    if mesh is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    else:
+        from rexmoe_jax import sharding
+
+        shardings = sharding.logical_shardings(jax.eval_shape(lambda: _boxed_params(config, model)), mesh)
+    shapes = jax.eval_shape(lambda: init_params(config, model))
+    if not isinstance(shardings, dict):
+        shardings = jax.tree.map(lambda _: shardings, shapes)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, dtype or a.dtype, sharding=s), shapes, shardings)
+
+
 def abstract_state(config: Config, model: Decoder, tx: optax.GradientTransformation, shardings) -> TrainState:
     """The train state's shapes and dtypes with `shardings` (a tree, or one sharding for every
     leaf): what a restore reads a checkpoint into, and what compiling from shapes needs."""

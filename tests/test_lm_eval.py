@@ -105,7 +105,10 @@ def test_scorer_matches_lm_evals_requests_scored_one_by_one(workdir, task_files)
 
 @pytest.mark.e2e
 def test_documented_command_runs_the_registered_model(workdir, task_files, tmp_path):
-    rexmoe_lm_eval.main(["--model", "rexmoe", "--model_args", f"workdir={workdir}", "--tasks",
+    """On a mesh of 8 devices given as model_args (2 on data x 4 on experts): every
+    log-likelihood is lm_eval's own request scored by hand on one device (check_against)."""
+    rexmoe_lm_eval.main(["--model", "rexmoe", "--model_args",
+                         f"workdir={workdir},mesh_data=2,mesh_expert=4", "--tasks",
                          f"{task_files / 'edge.jsonl'},{task_files / 'spaced.jsonl'}",
                          "--output_path", str(tmp_path), "--log_samples"])
     [results] = glob.glob(str(tmp_path / "**" / "results_*.json"), recursive=True)

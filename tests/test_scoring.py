@@ -40,6 +40,7 @@ def by_hand(config, params, requests):
     cut = [(list(c) + list(x))[-(seq + 1):] for c, x in requests]
     for row, ids in enumerate(cut):
         rows[row, :len(ids) - 1] = ids[:-1]
+    params = jax.device_put(params, jax.devices()[0])  # the oracle runs on one device
     logits, _ = jax.jit(Decoder(config.model).apply)({"params": params}, jnp.asarray(rows))
     logp_all = np.asarray(jax.nn.log_softmax(logits, axis=-1))
     logprob, greedy = [], []
