@@ -34,6 +34,7 @@ def one_and_eight(workdir):
     return load(workdir, ["mesh.num_devices=1"]), load(workdir, MESH)
 
 
+@pytest.mark.e2e
 def test_parameters_are_sharded_by_the_training_rules(one_and_eight):
     one, eight = one_and_eight
     assert dict(eight.mesh.shape) == {"data": 2, "fsdp": 1, "expert": 2, "tensor": 2}
@@ -44,6 +45,7 @@ def test_parameters_are_sharded_by_the_training_rules(one_and_eight):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.e2e
 def test_greedy_generation_scores_and_routing_equal_one_device(one_and_eight):
     one, eight = one_and_eight
     prompts = ["And God said", "In the", "Let there be light"]  # 3 prompts: repeated to divide over 2 x 2
@@ -56,6 +58,7 @@ def test_greedy_generation_scores_and_routing_equal_one_device(one_and_eight):
                                atol=1e-6)
 
 
+@pytest.mark.e2e
 def test_evaluation_on_the_mesh_equals_one_device(workdir, tmp_path):
     one = evaluate.evaluate_run(workdir, [], [], mesh=["mesh.num_devices=1"])
     eight = evaluate.evaluate_run(workdir, [], [], mesh=MESH)
@@ -73,6 +76,7 @@ def _live_bytes() -> int:
     return sum(a.nbytes for a in jax.live_arrays())
 
 
+@pytest.mark.e2e
 def test_a_restore_for_inference_reads_the_parameters_only(workdir):
     """The arrays a restore creates add up to the parameters alone: no optimizer moment (each
     the parameters' size) is ever made."""
