@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax import cli, outputs, sharding
+from rexmoe_jax import distributed as distributed_lib
 from rexmoe_jax import metrics as metrics_lib
 from rexmoe_jax import restore as restore_lib
 from rexmoe_jax.config import Config, ConfigError, ModelConfig
@@ -149,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / EVAL_FILE)
     report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output,
-                          mesh=args.mesh, dtype=args.dtype)
-    outputs.write_text(output, json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
-    print_report(report)
-    print(f"wrote {output}")
+                          mesh=args.mesh, dtype=args.dtype, distributed=args.distributed)
+    if jax.process_index() == 0:
+        outputs.write_text(output, json.dumps(json_safe(report), indent=1, allow_nan=False) + "\n")
+        print_report(report)
+        print(f"wrote {output}")
+    distributed_lib.finish()
     return 0
 
 
@@ -179,7 +182,7 @@ def _check_output(path: pathlib.Path) -> None:
 
 def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int | None = None,
                  output: pathlib.Path | None = None, mesh: list[str] | tuple[str, ...] = (),
-                 dtype: str | None = None) -> dict:
+                 dtype: str | None = None, distributed: bool = False) -> dict:
     """Every input (task files, input sets, `output`, the mesh.*= settings `mesh`) is checked
     before the evaluation starts; the model runs on restore.inference_mesh."""
     from rexmoe_jax import data as data_lib
@@ -191,6 +194,7 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     set_files = [_input_set_files(spec) for spec in input_sets]
     if output is not None:
         _check_output(output)
+    restore_lib.join_if_asked(distributed)
     devices = restore_lib.inference_mesh(restore_lib.read_config(pathlib.Path(workdir)), mesh)
     run = restore_lib.restore(workdir, mesh=devices, dtype=dtype)
     config = run.config

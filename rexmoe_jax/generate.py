@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax import cli, sharding
+from rexmoe_jax import cli, distributed, sharding
 from rexmoe_jax.config import ComputeConfig, ConfigError, ModelConfig
 from rexmoe_jax.model import Decoder
 
@@ -177,7 +177,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
         out = _decode(config, compute, params, sharding.put_rows(sharding.tile_rows(buffer, mesh), mesh),
                       sharding.put_rows(sharding.tile_rows(lengths, mesh), mesh), key,
                       new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
-    return _finish(np.asarray(out)[:len(prompts)], eod_id)
+    return _finish(sharding.host_rows(out)[:len(prompts)], eod_id)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
@@ -213,7 +213,7 @@ def generate_uncached(config: ModelConfig, params, prompts: list[list[int]], new
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     from rexmoe_jax.data import resolve_tokenizer
-    from rexmoe_jax.restore import add_placement_arguments, read_config, restore_placed
+    from rexmoe_jax.restore import add_placement_arguments, join_if_asked, read_config, restore_placed
 
     parser = cli.ArgumentParser(prog="python -m rexmoe_jax.generate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True)
@@ -235,13 +235,16 @@ def main(argv: list[str] | None = None) -> int:
     config = read_config(pathlib.Path(args.workdir))
     tokenizer = resolve_tokenizer(config.data)
     prompts = [tokenizer.encode(p) for p in args.prompt]
+    join_if_asked(args.distributed)
     check_request(config.model, config.compute, prompts, args.max_new_tokens, sampling)
     run = restore_placed(args.workdir, args)
     warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
     out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
                    sampling=sampling, eod_id=run.tokenizer.eod_id, compute=run.config.compute, mesh=run.mesh)
-    for prompt, tokens in zip(args.prompt, out):
-        print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
+    if jax.process_index() == 0:
+        for prompt, tokens in zip(args.prompt, out):
+            print(f"{prompt}{run.tokenizer.decode(tokens)}\n")
+    distributed.finish()
     return 0
 
 

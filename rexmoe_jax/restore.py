@@ -22,7 +22,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax import sharding, trainer
+from rexmoe_jax import distributed, sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides, from_dict
 from rexmoe_jax.data import resolve_tokenizer
@@ -113,12 +113,24 @@ def restore(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
 
 
 def add_placement_arguments(parser) -> None:
-    """--dtype and the mesh.*= settings of the inference commands (evaluate, generate)."""
+    """--dtype, --distributed and the mesh.*= settings of the inference commands (evaluate,
+    generate)."""
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run first, as train.py --distributed (JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or what JAX detects): the mesh spans the devices of "
+                             "every process; process 0 prints and writes")
     parser.add_argument("--dtype", choices=DTYPES, help="the parameters' dtype on the devices (default: as trained, "
                         "float32); computation runs in the run's compute.dtype either way")
     parser.add_argument("mesh", nargs="*", metavar="mesh.AXIS=SIZE",
                         help="the device mesh, as train.py's mesh.*= settings (default: the run's own when it fits "
                              "the devices here, else every device on the data axis)")
+
+
+def join_if_asked(distributed_run: bool) -> None:
+    """With --distributed, joins the other processes; before anything asks JAX for its devices
+    (the caller ends with distributed.finish)."""
+    if distributed_run:
+        distributed.initialize(init_timeout=300, heartbeat_timeout=100)
 
 
 def restore_placed(workdir: str | pathlib.Path, args) -> Run:

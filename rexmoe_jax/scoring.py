@@ -181,7 +181,7 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
         with sharding.using(mesh):
             logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
                                        implementation == "packed")
-        logp, greedy = np.asarray(logp)[:len(rows.owner)], np.asarray(greedy)[:len(rows.owner)]
+        logp, greedy = sharding.host_rows(logp)[:len(rows.owner)], sharding.host_rows(greedy)[:len(rows.owner)]
         owned = rows.owner >= 0
         logprob += np.bincount(rows.owner[owned], np.asarray(logp, np.float64)[owned], len(requests))
         wrong += np.bincount(rows.owner[owned], ~np.asarray(greedy)[owned], len(requests))

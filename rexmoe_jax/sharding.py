@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import mesh_utils, topologies
+from jax.experimental import mesh_utils, multihost_utils, topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, ModelConfig
@@ -174,7 +174,15 @@ def put_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
     device without a mesh): how inference places its inputs."""
     if mesh is None:
         return jnp.asarray(rows)
-    return jax.device_put(rows, NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (rows.ndim - 1))))
+    placed = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (rows.ndim - 1)))
+    return jax.make_array_from_callback(rows.shape, placed, lambda index: rows[index])
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+    """A batch-split result whole on every process's host (the other processes' rows gathered)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def mesh_of(tree) -> jax.sharding.Mesh | None:
@@ -208,8 +216,6 @@ def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
 def sync_hosts(name: str) -> None:
     """Waits until every process reaches this point (nothing to do with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices(name)
 
 

@@ -4,13 +4,18 @@ equal one device's."""
 
 import gc
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TEST_XLA_FLAGS
 
-from rexmoe_jax import evaluate, loop, restore
+from rexmoe_jax import distributed, evaluate, loop, restore
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
 from rexmoe_jax.inference import load
 
@@ -20,6 +25,8 @@ CFG = apply_overrides(Config(), ["model.vocab_size=4096", "model.d_model=32", "m
                                  "data.batch_size=8", "train.steps=4", "train.eval_every=4", "train.eval_batches=2",
                                  "train.sample_tokens=0", "mesh.num_devices=1", "train.checkpoint_every=4"])
 MESH = ["mesh.data=2", "mesh.expert=2", "mesh.tensor=2"]  # 8 devices; experts and widths split
+PROMPTS = ["And God said", "In the", "Let there be light"]  # 3 prompts: repeated to divide over 2 x 2
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,7 @@ def test_parameters_are_sharded_by_the_training_rules(one_and_eight):
 @pytest.mark.e2e
 def test_greedy_generation_scores_and_routing_equal_one_device(one_and_eight):
     one, eight = one_and_eight
-    prompts = ["And God said", "In the", "Let there be light"]  # 3 prompts: repeated to divide over 2 x 2
-    assert eight.generate(prompts, 6) == one.generate(prompts, 6)
+    assert eight.generate(PROMPTS, 6) == one.generate(PROMPTS, 6)
     pairs = [("In the beginning", " God created"), ("", "And the earth"), ("He said", " unto them")]
     np.testing.assert_allclose(eight.log_likelihoods(pairs), one.log_likelihoods(pairs), rtol=1e-5)
     text = ["And the evening and the morning were the first day. " * 3]
@@ -109,3 +115,29 @@ def test_a_mesh_that_cannot_hold_the_model_is_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
         restore.inference_mesh(CFG, overrides)
     assert str(err.value) == message
+
+
+@pytest.mark.e2e
+def test_two_processes_generate_and_evaluate_as_one_device(workdir, one_and_eight, tmp_path):
+    """python -m rexmoe_jax.launch -n 2 -- generate / evaluate --distributed, 4 devices per
+    process, the mesh over both: process 0 prints one device's greedy text and writes its loss."""
+    env = {k: v for k, v in os.environ.items() if k not in distributed.ENV_VARS}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4")
+    launch = [sys.executable, "-m", "rexmoe_jax.launch", "-n", "2", "--", sys.executable, "-m"]
+    prompts = [arg for prompt in PROMPTS for arg in ("--prompt", prompt)]
+    generated = subprocess.run([*launch, "rexmoe_jax.generate", "--workdir", str(workdir), *prompts,
+                                "--temperature", "0", "--max-new-tokens", "6", "--distributed", *MESH],
+                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert generated.returncode == 0, generated.stdout[-2000:] + generated.stderr[-2000:]
+    printed = "\n".join(line[len("[0] "):] for line in generated.stdout.splitlines() if line.startswith("[0] "))
+    others = [line for line in generated.stdout.splitlines() if line.startswith("[1] ")]
+    assert not any(prompt in line for line in others for prompt in PROMPTS)  # process 0 prints
+    for prompt, text in zip(PROMPTS, one_and_eight[0].generate(PROMPTS, 6)):
+        assert f"{prompt}{text}" in printed
+    output = tmp_path / "eval.json"
+    evaluated = subprocess.run([*launch, "rexmoe_jax.evaluate", "--workdir", str(workdir), "--output", str(output),
+                                "--distributed", *MESH], cwd=ROOT, env=env, capture_output=True, text=True,
+                               timeout=600)
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr[-2000:]
+    alone = evaluate.evaluate_run(workdir, [], [], mesh=["mesh.num_devices=1"])
+    assert json.loads(output.read_text())["eval_loss"] == pytest.approx(alone["eval_loss"], rel=1e-5)
