@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -52,8 +51,11 @@ def _child(workdir: str, mode: str, dtype: str, mesh: list[str]) -> None:
     for leaf in jax.tree.leaves(tree):
         for shard in leaf.addressable_shards:
             per_device[shard.device.id] = per_device.get(shard.device.id, 0) + shard.data.nbytes
+    # VmHWM, the peak of this process image: ru_maxrss would also count the parent's pages at fork.
+    status = pathlib.Path("/proc/self/status").read_text().splitlines()
+    peak_kib = int(next(line for line in status if line.startswith("VmHWM:")).split()[1])
     print(json.dumps({"seconds": time.perf_counter() - start, "device_gb": max(per_device.values()) / GB,
-                      "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}))
+                      "peak_gb": peak_kib * 1024 / GB}))
 
 
 def _measure(workdir: pathlib.Path, mode: str, dtype: str, mesh: list[str]) -> dict:
