@@ -422,9 +422,10 @@ def test_train_tokenizer_overwrites_nothing_unasked(corpus_folder, capsys):
 
 
 def test_prepare_stopped_by_ctrl_c_exits_130_quietly(tmp_path, tokenizer_file):
-    """A real SIGINT while tokens are being written (the whole KJV, some seconds of work)."""
+    """A real SIGINT while tokens are being written (the whole KJV four times over, seconds of
+    work even on a fast machine: once, a busy CI machine finished it before the signal came)."""
     source = tmp_path / "kjv.txt"
-    source.write_text("\n\n".join(data.read_embedded_documents()))
+    source.write_text("\n\n".join(data.read_embedded_documents() * 4))
     output = tmp_path / "prepared"
     proc = subprocess.Popen([sys.executable, "-m", "rexmoe_jax.data", "prepare", "--source", str(source),
                              "--tokenizer", str(tokenizer_file), "--output", str(output), "--txt-documents",
