@@ -51,7 +51,7 @@ class MoEFFN(nn.Module):
         bias_P = None
         if cfg.router_bias:
             # Auxiliary-loss-free balancing: the trainer moves this after each step
-            # (balancing.update_router_bias); it gets no gradient and the optimizer skips it.
+            # (balancing.bias_step); it gets no gradient and the optimizer skips it.
             bias_P = self.param("router_bias", nn.with_logical_partitioning(nn.initializers.zeros, ("pool",)),
                                 (self.pool_size,), jnp.float32)
         routing = route(logits_TxP, available_TxP, cfg.top_k, cfg.renormalize_gates, bias_P)
