@@ -30,7 +30,7 @@ DEVICES = 8
 def _child(workdir: str, mode: str, dtype: str, mesh: list[str]) -> None:
     """Restores in this process and prints a JSON line: seconds, peak resident GB, and the
     largest bytes any one device holds."""
-    import jax
+    import jax  # here and in main: after XLA_FLAGS is set (the device count), which jax reads once
 
     from rexmoe_jax import restore, trainer
     from rexmoe_jax.checkpoint import Checkpointer
