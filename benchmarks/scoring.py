@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from benchmarks.benchmarking import environment, print_table
-from rexmoe_jax import scoring, tasks
+from rexmoe_jax.inference import scoring, tasks
 
 SHIPPED = pathlib.Path(__file__).parent.parent / "examples" / "tasks" / "kjv_cloze.jsonl"
 
@@ -44,7 +44,7 @@ def synthetic_task(count: int, seed: int = 0) -> list[dict]:
 
 def _model(workdir: str | None, small: bool):
     if workdir:
-        from rexmoe_jax.restore import restore
+        from rexmoe_jax.inference.restore import restore
 
         run = restore(workdir)
         return run.config, run.params, run.tokenizer

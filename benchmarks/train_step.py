@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.benchmarking import ceilings, environment, print_table
-from rexmoe_jax import metrics, trainer
+from rexmoe_jax import trainer
 from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax.model import metrics
 from rexmoe_jax.optimizer import make_optimizer
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

@@ -8,7 +8,8 @@ import re
 import jax
 
 import train
-from rexmoe_jax import compile_report, sharding, targets, trainer
+from rexmoe_jax import sharding, targets, trainer
+from rexmoe_jax.compile import report as compile_report
 from rexmoe_jax.config import Config, apply_overrides
 from rexmoe_jax.optimizer import make_optimizer
 

@@ -9,8 +9,8 @@
     model.loglikelihood_rolling(["..."], stride=64) # each token sees >= 64 tokens of context
     model.routing(["Some text to route."])          # per-layer expert activation over the pool
 
-Scores are lm-evaluation-harness's (rexmoe_jax/tasks.py for how text becomes tokens,
-rexmoe_jax/scoring.py for the windows).
+Scores are lm-evaluation-harness's (inference/tasks.py for how text becomes tokens,
+inference/scoring.py for the windows).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import jax
 import numpy as np
 
 from rexmoe_jax import data as data_lib
-from rexmoe_jax import evaluate, scoring, tasks
-from rexmoe_jax.generate import GREEDY, Sampling, generate, warn_past_training
-from rexmoe_jax.restore import Run, restore
+from rexmoe_jax.inference import evaluate, scoring, tasks
+from rexmoe_jax.inference.generate import GREEDY, Sampling, generate, warn_past_training
+from rexmoe_jax.inference.restore import Run, restore
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:

@@ -16,9 +16,10 @@ import jax
 from rexmoe_jax import trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, from_dict
+from rexmoe_jax.data import resolve_tokenizer
 from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE
 from rexmoe_jax.tokenizer import Tokenizer
-from rexmoe_jax.workdir import CHECKPOINTS, CONFIG_FILE
 
 
 @dataclasses.dataclass
@@ -54,8 +55,6 @@ def check_run(workdir: pathlib.Path) -> Config:
 
 def restore(workdir: str | pathlib.Path) -> Run:
     """The newest readable checkpoint of a --workdir, on the default device."""
-    from rexmoe_jax.data import resolve_tokenizer
-
     workdir = pathlib.Path(workdir)
     config = read_config(workdir)
     tokenizer = resolve_tokenizer(config.data)
