@@ -3,7 +3,7 @@ scored once, rows packed), on the shipped task and on a synthetic one.
 
     python -m benchmarks.scoring [--workdir DIR] [--questions 1000] [--small]
 
-For each task and implementation of rexmoe_jax.scoring it prints the token positions computed,
+For each task and implementation of rexmoe_jax.inference.scoring it prints the token positions computed,
 the positions scored (the choices' tokens), their ratio, and the wall-clock of a warm run (the
 first run, which compiles, is not timed). Both implementations give the same log-likelihoods
 (tests/test_scoring.py). Without --workdir the weights are the tiny preset's random

@@ -19,7 +19,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.config import Config, ConfigError, MeshConfig
 from rexmoe_jax.inference import generate as generate_lib
-from rexmoe_jax.inference.evaluate import held_out
+from rexmoe_jax.inference.evaluation import held_out
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.reuse import layer_pool_sizes
@@ -225,7 +225,7 @@ def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):
 
 def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads:
-    evaluate.held_out, the function the evaluate command uses too."""
+    evaluation.held_out, the function the evaluate command uses too."""
     with sharding.activate(session.mesh):
         return held_out(session.eval_step, params, session.eval_batches, session.config.model,
                         session.put_global)

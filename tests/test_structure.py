@@ -26,6 +26,10 @@ LAYERS = [
     ["evaluate", "generate", "lm_eval", "launch"],  # the command modules (rexmoe_jax/__init__.py)
 ]
 COMMANDS = ["data", "evaluate", "generate", "hf", "launch", "lm_eval", "plot", "study"]
+# Modules that are a command's code and nothing else: only their command module imports them.
+COMMAND_CODE = {"rexmoe_jax.inference.evaluate": "rexmoe_jax.evaluate",
+                "rexmoe_jax.inference.lm_eval": "rexmoe_jax.lm_eval",
+                "rexmoe_jax.runtime.launch": "rexmoe_jax.launch"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -69,6 +73,12 @@ def test_every_module_has_a_layer_and_imports_none_above_it():
     upward = [f"{name} -> {target}" for name in MODULES if name != "rexmoe_jax"
               for target, _ in _imports(name) if target != "rexmoe_jax" and _layer(target) > _layer(name)]
     assert upward == []
+
+
+def test_command_code_is_imported_by_its_command_only():
+    found = [f"{name} -> {target}" for name in MODULES for target, _ in _imports(name)
+             if target in COMMAND_CODE and COMMAND_CODE[target] != name]
+    assert found == []
 
 
 def test_no_import_circles():

@@ -16,7 +16,7 @@ import re
 import typing
 from typing import ClassVar, Literal
 
-from rexmoe_jax import reuse
+from rexmoe_jax import reuse as reuse_lib
 from rexmoe_jax.cli import BadInput
 
 
@@ -153,7 +153,7 @@ class ModelConfig(_Section):
     @property
     def group_sizes(self) -> tuple[int, ...]:
         """Layers per group; the last group is smaller when r does not divide L."""
-        return reuse.group_sizes(self.num_layers, self.reuse)
+        return reuse_lib.group_sizes(self.num_layers, self.reuse)
 
     @property
     def num_groups(self) -> int:
@@ -407,7 +407,7 @@ class Config:
         require(m.ffn == "moe" or p.schedule == "none",
                  "model.ffn=dense has no pool for PSR to grow; set psr.schedule=none")
         if p.schedule != "none":
-            initial = reuse.initial_pool(p.initial_experts, m.num_experts, m.pool_size)
+            initial = reuse_lib.initial_pool(p.initial_experts, m.num_experts, m.pool_size)
             require(p.initial_experts <= m.pool_size,
                      f"psr.initial_experts={p.initial_experts} exceeds the pool size r*N={m.pool_size}")
             require(m.top_k <= initial,
