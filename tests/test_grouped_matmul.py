@@ -173,7 +173,8 @@ def test_tpu_weight_gradient_flops(tpu_devices, implementation):
     report's FLOPs showed at the 2.3B preset); tokamax's Mosaic TPU kernels (gmm, tgmm) do only
     each group's rows, with no XLA matmul at all, but not inside a checking shard_map, which is
     why "auto" is "blocked" on TPU."""
-    from rexmoe_jax import hlo_analysis, sharding
+    from rexmoe_jax import sharding
+    from rexmoe_jax.compile import hlo as hlo_analysis
 
     m, k, n, g = 1024, 256, 384, 8
     mesh = jax.sharding.Mesh(np.array(tpu_devices("v5e-1")), ("x",))
