@@ -86,15 +86,22 @@ def _measure(args) -> None:
     shape = (config.data.batch_size // blocks, config.data.seq_len + 1)
     rows = np.random.default_rng(block).integers(0, config.model.vocab_size, shape, dtype=np.int32)
     batch = sharding.put_batch(rows, mesh)
-    _, state = _per_step(train_step, state, batch, distributed.StopVote(mesh), 3)  # compile, warm up
+    # Everything compiled before the first collective, then a barrier, as the loop does: a
+    # process that compiles (or reads the compilation cache) 30 s later than another would
+    # fail the first collective (distributed.barrier).
+    with sharding.activate(mesh):
+        train_step = train_step.lower(state, batch).compile()
+    votes = iter([distributed.StopVote(mesh) for _ in range(1 + 2 * args.rounds)])  # each compiles its gather
+    distributed.barrier("compiled")
+    _, state = _per_step(train_step, state, batch, next(votes), 3)  # warm up
     distributed.barrier("benchmark")
     timings = {"without": [], "with": [], "alone": []}
     for _ in range(args.rounds):
         seconds, state = _per_step(train_step, state, batch, None, args.steps)
         timings["without"].append(seconds)
-        seconds, state = _per_step(train_step, state, batch, distributed.StopVote(mesh), args.steps)
+        seconds, state = _per_step(train_step, state, batch, next(votes), args.steps)
         timings["with"].append(seconds)
-        vote = distributed.StopVote(mesh)
+        vote = next(votes)
         vote(False)
         start = time.perf_counter()
         for _ in range(args.steps):
