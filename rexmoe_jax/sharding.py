@@ -21,11 +21,12 @@ import os
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.experimental import mesh_utils, topologies
+from jax.experimental import mesh_utils, multihost_utils, topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rexmoe_jax.config import Config, ConfigError, MeshConfig
+from rexmoe_jax.config import Config, ConfigError, MeshConfig, ModelConfig
 from rexmoe_jax.targets import Target
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -114,15 +115,31 @@ def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
 
 
+def batch_devices(mesh: jax.sharding.Mesh) -> int:
+    """How many devices see their own rows of a batch: the product of the batch axes."""
+    return math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
+
+
+def tile_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> np.ndarray:
+    """`rows` repeated whole as often as it takes for their number to divide over the mesh's
+    batch axes: a mean over the rows stays the same, and the first len(rows) are the originals."""
+    devices = 1 if mesh is None else batch_devices(mesh)
+    copies = devices // math.gcd(len(rows), devices)
+    return np.concatenate([rows] * copies) if copies > 1 else rows
+
+
 def validate(config: Config, mesh: jax.sharding.Mesh) -> None:
     """Divisibility the mesh needs from the model and the batch, with the field to change."""
-    shape = dict(mesh.shape)
-    batch_devices = math.prod(shape[a] for a in BATCH_AXES)
-    m = config.model
     micro_batch = config.data.batch_size // config.optim.grad_accum
-    if micro_batch % batch_devices:
+    if micro_batch % batch_devices(mesh):
         raise ConfigError(f"data.batch_size / optim.grad_accum = {micro_batch} is not divisible by the "
-                          f"{batch_devices} devices of mesh.data x mesh.fsdp x mesh.expert")
+                          f"{batch_devices(mesh)} devices of mesh.data x mesh.fsdp x mesh.expert")
+    validate_model(config.model, mesh)
+
+
+def validate_model(m: ModelConfig, mesh: jax.sharding.Mesh) -> None:
+    """Divisibility the mesh needs from the model's shapes, with the field to change."""
+    shape = dict(mesh.shape)
     pools = sorted({size * m.num_experts for size in m.group_sizes})
     if any(pool % shape["expert"] for pool in pools):
         raise ConfigError(f"every group's pool ({pools} experts) must divide over mesh.expert={shape['expert']}")
@@ -150,6 +167,35 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 def put_batch(host_rows: np.ndarray, mesh: jax.sharding.Mesh) -> jax.Array:
     """A global batch from this process's rows (each host holds only its own shard)."""
     return jax.make_array_from_process_local_data(batch_sharding(mesh), host_rows)
+
+
+def put_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Rows that every process holds whole, split over the mesh's batch axes (on the default
+    device without a mesh): how inference places its inputs."""
+    if mesh is None:
+        return jnp.asarray(rows)
+    placed = NamedSharding(mesh, PartitionSpec(BATCH_AXES, *(None,) * (rows.ndim - 1)))
+    return jax.make_array_from_callback(rows.shape, placed, lambda index: rows[index])
+
+
+def host_rows(array: jax.Array) -> np.ndarray:
+    """A batch-split result whole on every process's host (the other processes' rows gathered)."""
+    if jax.process_count() == 1:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def mesh_of(tree) -> jax.sharding.Mesh | None:
+    """The mesh of more than one device that a tree's arrays are placed on, or None (one
+    device, host arrays): where inference on restored parameters runs when not told."""
+    leaves = jax.tree.leaves(tree)
+    placed = getattr(leaves[0], "sharding", None) if leaves else None
+    return placed.mesh if isinstance(placed, NamedSharding) and placed.mesh.size > 1 else None
+
+
+def using(mesh: jax.sharding.Mesh | None):
+    """`activate(mesh)`, or nothing without a mesh."""
+    return contextlib.nullcontext() if mesh is None else activate(mesh)
 
 
 def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:

@@ -116,7 +116,7 @@ def test_generate_limits_are_one_line_before_the_checkpoint_is_read(tmp_path, ca
     def restored(*_):
         raise AssertionError("the checkpoint was read before the arguments were checked")
 
-    monkeypatch.setattr(generate, "restore", restored)
+    monkeypatch.setattr(generate, "restore_placed", restored)
     folder = _run_folder(tmp_path)
     before = hashes(tmp_path)
     assert generate.main(["--workdir", str(folder), "--prompt", "And God said", *args]) == 2
