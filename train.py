@@ -21,9 +21,10 @@ import pathlib
 import sys
 import time
 
-from rexmoe_jax import cli, distributed
+from rexmoe_jax import cli
 from rexmoe_jax.config import apply_overrides, load_preset
-from rexmoe_jax.preemption import StopRequest
+from rexmoe_jax.runtime import distributed
+from rexmoe_jax.runtime.preemption import StopRequest
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
@@ -115,7 +116,8 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         print(json.dumps(sizes))
         return 0
     if args.compile_only:
-        from rexmoe_jax import compile_report, targets
+        from rexmoe_jax import targets
+        from rexmoe_jax.compile import report as compile_report
 
         # A bad mesh, an unknown target or a step too big for the chip is a ConfigError: one line.
         report = compile_report.compile_report(config, targets.parse(args.target) if args.target else None,

@@ -36,7 +36,7 @@ def _parse(argv):
 
 def _launch(args, argv) -> int:
     """This script again as --processes processes of one JAX run."""
-    from rexmoe_jax import launch
+    from rexmoe_jax.runtime import launch
 
     os.environ.update(JAX_PLATFORMS="cpu",
                       XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
@@ -69,9 +69,10 @@ def _measure(args) -> None:
     import numpy as np
 
     from benchmarks.benchmarking import environment, print_table
-    from rexmoe_jax import distributed, loop, sharding, trainer
+    from rexmoe_jax import loop, sharding, trainer
     from rexmoe_jax.config import apply_overrides, load_preset
     from rexmoe_jax.optimizer import make_optimizer
+    from rexmoe_jax.runtime import distributed
 
     distributed.initialize(init_timeout=120, heartbeat_timeout=30)
     mesh_overrides = [f"mesh.data={args.processes}", f"mesh.expert={args.devices}"]

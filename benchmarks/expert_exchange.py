@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from benchmarks.benchmarking import print_table
 from rexmoe_jax import reuse
 from rexmoe_jax.config import Config, apply_overrides, load_preset
-from rexmoe_jax.dispatch import capacity
+from rexmoe_jax.model.dispatch import capacity
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -77,7 +77,8 @@ def _table(config: Config, name: str) -> None:
 def _compiled_check() -> None:
     import jax
 
-    from rexmoe_jax import collectives, loop, sharding, trainer
+    from rexmoe_jax import loop, sharding, trainer
+    from rexmoe_jax.model import collectives
     from rexmoe_jax.optimizer import make_optimizer
 
     if jax.device_count() < 4:

@@ -28,9 +28,9 @@ from benchmarks import train_step
 from benchmarks.benchmarking import environment, median_seconds, print_table
 from pallas_kernels.grouped_matmul import blocked
 from rexmoe_jax.config import apply_overrides, load_preset
-from rexmoe_jax.dispatch import ExpertWeights
-from rexmoe_jax.layers import swiglu
-from rexmoe_jax.moe import MoEFFN
+from rexmoe_jax.model.dispatch import ExpertWeights
+from rexmoe_jax.model.layers import swiglu
+from rexmoe_jax.model.moe import MoEFFN
 
 PRESETS = ("tiny", "moe_0p5b_a0p07b", "moe_2p3b_a0p3b")
 REUSE = (1, 4, 8)

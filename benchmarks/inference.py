@@ -21,7 +21,6 @@ would do work for every expert of the pool (r times more at r).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 
 import jax
@@ -30,7 +29,8 @@ import numpy as np
 
 from benchmarks.benchmarking import environment, median_seconds, print_table
 from rexmoe_jax.config import ComputeConfig, ModelConfig
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.model.decoder import Decoder
+from rexmoe_jax.model.dispatch import compute_for
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compute"))
@@ -69,7 +69,7 @@ def measure(config: ModelConfig, compute: ComputeConfig, batch: int, length: int
         (logits, _), state = model.apply({"params": params, "cache": cache}, prompt, positions, mutable=["cache"])
         return logits[:, -1], state["cache"]
 
-    step_model = Decoder(config, dataclasses.replace(compute, dispatch="gather"), decode=True)  # as generate.py
+    step_model = Decoder(config, compute_for(compute, "decode"), decode=True)  # as generate.py
 
     @jax.jit
     def decode_step(params, cache, token, position):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from benchmarks.benchmarking import ceilings, environment, median_seconds, parse_args, print_table
 from benchmarks.shapes import shapes
-from rexmoe_jax import dispatch
+from rexmoe_jax.model import dispatch
 
 BASELINE = "tokamax + XLA default gradients"
 

@@ -32,8 +32,9 @@ def _child(workdir: str, mode: str, dtype: str, mesh: list[str]) -> None:
     largest bytes any one device holds."""
     import jax  # here and in main: after XLA_FLAGS is set (the device count), which jax reads once
 
-    from rexmoe_jax import restore, trainer
+    from rexmoe_jax import trainer
     from rexmoe_jax.checkpoint import Checkpointer
+    from rexmoe_jax.inference import restore
     from rexmoe_jax.optimizer import make_optimizer
 
     start = time.perf_counter()
@@ -72,7 +73,8 @@ def _sizes(config, dtype: str, mesh: list[str]) -> list[list[str]]:
     import jax.numpy as jnp
     import numpy as np
 
-    from rexmoe_jax import restore, trainer
+    from rexmoe_jax import trainer
+    from rexmoe_jax.inference import restore
 
     abstract = trainer.abstract_params(config, restore.inference_mesh(config, mesh), jnp.dtype(dtype))
     params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(abstract))

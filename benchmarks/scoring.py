@@ -3,7 +3,7 @@ scored once, rows packed), on the shipped task and on a synthetic one.
 
     python -m benchmarks.scoring [--workdir DIR] [--questions 1000] [--small]
 
-For each task and implementation of rexmoe_jax.scoring it prints the token positions computed,
+For each task and implementation of rexmoe_jax.inference.scoring it prints the token positions computed,
 the positions scored (the choices' tokens), their ratio, and the wall-clock of a warm run (the
 first run, which compiles, is not timed). Both implementations give the same log-likelihoods
 (tests/test_scoring.py). Without --workdir the weights are the tiny preset's random
@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from benchmarks.benchmarking import environment, print_table
-from rexmoe_jax import scoring, tasks
+from rexmoe_jax.inference import scoring, tasks
 
 SHIPPED = pathlib.Path(__file__).parent.parent / "examples" / "tasks" / "kjv_cloze.jsonl"
 
@@ -44,7 +44,7 @@ def synthetic_task(count: int, seed: int = 0) -> list[dict]:
 
 def _model(workdir: str | None, small: bool):
     if workdir:
-        from rexmoe_jax.restore import restore
+        from rexmoe_jax.inference.restore import restore
 
         run = restore(workdir)
         return run.config, run.params, run.tokenizer

@@ -8,7 +8,7 @@ utilisation, r = 1 against r = 4 and against the dense model with the same activ
 Each preset gives three rows, measured one after the other in this run: its dense twin
 (model.ffn=dense: every FFN one SwiGLU of width K*F, the same d, layers and attention), its
 r = 1 MoE and its r = 4 MoE. MFU = tokens/s x training FLOPs per token
-(rexmoe_jax.metrics.flops_per_token) / a dense matmul's FLOP/s measured at the start of the
+(rexmoe_jax.model.metrics.flops_per_token) / a dense matmul's FLOP/s measured at the start of the
 same run in the steps' compute dtype (benchmarking.ceilings), so every device gets one; where
 the device's datasheet peak is known, MFU against it is shown too. "/ dense" is an MoE row's
 tokens/s over the dense row's (the issue's target: r = 1 at 0.8 or more), and the last column
@@ -26,8 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.benchmarking import ceilings, environment, print_table
-from rexmoe_jax import metrics, trainer
+from rexmoe_jax import trainer
 from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax.model import metrics
 from rexmoe_jax.optimizer import make_optimizer
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"

@@ -33,9 +33,9 @@ import typing
 import jax
 import orbax.checkpoint as ocp
 
-from rexmoe_jax import sharding
 from rexmoe_jax.config import Config, ConfigError, from_dict
-from rexmoe_jax.workdir import WriteError, failure_reason
+from rexmoe_jax.runtime import distributed
+from rexmoe_jax.runtime.workdir import WriteError, failure_reason
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Where orbax writes a checkpoint before renaming it.
 _SET_ASIDE = re.compile(r"\d+\.corrupt(\.\d+)?")  # An unreadable checkpoint, moved aside.
@@ -247,7 +247,7 @@ class Checkpointer:
             target = self.directory / f"{step}.corrupt.{copy}"
         if jax.process_index() == 0:  # One host renames; the others wait for it.
             (self.directory / str(step)).rename(target)
-        sharding.sync_hosts(f"set aside checkpoint {step}")
+        distributed.barrier(f"set aside checkpoint {step}")
         self._manager.reload()
         return _Unreadable(step, _short(err), target.name)
 

@@ -14,18 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from rexmoe_jax import data as data_lib
-from rexmoe_jax import distributed, sharding, trackers, trainer
-from rexmoe_jax import metrics as metrics_lib
-from rexmoe_jax import generate as generate_lib
-from rexmoe_jax.cli import NONFINITE, CommandError
+from rexmoe_jax import sharding, trackers, trainer
 from rexmoe_jax.checkpoint import Checkpointer
+from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.config import Config, ConfigError, MeshConfig
-from rexmoe_jax.evaluate import held_out
+from rexmoe_jax.inference import generate as generate_lib
+from rexmoe_jax.inference.evaluation import held_out
+from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.optimizer import make_optimizer
-from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
-from rexmoe_jax.workdir import WriteError, failure_reason, locked
+from rexmoe_jax.runtime import distributed
+from rexmoe_jax.runtime.preemption import StopRequest
+from rexmoe_jax.runtime.workdir import WriteError, failure_reason, locked
 
 # Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
 TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
@@ -224,7 +225,7 @@ def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):
 
 def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads:
-    evaluate.held_out, the function the evaluate command uses too."""
+    evaluation.held_out, the function the evaluate command uses too."""
     with sharding.activate(session.mesh):
         return held_out(session.eval_step, params, session.eval_batches, session.config.model,
                         session.put_global)

@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 
 from rexmoe_jax.config import ConfigError
-from rexmoe_jax.workdir import RUN_FILES, WriteError, failure_reason, is_run
+from rexmoe_jax.runtime.workdir import RUN_FILES, WriteError, failure_reason, is_run
 
 Ours = Callable[[pathlib.Path], bool]
 

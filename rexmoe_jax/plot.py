@@ -17,7 +17,7 @@ import numpy as np
 from rexmoe_jax import cli, outputs
 from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runlog import METRICS_FILE, ROUTING_FILE, read_records
-from rexmoe_jax.workdir import EVAL_FILE
+from rexmoe_jax.runtime.workdir import EVAL_FILE
 
 
 def pyplot():

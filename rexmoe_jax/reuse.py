@@ -2,9 +2,11 @@
 pool-size schedule (Eq. 6) as exact integers.
 
 This is the only module that knows about r, and the one home of these facts; it imports no jax
-(the config validates with it before jax is loaded). `psr.py` turns the schedule into traced
-values and masks. Everything else sees "a layer routes over a pool of P experts"; with r = 1
-the pool is the layer's own N experts and this is the baseline MoE.
+(the config validates with it before jax is loaded) and not the config (which uses it): the
+functions that take a config section say which fields they read (the Protocols below).
+`model/psr.py` turns the schedule into traced values and masks. Everything else sees "a layer
+routes over a pool of P experts"; with r = 1 the pool is the layer's own N experts and this is
+the baseline MoE.
 
 Pool layout: in a group of r layers, pool index p = j * N + e is expert e of the group's j-th
 layer. A layer's "own" experts are therefore the slice [j*N, (j+1)*N) of its group's pool.
@@ -12,12 +14,27 @@ layer. A layer's "own" experts are therefore the slice [j*N, (j+1)*N) of its gro
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from rexmoe_jax.config import ModelConfig, PSRConfig
+
+class ModelConfig(Protocol):
+    """The fields of config.ModelConfig read here."""
+
+    num_layers: int
+    num_experts: int
+    reuse: int
+
+
+class PSRConfig(Protocol):
+    """The fields of config.PSRConfig read here."""
+
+    schedule: str
+    start_step: int
+    end_step: int
+    stages: int
+    initial_experts: int
 
 
 def group_sizes(num_layers: int, reuse: int) -> tuple[int, ...]:

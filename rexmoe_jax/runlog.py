@@ -20,8 +20,8 @@ import numpy as np
 
 from rexmoe_jax import trackers
 from rexmoe_jax.config import Config
-from rexmoe_jax.metrics import load_balance_violation
-from rexmoe_jax.workdir import METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
+from rexmoe_jax.model.metrics import load_balance_violation
+from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
 
 
 def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:

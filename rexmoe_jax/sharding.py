@@ -5,10 +5,10 @@ Mesh axes:
     data    pure data parallelism: parameters replicated, batch split
     fsdp    data parallelism with parameters (and optimizer state) split along "embed"
     expert  expert parallelism: each group's pool split over devices; the batch is split too,
-            and tokens travel to their experts' devices and back (expert_parallel.py)
+            and tokens travel to their experts' devices and back (model/expert_parallel.py)
     tensor  tensor parallelism: attention heads, FFN widths and the vocabulary split
 
-Parameters carry logical axis names where they are created (model.py lists them); RULES maps
+Parameters carry logical axis names where they are created (model/decoder.py lists them); RULES maps
 each to a mesh axis (or None: replicated). Activations are constrained with the same names.
 """
 
@@ -211,12 +211,6 @@ def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
         raise ConfigError(f"the devices of process {jax.process_index()} hold rows {sorted(spans)} of each "
                           "batch, not one block; put the mesh's data axes first over the processes")
     return start // size, global_rows // size
-
-
-def sync_hosts(name: str) -> None:
-    """Waits until every process reaches this point (nothing to do with one process)."""
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
 
 
 _PLATFORM = contextvars.ContextVar("platform", default=None)

@@ -16,7 +16,7 @@ import secrets
 import numpy as np
 
 from rexmoe_jax.config import Config, ConfigError, TrainConfig
-from rexmoe_jax.workdir import WriteError, failure_reason
+from rexmoe_jax.runtime.workdir import WriteError, failure_reason
 
 WANDB_RUN_ID = "wandb_run_id"
 _PACKAGES = {"tensorboard": ("tensorboardX", "tensorboard"), "wandb": ("wandb", "wandb")}

@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rexmoe_jax import balancing, losses
-from rexmoe_jax import metrics as metrics_lib
+from rexmoe_jax import sharding
 from rexmoe_jax.config import Config
-from rexmoe_jax.model import Decoder, PSRInputs, param_counts, per_layer_norms
+from rexmoe_jax.model import balancing, losses
+from rexmoe_jax.model import metrics as metrics_lib
+from rexmoe_jax.model.decoder import Decoder, PSRInputs, param_counts, per_layer_norms
 from rexmoe_jax.optimizer import learning_rate_schedule
 from rexmoe_jax.reuse import layer_pool_sizes
 
@@ -57,8 +58,6 @@ def init_params(config: Config, model: Decoder):
 
 def state_shardings(config: Config, model: Decoder, tx: optax.GradientTransformation, mesh) -> TrainState:
     """Where each leaf of the train state lives on `mesh`, from the logical-axis rules."""
-    from rexmoe_jax import sharding
-
     return sharding.logical_shardings(jax.eval_shape(lambda: _boxed_state(config, model, tx)), mesh)
 
 
@@ -69,8 +68,6 @@ def abstract_params(config: Config, mesh: jax.sharding.Mesh | None = None, dtype
     if mesh is None:
         shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     else:
-        from rexmoe_jax import sharding
-
         shardings = sharding.logical_shardings(jax.eval_shape(lambda: _boxed_params(config, model)), mesh)
     shapes = jax.eval_shape(lambda: init_params(config, model))
     if not isinstance(shardings, dict):

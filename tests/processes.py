@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, also when run as a scr
 
 from conftest import TEST_XLA_FLAGS
 
-from rexmoe_jax import launch
+from rexmoe_jax.runtime import launch
 
 
 def child_env(index: int, count: int, port: int) -> dict[str, str]:
@@ -100,8 +100,9 @@ def check_host_rows() -> None:
     rows of every global batch (an instrumented source), and the global batch the mesh holds at
     step t, gathered back, is the one-process batch of step t."""
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    from rexmoe_jax import data, distributed, sharding
+    from rexmoe_jax import data, sharding
     from rexmoe_jax.config import MeshConfig
+    from rexmoe_jax.runtime import distributed
 
     distributed.initialize(init_timeout=120, heartbeat_timeout=10)
     import jax
@@ -144,8 +145,9 @@ def check_agreement(differing: str) -> int:
     config (KEY "config") or process 2 resumes another step (KEY "step"); the start-up check,
     through the commands' contract, must end each with exit status 2 and the same one line."""
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    from rexmoe_jax import cli, distributed, sharding
+    from rexmoe_jax import cli, sharding
     from rexmoe_jax.config import MeshConfig
+    from rexmoe_jax.runtime import distributed
 
     distributed.initialize(init_timeout=120, heartbeat_timeout=10)
     import jax

@@ -3,16 +3,16 @@ trainer's update outside the optimizer, and a skewed router balanced faster with
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import balancing, trainer
+from rexmoe_jax import trainer
 from rexmoe_jax.config import ComputeConfig, Config, ModelConfig, apply_overrides
-from rexmoe_jax.dispatch import ExpertWeights
-from rexmoe_jax.moe import MoEFFN
+from rexmoe_jax.model import balancing
+from rexmoe_jax.model.dispatch import ExpertWeights
+from rexmoe_jax.model.moe import MoEFFN
 from rexmoe_jax.optimizer import make_optimizer
 
 

@@ -8,8 +8,16 @@ import sys
 
 import pytest
 
-from benchmarks import expert_exchange, expert_ffn, hf_export, inference, moe_block, profile_step, scoring
-from benchmarks import train_step
+from benchmarks import (
+    expert_exchange,
+    expert_ffn,
+    hf_export,
+    inference,
+    moe_block,
+    profile_step,
+    scoring,
+    train_step,
+)
 from benchmarks import grouped_matmul as gmm_bench
 from benchmarks import token_permute as permute_bench
 

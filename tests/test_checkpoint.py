@@ -21,7 +21,7 @@ from files import hashes
 
 from rexmoe_jax.checkpoint import Checkpointer, config_changes
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
-from rexmoe_jax.workdir import WriteError
+from rexmoe_jax.runtime.workdir import WriteError
 
 
 def test_config_changes_follow_the_sections():

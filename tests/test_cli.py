@@ -10,7 +10,10 @@ import sys
 import pytest
 from files import one_error_line
 
-from rexmoe_jax import cli, data, evaluate, generate, launch, plot, study
+from rexmoe_jax import cli, data, plot
+from rexmoe_jax.inference import evaluate, generate
+from rexmoe_jax.runtime import launch
+from rexmoe_jax.study import __main__ as study
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -123,7 +126,7 @@ def test_a_bad_corpus_exits_2_naming_the_file(tmp_path, capsys, name, content, m
 
 def test_a_failed_write_exits_4_with_one_line(tmp_path, capsys, monkeypatch):
     from rexmoe_jax import loop
-    from rexmoe_jax.workdir import WriteError
+    from rexmoe_jax.runtime.workdir import WriteError
 
     def full_disk(*args, **kwargs):
         raise WriteError("no space left on device while saving step 30 in DIR; checkpoints 10 and 20 are intact")

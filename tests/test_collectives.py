@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rexmoe_jax import collectives
+from rexmoe_jax.model import collectives
 
 E, SLICES, ROWS, OUT_ROWS, D = 4, 2, 24, 28, 3  # devices, slices per destination, operand/output rows
 

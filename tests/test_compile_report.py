@@ -9,7 +9,8 @@ import jax
 import pytest
 
 import train
-from rexmoe_jax import compile_report, sharding, targets, trainer
+from rexmoe_jax import sharding, targets, trainer
+from rexmoe_jax.compile import report as compile_report
 from rexmoe_jax.config import Config, apply_overrides
 from rexmoe_jax.optimizer import make_optimizer
 
@@ -54,7 +55,7 @@ def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
     assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024
     assert 0 < report["total_bytes_per_device"] < report["hbm_capacity_per_device"] == 95 * 2 ** 30
     c = report["collectives"]
-    layers, d, f, pool, k = 2, 256, 128, 8, 2
+    layers, d, f, pool = 2, 256, 128, 8
     # The ragged exchange: two ragged_all_to_all per MoE layer forward and two backward. Each
     # device holds 8 x 16 / 8 = 16 tokens, A = 32 assignments; the forward sends receive E A
     # rows and A rows back, and the backward's transposes the same. float32, or bf16 where

@@ -8,12 +8,11 @@ import time
 
 import numpy as np
 import pytest
+from files import hashes, one_error_line
 
 from rexmoe_jax import data, sources
 from rexmoe_jax.config import ConfigError, DataConfig
 from rexmoe_jax.tokenizer import train_bpe
-
-from files import hashes, one_error_line
 
 TEXTS = [f"Document number {i}: " + " ".join(["alpha beta gamma delta"] * (1 + i % 5)) for i in range(40)]
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import dispatch
+from rexmoe_jax.model import dispatch
 
 
 def numpy_gating(logits, available, k, renormalize):

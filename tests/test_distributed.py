@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from processes import ROOT, Processes, child_env, handles_sigterm, train, wait_until
 
-from rexmoe_jax import distributed, launch, loop
+from rexmoe_jax import loop
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
-from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import read_records
+from rexmoe_jax.runtime import distributed, launch
+from rexmoe_jax.runtime.preemption import StopRequest
 
 STEPS = 12
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from files import hashes, one_error_line
 
-from rexmoe_jax import evaluate, generate, loop, plot, scoring, tasks
+from rexmoe_jax import loop, plot
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.inference import evaluate, evaluation, generate, scoring, tasks
+from rexmoe_jax.model.decoder import Decoder
 from rexmoe_jax.tokenizer import load_tokenizer
 
 CFG = apply_overrides(Config(), ["model.vocab_size=4096", "model.d_model=32", "model.num_layers=2",
@@ -31,7 +32,7 @@ def test_uniform_model_perplexity_is_the_vocabulary_size():
     params = params_for()
     params = dict(params, lm_head=jnp.zeros_like(params["lm_head"]))  # every logit 0: uniform
     batch = np.random.default_rng(0).integers(0, 4096, (2, 17)).astype(np.int32)
-    result, _ = evaluate.held_out(evaluate.eval_step_for(CFG), params, [batch], CFG.model)
+    result, _ = evaluation.held_out(evaluation.eval_step_for(CFG), params, [batch], CFG.model)
     assert result["eval_ppl"] == pytest.approx(4096, rel=1e-4)
 
 
@@ -91,14 +92,14 @@ def test_task_file_errors_name_the_field(tmp_path, line, message):
 def test_activation_ratios_sum_to_k_and_foreign_share():
     params = params_for()
     batches = [np.random.default_rng(2).integers(0, 4096, (4, 17)).astype(np.int32)]
-    routing = evaluate.routing_of(CFG, params, batches)
+    routing = evaluation.routing_of(CFG, params, batches)
     ratios = np.asarray(routing["activation_ratio"])
     np.testing.assert_allclose(ratios.sum(axis=1), CFG.model.top_k, rtol=1e-6)
     assert routing["tokens"] == 4 * 16
     assert all(0 <= f <= 1 for f in routing["foreign_share"])
     # At r = 1 no expert belongs to another layer.
     cfg1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, reuse=1))
-    assert evaluate.routing_of(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
+    assert evaluation.routing_of(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +183,7 @@ def test_evaluate_writes_over_nothing_it_did_not_write(trained_run, tmp_path, ca
     def evaluation_ran(*args, **kwargs):
         raise AssertionError("the run was restored before the output was checked")
 
-    monkeypatch.setattr("rexmoe_jax.restore.restore", evaluation_ran)
+    monkeypatch.setattr(evaluate, "restore", evaluation_ran)
     (tmp_path / "notes.txt").write_text("mine\n")
     before = (hashes(trained_run), hashes(tmp_path))
     assert evaluate.main(["--workdir", str(trained_run), "--output", str(output(trained_run, tmp_path))]) == 2

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import collectives, dispatch, expert_parallel, sharding
+from rexmoe_jax import sharding
 from rexmoe_jax.config import ComputeConfig, MeshConfig
+from rexmoe_jax.model import collectives, dispatch, expert_parallel
 
 SORT = dispatch.choose_path(ComputeConfig(dispatch="sort", grouped_matmul="ragged_dot"), live_share=1.0).path
 

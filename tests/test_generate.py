@@ -9,11 +9,11 @@ import pytest
 from files import hashes, one_error_line
 from test_evaluate import CFG, params_for
 
-from rexmoe_jax import generate
 from rexmoe_jax.config import ConfigError, apply_overrides
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
-from rexmoe_jax.inference import LoadedModel
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.inference import generate, restore
+from rexmoe_jax.inference.api import LoadedModel
+from rexmoe_jax.model.decoder import Decoder
 from rexmoe_jax.tokenizer import load_tokenizer
 
 
@@ -113,12 +113,10 @@ def test_requests_are_checked_against_the_model():
     (["--temperature", "-1"], "invalid sampling"),
 ])
 def test_generate_limits_are_one_line_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch, args, message):
-    from rexmoe_jax import restore
-
     def restored(*_):
         raise AssertionError("the checkpoint was read before the arguments were checked")
 
-    monkeypatch.setattr(restore, "restore", restored)
+    monkeypatch.setattr(generate, "restore_placed", restored)
     folder = _run_folder(tmp_path)
     before = hashes(tmp_path)
     assert generate.main(["--workdir", str(folder), "--prompt", "And God said", *args]) == 2
@@ -129,8 +127,6 @@ def test_generate_limits_are_one_line_before_the_checkpoint_is_read(tmp_path, ca
 def test_a_tokenizer_past_the_models_vocabulary_is_refused(tmp_path, capsys):
     """A model of 300 tokens with the embedded 4,096-token tokenizer: generate names the prompt's
     id; loading the run names the tokenizer, before any checkpoint is read."""
-    from rexmoe_jax import restore
-
     folder = _run_folder(tmp_path, apply_overrides(CFG, ["model.vocab_size=300"]))
     assert generate.main(["--workdir", str(folder), "--prompt", "Jerusalem", "--max-new-tokens", "2"]) == 2
     assert "outside the model's vocabulary (model.vocab_size=300)" in one_error_line(capsys.readouterr().err)

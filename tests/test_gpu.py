@@ -9,7 +9,7 @@ from test_collectives import numpy_ragged_all_to_all, random_case, run_on_device
 
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import grouped_matmul
-from rexmoe_jax import dispatch
+from rexmoe_jax.model import dispatch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")]

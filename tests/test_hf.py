@@ -21,7 +21,7 @@ from rexmoe_jax.hf.importer import imported_layers, read_hf_config
 from rexmoe_jax.hf.regroup import flatten, group, ungroup
 from rexmoe_jax.hf.tensorfile import TensorFiles, TensorWriter
 from rexmoe_jax.hf.widen import widened_config, widened_layers
-from rexmoe_jax.restore import restore
+from rexmoe_jax.inference.restore import restore
 
 
 def _same(a: dict, b: dict) -> bool:

@@ -19,9 +19,9 @@ from hf_models import logits, make_run, random_params, tiny_config, tokens
 
 from rexmoe_jax import loop
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
-from rexmoe_jax.generate import generate
 from rexmoe_jax.hf import __main__ as cli
-from rexmoe_jax.restore import restore
+from rexmoe_jax.inference.generate import generate
+from rexmoe_jax.inference.restore import restore
 
 _WHY = ("needs PyTorch's CPU build (pip install torch --index-url https://download.pytorch.org/whl/cpu) "
         "and transformers (pip install -e '.[hf]')")

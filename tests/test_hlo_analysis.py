@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rexmoe_jax import hlo_analysis
+from rexmoe_jax.compile import hlo as hlo_analysis
 
 
 def scanned_matmuls(n):

@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 from conftest import TEST_XLA_FLAGS
 
-from rexmoe_jax import distributed, evaluate, loop, restore
+from rexmoe_jax import loop, trainer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
-from rexmoe_jax.inference import load
+from rexmoe_jax.inference import evaluate, restore
+from rexmoe_jax.inference.api import load
+from rexmoe_jax.runtime import distributed
 
 CFG = apply_overrides(Config(), ["model.vocab_size=4096", "model.d_model=32", "model.num_layers=4",
                                  "model.num_heads=2", "model.num_kv_heads=2", "model.expert_ffn=16",
@@ -86,7 +88,7 @@ def _live_bytes() -> int:
 def test_a_restore_for_inference_reads_the_parameters_only(workdir):
     """The arrays a restore creates add up to the parameters alone: no optimizer moment (each
     the parameters' size) is ever made."""
-    params_bytes = 4 * sum(int(np.prod(s.shape)) for s in jax.tree.leaves(restore.trainer.abstract_params(CFG)))
+    params_bytes = 4 * sum(int(np.prod(s.shape)) for s in jax.tree.leaves(trainer.abstract_params(CFG)))
     before = _live_bytes()
     run = restore.restore(workdir, mesh=restore.inference_mesh(CFG, MESH))
     grown = _live_bytes() - before

@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import TEST_XLA_FLAGS
 from files import one_error_line
 

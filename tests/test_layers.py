@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import layers
+from rexmoe_jax.model import layers
 
 
 def test_rms_norm_by_hand(maybe_jit):

@@ -10,17 +10,18 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from files import hashes, one_error_line
 from lm_eval import evaluator
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from files import hashes, one_error_line
 from test_evaluate import CFG
 from test_scoring import by_hand
 
-from rexmoe_jax import lm_eval as rexmoe_lm_eval
-from rexmoe_jax import loop, tasks
+from rexmoe_jax import loop
 from rexmoe_jax.config import apply_overrides
+from rexmoe_jax.inference import lm_eval as rexmoe_lm_eval
+from rexmoe_jax.inference import tasks
 
 GENESIS = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
            "and darkness was upon the face of the deep.")

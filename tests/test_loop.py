@@ -22,9 +22,9 @@ import train
 from rexmoe_jax import loop, runlog
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
-from rexmoe_jax.preemption import StopRequest
 from rexmoe_jax.runlog import read_records
-from rexmoe_jax.workdir import WriteError
+from rexmoe_jax.runtime.preemption import StopRequest
+from rexmoe_jax.runtime.workdir import WriteError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -221,7 +221,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, uninterrupted, capsys):
     """Checkpoint 6 lost its state/_METADATA: not "an incompatible config" but a damaged
     checkpoint. Loading the run skips it and renames nothing; training sets it aside and
     resumes from 4 (other kinds of damage: test_checkpoint.py)."""
-    from rexmoe_jax.inference import load
+    from rexmoe_jax.inference.api import load
 
     loop.run(config(), tmp_path, stop=StopAt(6))  # checkpoints 4 and 6
     (tmp_path / "checkpoints" / "6" / "state" / "_METADATA").unlink()

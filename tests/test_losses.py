@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import losses
+from rexmoe_jax.model import losses
 
 
 def test_load_balancing_loss_is_one_for_uniform_routing():

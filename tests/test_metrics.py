@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rexmoe_jax import metrics, trainer
+from rexmoe_jax import trainer
 from rexmoe_jax.config import Config, ModelConfig
+from rexmoe_jax.model import metrics
 
 
 def test_lbv_by_hand():

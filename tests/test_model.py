@@ -10,10 +10,10 @@ import numpy as np
 import numpy_reference
 import pytest
 
-from rexmoe_jax import metrics
-from rexmoe_jax import psr as psr_lib
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
-from rexmoe_jax.model import Decoder, PSRInputs, param_counts
+from rexmoe_jax.model import metrics
+from rexmoe_jax.model import psr as psr_lib
+from rexmoe_jax.model.decoder import Decoder, PSRInputs, param_counts
 from rexmoe_jax.reuse import layer_pool_sizes
 
 SMALL = ModelConfig(vocab_size=37, d_model=16, num_layers=5, num_heads=4, num_kv_heads=2,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from rexmoe_jax.config import ComputeConfig, ModelConfig
-from rexmoe_jax.dispatch import ExpertWeights
-from rexmoe_jax.moe import MoEFFN
+from rexmoe_jax.model.dispatch import ExpertWeights
+from rexmoe_jax.model.moe import MoEFFN
 
 N, K, D, F = 4, 2, 8, 6
 

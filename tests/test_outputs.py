@@ -8,7 +8,7 @@ from files import hashes
 
 from rexmoe_jax import outputs
 from rexmoe_jax.config import ConfigError
-from rexmoe_jax.workdir import WriteError
+from rexmoe_jax.runtime.workdir import WriteError
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@
 import os
 import signal
 
-from rexmoe_jax.preemption import StopRequest
+from rexmoe_jax.runtime.preemption import StopRequest
 
 
 def test_first_signal_requests_a_stop_and_restores_the_default_handler():

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from test_reuse import eq6
 
-from rexmoe_jax import psr as psr_lib
 from rexmoe_jax.config import PSRConfig
+from rexmoe_jax.model import psr as psr_lib
 
 
 @pytest.mark.parametrize("r,n,t_s,t_e", [(2, 8, 10, 30), (4, 64, 10_000, 30_000)])

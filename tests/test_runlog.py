@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rexmoe_jax import runlog
-from rexmoe_jax.workdir import WriteError
+from rexmoe_jax.runtime.workdir import WriteError
 
 
 def test_resume_drops_records_after_the_checkpoint(tmp_path):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from test_evaluate import CFG, params_for
 
-from rexmoe_jax import scoring
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.inference import scoring
+from rexmoe_jax.model.decoder import Decoder
 
 SEQ = CFG.data.seq_len
 PEAKED = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, init_std=0.3))  # no argmax near-ties

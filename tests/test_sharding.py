@@ -148,7 +148,7 @@ def test_training_curve_matches_one_device_and_resumes_on_another_mesh(tmp_path,
     single = loop.run(apply_overrides(Config(), TRAIN + [corpus_file, "mesh.num_devices=1"]), tmp_path / "one")
     assert single["step"] == 10
     ep = tmp_path / "ep"
-    from rexmoe_jax.preemption import StopRequest
+    from rexmoe_jax.runtime.preemption import StopRequest
 
     class StopAt(StopRequest):
         def requested(self, step):
@@ -161,8 +161,8 @@ def test_training_curve_matches_one_device_and_resumes_on_another_mesh(tmp_path,
 
 
 def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_devices):
-    from rexmoe_jax import dispatch
     from rexmoe_jax.config import ComputeConfig
+    from rexmoe_jax.model import dispatch
 
     # A v5p-128 is a 4x4x4 torus: axes of 8 need two physical axes' parts.
     mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=8, expert=8), tpu_devices("v5p-128"))

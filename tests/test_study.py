@@ -19,8 +19,13 @@ import numpy as np
 import pytest
 from files import hashes, one_error_line
 
-from rexmoe_jax import study, study_record, study_report, study_runner
-from rexmoe_jax.study_stats import mean_interval, paired_difference, t_quantile
+from rexmoe_jax.runlog import read_records
+from rexmoe_jax.study import __main__ as study_cli
+from rexmoe_jax.study import record as study_record
+from rexmoe_jax.study import report as study_report
+from rexmoe_jax.study import runner as study_runner
+from rexmoe_jax.study import spec as study
+from rexmoe_jax.study.stats import mean_interval, paired_difference, t_quantile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -136,7 +141,7 @@ def setup(tmp_path):
 
 
 def _calls(options, arm: str, seed: int) -> list[dict]:
-    return study_record.read_jsonl(options.runs / arm / f"seed{seed}" / "calls.jsonl")
+    return read_records(options.runs / arm / f"seed{seed}" / "calls.jsonl")
 
 
 def test_queue_is_seed_major(setup):
@@ -201,7 +206,7 @@ def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monk
 
     def interrupt():
         deadline = time.time() + 20
-        while time.time() < deadline and len(study_record.read_jsonl(metrics)) < 3:
+        while time.time() < deadline and len(read_records(metrics)) < 3:
             time.sleep(0.02)
         os.kill(os.getpid(), signal.SIGTERM)
 
@@ -218,7 +223,7 @@ def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monk
     assert 3 <= stopped_at < 40
     assert not (options.results / "base" / "seed0.json").exists()
     assert not (options.runs / "reuse").exists()  # nothing new starts after a signal
-    [attempt] = study_record.read_jsonl(metrics.parent / study_record.ATTEMPTS_FILE)
+    [attempt] = read_records(metrics.parent / study_record.ATTEMPTS_FILE)
     assert attempt["exit"] == 0 and attempt["to_step"] == stopped_at
 
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0")
@@ -351,7 +356,7 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
     path.write_text(STUDY.format(steps=6).replace(*edit, 1))
     with pytest.raises(study.StudyError, match=message.replace("(", r"\(")):
         study.load_study(path)
-    assert study.main(["report", str(path), "--results", str(tmp_path)]) == 2
+    assert study_cli.main(["report", str(path), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: study file {path}: ") and "\n" not in err
 
@@ -359,7 +364,7 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
 def test_the_runner_needs_the_corpus_the_study_names(tmp_path, capsys):
     path = tmp_path / "corpus.toml"
     path.write_text(STUDY.format(steps=6).replace("name = \"unit\"", "name = \"unit\"\ncorpus = \"build it\""))
-    assert study.main(["run", str(path), "--dry-run"]) == 2
+    assert study_cli.main(["run", str(path), "--dry-run"]) == 2
     assert "pass --corpus DIR" in capsys.readouterr().err
 
 
@@ -404,7 +409,7 @@ def test_cores_past_the_machine_are_refused_before_anything_starts(setup, tmp_pa
     usable = sorted(os.sched_getaffinity(0))
     missing = max(usable) + 50
     before = hashes(tmp_path)
-    assert study.main(["run", str(tmp_path / "unit.toml"), "--cores", str(missing), "--runs", str(tmp_path / "runs"),
+    assert study_cli.main(["run", str(tmp_path / "unit.toml"), "--cores", str(missing), "--runs", str(tmp_path / "runs"),
                        "--results", str(tmp_path / "results")]) == 2
     line = one_error_line(capsys.readouterr().err)
     assert f"core {missing} is not one this machine lets it use ({','.join(map(str, usable))})" in line
@@ -461,12 +466,12 @@ def test_the_report_overwrites_only_a_report(setup, tmp_path, capsys):
     notes = tmp_path / "notes.md"
     notes.write_text("my own notes\n")
     before = hashes(tmp_path)
-    assert study.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
+    assert study_cli.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
                        "--output", str(notes)]) == 2
     assert "exists and was not written by this command" in one_error_line(capsys.readouterr().err)
     assert hashes(tmp_path) == before
     report = tmp_path / "report.md"
     for _ in range(2):  # a report it wrote is replaced
-        assert study.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
+        assert study_cli.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
                            "--output", str(report)]) == 0
     assert report.read_text().startswith("# Reproduction study")

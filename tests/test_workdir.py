@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from rexmoe_jax import workdir
 from rexmoe_jax.config import ConfigError
+from rexmoe_jax.runtime import workdir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -21,7 +21,7 @@ from rexmoe_jax.hf.export import export
 from rexmoe_jax.hf.importer import import_model
 from rexmoe_jax.hf.run_io import PRESET, checkpoint_leaves
 from rexmoe_jax.hf.widen import widen
-from rexmoe_jax.restore import read_config
+from rexmoe_jax.inference.restore import read_config
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -1,4 +1,4 @@
-"""A model's parameters between model.py's grouped layout and one entry per layer.
+"""A model's parameters between model/decoder.py's grouped layout and one entry per layer.
 
 In the grouped layout a block (`groups`, or the smaller `last_group`) stacks its layers'
 weights as (groups, layers of a group, ...), its pools of experts as (groups, r*N, ...), and

@@ -15,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from rexmoe_jax import restore, trainer
+from rexmoe_jax import trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.data import BatchIterator
 from rexmoe_jax.hf.regroup import flatten, unflatten
+from rexmoe_jax.inference import restore
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.tokenizer import load_tokenizer
 

@@ -1,6 +1,6 @@
 """The dense parts of a decoder layer: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
 
-Shape letters: the glossary at the top of model.py.
+Shape letters: the glossary in rexmoe_jax/model/__init__.py.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@
     model.loglikelihood_rolling(["..."], stride=64) # each token sees >= 64 tokens of context
     model.routing(["Some text to route."])          # per-layer expert activation over the pool
 
-Scores are lm-evaluation-harness's (rexmoe_jax/tasks.py for how text becomes tokens,
-rexmoe_jax/scoring.py for the windows).
+Scores are lm-evaluation-harness's (inference/tasks.py for how text becomes tokens,
+inference/scoring.py for the windows).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ import jax
 import numpy as np
 
 from rexmoe_jax import data as data_lib
-from rexmoe_jax import evaluate, scoring, tasks
-from rexmoe_jax.generate import GREEDY, Sampling, generate, warn_past_training
-from rexmoe_jax.restore import Run, inference_mesh, read_config, restore
+from rexmoe_jax.inference import evaluation, scoring, tasks
+from rexmoe_jax.inference.generate import GREEDY, Sampling, generate, warn_past_training
+from rexmoe_jax.inference.restore import Run, inference_mesh, read_config, restore
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -80,17 +80,17 @@ class LoadedModel(Run):
 
     def routing(self, texts: list[str]) -> dict:
         """Per-layer expert activation ratios over the pool and the share of picks of experts
-        owned by other layers of the group (see evaluate.routing_report)."""
+        owned by other layers of the group (see evaluation.routing_report)."""
         encoded = [np.asarray(self.tokenizer.encode(t), np.int32) for t in texts]
         sequences = data_lib.pack(data_lib.TokenDocuments.from_documents(encoded, self.tokenizer.eod_id),
                                   np.arange(len(texts)), self.config.data.seq_len, None)
         # Rows of data.seq_len tokens, then one shorter row with the rest: every token counts.
-        batches, tail = evaluate.sequences_to_batches(sequences, 8), sequences.tail()
+        batches, tail = evaluation.sequences_to_batches(sequences, 8), sequences.tail()
         if tail is not None:
             batches.append(tail[None])
         if not batches:
             raise ValueError("routing needs at least one token of text")
-        return evaluate.routing_of(self.config, self.params, batches, self.mesh)
+        return evaluation.routing_of(self.config, self.params, batches, self.mesh)
 
 
 def load(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | Sequence[str] = (),

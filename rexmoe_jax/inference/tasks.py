@@ -26,8 +26,9 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax import scoring
 from rexmoe_jax.config import Config, ConfigError
+from rexmoe_jax.inference import scoring
+from rexmoe_jax.sources import json_lines
 from rexmoe_jax.tokenizer import Tokenizer
 
 METRICS = ("acc", "acc_norm", "acc_bytes")
@@ -70,8 +71,6 @@ def _problem(q) -> str | None:
 
 
 def read_task(path: pathlib.Path | str) -> list[dict]:
-    from rexmoe_jax.sources import json_lines
-
     path = pathlib.Path(path)
     if not path.is_file():
         raise ConfigError(f"task file {str(path)!r} does not exist")

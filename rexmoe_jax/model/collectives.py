@@ -1,8 +1,9 @@
 """`ragged_all_to_all` on every backend: the dropless expert-parallel exchange (expert_parallel.py)
 sends each device exactly its rows, and XLA:CPU does not implement the op.
 
-Semantics (those of `jax.lax.ragged_all_to_all`), inside shard_map over `axis_name` of E
-devices, with N slices (N a multiple of E, s = N / E slices per destination):
+Semantics (those of `jax.lax.ragged_all_to_all`), inside shard_map over `axis_name` of n
+devices, with E slices (buckets of rows; E a multiple of n, s = E / n slices per destination),
+from an operand of M rows into an output of Y rows:
 
     slice i of the operand, operand[input_offsets[i] : input_offsets[i] + send_sizes[i]], goes
     to device i // s, which writes it into its output at rows output_offsets[i] onwards: the
@@ -11,7 +12,7 @@ devices, with N slices (N a multiple of E, s = N / E slices per destination):
     lands on keep the values of `output`.
 
 Implementations: "native" is the op (GPU, TPU); "emulated" pads every slice to the operand's
-length, moves them with an ordinary all_to_all and scatters them into place (N x rows rows
+length, moves them with an ordinary all_to_all and scatters them into place (E x M rows
 moved, so only for CPU and tests); "auto" is native except on CPU (the platform of
 the current mesh's devices, sharding.platform). Both are differentiable
 (the op's transpose is the op with the roles of sender and receiver swapped).
@@ -36,27 +37,27 @@ def resolve(implementation: Implementation) -> str:
     return "emulated" if sharding.platform() == "cpu" else "native"
 
 
-def _emulated(operand_RxD, output_OxD, input_offsets_N, send_sizes_N, output_offsets_N, recv_sizes_N,
+def _emulated(operand_MxD, output_YxD, input_offsets_E, send_sizes_E, output_offsets_E, recv_sizes_E,
               axis_name):
-    rows = operand_RxD.shape[0]
-    trailing = (1,) * (operand_RxD.ndim - 1)
-    r_1xR = jnp.arange(rows)[None, :]
+    rows = operand_MxD.shape[0]
+    trailing = (1,) * (operand_MxD.ndim - 1)
+    r_1xM = jnp.arange(rows)[None, :]
     # Slice i padded to the operand's length, so that a fixed-size all_to_all can carry any slice.
-    source_NxR = jnp.minimum(input_offsets_N[:, None] + r_1xR, rows - 1)
-    sent_NxR = r_1xR < send_sizes_N[:, None]
-    send_NxRxD = jnp.where(sent_NxR.reshape(sent_NxR.shape + trailing), operand_RxD[source_NxR], 0)
-    recv_NxRxD = jax.lax.all_to_all(send_NxRxD, axis_name, 0, 0, tiled=True)
+    source_ExM = jnp.minimum(input_offsets_E[:, None] + r_1xM, rows - 1)
+    sent_ExM = r_1xM < send_sizes_E[:, None]
+    send_ExMxD = jnp.where(sent_ExM.reshape(sent_ExM.shape + trailing), operand_MxD[source_ExM], 0)
+    recv_ExMxD = jax.lax.all_to_all(send_ExMxD, axis_name, 0, 0, tiled=True)
     # Where each incoming slice goes: the offsets its sender chose for this device.
-    offsets_N = jax.lax.all_to_all(output_offsets_N, axis_name, 0, 0, tiled=True)
-    target_NxR = jnp.where(r_1xR < recv_sizes_N[:, None], offsets_N[:, None] + r_1xR, output_OxD.shape[0])
-    return output_OxD.at[target_NxR.reshape(-1)].set(
-        recv_NxRxD.reshape(-1, *operand_RxD.shape[1:]), mode="drop")  # padding targets past the end
+    offsets_E = jax.lax.all_to_all(output_offsets_E, axis_name, 0, 0, tiled=True)
+    target_ExM = jnp.where(r_1xM < recv_sizes_E[:, None], offsets_E[:, None] + r_1xM, output_YxD.shape[0])
+    return output_YxD.at[target_ExM.reshape(-1)].set(
+        recv_ExMxD.reshape(-1, *operand_MxD.shape[1:]), mode="drop")  # padding targets past the end
 
 
 def ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offsets: jax.Array, send_sizes: jax.Array,
                       output_offsets: jax.Array, recv_sizes: jax.Array, *, axis_name: str,
                       implementation: Implementation = "auto") -> jax.Array:
-    """See the module doc. Offsets and sizes are int32 vectors of one length N. The op types its
+    """See the module doc. Offsets and sizes are int32 vectors of one length E. The op types its
     result like `output`, so inside shard_map make `output` from the operand (jnp.zeros_like(
     operand, shape=...)): a buffer from jnp.zeros is typed as equal on every device, which the
     received rows are not."""

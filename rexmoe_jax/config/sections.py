@@ -1,24 +1,20 @@
-"""Typed, frozen configuration: one dataclass per concern, composed into `Config`.
+"""The config's sections: one frozen dataclass per concern, composed into `Config`.
 
-Presets are Python files (see `configs/`) defining `get_config() -> Config`. A run's config is
-the preset plus `section.field=value` overrides; unknown keys and values of the wrong type are
-errors that name the key. Every class validates itself in `__post_init__`, so an invalid
-combination fails when it is built, before anything is compiled. Derived quantities (pool size,
-number of groups, ...) are properties, never stored.
+Every class validates itself in `__post_init__`, first each field's type (`check_value`, which
+the overrides and config.json use too), then the values, so an invalid combination fails when it
+is built, naming the field, before anything is compiled. Derived quantities (pool size, number
+of groups, ...) are properties, never stored.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.util
+import functools
 import json
 import math
-import pathlib
 import re
-import sys
 import typing
-from typing import Literal
+from typing import ClassVar, Literal
 
 from rexmoe_jax import reuse as reuse_lib
 from rexmoe_jax.cli import BadInput
@@ -28,18 +24,48 @@ class ConfigError(BadInput):
     """An invalid config, preset or override; the message names the offending field."""
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
 
 
+def check_value(key: str, value: object, kind) -> object:
+    """`value` as a value of the field type `kind` (an int is taken for a float), or a
+    ConfigError naming `key`."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        require(value in choices, f"{key}={value!r}: expected one of {', '.join(choices)}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    require(ok, f"{key}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
+    require(kind is not float or math.isfinite(value), f"{key}={value!r}: expected a finite number")
+    return value
+
+
+@functools.cache
+def field_types(section: type) -> dict[str, object]:
+    """A section's field types (its annotations, resolved once)."""
+    return typing.get_type_hints(section)
+
+
 class _Section:
-    """A config section. `state_layout()` is the part of it that the train state's arrays and
-    structure depend on: a checkpoint resumes under a config whose sections all give the same
-    layout, and any other change is only noted."""
+    """A config section, named `name` in the config. `state_layout()` is the part of it that the
+    train state's arrays and structure depend on: a checkpoint resumes under a config whose
+    sections all give the same layout, and any other change is only noted."""
+
+    name: ClassVar[str]
 
     def state_layout(self) -> tuple:
         return ()
+
+    def _check_types(self) -> None:
+        """Every field holds a value of its type (a preset may pass anything), so that the checks
+        that follow compare numbers with numbers and a wrong field is named."""
+        kinds = field_types(type(self))
+        for field in dataclasses.fields(self):
+            check_value(f"{self.name}.{field.name}", getattr(self, field.name), kinds[field.name])
 
 
 Dtype = Literal["float32", "bfloat16"]
@@ -54,6 +80,8 @@ FFN = Literal["moe", "dense"]
 @dataclasses.dataclass(frozen=True)
 class ModelConfig(_Section):
     """The decoder and its MoE layers (Sec. 1-2 of the method digest)."""
+
+    name: ClassVar[str] = "model"
 
     vocab_size: int = 4096
     d_model: int = 128
@@ -79,31 +107,32 @@ class ModelConfig(_Section):
     ffn: FFN = "moe"
 
     def __post_init__(self):
+        self._check_types()
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                      "expert_ffn", "num_experts", "top_k"):
-            _require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.reuse >= 1, f"model.reuse (r) must be >= 1, got {self.reuse}")
-        _require(self.reuse <= self.num_layers,
+            require(getattr(self, name) >= 1, f"model.{name} must be >= 1, got {getattr(self, name)}")
+        require(self.reuse >= 1, f"model.reuse (r) must be >= 1, got {self.reuse}")
+        require(self.reuse <= self.num_layers,
                  f"model.reuse={self.reuse} exceeds model.num_layers={self.num_layers}; "
                  "a group cannot hold more layers than the model has")
-        _require(self.top_k <= self.num_experts,
+        require(self.top_k <= self.num_experts,
                  f"model.top_k={self.top_k} exceeds model.num_experts={self.num_experts}")
-        _require(self.num_heads % self.num_kv_heads == 0,
+        require(self.num_heads % self.num_kv_heads == 0,
                  f"model.num_heads={self.num_heads} is not divisible by "
                  f"model.num_kv_heads={self.num_kv_heads}")
-        _require(self.head_dim >= 0, f"model.head_dim must be >= 0, got {self.head_dim}")
-        _require(self.head_dim > 0 or self.d_model % self.num_heads == 0,
+        require(self.head_dim >= 0, f"model.head_dim must be >= 0, got {self.head_dim}")
+        require(self.head_dim > 0 or self.d_model % self.num_heads == 0,
                  f"model.d_model={self.d_model} is not divisible by model.num_heads="
                  f"{self.num_heads}; set model.head_dim explicitly")
-        _require(self.resolved_head_dim % 2 == 0,
+        require(self.resolved_head_dim % 2 == 0,
                  f"head dimension {self.resolved_head_dim} must be even for rotary embeddings")
-        _require(self.num_shared_experts >= 0, "model.num_shared_experts must be >= 0")
-        _require(self.rope_base > 0, "model.rope_base must be > 0")
-        _require(self.norm_eps > 0, "model.norm_eps must be > 0")
-        _require(self.init_std > 0, "model.init_std must be > 0")
-        _require(self.ffn == "moe" or self.reuse == 1,
+        require(self.num_shared_experts >= 0, "model.num_shared_experts must be >= 0")
+        require(self.rope_base > 0, "model.rope_base must be > 0")
+        require(self.norm_eps > 0, "model.norm_eps must be > 0")
+        require(self.init_std > 0, "model.init_std must be > 0")
+        require(self.ffn == "moe" or self.reuse == 1,
                  f"model.ffn=dense has no experts to reuse; set model.reuse=1, not {self.reuse}")
-        _require(self.ffn == "moe" or not self.router_bias,
+        require(self.ffn == "moe" or not self.router_bias,
                  "model.ffn=dense has no router to bias; set model.router_bias=false")
 
     @property
@@ -140,6 +169,8 @@ class ComputeConfig(_Section):
     """How the model is computed: none of it changes what a checkpoint holds, so a run may
     resume under other settings (bf16 instead of float32, another dispatch, remat)."""
 
+    name: ClassVar[str] = "compute"
+
     dtype: Dtype = "float32"  # Activations and matmul inputs; parameters stay float32.
     remat: RematPolicy = "none"
     # "sort": dropless (permute -> grouped matmuls -> combine); "capacity": fixed slots per
@@ -159,8 +190,8 @@ class ComputeConfig(_Section):
     capacity_factor: float = 0.0
 
     def __post_init__(self):
-        _require(self.capacity_factor >= 0, "compute.capacity_factor must be >= 0")
-
+        self._check_types()
+        require(self.capacity_factor >= 0, "compute.capacity_factor must be >= 0")
 
 
 PSRSchedule = Literal["none", "linear", "stepwise"]
@@ -172,6 +203,8 @@ BalanceOver = Literal["available", "pool"]
 @dataclasses.dataclass(frozen=True)
 class PSRConfig(_Section):
     """Progressive Scaling Routing (Sec. 3): which pool experts a layer may select at step t."""
+
+    name: ClassVar[str] = "psr"
 
     schedule: PSRSchedule = "none"
     start_step: int = 0  # t_s
@@ -185,18 +218,20 @@ class PSRConfig(_Section):
     balance_over: BalanceOver = "available"
 
     def __post_init__(self):
-        _require(self.start_step >= 0, f"psr.start_step must be >= 0, got {self.start_step}")
-        _require(self.start_step < self.end_step,
+        self._check_types()
+        require(self.start_step >= 0, f"psr.start_step must be >= 0, got {self.start_step}")
+        require(self.start_step < self.end_step,
                  f"psr.start_step={self.start_step} must be < psr.end_step={self.end_step}")
-        _require(self.stages >= 0, f"psr.stages must be >= 0, got {self.stages}")
-        _require(self.initial_experts >= 0,
+        require(self.stages >= 0, f"psr.stages must be >= 0, got {self.stages}")
+        require(self.initial_experts >= 0,
                  f"psr.initial_experts must be >= 0, got {self.initial_experts}")
-
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig(_Section):
     """Auxiliary router losses (a project decision: the paper names none)."""
+
+    name: ClassVar[str] = "loss"
 
     load_balance: float = 0.01  # Switch-style f.P loss over each layer's pool; 0 turns it off.
     z_loss: float = 0.001  # Router z-loss (logsumexp of router logits, squared); 0 turns it off.
@@ -205,15 +240,17 @@ class LossConfig(_Section):
     router_bias_rate: float = 0.001
 
     def __post_init__(self):
-        _require(self.load_balance >= 0, "loss.load_balance must be >= 0")
-        _require(self.z_loss >= 0, "loss.z_loss must be >= 0")
-        _require(self.router_bias_rate >= 0, "loss.router_bias_rate must be >= 0")
-
+        self._check_types()
+        require(self.load_balance >= 0, "loss.load_balance must be >= 0")
+        require(self.z_loss >= 0, "loss.z_loss must be >= 0")
+        require(self.router_bias_rate >= 0, "loss.router_bias_rate must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Section):
     """AdamW with warm-up and cosine decay, the paper's recipe (Sec. 5)."""
+
+    name: ClassVar[str] = "optim"
 
     learning_rate: float = 3e-4
     min_lr_ratio: float = 0.1  # Cosine decays to this fraction of the peak.
@@ -226,13 +263,14 @@ class OptimConfig(_Section):
     grad_accum: int = 1  # Micro-batches per optimizer step.
 
     def __post_init__(self):
-        _require(self.learning_rate > 0, "optim.learning_rate must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
-        _require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
-        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
-        _require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
-        _require(self.clip_norm >= 0, "optim.clip_norm must be >= 0")
-        _require(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
+        self._check_types()
+        require(self.learning_rate > 0, "optim.learning_rate must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
+        require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
+        require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")
+        require(self.clip_norm >= 0, "optim.clip_norm must be >= 0")
+        require(self.grad_accum >= 1, "optim.grad_accum must be >= 1")
 
     def state_layout(self) -> tuple:
         """Clipping on or off changes the optimizer state's structure; its threshold does not."""
@@ -250,6 +288,8 @@ class DataConfig(_Section):
     of .txt, .jsonl, .parquet (text) or .npy, .arrayrecord (token) files.
     """
 
+    name: ClassVar[str] = "data"
+
     corpus: str = ""
     tokenizer: str = ""  # tokenizer.json or SentencePiece .model
     text_field: str = "text"  # The JSON Lines field or Parquet column holding the text.
@@ -259,15 +299,17 @@ class DataConfig(_Section):
     eval_fraction: float = 0.02  # Share of documents held out, chosen by seed.
 
     def __post_init__(self):
-        _require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
-        _require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
-        _require(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
-
+        self._check_types()
+        require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
+        require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
+        require(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig(_Section):
     """Device mesh axis sizes; -1 means 'the remaining devices' (at most one axis)."""
+
+    name: ClassVar[str] = "mesh"
 
     data: int = -1
     fsdp: int = 1
@@ -280,11 +322,11 @@ class MeshConfig(_Section):
         return (self.data, self.fsdp, self.expert, self.tensor)
 
     def __post_init__(self):
+        self._check_types()
         sizes = self.axis_sizes
-        _require(all(s == -1 or s >= 1 for s in sizes), "mesh axis sizes must be >= 1 or -1")
-        _require(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
-        _require(self.num_devices >= 0, "mesh.num_devices must be >= 0")
-
+        require(all(s == -1 or s >= 1 for s in sizes), "mesh axis sizes must be >= 1 or -1")
+        require(sizes.count(-1) <= 1, "at most one mesh axis may be -1")
+        require(self.num_devices >= 0, "mesh.num_devices must be >= 0")
 
 
 NonFinite = Literal["stop", "skip"]
@@ -294,6 +336,8 @@ TRACKERS = ("jsonl", "tensorboard", "wandb")  # jsonl (metrics.jsonl) is always 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig(_Section):
     """The run: length, seed and the host loop's cadences."""
+
+    name: ClassVar[str] = "train"
 
     steps: int = 300
     seed: int = 0
@@ -327,24 +371,24 @@ class TrainConfig(_Section):
         return int(first), int(last)
 
     def __post_init__(self):
-        _require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
+        self._check_types()
+        require(self.steps >= 1, f"train.steps must be >= 1, got {self.steps}")
         unknown = [name for name in self.trackers if name not in TRACKERS]
-        _require(not unknown, f"train.tracker: unknown tracker {unknown[0] if unknown else ''!r}; "
+        require(not unknown, f"train.tracker: unknown tracker {unknown[0] if unknown else ''!r}; "
                               f"choose from {', '.join(TRACKERS)}, comma-separated")
-        _require(self.peak_flops >= 0, "train.peak_flops must be >= 0")
+        require(self.peak_flops >= 0, "train.peak_flops must be >= 0")
         window = re.fullmatch(r"(\d+),(\d+)", self.profile_steps)
-        _require(not self.profile_steps or (window is not None and 1 <= int(window[1]) <= int(window[2])),
+        require(not self.profile_steps or (window is not None and 1 <= int(window[1]) <= int(window[2])),
                  f"train.profile_steps={self.profile_steps!r} must be FIRST,LAST steps with 1 <= FIRST <= LAST")
-        _require(self.profile_process >= -1, "train.profile_process must be a process index or -1 (all)")
-        _require(self.log_every >= 1, "train.log_every must be >= 1")
-        _require(self.eval_every >= 1, "train.eval_every must be >= 1")
-        _require(self.eval_batches >= 1, "train.eval_batches must be >= 1")
-        _require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
-        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
-        _require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
-        _require(self.sample_tokens == 0 or self.sample_prompt != "",
+        require(self.profile_process >= -1, "train.profile_process must be a process index or -1 (all)")
+        require(self.log_every >= 1, "train.log_every must be >= 1")
+        require(self.eval_every >= 1, "train.eval_every must be >= 1")
+        require(self.eval_batches >= 1, "train.eval_batches must be >= 1")
+        require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
+        require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
+        require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give the sample a prompt or set train.sample_tokens=0")
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,20 +404,20 @@ class Config:
 
     def __post_init__(self):
         m, p = self.model, self.psr
-        _require(m.ffn == "moe" or p.schedule == "none",
+        require(m.ffn == "moe" or p.schedule == "none",
                  "model.ffn=dense has no pool for PSR to grow; set psr.schedule=none")
         if p.schedule != "none":
             initial = reuse_lib.initial_pool(p.initial_experts, m.num_experts, m.pool_size)
-            _require(p.initial_experts <= m.pool_size,
+            require(p.initial_experts <= m.pool_size,
                      f"psr.initial_experts={p.initial_experts} exceeds the pool size r*N={m.pool_size}")
-            _require(m.top_k <= initial,
+            require(m.top_k <= initial,
                      f"model.top_k={m.top_k} exceeds psr.initial_experts={initial}: "
                      "top-K would have to pick masked experts")
-            _require(p.schedule != "stepwise" or p.stages <= m.pool_size - initial,
+            require(p.schedule != "stepwise" or p.stages <= m.pool_size - initial,
                      f"psr.stages={p.stages} exceeds the experts the pool grows by "
                      f"({m.pool_size - initial})")
-        _require(m.vocab_size >= 2, "model.vocab_size must be >= 2")
-        _require(self.data.batch_size % self.optim.grad_accum == 0,
+        require(m.vocab_size >= 2, "model.vocab_size must be >= 2")
+        require(self.data.batch_size % self.optim.grad_accum == 0,
                  f"data.batch_size={self.data.batch_size} is not divisible by optim.grad_accum="
                  f"{self.optim.grad_accum}")
 
@@ -386,160 +430,3 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Overrides: "section.field=value" strings applied to a Config.
-
-
-def _section_types() -> dict[str, type]:
-    return {f.name: type(f.default) for f in dataclasses.fields(Config)}
-
-
-def _field_type(section: str, name: str):
-    key = f"{section}.{name}"
-    types = _section_types()
-    _require(section in types, f"unknown config key {key!r}; sections are {', '.join(types)}")
-    hints = typing.get_type_hints(types[section])
-    _require(name in hints, f"unknown config key {key!r}; {section} has "
-             f"{', '.join(f.name for f in dataclasses.fields(types[section]))}")
-    return hints[name]
-
-
-def _parse_value(key: str, raw: str, kind) -> object:
-    """A command-line string as a value of the field's type. Strings are kept exactly."""
-    if typing.get_origin(kind) is Literal:
-        raw = raw.strip()
-        choices = typing.get_args(kind)
-        _require(raw in choices, f"{key}={raw!r}: expected one of {', '.join(choices)}")
-        return raw
-    if kind is bool:
-        lowered = raw.strip().lower()
-        _require(lowered in ("true", "false", "1", "0"), f"{key}={raw!r}: expected true or false")
-        return lowered in ("true", "1")
-    if kind is int:
-        try:
-            return int(raw)
-        except ValueError:
-            raise ConfigError(f"{key}={raw!r}: expected an integer") from None
-    if kind is float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{key}={raw!r}: expected a number") from None
-        _require(math.isfinite(value), f"{key}={raw!r}: expected a finite number")
-        return value
-    return raw
-
-
-def _check_value(key: str, value: object, kind) -> object:
-    """A JSON value (config.json) as a value of the field's type, or a ConfigError."""
-    if typing.get_origin(kind) is Literal:
-        choices = typing.get_args(kind)
-        _require(value in choices, f"{key}={value!r}: expected one of {', '.join(choices)}")
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    _require(ok, f"{key}={value!r}: expected {kind.__name__}, got {type(value).__name__}")
-    _require(kind is not float or math.isfinite(value), f"{key}={value!r}: expected a finite number")
-    return value
-
-
-def _replace(config: Config, changes: dict[str, dict[str, object]]) -> Config:
-    try:
-        return dataclasses.replace(config, **{
-            section: dataclasses.replace(getattr(config, section), **fields)
-            for section, fields in changes.items()})
-    except TypeError as err:  # A preset built with a wrong type reaches here.
-        raise ConfigError(str(err)) from None
-
-
-def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Returns `config` with each "section.field=value" applied, validating the result."""
-    changes: dict[str, dict[str, object]] = {}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        _require(bool(sep), f"override {item!r} is not of the form section.field=value")
-        section, _, name = key.strip().partition(".")
-        kind = _field_type(section, name)
-        changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw, kind)
-    return _replace(config, changes)
-
-
-def from_dict(data: dict) -> Config:
-    """Rebuilds a Config saved with `to_dict` (a run's config.json), exactly: from_dict(c.to_dict())
-    == c. A config.json written before the `compute` section existed has its fields under
-    `model`; they are read from there."""
-    compute_fields = {f.name for f in dataclasses.fields(ComputeConfig)}
-    changes: dict[str, dict[str, object]] = {}
-    for section, fields in data.items():
-        _require(isinstance(fields, dict), f"config section {section!r} is not a mapping")
-        for name, value in fields.items():
-            if section == "model" and name in compute_fields:
-                section_now = "compute"
-            else:
-                section_now = section
-            kind = _field_type(section_now, name)
-            changes.setdefault(section_now, {})[name] = _check_value(f"{section_now}.{name}", value, kind)
-    return _replace(Config(), changes)
-
-
-def load_preset(path: str | pathlib.Path) -> Config:
-    """Loads `get_config()` from a preset file; presets in one folder may import each other.
-    Whatever goes wrong in the file (a syntax error, an exception, a field of the wrong type)
-    is a ConfigError naming the file."""
-    path = pathlib.Path(path)
-    _require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
-    try:
-        module = _import_preset(path)
-        _require(callable(getattr(module, "get_config", None)), f"config file {str(path)!r} defines no get_config()")
-        config = module.get_config()
-    except ConfigError:
-        raise
-    except SyntaxError as err:
-        raise ConfigError(f"config file {str(path)!r} line {err.lineno}: {err.msg}") from None
-    except Exception as err:  # noqa: BLE001 - a preset is user code: anything can go wrong in it.
-        detail = _wrong_field(err) or f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-        raise ConfigError(f"config file {str(path)!r} failed: {detail}") from None
-    _require(isinstance(config, Config),
-             f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
-    try:  # The round trip checks every field's type, which the dataclasses do not.
-        return from_dict(config.to_dict())
-    except ConfigError as err:
-        raise ConfigError(f"get_config() in {str(path)!r}: {err}") from None
-
-
-def _wrong_field(err: Exception) -> str | None:
-    """A field of the wrong type makes a section's validation fail with a TypeError ("'>=' not
-    supported ..."); the section it was checking is still in the traceback, so the field is
-    named from there."""
-    if not isinstance(err, TypeError):
-        return None
-    names = {kind: name for name, kind in _section_types().items()}
-    tb = err.__traceback__
-    while tb is not None:
-        section = tb.tb_frame.f_locals.get("self")
-        if type(section) in names:
-            hints = typing.get_type_hints(type(section))
-            for field in dataclasses.fields(section):
-                try:
-                    _check_value(f"{names[type(section)]}.{field.name}", getattr(section, field.name), hints[field.name])
-                except ConfigError as wrong:
-                    return str(wrong)
-        tb = tb.tb_next
-    return None
-
-
-def _import_preset(path: pathlib.Path):
-    package_dir = path.parent
-    if (package_dir / "__init__.py").is_file():
-        # Import as package.module so presets can build on each other with relative imports.
-        root = str(package_dir.parent.resolve())
-        if root not in sys.path:
-            sys.path.insert(0, root)
-        return importlib.import_module(f"{package_dir.name}.{path.stem}")
-    spec = importlib.util.spec_from_file_location(f"_rexmoe_preset_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

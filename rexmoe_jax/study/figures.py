@@ -12,8 +12,8 @@ import pathlib
 import numpy as np
 
 from rexmoe_jax.plot import pyplot
-from rexmoe_jax.study import Study
-from rexmoe_jax.study_stats import mean_interval
+from rexmoe_jax.study.spec import Study
+from rexmoe_jax.study.stats import mean_interval
 
 
 def _color(study: Study, arm: str) -> str:

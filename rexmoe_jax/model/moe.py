@@ -1,6 +1,6 @@
 """The MoE FFN of one layer: its router over the pool, the dispatch path, the router statistics.
 
-Shape letters: the glossary at the top of model.py.
+Shape letters: the glossary in rexmoe_jax/model/__init__.py.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax import expert_parallel, losses
 from rexmoe_jax.config import ComputeConfig, ModelConfig
-from rexmoe_jax.dispatch import ExpertWeights, choose_path, route
-from rexmoe_jax.layers import SwiGLU, param_init
+from rexmoe_jax.model import expert_parallel, losses
+from rexmoe_jax.model.dispatch import ExpertWeights, choose_path, route
+from rexmoe_jax.model.layers import SwiGLU, param_init
 
 
 class RouterStats(NamedTuple):

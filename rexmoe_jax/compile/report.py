@@ -1,6 +1,6 @@
 """What the compiler plans for one train step on a mesh, from shapes alone (`train.py
 --compile-only`): per-device memory, the step's FLOPs and bytes (XLA's cost analysis, and the
-same counted through the step's loops from its HLO: hlo_analysis), a roofline estimate of its
+same counted through the step's loops from its HLO: hlo.py), a roofline estimate of its
 time and MFU on a named TPU, and the collectives of the compiled HLO.
 
 With `--target` the devices are a TPU slice described by libtpu (sharding.target_devices), so
@@ -16,10 +16,11 @@ import time
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax import hlo_analysis, sharding, trainer
+from rexmoe_jax import sharding, trainer
+from rexmoe_jax.compile import hlo
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.loop import jitted_steps
-from rexmoe_jax.metrics import flops_per_token
+from rexmoe_jax.model.metrics import flops_per_token
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.targets import Target
 
@@ -51,7 +52,7 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
 
 def _cost(compiled) -> tuple[float, float]:
     """(FLOPs, bytes accessed) per device as XLA's cost analysis counts them: a loop's body
-    once, so a step that scans layers and micro-batches looks far cheaper (hlo_analysis)."""
+    once, so a step that scans layers and micro-batches looks far cheaper (hlo.py)."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -106,10 +107,10 @@ def compile_report(config: Config, target: Target | None = None,
     report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
                                         - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
     report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
-    hlo = compiled.as_text()
+    text = compiled.as_text()
     if hlo_path:
-        pathlib.Path(hlo_path).write_text(hlo)
-    step = hlo_analysis.analyse(hlo)
+        pathlib.Path(hlo_path).write_text(text)
+    step = hlo.analyse(text)
     report["flops_per_device"], report["hbm_bytes_per_device"] = step["flops"], step["hbm_bytes"]
     report["loops_of_unknown_length"] = step["loops_of_unknown_length"]
     report["collectives"] = step["collectives"]

@@ -44,7 +44,10 @@ import numpy as np
 
 from rexmoe_jax.cli import LOST_PROCESS, CommandError, one_line
 from rexmoe_jax.config import ConfigError
-from rexmoe_jax.preemption import StopRequest
+from rexmoe_jax.runtime.preemption import StopRequest
+
+# jax is imported inside the functions that use it: train.py imports this module, and installs
+# its signal handler, before jax is loaded.
 
 ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _POLL_SECONDS = 1.0
@@ -114,19 +117,20 @@ def initialize(init_timeout: int, heartbeat_timeout: int, stop: StopRequest | No
 
 
 def barrier(name: str) -> None:
-    """Waits (up to --init-timeout) until every process gets here. Through the coordination
-    service, not a device collective: on CPU, a process that enters a collective more than 30 s
-    before another fails (gloo's fixed timeout), and start-up and compiling are where processes
-    drift that far apart on a busy machine. Each name is used once."""
+    """Waits (up to --init-timeout) until every process gets here: the project's one way to wait
+    for all processes (nothing to do with one). Through the coordination service, not a device
+    collective: on CPU, a process that enters a collective more than 30 s before another fails
+    (gloo's fixed timeout), and start-up and compiling are where processes drift that far apart
+    on a busy machine. Each name is used once."""
     import jax
 
     if jax.process_count() == 1:
         return
     client = _runtime_client()
     if client is None:  # another JAX version: a device collective, without that protection
-        from rexmoe_jax import sharding
+        from jax.experimental import multihost_utils
 
-        sharding.sync_hosts(name)
+        multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
 

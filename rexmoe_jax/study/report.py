@@ -17,10 +17,11 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax import outputs, study_figures
-from rexmoe_jax.study import Study, StudyError
-from rexmoe_jax.study_record import load_record
-from rexmoe_jax.study_stats import mean_interval, paired_difference
+from rexmoe_jax import outputs
+from rexmoe_jax.study import figures as study_figures
+from rexmoe_jax.study.record import load_record
+from rexmoe_jax.study.spec import Study, StudyError
+from rexmoe_jax.study.stats import mean_interval, paired_difference
 
 _MARK = "Written by `python -m rexmoe_jax.study report"  # How a report this wrote is recognised.
 # metric -> (what it is, unit, what "lower" means, what "higher" means)

@@ -22,12 +22,13 @@ import pathlib
 import jax
 import jax.numpy as jnp
 
-from rexmoe_jax import distributed, sharding, trainer
+from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides, from_dict
 from rexmoe_jax.data import resolve_tokenizer
+from rexmoe_jax.runtime import distributed
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE
 from rexmoe_jax.tokenizer import Tokenizer
-from rexmoe_jax.workdir import CHECKPOINTS, CONFIG_FILE
 
 DTYPES = ("float32", "bfloat16", "float16")
 

@@ -20,35 +20,7 @@ Logical axis names (mapped to mesh axes by the one table in sharding.py):
     groups, layers                                 the two scanned axes
     norm                                           norm scales
 
-Shape letters. Arrays are named with their shape (x_BxSxD: batch x sequence x model width);
-every file of the project, kernels included, uses these letters and only these meanings:
-
-    A  assignments: the T*K (token, chosen expert) pairs
-    B  batch: sequences
-    C  rows per fixed-size bucket: capacity slots of an expert or destination, rows of a block
-    D  model width (d_model)
-    E  buckets rows are sorted into: the groups of a grouped matmul, the experts or the
-       expert-axis devices of a slotted dispatch
-    F  expert hidden width (or the fused shared experts' width)
-    G  groups of layers (L / r, rounded up)
-    H  query heads
-    I  a grouped matmul's input (contracted) width
-    J  key/value heads
-    K  top-k: experts chosen per token
-    L  layers
-    M  rows of a grouped matmul, or of a gather's source
-    N  experts a layer owns (the paper's N; a full pool holds r*N)
-    O  a grouped matmul's output width
-    P  pool: a layer's candidate experts (r*N, fewer in a smaller last group)
-    Q  query heads per key/value head (H / J)
-    R  layers of a group (r, fewer in a smaller last group)
-    S  sequence (query) positions; S1 = S + 1 tokens of a training row
-    T  tokens: B*S flattened
-    U  key/value positions (attention keys: the sequence, or the KV cache)
-    V  vocabulary
-    W  row blocks of the blocked grouped matmul
-    Y  slots: E buckets x C rows
-    Z  head width
+Shape letters: the glossary in the model package's docstring (rexmoe_jax/model/__init__.py).
 """
 
 from __future__ import annotations
@@ -60,12 +32,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rexmoe_jax import psr as psr_lib
 from rexmoe_jax import reuse
 from rexmoe_jax.config import ComputeConfig, ModelConfig, PSRConfig
-from rexmoe_jax.dispatch import ExpertWeights, kernel_aligned
-from rexmoe_jax.layers import Attention, RMSNorm, Segments, SwiGLU, dtype_of, output_init_std, param_init
-from rexmoe_jax.moe import MoEFFN, RouterStats
+from rexmoe_jax.model import psr as psr_lib
+from rexmoe_jax.model.dispatch import ExpertWeights, kernel_aligned
+from rexmoe_jax.model.layers import (
+    Attention,
+    RMSNorm,
+    Segments,
+    SwiGLU,
+    dtype_of,
+    output_init_std,
+    param_init,
+)
+from rexmoe_jax.model.moe import MoEFFN, RouterStats
 
 
 class PSRInputs(NamedTuple):

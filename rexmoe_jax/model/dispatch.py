@@ -1,15 +1,17 @@
 """Routing and dispatch as plain functions of arrays: gating (Eq. 2-3), the dense oracle, the
-sort-based dropless path (permute -> grouped SwiGLU -> combine), the capacity path, and
-`local_dispatch`, the one place a dispatch path is chosen.
+sort-based dropless path (permute -> grouped SwiGLU -> combine), the capacity path, and the
+places where `compute.dispatch` is read: `compute_for` (the settings a purpose runs with) and
+`choose_path` (the path those settings name).
 
-Shape letters: the glossary at the top of model.py.
+Shape letters: the glossary in rexmoe_jax/model/__init__.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,7 @@ from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import alignment, blocked, grouped_matmul, resolve
 from rexmoe_jax import sharding
 from rexmoe_jax.config import ComputeConfig
-from rexmoe_jax.layers import swiglu
+from rexmoe_jax.model.layers import swiglu
 
 
 class ExpertWeights(NamedTuple):
@@ -208,11 +210,27 @@ class Choice(NamedTuple):
     exchange: str  # with an expert axis: "ragged" (exact rows) or "fixed" (equal buffers)
 
 
+Purpose = Literal["train", "score", "decode"]
+
+
+def compute_for(compute: ComputeConfig, purpose: Purpose) -> ComputeConfig:
+    """The compute settings a model runs with for `purpose`. Training and evaluation: as
+    configured. Scoring: "sort" instead of "capacity", whose drops depend on what else is in the
+    batch (a score would depend on packing); "sort" computes the same experts without dropping.
+    Decoding one token per sequence: "gather", whose K experts' weights cost the same for any
+    pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py)."""
+    if purpose == "decode":
+        return dataclasses.replace(compute, dispatch="gather")
+    if purpose == "score" and compute.dispatch == "capacity":
+        return dataclasses.replace(compute, dispatch="sort")
+    return compute
+
+
 def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
-    """The one place `compute.dispatch` and `compute.expert_exchange` are read: the path, whether
-    it runs on each device's own tokens inside shard_map ("sort", "capacity": on every mesh, a
-    one-device one included) or on the whole arrays ("dense", "gather": they read every expert's
-    weights), and how tokens travel between devices of an expert axis."""
+    """Where `compute.dispatch` and `compute.expert_exchange` are read (with `compute_for`): the
+    path, whether it runs on each device's own tokens inside shard_map ("sort", "capacity": on
+    every mesh, a one-device one included) or on the whole arrays ("dense", "gather": they read
+    every expert's weights), and how tokens travel between devices of an expert axis."""
     exchange = compute.expert_exchange
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
         exchange = "fixed" if sharding.platform() == "cpu" else "ragged"

@@ -19,8 +19,11 @@ import subprocess
 import sys
 import time
 
-from rexmoe_jax import outputs, study_record
-from rexmoe_jax.study import ROOT, TRAIN_SCRIPT, Arm, Study, StudyError
+from rexmoe_jax import outputs
+from rexmoe_jax.runlog import read_records
+from rexmoe_jax.runtime.workdir import METRICS_FILE
+from rexmoe_jax.study import record as study_record
+from rexmoe_jax.study.spec import ROOT, TRAIN_SCRIPT, Arm, Study, StudyError
 
 # XLA:CPU flags that size its thread pools; replaced by the runner's own for each child.
 _XLA_THREAD_FLAGS = ("--xla_cpu_multi_thread_eigen", "intra_op_parallelism_threads")
@@ -250,7 +253,7 @@ def _finish(job: _Job, study: Study, options: Options, recorder: _Recorder) -> b
 
 def _progress(jobs: list[_Job], steps: int) -> None:
     for job in jobs:
-        records = study_record.read_jsonl(job.workdir / "metrics.jsonl")
+        records = read_records(job.workdir / METRICS_FILE, warn=False)  # being written: a torn last line is dropped
         train = [r for r in records if "loss" in r and r["step"] > job.from_step]
         evals = [r for r in records if "eval_loss" in r]
         if not train:

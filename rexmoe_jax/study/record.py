@@ -7,7 +7,8 @@ at every evaluation (from routing.jsonl's expert loads over the full pool), the 
 loads, N_t at every logged step, sizes, token counts, wall time, throughput and the commits
 that ran it. Records are written atomically, so a reader never sees half of one.
 
-This module reads files only; it imports neither jax nor the model.
+This module reads files only and computes on the host: the JSON Lines come from
+runlog.read_records, the per-layer routing from metrics.layer_routing (NumPy).
 """
 
 from __future__ import annotations
@@ -19,31 +20,28 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax.study import StudyError
+from rexmoe_jax.data import held_out_documents, split_documents
+from rexmoe_jax.model import metrics as metrics_lib
+from rexmoe_jax.runlog import read_records
+from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE
+from rexmoe_jax.study.spec import StudyError
 
 RECORD_VERSION = 1
 ATTEMPTS_FILE = "study_attempts.jsonl"  # In the run folder: one line per launch of train.py.
 CORPUS_PLACEHOLDER = "<--corpus>"  # Stands for the machine's corpus path in a record's config.
-# Under-used expert: load below half the uniform share, as rexmoe_jax.metrics.UNDERUSED_LBV.
-_UNDERUSED_LBV = -0.5
 _TRAIN_SERIES = ("loss", "psr_pool_size", "lbv_max", "lbv_min", "underused_share", "tokens_per_sec", "lr")
 _EVAL_SERIES = ("eval_loss", "lbv_max", "underused_share", "foreign_share")
 
 
-def read_jsonl(path: pathlib.Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def last_step(workdir: pathlib.Path) -> int:
     """The last step the run logged (0 before its first log line)."""
-    return max((r.get("step", 0) for r in read_jsonl(workdir / "metrics.jsonl")), default=0)
+    return max((r.get("step", 0) for r in read_records(workdir / METRICS_FILE, warn=False)), default=0)
 
 
 def is_complete(workdir: pathlib.Path, steps: int) -> bool:
     """Training reached `steps` and evaluated there (the loop always evaluates the last step)."""
-    return any(r.get("step") == steps and "eval_loss" in r for r in read_jsonl(workdir / "metrics.jsonl"))
+    records = read_records(workdir / METRICS_FILE, warn=False)  # a live run's last line may be torn
+    return any(r.get("step") == steps and "eval_loss" in r for r in records)
 
 
 def write_atomic(path: pathlib.Path, record: dict) -> None:
@@ -100,8 +98,6 @@ def training_tokens(corpus: str, eval_fraction: float, seed: int) -> int | None:
     folder = pathlib.Path(corpus) if corpus else None
     if folder is None or not (folder / "offsets.npy").is_file():
         return None
-    from rexmoe_jax.data import split_documents  # numpy only: no jax
-
     lengths = np.diff(np.load(folder / "offsets.npy"))
     train, _ = split_documents(len(lengths), eval_fraction, seed)
     return int(lengths[train].sum())
@@ -127,8 +123,6 @@ def held_out_coverage(corpus: str, config: dict, seed: int, sources: list[str] |
     folder = pathlib.Path(corpus) if corpus else None
     if folder is None or not (folder / "offsets.npy").is_file():
         return None
-    from rexmoe_jax.data import held_out_documents  # numpy only: no jax
-
     data, train = config["data"], config["train"]
     offsets = np.load(folder / "offsets.npy")
     ids = held_out_documents(offsets, data["eval_fraction"], seed, data["seq_len"],
@@ -157,30 +151,14 @@ def _round(value):
     return value
 
 
-def layer_routing(load_LxP: np.ndarray, pool_sizes_L: np.ndarray, num_experts: int, reuse: int) -> dict:
-    """Per layer, from its expert loads over the pool at one evaluation: the largest LBV, the
-    share of under-used experts, and the share of assignments to experts another layer of the
-    group owns (layer l owns pool ids (l mod r) N ... (l mod r) N + N - 1)."""
-    load = np.asarray(load_LxP, np.float64)
-    pools = np.asarray(pool_sizes_L)[:, None]
-    ids = np.arange(load.shape[1])[None, :]
-    valid = ids < pools
-    lbv = np.where(valid, load * pools - 1.0, 0.0)
-    first = (np.arange(load.shape[0]) % reuse)[:, None] * num_experts
-    own = (ids >= first) & (ids < first + num_experts)
-    return {"lbv_max": lbv.max(axis=1).tolist(),
-            "underused_share": (((lbv < _UNDERUSED_LBV) & valid).sum(axis=1) / valid.sum(axis=1)).tolist(),
-            "foreign_share": (1.0 - (load * own).sum(axis=1) / load.sum(axis=1)).tolist()}
-
-
 def _routing(workdir: pathlib.Path, model: dict) -> dict:
-    evals = read_jsonl(workdir / "routing.jsonl")
+    evals = read_records(workdir / ROUTING_FILE)
     if not evals:
         return {}
-    layers = [layer_routing(np.asarray(e["expert_load"]), np.asarray(e["pool_sizes"]), model["num_experts"],
-                            model["reuse"]) for e in evals]
+    layers = [metrics_lib.layer_routing(np.asarray(e["expert_load"]), np.asarray(e["pool_sizes"]), model["num_experts"],
+                                    model["reuse"]) for e in evals]
     return {"step": [e["step"] for e in evals],
-            **{f"{name}_by_layer": [_round(entry[name]) for entry in layers]
+            **{f"{name}_by_layer": [_round(entry[name].tolist()) for entry in layers]
                for name in ("lbv_max", "underused_share", "foreign_share")},
             "final_expert_load": _round(evals[-1]["expert_load"]), "pool_sizes": evals[-1]["pool_sizes"]}
 
@@ -201,10 +179,10 @@ def build_record(*, study: str, arm: str, seed: int, workdir: pathlib.Path, over
     config = json.loads((workdir / "config.json").read_text())
     if config["data"]["corpus"]:
         config["data"]["corpus"] = CORPUS_PLACEHOLDER
-    metrics = read_jsonl(workdir / "metrics.jsonl")
+    metrics = read_records(workdir / METRICS_FILE)
     train = [r for r in metrics if "loss" in r]
     evals = [r for r in metrics if "eval_loss" in r]
-    attempts = read_jsonl(workdir / ATTEMPTS_FILE)
+    attempts = read_records(workdir / ATTEMPTS_FILE)
     steps, per_step = config["train"]["steps"], sizes["tokens_per_step"]
     eval_seqs = config["train"]["eval_batches"] * config["data"]["batch_size"]
     return {

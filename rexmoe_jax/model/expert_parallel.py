@@ -32,8 +32,9 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import token_permute
 from pallas_kernels.token_permute import inverse_permutation
-from rexmoe_jax import collectives, sharding
-from rexmoe_jax.dispatch import (
+from rexmoe_jax import sharding
+from rexmoe_jax.model import collectives
+from rexmoe_jax.model.dispatch import (
     ExpertWeights,
     Path,
     Routing,
@@ -91,9 +92,9 @@ def _ragged_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, reduc
     # sender is its rows for expert g; receiver r keeps them by expert p, then by sender s.
     counts_P = jnp.bincount(experts_A, length=num_shards * pool_local).astype(jnp.int32)
     counts_ExP = jax.lax.all_gather(counts_P, "expert")
-    c_ExExL = counts_ExP.reshape(num_shards, num_shards, pool_local)
-    block_start_ExL = _exclusive_cumsum(jnp.sum(c_ExExL, axis=0))  # [r, p]: expert p's rows on r
-    landing_ExExL = block_start_ExL[None] + _exclusive_cumsum(c_ExExL, axis=0)  # [s, r, p]
+    c_ExExPl = counts_ExP.reshape(num_shards, num_shards, pool_local)
+    block_start_ExPl = _exclusive_cumsum(jnp.sum(c_ExExPl, axis=0))  # [r, p]: expert p's rows on r
+    landing_ExExPl = block_start_ExPl[None] + _exclusive_cumsum(c_ExExPl, axis=0)  # [s, r, p]
     sorted_start_ExP = _exclusive_cumsum(counts_ExP)  # [s, g]: expert g's rows in s's sorted order
     me = jax.lax.axis_index("expert")
 
@@ -101,14 +102,14 @@ def _ragged_experts(x_TxD, gates_TxK, experts_TxK, weights: ExpertWeights, reduc
         output = jnp.zeros_like(operand, shape=(rows_out, operand.shape[1]))  # typed per device, as the rows
         return collectives.ragged_all_to_all(operand, output, *offsets_and_sizes, axis_name="expert")
 
-    mine_to_ExL = c_ExExL[me]  # [r, p]: what I send
-    to_me_ExL = c_ExExL[:, me]  # [s, p]: what I receive
+    mine_to_ExPl = c_ExExPl[me]  # [r, p]: what I send
+    to_me_ExPl = c_ExExPl[:, me]  # [s, p]: what I receive
     received_YxD = exchange(x_AxD, num_shards * experts_A.shape[0], sorted_start_ExP[me], counts_P,
-                            landing_ExExL[me].reshape(-1), to_me_ExL.reshape(-1))
-    y_YxD = grouped_swiglu(received_YxD, jnp.sum(to_me_ExL, axis=0), weights, implementation)
-    back_start_ExL = sorted_start_ExP.reshape(num_shards, num_shards, pool_local)[:, me]  # [s, p]
-    y_AxD = exchange(y_YxD, experts_A.shape[0], landing_ExExL[:, me].reshape(-1), to_me_ExL.reshape(-1),
-                     back_start_ExL.reshape(-1), mine_to_ExL.reshape(-1))
+                            landing_ExExPl[me].reshape(-1), to_me_ExPl.reshape(-1))
+    y_YxD = grouped_swiglu(received_YxD, jnp.sum(to_me_ExPl, axis=0), weights, implementation)
+    back_start_ExPl = sorted_start_ExP.reshape(num_shards, num_shards, pool_local)[:, me]  # [s, p]
+    y_AxD = exchange(y_YxD, experts_A.shape[0], landing_ExExPl[:, me].reshape(-1), to_me_ExPl.reshape(-1),
+                     back_start_ExPl.reshape(-1), mine_to_ExPl.reshape(-1))
     return token_permute.combine(reduce_rows(y_AxD), order_A, inverse_A, gates_TxK, implementation=permute,
                                  platform=sharding.platform())
 

@@ -15,23 +15,23 @@ from rexmoe_jax.targets import CHIPS
 UNDERUSED_LBV = -0.5
 
 
-def _valid(load_LxP, pool_sizes_L, available_LxP):
+def _valid(load_LxP, pool_sizes_L, available_LxP, xp=jnp):
     """The experts LBV is taken over: those of the layer's pool (a smaller last group's loads
     are zero-padded), and of those the ones PSR left available, when that is given."""
-    valid_LxP = jnp.arange(load_LxP.shape[-1])[None, :] < jnp.asarray(pool_sizes_L)[:, None]
+    valid_LxP = xp.arange(load_LxP.shape[-1])[None, :] < xp.asarray(pool_sizes_L)[:, None]
     return valid_LxP if available_LxP is None else valid_LxP & (available_LxP > 0)
 
 
 def load_balance_violation(load_LxP: jax.Array, pool_sizes_L: np.ndarray,
-                           available_LxP: jax.Array | None = None) -> jax.Array:
+                           available_LxP: jax.Array | None = None, xp=jnp) -> jax.Array:
     """The paper's LBV_i = (load_i - mean load) / mean load per layer and pool expert (0 is
     perfect balance, -1 an idle expert). `load` holds each expert's share of the layer's
     assignments (rows sum to 1), so the mean load is 1 / (number of experts counted): the pool,
     or during PSR the experts the mask left available (masked ones cannot be loaded, and would
-    read as idle). Entries not counted are 0."""
-    valid_LxP = _valid(load_LxP, pool_sizes_L, available_LxP)
-    count_L1 = jnp.sum(valid_LxP, axis=-1, keepdims=True).astype(jnp.float32)
-    return jnp.where(valid_LxP, load_LxP * count_L1 - 1.0, 0.0)
+    read as idle). Entries not counted are 0. `xp=np` computes it on the host, without jax."""
+    valid_LxP = _valid(load_LxP, pool_sizes_L, available_LxP, xp)
+    count_L1 = xp.sum(valid_LxP, axis=-1, keepdims=True).astype(xp.float32)
+    return xp.where(valid_LxP, load_LxP * count_L1 - 1.0, 0.0)
 
 
 def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray,
@@ -46,6 +46,18 @@ def routing_metrics(load_LxP: jax.Array, pool_sizes_L: np.ndarray,
         "underused_share": underused,
         "layer_lbv_max": jnp.max(lbv_LxP, axis=-1),
     }
+
+
+def layer_routing(load_LxP: np.ndarray, pool_sizes_L: np.ndarray, num_experts: int, reuse: int) -> dict[str, np.ndarray]:
+    """Per layer, on the host (NumPy, no jax computation), from its expert loads over the full
+    pool at one evaluation: the largest LBV, the share of under-used experts and `foreign_share`.
+    The evaluate command's and the study records' per-layer routing."""
+    load_LxP = np.asarray(load_LxP, np.float64)
+    lbv_LxP = load_balance_violation(load_LxP, pool_sizes_L, xp=np)
+    valid_LxP = _valid(load_LxP, pool_sizes_L, None, np)
+    return {"lbv_max": lbv_LxP.max(axis=-1),
+            "underused_share": ((lbv_LxP < UNDERUSED_LBV) & valid_LxP).sum(axis=-1) / valid_LxP.sum(axis=-1),
+            "foreign_share": foreign_share(load_LxP, num_experts, reuse)}
 
 
 def foreign_share(load_LxP, num_experts: int, reuse: int) -> np.ndarray:

@@ -13,7 +13,7 @@ numbers, behind `implementation=`:
   repeats the context's last token, whose logits predict the branch's first token, so that
   every position has one target.
 
-Shape letters: the glossary at the top of model.py; W is a row's width (seq_len).
+Shape letters: the glossary in rexmoe_jax/model/__init__.py; S is a row's width (seq_len).
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ import numpy as np
 
 from rexmoe_jax import sharding
 from rexmoe_jax.config import Config
-from rexmoe_jax.layers import Segments
-from rexmoe_jax.model import Decoder
+from rexmoe_jax.model.decoder import Decoder
+from rexmoe_jax.model.dispatch import compute_for
+from rexmoe_jax.model.layers import Segments
 
 Request = tuple[Sequence[int], Sequence[int]]
 IMPLEMENTATIONS = ("packed", "padded")
@@ -150,16 +151,10 @@ def _score_rows(config, compute, params, rows: dict, packed: bool):
     segments = Segments(rows["document"], rows["branch"]) if packed else None
     logits, _ = Decoder(config, compute).apply({"params": params}, rows["tokens"], rows["positions"],
                                                segments=segments)
-    logp_BxWxV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    targets_BxW = rows["targets"]
-    logp_BxW = jnp.take_along_axis(logp_BxWxV, targets_BxW[..., None], axis=-1)[..., 0]
-    return logp_BxW, jnp.argmax(logits, axis=-1) == targets_BxW
-
-
-def _dropless(compute):
-    # A capacity dispatch drops tokens depending on what else is in the batch: scores would
-    # depend on packing. The sort dispatch computes the same experts without dropping.
-    return dataclasses.replace(compute, dispatch="sort") if compute.dispatch == "capacity" else compute
+    logp_BxSxV = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    targets_BxS = rows["targets"]
+    logp_BxS = jnp.take_along_axis(logp_BxSxV, targets_BxS[..., None], axis=-1)[..., 0]
+    return logp_BxS, jnp.argmax(logits, axis=-1) == targets_BxS
 
 
 def score(config: Config, params, requests: Sequence[Request], implementation: str = "packed",
@@ -179,7 +174,7 @@ def score(config: Config, params, requests: Sequence[Request], implementation: s
         arrays = {f.name: sharding.put_rows(sharding.tile_rows(getattr(rows, f.name), mesh), mesh)
                   for f in dataclasses.fields(rows) if f.name != "owner"}
         with sharding.using(mesh):
-            logp, greedy = _score_rows(config.model, _dropless(config.compute), params, arrays,
+            logp, greedy = _score_rows(config.model, compute_for(config.compute, "score"), params, arrays,
                                        implementation == "packed")
         logp, greedy = sharding.host_rows(logp)[:len(rows.owner)], sharding.host_rows(greedy)[:len(rows.owner)]
         owned = rows.owner >= 0

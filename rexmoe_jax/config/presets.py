@@ -1,0 +1,77 @@
+"""Presets: Python files (see `configs/`) defining `get_config() -> Config`, loaded by path.
+
+The presets of a folder with an `__init__.py` build on each other (`from configs.recipe import
+...`): the folder is loaded by path as a package of its name, so the file's own imports find its
+neighbours without the folder's parent being on sys.path.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pathlib
+import sys
+
+from rexmoe_jax.config.overrides import from_dict
+from rexmoe_jax.config.sections import Config, ConfigError, require
+
+
+def load_preset(path: str | pathlib.Path) -> Config:
+    """Loads `get_config()` from a preset file. Whatever goes wrong in the file (a syntax error,
+    an exception, a field of the wrong type) is a ConfigError naming the file."""
+    path = pathlib.Path(path)
+    require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
+    try:
+        module = _import_preset(path)
+    except SyntaxError as err:
+        raise ConfigError(f"config file {str(path)!r} line {err.lineno}: {err.msg}") from None
+    except Exception as err:  # noqa: BLE001 - a preset is user code: anything can go wrong in it.
+        raise ConfigError(f"config file {str(path)!r} failed: {_one_line(err)}") from None
+    require(callable(getattr(module, "get_config", None)), f"config file {str(path)!r} defines no get_config()")
+    try:
+        config = module.get_config()
+    except Exception as err:  # noqa: BLE001 - as above; a section's ConfigError names the field.
+        raise ConfigError(f"config file {str(path)!r} failed: {_one_line(err)}") from None
+    require(isinstance(config, Config),
+             f"get_config() in {str(path)!r} returned {type(config).__name__}, not Config")
+    try:  # The round trip checks the config's structure besides its sections' field types.
+        return from_dict(config.to_dict())
+    except ConfigError as err:
+        raise ConfigError(f"get_config() in {str(path)!r}: {err}") from None
+
+
+def _one_line(err: Exception) -> str:
+    if isinstance(err, ConfigError):
+        return str(err)
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+
+
+def _import_preset(path: pathlib.Path):
+    folder = path.parent.resolve()
+    if not (folder / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(f"_rexmoe_preset_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(f"{_package(folder)}.{path.stem}")
+
+
+def _package(folder: pathlib.Path) -> str:
+    """`folder` imported by path as the package of its name (once), so that its presets'
+    `folder.module` imports resolve to its files."""
+    name = folder.name
+    loaded = sys.modules.get(name)
+    if loaded is None:
+        spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        loaded = importlib.util.module_from_spec(spec)
+        sys.modules[name] = loaded
+        try:
+            spec.loader.exec_module(loaded)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    where = [pathlib.Path(p).resolve() for p in getattr(loaded, "__path__", [])]
+    require(folder in where, f"preset folder {str(folder)!r}: another package named {name!r} "
+             f"({', '.join(map(str, where)) or 'a module'}) is already loaded")
+    return name
