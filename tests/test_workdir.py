@@ -35,7 +35,7 @@ def test_a_lock_held_by_another_process_stops_train_py_at_once(tmp_path):
     """A real second process: train.py exits 2 with one line naming the holder, and writes
     nothing into the folder."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from rexmoe_jax import workdir\n"
+        [sys.executable, "-c", "import sys, time; from rexmoe_jax.runtime import workdir\n"
          "with workdir.locked(__import__('pathlib').Path(sys.argv[1])):\n"
          "    print('held', flush=True); time.sleep(120)", str(tmp_path)],
         cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -12,7 +12,7 @@ hub), with its delimiter as lm_eval's target_delimiter and acc, acc_norm and acc
 
 Model arguments: `workdir` (required), `stride` (rolling windows for loglikelihood_rolling;
 default data.seq_len, lm_eval's windows) and `max_gen_toks` (default 256). Requests are scored
-by rexmoe_jax.scoring, which packs rows itself: lm_eval's --batch_size is accepted and unused.
+by rexmoe_jax.inference.scoring, which packs rows itself: lm_eval's --batch_size is accepted and unused.
 """
 
 from __future__ import annotations
