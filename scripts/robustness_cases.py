@@ -520,7 +520,10 @@ def ctrl_c_prepare(env: Env, source: pathlib.Path, root: pathlib.Path, earlier: 
     before = hashes(root)
     cmd = prepare_cmd(source, earlier, "--txt-documents", "paragraph")
     print(f"  $ {' '.join(cmd)[:200]}  (SIGINT while writing)", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env.vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT's default disposition, as from a terminal: a script run in the background inherits
+    # SIGINT ignored, and a Python started so never raises KeyboardInterrupt.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env.vars, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
     while not list(root.glob(".prepared.*.partial/tokens.bin")) and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
