@@ -102,3 +102,20 @@ def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     assert "optim.grad_accum=2" in message
     needed, available = (float(x) for x in re.findall(r"([\d.]+)[KMGT]?B", message)[:2])
     assert needed > available
+
+
+def test_words_of_the_compiler_not_known_here_are_quoted_in_the_one_line():
+    """A RESOURCE_EXHAUSTED message without the two sizes the module reads (a libtpu may word it
+    otherwise) still gives one line: the chip's HBM from the targets table and the compiler's
+    own reason, not placeholder sizes."""
+    from rexmoe_jax import targets
+    from rexmoe_jax.compile import report
+    from rexmoe_jax.config import Config
+
+    err = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Out of memory while\n"
+                       "allocating the scoped buffers of fusion.123.")
+    message = str(report._too_big(err, Config(), targets.parse("v5p-8")))
+    assert message.startswith("the train step does not fit: the compiler ran out of memory on a v5p chip "
+                              "(102.01GB): XLA:TPU compile permanent error. Out of memory while allocating")
+    assert "\n" not in message and "optim.grad_accum=2" in message
+    assert report._too_big(RuntimeError("INVALID_ARGUMENT: something else"), Config(), None) is None

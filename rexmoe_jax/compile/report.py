@@ -42,12 +42,17 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
     if "RESOURCE_EXHAUSTED" not in text:
         return None
     found = next((m for m in (p.search(text) for p in _TOO_BIG) if m), None)
-    needed, available = found.groups() if found else ("more", "the available")
     where = f"a {target.chip.name} chip" if target else "a device"
+    if found:
+        needed, available = found.groups()
+        plan = f"the compiler plans {needed}B of memory per device and {where} has {available}B"
+    else:  # Words this module does not know: the compiler's own, cut to a line.
+        capacity = f" ({target.chip.hbm_bytes / 1e9:.2f}GB)" if target else ""
+        reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
+        plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
     return DoesNotFit(
-        f"the train step does not fit: the compiler plans {needed}B of memory per device and {where} "
-        f"has {available}B; try optim.grad_accum={2 * config.optim.grad_accum}, compute.remat=full, "
-        "or a mesh that splits more (mesh.fsdp, mesh.expert) or a bigger slice")
+        f"the train step does not fit: {plan}; try optim.grad_accum={2 * config.optim.grad_accum}, "
+        "compute.remat=full, or a mesh that splits more (mesh.fsdp, mesh.expert) or a bigger slice")
 
 
 def _cost(compiled) -> tuple[float, float]:
