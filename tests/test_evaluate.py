@@ -183,7 +183,7 @@ def test_evaluate_writes_over_nothing_it_did_not_write(trained_run, tmp_path, ca
     def evaluation_ran(*args, **kwargs):
         raise AssertionError("the run was restored before the output was checked")
 
-    monkeypatch.setattr(evaluate, "restore", evaluation_ran)
+    monkeypatch.setattr(evaluate.restore_lib, "restore", evaluation_ran)
     (tmp_path / "notes.txt").write_text("mine\n")
     before = (hashes(trained_run), hashes(tmp_path))
     assert evaluate.main(["--workdir", str(trained_run), "--output", str(output(trained_run, tmp_path))]) == 2
