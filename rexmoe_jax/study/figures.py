@@ -161,7 +161,7 @@ def draw_all(study: Study, found: dict, folder: pathlib.Path) -> list[tuple[str,
     """Draws what the records allow; returns (file name, caption) of each figure written."""
     drawn = []
     for group in dict.fromkeys(a.group for a in study.arms):
-        name = f"eval_loss_{group}.png"
+        name = f"eval_loss_{group.replace(' ', '_')}.png"  # no spaces in file names
         if loss_curves(study, found, group, folder / name):
             drawn.append((name, f"Held-out loss of the {group} arms (mean, 95% band over seeds) and N_t."))
     if differences(study, found, folder / "eval_loss_vs_baseline.png"):
