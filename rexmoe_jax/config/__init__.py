@@ -9,7 +9,7 @@ A run's config is a preset plus overrides. This package imports no jax (train.py
 config before jax is loaded).
 """
 
-from rexmoe_jax.config.overrides import apply_overrides, from_dict
+from rexmoe_jax.config.overrides import apply_overrides, from_dict, read_json_config
 from rexmoe_jax.config.presets import load_preset
 from rexmoe_jax.config.sections import (
     TRACKERS,
@@ -26,4 +26,5 @@ from rexmoe_jax.config.sections import (
 )
 
 __all__ = ["TRACKERS", "ComputeConfig", "Config", "ConfigError", "DataConfig", "LossConfig", "MeshConfig",
-           "ModelConfig", "OptimConfig", "PSRConfig", "TrainConfig", "apply_overrides", "from_dict", "load_preset"]
+           "ModelConfig", "OptimConfig", "PSRConfig", "TrainConfig", "apply_overrides", "from_dict", "load_preset",
+           "read_json_config"]

@@ -4,7 +4,9 @@ config.json read back. Unknown keys and values of the wrong type are errors that
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import pathlib
 import typing
 from typing import Literal
 
@@ -91,3 +93,18 @@ def from_dict(data: dict) -> Config:
             kind = _field_type(section_now, name)
             changes.setdefault(section_now, {})[name] = check_value(f"{section_now}.{name}", value, kind)
     return _replace(Config(), changes)
+
+
+def read_json_config(folder: pathlib.Path, what: str, name: str = "config.json") -> dict:
+    """The JSON object in `folder`/`name`, or a ConfigError that names the problem; `what` says
+    what the folder should be ("a training run's --workdir")."""
+    path = folder / name
+    if not path.is_file():
+        raise ConfigError(f"{str(folder)!r} has no {name}; is it {what}?")
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{str(path)!r} is not readable JSON ({err})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{str(path)!r} holds no config")
+    return saved

@@ -10,12 +10,11 @@ always renormalises its top-K gates, so it imports with model.renormalize_gates=
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
 
-from rexmoe_jax.config import Config, ConfigError, ModelConfig, apply_overrides
+from rexmoe_jax.config import Config, ConfigError, ModelConfig, apply_overrides, read_json_config
 from rexmoe_jax.hf import qwen2_moe
 from rexmoe_jax.hf.regroup import ROUTER, Layers, group
 from rexmoe_jax.hf.run_io import check_new_folder, write_run
@@ -26,16 +25,7 @@ _IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 
 
 def read_hf_config(folder: pathlib.Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"{str(folder)!r} has no config.json; is it a Hugging Face model folder?")
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{str(path)!r} is not readable JSON ({err})") from None
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{str(path)!r} holds no config")
-    return hf
+    return read_json_config(folder, "a Hugging Face model folder")
 
 
 def model_config(hf: dict) -> ModelConfig:

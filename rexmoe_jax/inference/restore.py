@@ -16,7 +16,6 @@ over the mesh's batch axes (sharding.tile_rows).
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -24,7 +23,7 @@ import jax.numpy as jnp
 
 from rexmoe_jax import sharding, trainer
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides, from_dict
+from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides, from_dict, read_json_config
 from rexmoe_jax.data import resolve_tokenizer
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE
@@ -43,16 +42,7 @@ class Run:
 
 
 def read_config(workdir: pathlib.Path) -> Config:
-    config_file = workdir / CONFIG_FILE
-    if not config_file.is_file():
-        raise ConfigError(f"{str(workdir)!r} has no config.json; is it a training run's --workdir?")
-    try:
-        saved = json.loads(config_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"{str(config_file)!r} is not readable JSON ({err})") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"{str(config_file)!r} holds no config")
-    return from_dict(saved)
+    return from_dict(read_json_config(workdir, "a training run's --workdir", CONFIG_FILE))
 
 
 def check_run(workdir: pathlib.Path) -> Config:
