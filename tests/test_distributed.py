@@ -234,6 +234,39 @@ def test_disagreement_names_every_value_that_differs():
     distributed.raise_if_different(["config"], {0: np.asarray([5]), 1: np.asarray([5])})
 
 
+def test_compiled_together_compiles_then_waits_for_all_before_each_new_signature(monkeypatch):
+    """With several processes, each new signature is compiled, then a barrier, then run; a call
+    with a signature seen before goes straight to the compiled function."""
+    import jax
+    import jax.numpy as jnp
+
+    events = []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda name: events.append(("barrier", name)))
+
+    def double(x, *, scale):
+        events.append(("trace", x.shape, scale))
+        return x * scale
+
+    step = distributed.CompiledTogether(jax.jit(double, static_argnames="scale"))
+    np.testing.assert_array_equal(step(jnp.ones(3), scale=2), np.full(3, 2.0))
+    step(jnp.zeros(3), scale=2)  # same shapes, dtype, sharding and static argument
+    step(jnp.ones(4), scale=2)  # a new shape
+    np.testing.assert_array_equal(step(jnp.ones(4), scale=3), np.full(4, 3.0))  # a new static value
+    kinds = [event[0] for event in events]
+    assert kinds == ["trace", "barrier", "trace", "barrier", "trace", "barrier"], events
+    assert len({event[1] for event in events if event[0] == "barrier"}) == 3  # a name used once
+    assert [event[1:] for event in events if event[0] == "trace"] == [((3,), 2), ((4,), 2), ((4,), 3)]
+
+
+def test_compiled_together_with_one_process_is_the_call_itself(monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(distributed, "barrier", lambda name: pytest.fail("one process waits for nobody"))
+    step = distributed.CompiledTogether(jax.jit(lambda x: x + 1))
+    np.testing.assert_array_equal(step(jnp.zeros(2)), np.ones(2))
+
 @pytest.mark.e2e
 def test_train_processes_with_different_configs_exit_2(args, tmp_path):
     """train.py as two processes of one run, started with different train.steps: both stop at

@@ -19,6 +19,7 @@ from rexmoe_jax import sharding, trainer
 from rexmoe_jax.config import Config, ModelConfig
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.reuse import layer_pool_sizes
+from rexmoe_jax.runtime import distributed
 
 
 def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
@@ -64,8 +65,9 @@ def routing_report(load: np.ndarray, tokens: int, model: ModelConfig) -> dict:
 
 @functools.lru_cache(maxsize=4)
 def eval_step_for(config: Config):
-    """trainer.make_eval_step, jitted for the default device (training compiles its own)."""
-    return jax.jit(trainer.make_eval_step(config, trainer.build_model(config)))
+    """trainer.make_eval_step, jitted for the mesh its arguments are on, and compiled on every
+    process before any runs it (training compiles its own ahead)."""
+    return distributed.CompiledTogether(jax.jit(trainer.make_eval_step(config, trainer.build_model(config))))
 
 
 def placed(mesh: jax.sharding.Mesh | None):

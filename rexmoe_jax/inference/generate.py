@@ -134,6 +134,7 @@ def _finish(out_BxS: np.ndarray, eod_id: int | None) -> list[list[int]]:
     return result
 
 
+@distributed.CompiledTogether  # several processes: compiled on each before any runs it
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
 def _decode(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute, decode=True)
@@ -182,6 +183,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
     return _finish(sharding.host_rows(out)[:len(prompts)], eod_id)
 
 
+@distributed.CompiledTogether  # several processes: compiled on each before any runs it
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
 def _recompute(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
     model = Decoder(config, compute)

@@ -31,6 +31,7 @@ from rexmoe_jax.config import Config
 from rexmoe_jax.model.decoder import Decoder
 from rexmoe_jax.model.dispatch import compute_for
 from rexmoe_jax.model.layers import Segments
+from rexmoe_jax.runtime import distributed
 
 Request = tuple[Sequence[int], Sequence[int]]
 IMPLEMENTATIONS = ("packed", "padded")
@@ -146,6 +147,7 @@ def _packed(requests: list[tuple[list[int], list[int]]], width: int) -> list[_Ro
     return calls
 
 
+@distributed.CompiledTogether  # several processes: compiled on each before any runs it
 @functools.partial(jax.jit, static_argnames=("config", "compute", "packed"))
 def _score_rows(config, compute, params, rows: dict, packed: bool):
     segments = Segments(rows["document"], rows["branch"]) if packed else None

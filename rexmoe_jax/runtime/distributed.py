@@ -31,6 +31,7 @@ shuts the runtime down, which waits up to `heartbeat_timeout` for every process 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -133,6 +134,43 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
+
+
+class CompiledTogether:
+    """A jitted function that, with several processes, is compiled on every process before any
+    runs it, for each new signature (shapes, dtypes and shardings of the arrays, the static
+    arguments): compile ahead, `barrier`, then call. The inference commands' steps go through
+    it, so that a process whose compile is slower (a cold compilation cache) does not leave the
+    others waiting in a collective past gloo's timeout. With one process, the call itself."""
+
+    _barriers = 0  # a unique barrier name per compile, in the same order on every process
+
+    def __init__(self, jitted):
+        self.jitted = jitted
+        self.signatures: set = set()
+        functools.update_wrapper(self, jitted)
+
+    def __call__(self, *args, **kwargs):
+        import jax
+
+        if jax.process_count() > 1:
+            signature = _signature(args, kwargs)
+            if signature not in self.signatures:
+                self.jitted.lower(*args, **kwargs).compile()  # fills the cache the call below reads
+                CompiledTogether._barriers += 1
+                barrier(f"compiled-{CompiledTogether._barriers}")
+                self.signatures.add(signature)
+        return self.jitted(*args, **kwargs)
+
+
+def _signature(args, kwargs):
+    """What decides a jitted function's compile: each array's shape, dtype and sharding, and the
+    other (static) values as they are."""
+    import jax
+
+    leaves, tree = jax.tree.flatten((args, kwargs))
+    return tree, tuple((tuple(leaf.shape), str(leaf.dtype), getattr(leaf, "sharding", None))
+                       if hasattr(leaf, "shape") and hasattr(leaf, "dtype") else leaf for leaf in leaves)
 
 
 def _join_or_stop(join, stop: StopRequest | None, who: str) -> None:
