@@ -1,18 +1,25 @@
-"""Timing helpers for the benchmark scripts (nothing in the library imports this).
+"""Helpers for the benchmark scripts (nothing in the library imports this).
 
 `median_seconds` runs a jitted function after a warm-up and returns the median of many timed
 calls, each ended with block_until_ready. `ceilings` measures, in the same run, the two numbers
-every table is read against: dense matmul FLOP/s and copy bandwidth.
+every table is read against: dense matmul FLOP/s and copy bandwidth. `write_random_params`
+writes a run folder with random parameters for the memory benchmarks.
 """
 
 from __future__ import annotations
 
+import pathlib
 import statistics
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from rexmoe_jax.checkpoint import Checkpointer
+from rexmoe_jax.hf.regroup import unflatten
+from rexmoe_jax.hf.run_io import param_shapes
 
 
 def parse_args(doc: str, argv=None):
@@ -67,3 +74,25 @@ def print_table(title: str, header: list[str], rows: list[list[str]]) -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for row in rows:
         print(line(row))
+
+
+def write_random_params(run: pathlib.Path, config) -> None:
+    """A run folder as far as the export and inference read it: config.json and a step-0
+    checkpoint of the parameters alone, random (N(0, 0.02^2), float32), drawn leaf by leaf. The
+    export (hf.run_io.checkpoint_leaves) and inference.restore never read the optimizer state
+    that a resumable run (hf.run_io.write_run) also holds: three times the parameters in host
+    memory, 28 GB for the 2.3B presets, more than this machine has. This writer needs about
+    twice the parameters (the save copies each leaf to write it)."""
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json() + "\n")
+    rng = np.random.default_rng(0)
+    params = {}
+    for path, shape in param_shapes(config).items():
+        leaf = rng.standard_normal(shape.shape, np.float32)
+        leaf *= np.float32(0.02)
+        params[path] = jnp.asarray(leaf)  # a NumPy leaf would be copied twice by the save
+    checkpointer = Checkpointer(run, config.train.keep_checkpoints)
+    try:
+        checkpointer.save(0, {"params": unflatten(params)}, {"step": 0, "config": config.to_dict()})
+    finally:
+        checkpointer.close()

@@ -20,11 +20,10 @@ import time
 
 import numpy as np
 
+from benchmarks.benchmarking import write_random_params
 from rexmoe_jax.config import apply_overrides, load_preset
-from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.hf import qwen2_moe
 from rexmoe_jax.hf.export import DTYPES
-from rexmoe_jax.hf.regroup import unflatten
 from rexmoe_jax.hf.run_io import param_shapes
 
 GB = 1e9
@@ -35,27 +34,6 @@ def folder_bytes(model, dtype: str) -> int:
         int(np.prod(shape)) * np.dtype(d).itemsize
         for _, shape, d in qwen2_moe.tensor_specs(model, DTYPES[dtype])
     )
-
-
-def write_random_params(run: pathlib.Path, config, shapes: dict) -> None:
-    """A run folder as far as the export reads it: config.json and a step-0 checkpoint of the
-    parameters only, random (N(0, 0.02^2), float32), drawn leaf by leaf. A run that train.py
-    resumes (hf.run_io.write_run) also holds the two Adam moments, three times the parameters
-    in host memory: 28 GB for the 2.3B presets, more than this machine has; the export never
-    reads them (hf.run_io.checkpoint_leaves)."""
-    run.mkdir()
-    (run / "config.json").write_text(config.to_json() + "\n")
-    rng = np.random.default_rng(0)
-    params = {}
-    for path, shape in shapes.items():
-        leaf = rng.standard_normal(shape.shape, np.float32)
-        leaf *= np.float32(0.02)
-        params[path] = leaf
-    checkpointer = Checkpointer(run, config.train.keep_checkpoints)
-    try:
-        checkpointer.save(0, {"params": unflatten(params)}, {"step": 0, "config": config.to_dict()})
-    finally:
-        checkpointer.close()
 
 
 def _child(command: list[str]) -> tuple[float, float]:
@@ -92,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         run, out = pathlib.Path(scratch) / "run", pathlib.Path(scratch) / "hf"
         start = time.perf_counter()
-        write_random_params(run, config, shapes)
+        write_random_params(run, config)
         written = time.perf_counter() - start
         baseline_s, baseline_gb = _child([sys.executable, "-c", "import rexmoe_jax.hf.__main__"])
         seconds, peak_gb = _child(

@@ -6,10 +6,13 @@ A run with random weights is written from the preset's shapes (a step-0 checkpoi
 fresh optimizer state, as training writes it); each restore then runs in its own child process,
 whose peak resident memory is read from the kernel. With --sizes-only nothing is written: the
 bytes each restore places are computed from the shapes (for presets whose train state does not
-fit this machine's memory).
+fit this machine's memory). With --params-only-run the run's checkpoint holds the parameters
+alone (benchmarking.write_random_params), which is all the sharded restore reads, and only that
+restore is measured: the 2.3B presets' whole train state does not fit this machine's memory.
 
     python benchmarks/restore_memory.py --preset configs/moe_0p5b_a0p07b_r4.py mesh.fsdp=8
     python benchmarks/restore_memory.py --preset configs/moe_2p3b_a0p3b_r4.py --sizes-only mesh.fsdp=8
+    python benchmarks/restore_memory.py --preset configs/moe_2p3b_a0p3b_r4.py --params-only-run mesh.fsdp=8
 """
 
 from __future__ import annotations
@@ -100,13 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", required=True)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--sizes-only", action="store_true", help="bytes from the shapes; write and restore nothing")
+    parser.add_argument("--params-only-run", action="store_true", help="write the parameters alone and measure "
+                        "only the sharded restore (for presets whose train state does not fit in memory)")
     parser.add_argument("mesh", nargs="*", metavar="mesh.AXIS=SIZE", help="the inference mesh (default: every "
                         "device on the data axis)")
     args = parser.parse_args(argv)
 
     import numpy as np
 
-    from benchmarks.benchmarking import environment, print_table
+    from benchmarks.benchmarking import environment, print_table, write_random_params
     from rexmoe_jax import trainer
     from rexmoe_jax.config import load_preset
     from rexmoe_jax.data import tokenizer_path
@@ -122,15 +127,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     with tempfile.TemporaryDirectory() as scratch:
         workdir = pathlib.Path(scratch) / "run"
-        rng = np.random.default_rng(0)
-        shapes = param_shapes(config)
-        write_run(workdir, config, unflatten({p: rng.standard_normal(s.shape, np.float32) * np.float32(0.02)
-                                             for p, s in shapes.items()}), tokenizer_path(config.data))
+        if args.params_only_run:
+            write_random_params(workdir, config)
+        else:
+            rng = np.random.default_rng(0)
+            shapes = param_shapes(config)
+            write_run(workdir, config, unflatten({p: rng.standard_normal(s.shape, np.float32) * np.float32(0.02)
+                                                 for p, s in shapes.items()}), tokenizer_path(config.data))
         rows = []
-        for mode in ("whole state, one device", f"parameters only, {args.dtype}, sharded"):
+        modes = ["whole state, one device"] * (not args.params_only_run) + [f"parameters only, {args.dtype}, sharded"]
+        for mode in modes:
             m = _measure(workdir, mode, args.dtype, args.mesh)
             rows.append([mode, f"{m['seconds']:.1f}", f"{m['device_gb']:.2f}", f"{m['peak_gb']:.2f}"])
-    print_table(f"{title} - {environment()}", header, rows)
+    written = "; the run holds the parameters alone" if args.params_only_run else ""
+    print_table(f"{title}{written} - {environment()}", header, rows)
 
 
 if __name__ == "__main__":

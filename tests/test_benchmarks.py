@@ -15,6 +15,7 @@ from benchmarks import (
     inference,
     moe_block,
     profile_step,
+    restore_memory,
     scoring,
     train_step,
 )
@@ -39,6 +40,8 @@ pytestmark = pytest.mark.e2e
     (inference.main, ["--small", "--lengths", "16", "--batch", "1", "--new-tokens", "2", "--reuse", "1", "2",
                       "--iters", "1"], "| expert MB read per layer |"),
     (hf_export.main, ["--preset", "configs/tiny.py", "--dtype", "float32"], "| folder GB |"),
+    (restore_memory.main, ["--preset", "configs/tiny.py", "mesh.fsdp=2"], "| peak host GB |"),
+    (restore_memory.main, ["--preset", "configs/tiny.py", "--params-only-run", "mesh.fsdp=2"], "| peak host GB |"),
 ])
 def test_benchmark_prints_its_table(main, args, columns, capsys):
     main(args)
