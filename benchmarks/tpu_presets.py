@@ -35,7 +35,7 @@ ROWS = (
     ("moe_7b_a3b_se", "v5p-32", ["mesh.fsdp=2", "mesh.expert=8", "optim.grad_accum=16"]),
     ("moe_7b_a3b_se_r3", "v5p-32", ["mesh.fsdp=2", "mesh.expert=8", "optim.grad_accum=16"]),
     ("moe_0p5b_a0p07b", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_0p5b_a0p07b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),  # not compiled yet
+    ("moe_0p5b_a0p07b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
     ("moe_2p3b_a0p3b", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
     ("moe_2p3b_a0p3b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
     ("moe_7b_a3b_se", "v6e-32", ["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"]),  # not compiled yet
