@@ -119,11 +119,13 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         from rexmoe_jax import targets
         from rexmoe_jax.compile import report as compile_report
 
-        # A bad mesh, an unknown target or a step too big for the chip is a ConfigError: one line.
+        # A bad mesh, an unknown target or a step too big for the chip (refused by the compiler or
+        # planned larger than its HBM) is a ConfigError: one line.
         report = compile_report.compile_report(config, targets.parse(args.target) if args.target else None,
                                                args.hlo_out)
         print(compile_report.describe(report))
         print(json.dumps(report))
+        compile_report.check_fits(report, config)  # after the report, which a too-big plan keeps
         return 0
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")

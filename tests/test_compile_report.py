@@ -119,3 +119,20 @@ def test_words_of_the_compiler_not_known_here_are_quoted_in_the_one_line():
                               "(102.01GB): XLA:TPU compile permanent error. Out of memory while allocating")
     assert "\n" not in message and "optim.grad_accum=2" in message
     assert report._too_big(RuntimeError("INVALID_ARGUMENT: something else"), Config(), None) is None
+
+
+def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
+    """XLA:TPU compiled 7B for a v6e-32 into 34,769,004,064 bytes per chip of its 32 GB without
+    refusing it; the check after the report says by how much it does not fit."""
+    from rexmoe_jax.compile import report
+    from rexmoe_jax.config import Config
+
+    planned = {"total_bytes_per_device": 34_769_004_064, "hbm_capacity_per_device": 32_000_000_000,
+               "hbm_headroom_bytes": 32_000_000_000 - 34_769_004_064, "roofline_estimate": {"chip": "v6e"}}
+    with pytest.raises(report.DoesNotFit) as err:
+        report.check_fits(planned, Config())
+    # 34,769,004,064 / 2^30 = 32.38; 32e9 / 2^30 = 29.80; 2,769,004,064 / 2^30 = 2.58
+    assert str(err.value).startswith("the train step does not fit: the compiler plans 32.38 GiB per device and "
+                                     "a v6e chip has 29.80 GiB (2.58 GiB short); try optim.grad_accum=2")
+    report.check_fits({**planned, "hbm_headroom_bytes": 1}, Config())  # fits: nothing raised
+    report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against

@@ -50,9 +50,25 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
         capacity = f" ({target.chip.hbm_bytes / 1e9:.2f}GB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
-    return DoesNotFit(
-        f"the train step does not fit: {plan}; try optim.grad_accum={2 * config.optim.grad_accum}, "
-        "compute.remat=full, or a mesh that splits more (mesh.fsdp, mesh.expert) or a bigger slice")
+    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config)}")
+
+
+def _knobs(config: Config) -> str:
+    return (f"try optim.grad_accum={2 * config.optim.grad_accum}, compute.remat=full, or a mesh that splits more "
+            "(mesh.fsdp, mesh.expert) or a bigger slice")
+
+
+def check_fits(report: dict, config: Config) -> None:
+    """Raises DoesNotFit with one line when the compiled plan is larger than the target chip's
+    HBM: the TPU compiler does not always refuse such a step itself (7B on a v6e-32 compiled to
+    32.4 GiB per chip of 29.8)."""
+    short = -report.get("hbm_headroom_bytes", 0)
+    if short > 0:
+        gib = 1024 ** 3
+        raise DoesNotFit(
+            f"the train step does not fit: the compiler plans {report['total_bytes_per_device'] / gib:.2f} GiB per "
+            f"device and a {report['roofline_estimate']['chip']} chip has "
+            f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); {_knobs(config)}")
 
 
 def _cost(compiled) -> tuple[float, float]:
@@ -137,9 +153,10 @@ def describe(report: dict) -> str:
              f"code {r['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, "
              f"total {r['total_bytes_per_device'] / gib:.2f} GiB"]
     if "hbm_capacity_per_device" in r:
-        lines.append(f"fits: {r['total_bytes_per_device'] / gib:.2f} of "
+        fits = r["hbm_headroom_bytes"] >= 0
+        lines.append(f"{'fits' if fits else 'does not fit'}: {r['total_bytes_per_device'] / gib:.2f} of "
                      f"{r['hbm_capacity_per_device'] / gib:.2f} GiB of HBM "
-                     f"({r['hbm_headroom_bytes'] / gib:.2f} GiB to spare)")
+                     f"({abs(r['hbm_headroom_bytes']) / gib:.2f} GiB {'to spare' if fits else 'short'})")
     xla, unknown = r["xla_cost_analysis"], r["loops_of_unknown_length"]
     bound = f" (at least: {unknown} loops of unknown length counted once)" if unknown else ""
     lines.append(f"per device and step, counted through the step's loops{bound}: {r['flops_per_device']:.3e} "
