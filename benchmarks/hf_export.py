@@ -5,6 +5,7 @@ from the exported tensors' shapes.
 
     python benchmarks/hf_export.py --preset configs/moe_0p5b_a0p07b_r4.py --dtype bfloat16
     python benchmarks/hf_export.py --preset configs/moe_2p3b_a0p3b_r4.py --sizes-only
+    python benchmarks/hf_export.py --run runs/r2     # a run of yours instead
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import numpy as np
 
 from benchmarks.benchmarking import write_random_params
 from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax.inference.restore import read_config
 from rexmoe_jax.hf import qwen2_moe
 from rexmoe_jax.hf.export import DTYPES
 from rexmoe_jax.hf.run_io import param_shapes
@@ -52,15 +54,18 @@ def _child(command: list[str]) -> tuple[float, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="write a run with random weights of this preset's shapes")
+    source.add_argument("--run", type=pathlib.Path, help="export this run folder instead (kept as it is)")
     parser.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     parser.add_argument("--sizes-only", action="store_true", help="print the folder sizes; write nothing")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     args = parser.parse_args(argv)
-    config = apply_overrides(load_preset(args.preset), args.overrides)
+    config = read_config(args.run) if args.run else apply_overrides(load_preset(args.preset), args.overrides)
     model = config.model
+    name = args.run or args.preset
     print(
-        f"{args.preset}: exported folder {folder_bytes(dataclasses.replace(model, reuse=1), args.dtype) / GB:.2f} GB "
+        f"{name}: exported folder {folder_bytes(dataclasses.replace(model, reuse=1), args.dtype) / GB:.2f} GB "
         f"at r = 1, {folder_bytes(model, args.dtype) / GB:.2f} GB at r = {model.reuse} ({args.dtype})"
     )
     if args.sizes_only:
@@ -68,9 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     shapes = param_shapes(config)
     largest = max(int(np.prod(s.shape)) * 4 for s in shapes.values())
     with tempfile.TemporaryDirectory() as scratch:
-        run, out = pathlib.Path(scratch) / "run", pathlib.Path(scratch) / "hf"
+        run, out = args.run or pathlib.Path(scratch) / "run", pathlib.Path(scratch) / "hf"
         start = time.perf_counter()
-        write_random_params(run, config)
+        if not args.run:
+            write_random_params(run, config)
         written = time.perf_counter() - start
         baseline_s, baseline_gb = _child([sys.executable, "-c", "import rexmoe_jax.hf.__main__"])
         seconds, peak_gb = _child(
@@ -91,12 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(out)
     params_gb = sum(int(np.prod(s.shape)) * 4 for s in shapes.values()) / GB
     print(
-        f"random parameters written in {written:.0f}s; import alone {baseline_s:.1f}s, {baseline_gb:.2f} GB resident"
+        f"{'' if args.run else f'random parameters written in {written:.0f}s; '}import alone {baseline_s:.1f}s, {baseline_gb:.2f} GB resident"
     )
     print("| preset | r | params (f32) GB | largest leaf GB | export s | peak resident GB | folder GB |")
     print("|---|---|---|---|---|---|---|")
     print(
-        f"| {pathlib.Path(args.preset).stem} | {model.reuse} | {params_gb:.2f} | {largest / GB:.2f} | {seconds:.0f} "
+        f"| {pathlib.Path(name).stem} | {model.reuse} | {params_gb:.2f} | {largest / GB:.2f} | {seconds:.0f} "
         f"| {peak_gb:.2f} | {size:.2f} |"
     )
 

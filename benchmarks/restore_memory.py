@@ -13,6 +13,7 @@ restore is measured: the 2.3B presets' whole train state does not fit this machi
     python benchmarks/restore_memory.py --preset configs/moe_0p5b_a0p07b_r4.py mesh.fsdp=8
     python benchmarks/restore_memory.py --preset configs/moe_2p3b_a0p3b_r4.py --sizes-only mesh.fsdp=8
     python benchmarks/restore_memory.py --preset configs/moe_2p3b_a0p3b_r4.py --params-only-run mesh.fsdp=8
+    python benchmarks/restore_memory.py --run runs/r2 mesh.fsdp=8   # a run of yours instead
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
                                f"--xla_force_host_platform_device_count={DEVICES}")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", required=True)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", help="write a run with random weights of this preset's shapes")
+    source.add_argument("--run", type=pathlib.Path, help="restore this run folder instead (kept as it is)")
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--sizes-only", action="store_true", help="bytes from the shapes; write and restore nothing")
-    parser.add_argument("--params-only-run", action="store_true", help="write the parameters alone and measure "
-                        "only the sharded restore (for presets whose train state does not fit in memory)")
+    parser.add_argument("--params-only-run", action="store_true", help="the run holds the parameters alone (written "
+                        "so for presets whose train state does not fit in memory): measure only the sharded restore")
     parser.add_argument("mesh", nargs="*", metavar="mesh.AXIS=SIZE", help="the inference mesh (default: every "
                         "device on the data axis)")
     args = parser.parse_args(argv)
@@ -117,19 +120,20 @@ def main(argv: list[str] | None = None) -> None:
     from rexmoe_jax.data import tokenizer_path
     from rexmoe_jax.hf.regroup import unflatten
     from rexmoe_jax.hf.run_io import param_shapes, write_run
+    from rexmoe_jax.inference import restore
 
-    config = load_preset(args.preset)
-    title = (f"restoring {pathlib.Path(args.preset).stem} ({trainer.summary(config)['params_total'] / 1e9:.2f}B "
+    config = restore.read_config(args.run) if args.run else load_preset(args.preset)
+    title = (f"restoring {pathlib.Path(args.run or args.preset).stem} ({trainer.summary(config)['params_total'] / 1e9:.2f}B "
              f"parameters) for inference on {DEVICES} simulated CPU devices, mesh {' '.join(args.mesh) or 'data=8'}")
     header = ["restore", "seconds", "largest per-device GB", "peak host GB"]
     if args.sizes_only:
         print_table(f"{title}; from the shapes - {environment()}", header, _sizes(config, args.dtype, args.mesh))
         return
     with tempfile.TemporaryDirectory() as scratch:
-        workdir = pathlib.Path(scratch) / "run"
-        if args.params_only_run:
+        workdir = args.run or pathlib.Path(scratch) / "run"
+        if args.run is None and args.params_only_run:
             write_random_params(workdir, config)
-        else:
+        elif args.run is None:
             rng = np.random.default_rng(0)
             shapes = param_shapes(config)
             write_run(workdir, config, unflatten({p: rng.standard_normal(s.shape, np.float32) * np.float32(0.02)
