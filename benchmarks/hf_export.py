@@ -23,10 +23,10 @@ import numpy as np
 
 from benchmarks.benchmarking import write_random_params
 from rexmoe_jax.config import apply_overrides, load_preset
-from rexmoe_jax.inference.restore import read_config
 from rexmoe_jax.hf import qwen2_moe
 from rexmoe_jax.hf.export import DTYPES
 from rexmoe_jax.hf.run_io import param_shapes
+from rexmoe_jax.inference.restore import read_config
 
 GB = 1e9
 
