@@ -107,15 +107,21 @@ def _corpus_line(corpus: dict, train_tokens: int | None, epochs: float) -> str:
             + (": text repeats within a run." if epochs > 1 else ": no text repeats within a run."))
 
 
+def _run_seconds(record: dict, steps: int) -> float:
+    return steps * (record["time"]["seconds_per_step"] or 0.0)
+
+
 def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     records = [r for runs in found.values() for r in runs.values()]
     if not records:
         return ["## Setup", "", "No run is recorded yet.", ""]
     first = records[0]
     config, tokens, corpus = first["config"], first["tokens"], first["corpus"]
-    # A record written without the runner (no attempts file) has no wall time or hardware.
+    # A record written without the runner (no attempts file) has no hardware. Run time is steps x
+    # the run's median step time: the runner logs an attempt's wall time when its train.py ends,
+    # so an attempt cut short with the runner (a machine restart) is missing from wall_seconds.
     timed = [r for r in records if r["time"]["attempts"]] or records
-    walls = [r["time"]["wall_seconds"] for r in timed]
+    walls = [_run_seconds(r, study.steps) for r in timed]
     epochs = max((r["tokens"]["epochs"] or 0) for r in records)
     lines = ["## Setup", "",
              f"- Preset `{study.preset.relative_to(study.preset.parent.parent)}` with, for every arm:",
@@ -125,21 +131,22 @@ def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
               f"{config['psr']['start_step']:,}, t_e = {config['psr']['end_step']:,} (where an arm turns PSR on)."),
              _corpus_line(corpus, tokens["corpus_train"], epochs),
              f"- Held-out evaluation: {_tokens(tokens['per_eval'])} tokens every {config['train']['eval_every']} steps.",
-             (f"- Wall time: {sum(walls) / 3600:.1f} h in all over {len(timed)} timed runs "
+             (f"- Run time (steps x the run's median step time; start-up, compiling and evaluations not "
+              f"counted): {sum(walls) / 3600:.1f} h in all over {len(timed)} timed runs "
               f"({min(walls) / 60:.0f} to {max(walls) / 60:.0f} min each) on {_machines(timed)}, "
               f"{timed[0]['cores_per_run']} core(s) per run"
               + (f"; {len(records) - len(timed)} run(s) recorded without timing." if len(timed) < len(records)
                  else ".")),
              f"- Code: commit(s) {', '.join(sorted({c[:10] for r in records for c in r['commits']}))}"
              + (" (some with uncommitted changes)." if any(r["dirty"] for r in records) else "."), "",
-             "| arm | what | overrides | parameters (total / active / router) | seeds done | min per run | tokens/s |",
+             "| arm | what | overrides | parameters (total / active / router) | seeds done | min per run (run time) | tokens/s |",
              "|---|---|---|---|---|---|---|"]
     for arm in study.arms:
         runs = list(found[arm.name].values())
         sizes = runs[0]["sizes"] if runs else None
         size = (f"{sizes['params_total'] / 1e6:.2f}M / {sizes['params_active'] / 1e6:.2f}M / "
                 f"{sizes['params_router'] / 1e3:.1f}k") if sizes else "-"
-        walls = [r["time"]["wall_seconds"] for r in runs if r["time"]["attempts"]]
+        walls = [_run_seconds(r, study.steps) for r in runs if r["time"]["attempts"]]
         minutes = f"{np.mean(walls) / 60:.0f}" if walls else "-"
         rate = f"{np.mean([r['time']['tokens_per_sec'] or 0 for r in runs]):,.0f}" if runs else "-"
         lines.append(f"| `{arm.name}` | {arm.about} | {' '.join(f'`{o}`' for o in arm.overrides) or '-'} | {size} "
