@@ -24,9 +24,10 @@ GIB = 1024 ** 3
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
 
 # (preset, target, overrides): each paper preset at r = 1 and its largest r on the smallest v5p
-# and v6e slice it fits with its own settings (remat, bf16, grad_accum=16), and the mesh it was
+# and v6e slice it fits with its own settings (remat, bf16, grad_accum=16, or 8 where 64 batch
+# shards need 64 sequences per micro-batch), and the mesh it was
 # compiled with there (docs/tpu.md, "The paper presets on TPU slices"). The slice below each
-# (where there is one) did not fit; the rows marked "not compiled yet" are the next to try.
+# (where there is one) did not fit.
 ROWS = (
     ("moe_0p5b_a0p07b", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
     ("moe_0p5b_a0p07b_r4", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
@@ -40,8 +41,8 @@ ROWS = (
     ("moe_2p3b_a0p3b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
     # 7B on v6e-32 (fsdp 4 x expert 8) planned 32.4 GiB per chip of 29.8. On 64 chips the batch axes
     # need a micro-batch of 64 sequences, so 8 of them (the same 512 sequences per step).
-    ("moe_7b_a3b_se", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),  # not compiled yet
-    ("moe_7b_a3b_se_r3", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),  # not compiled yet
+    ("moe_7b_a3b_se", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),
+    ("moe_7b_a3b_se_r3", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),
 )
 
 
