@@ -6,6 +6,7 @@ docs/tpu.md).
     python -m benchmarks.tpu_presets                       # every row below, one at a time
     python -m benchmarks.tpu_presets --rows 0 3            # some of them
     python -m benchmarks.tpu_presets --json runs/tpu.jsonl # also keep each report
+    python -m benchmarks.tpu_presets --meshes 0 2          # other meshes for some presets on their slice
 
 A row that does not fit prints the compiler's one line instead. Each compile takes 1 to 20
 minutes on a 2-core machine (the 7B rows the longest).
@@ -45,6 +46,25 @@ ROWS = (
     ("moe_7b_a3b_se_r3", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),
 )
 
+# Other meshes for the r = 1 presets on their smallest slices (the row's own mesh first), to
+# find the one the roofline estimate prefers: (preset, target, [overrides of each mesh]).
+# "mesh.data=-1" alone is the default, every device on the data axis.
+MESHES = (
+    ("moe_0p5b_a0p07b", "v5p-8", [["mesh.expert=4"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=4"],
+                                  ["mesh.data=2", "mesh.expert=2"]]),
+    ("moe_2p3b_a0p3b", "v5p-16", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
+                                  ["mesh.data=2", "mesh.expert=4"]]),
+    ("moe_0p5b_a0p07b", "v6e-8", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
+                                  ["mesh.data=2", "mesh.expert=4"]]),
+    ("moe_2p3b_a0p3b", "v6e-8", [["mesh.expert=8"], ["mesh.data=1", "mesh.fsdp=8"],
+                                 ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"]]),
+    ("moe_7b_a3b_se", "v5p-32", [["mesh.fsdp=2", "mesh.expert=8"], ["mesh.fsdp=4", "mesh.expert=4"],
+                                 ["mesh.data=1", "mesh.fsdp=16"]]),
+    ("moe_7b_a3b_se", "v6e-64", [["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"],
+                                 ["mesh.fsdp=4", "mesh.expert=16", "optim.grad_accum=8"],
+                                 ["mesh.fsdp=16", "mesh.expert=4", "optim.grad_accum=8"]]),
+)
+
 
 def compile_row(preset: str, target: str, overrides: list[str]) -> dict:
     command = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / f"{preset}.py"),
@@ -72,13 +92,19 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=None, help="indices into ROWS (default: all)")
+    parser.add_argument("--meshes", type=int, nargs="*", default=None,
+                        help="indices into MESHES: compile each of those meshes instead of ROWS")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="append each report to this JSON Lines file")
     args = parser.parse_args(argv)
+    if args.meshes is not None:
+        jobs = [(preset, target, mesh) for index in args.meshes for preset, target, meshes in [MESHES[index]]
+                for mesh in meshes]
+    else:
+        jobs = [ROWS[index] for index in (args.rows if args.rows is not None else range(len(ROWS)))]
     print("| preset | slice | settings | GiB per chip | compile | step (estimate) | MFU (estimate) "
           "| GiB per step and chip, by collective |")
     print("|---|---|---|---|---|---|---|---|")
-    for index in args.rows if args.rows is not None else range(len(ROWS)):
-        preset, target, overrides = ROWS[index]
+    for preset, target, overrides in jobs:
         report = compile_row(preset, target, overrides)
         if args.json:
             with args.json.open("a") as out:

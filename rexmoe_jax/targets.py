@@ -25,16 +25,17 @@ class Chip:
     peak_bf16_flops: float  # per second, dense bf16 matmuls
     hbm_bytes: int
     hbm_bytes_per_second: float
+    ici_bytes_per_second: float | None  # bidirectional inter-chip interconnect, all links; None: not published
     source: str
 
 
 _GIB, _GB = 1024 ** 3, 1000 ** 3
 
 CHIPS = {
-    "v4": Chip("v4", "TPU v4", 275e12, 32 * _GIB, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GB, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GB, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip("v4", "TPU v4", 275e12, 32 * _GIB, 1200e9, None, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GB, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GB, 1640e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 

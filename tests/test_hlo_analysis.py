@@ -64,6 +64,10 @@ def test_collectives_inside_a_loop_count_each_trip():
     assert (c["all-reduce"]["count"], c["all-reduce"]["bytes"]) == (3, 3 * 8 * 128 * 4)  # 8 rows a device
     gather = c["all-gather"]
     assert (gather["count"], gather["bytes"], gather["largest"]) == (3, 3 * 64 * 128 * 4, 64 * 128 * 4)
+    # Sent per device over the interconnect, in groups of 8: an all-reduce's 8 x 128 floats
+    # twice over (reduce-scatter then all-gather), the gather's 64 x 128, each times 7 / 8.
+    assert c["all-reduce"]["sent_bytes"] == 3 * 2 * 8 * 128 * 4 * 7 // 8
+    assert gather["sent_bytes"] == 3 * 64 * 128 * 4 * 7 // 8
 
 
 def test_hbm_bytes_count_slices_of_stacked_weights_and_in_place_updates(tpu_devices):

@@ -20,7 +20,12 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   as the update read and written, not the whole buffer.
 - Collectives by kind: how often they run and the bytes of their results (the gathered array of
   an all-gather, the scattered one of a reduce-scatter, the whole receive buffer of a ragged
-  all-to-all); `largest` is the biggest single op.
+  all-to-all); `largest` is the biggest single op. `sent_bytes` is what each device sends over
+  the interconnect by the usual algorithms, with n the devices of the op's replica group: an
+  all-gather's result and a reduce-scatter's or all-to-all's operand, times (n - 1) / n; an
+  all-reduce's operand twice that (a reduce-scatter then an all-gather); a ragged all-to-all's
+  whole send buffer times (n - 1) / n (rows it does not fill included, so an upper bound); a
+  collective-permute's operands.
 """
 
 from __future__ import annotations
@@ -44,6 +49,9 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
 _CONSTANT = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# A replica group's size: `replica_groups={{0,1,2,3},{4,5,6,7}}` or the iota form
+# `replica_groups=[2,4]<=[8]` (2 groups of 4); collective-permute has pairs instead.
+_GROUPS = re.compile(r"replica_groups=(?:\{\{([\d,]*)\}|\[([\d,]+)\]<=)")
 _NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
               "conditional",
               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
@@ -203,6 +211,29 @@ def _op_bytes(kind: str, shape: str, operands: list[str], symbols: dict) -> int:
     return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in operands)
 
 
+def _group_size(attrs: str) -> int:
+    found = _GROUPS.search(attrs)
+    if not found:
+        return 0  # no groups written: every device of the program
+    listed, iota = found.groups()
+    return len(listed.split(",")) if listed is not None else int(iota.split(",")[-1])
+
+
+def _sent(kind: str, result: int, operands: list[str], symbols: dict, attrs: str) -> int:
+    """Bytes one device sends over the interconnect for one collective (analyse's docstring)."""
+    # A ragged all-to-all's operands are its send buffer, its receive buffer and four size
+    # vectors; other collectives may take several arrays at once (combined all-reduces).
+    sending = operands[:1] if kind == "ragged-all-to-all" else operands
+    operand = sum(_bytes(symbols.get(o, "")) for o in sending)
+    if kind == "collective-permute":
+        return operand
+    n = _group_size(attrs)
+    share = (n - 1) / n if n else 1.0
+    if kind == "all-gather":
+        return int(result * share)
+    return int((2 if kind == "all-reduce" else 1) * operand * share)
+
+
 def _trip_count(condition: list[str]) -> int | None:
     """N for a loop condition `counter < N` with N a constant; None when the bound is not one."""
     constants = {int(m.group(1)) for line in condition for m in [_CONSTANT.search(line)] if m}
@@ -216,21 +247,21 @@ class _Totals:
     def __init__(self):
         self.flops, self.hbm_bytes, self.collectives, self.unknown_loops = 0, 0, {}, 0
 
-    def add_collective(self, kind, count, size, largest, dynamic):
-        c = self.collectives.setdefault(kind, [0, 0, 0, 0])
-        c[0], c[1], c[2], c[3] = c[0] + count, c[1] + size, max(c[2], largest), c[3] + dynamic
+    def add_collective(self, kind, count, size, largest, dynamic, sent):
+        c = self.collectives.setdefault(kind, [0, 0, 0, 0, 0])
+        c[0], c[1], c[2], c[3], c[4] = c[0] + count, c[1] + size, max(c[2], largest), c[3] + dynamic, c[4] + sent
 
     def add(self, other: _Totals, trips: int, dynamic: bool, with_bytes: bool):
         self.unknown_loops += other.unknown_loops + dynamic
         self.flops += other.flops * trips
         self.hbm_bytes += other.hbm_bytes * trips if with_bytes else 0
-        for kind, (count, size, largest, dyn) in other.collectives.items():
-            self.add_collective(kind, count * trips, size * trips, largest, dyn + dynamic)
+        for kind, (count, size, largest, dyn, sent) in other.collectives.items():
+            self.add_collective(kind, count * trips, size * trips, largest, dyn + dynamic, sent * trips)
 
 
 def analyse(hlo: str) -> dict:
     """{"flops", "hbm_bytes", "loops_of_unknown_length", "collectives": {kind: {"count", "bytes",
-    "largest", "dynamic_loops"}}} of one run of the program, per device; with loops of unknown
+    "largest", "dynamic_loops", "sent_bytes"}}} of one run of the program, per device; with loops of unknown
     length (counted once) the FLOPs and bytes are lower bounds."""
     computations, entry = _computations(hlo)
     _PARSED.clear()
@@ -259,7 +290,8 @@ def analyse(hlo: str) -> dict:
             if collective in KINDS and not kind.endswith("-done"):
                 size = max((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), default=0) \
                     if kind.endswith("-start") else _bytes(shape)  # a start's tuple holds operand and result
-                t.add_collective(collective, 1, size, size, 0)
+                t.add_collective(collective, 1, size, size, 0,
+                                 _sent(collective, size, _operands(operands), symbols, attrs))
             condition = _CONDITION.search(attrs)
             known = _KNOWN_TRIPS.search(attrs)
             counted = int(known.group(1)) if known else (
@@ -274,6 +306,6 @@ def analyse(hlo: str) -> dict:
     t = totals(entry)
     _PARSED.clear()
     return {"flops": t.flops, "hbm_bytes": t.hbm_bytes, "loops_of_unknown_length": t.unknown_loops,
-            "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops"),
+            "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops", "sent_bytes"),
                                            t.collectives[kind]))
                             for kind in KINDS if kind in t.collectives}}

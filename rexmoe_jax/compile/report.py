@@ -22,7 +22,7 @@ from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.loop import jitted_steps
 from rexmoe_jax.model.metrics import flops_per_token
 from rexmoe_jax.optimizer import make_optimizer
-from rexmoe_jax.targets import Target
+from rexmoe_jax.targets import Chip, Target
 
 _MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                   "alias_size_in_bytes", "generated_code_size_in_bytes")
@@ -79,24 +79,29 @@ def _cost(compiled) -> tuple[float, float]:
     return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
 
 
-def _roofline(report: dict, config: Config, target: Target) -> dict:
+def roofline(report: dict, config: Config, chip: Chip) -> dict:
     """An estimate, not a measurement (and a lower bound where loops of unknown length, such as
-    the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at the chip's
-    peak FLOP/s or its HBM bytes at the peak bandwidth, whichever binds (both counted through
-    the step's loops; collectives and their overlap, elementwise work and the Pallas kernels
-    are not modelled), and the MFU that time would give for the model's FLOPs
-    (metrics.flops_per_token: no remat recompute, no padded rows)."""
-    chip = target.chip
-    compute = report["flops_per_device"] / chip.peak_bf16_flops
-    seconds = max(compute, report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second)
+    the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at
+    the chip's peak FLOP/s, its HBM bytes at the peak bandwidth, or the bytes its collectives send
+    at the chip's whole interconnect bandwidth, whichever binds (all three counted through the
+    step's loops; overlap, elementwise work and the Pallas kernels are not modelled, and a
+    multi-slice data axis is taken at ICI speed), and the MFU that time would give for the
+    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). Computed from
+    the report alone, so a saved report can be estimated again."""
+    times = {"compute": report["flops_per_device"] / chip.peak_bf16_flops,
+             "memory": report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second}
+    sent = sum(c.get("sent_bytes", 0) for c in report["collectives"].values())
+    if chip.ici_bytes_per_second:  # a chip sends on half its bidirectional bandwidth
+        times["interconnect"] = sent / (chip.ici_bytes_per_second / 2)
+    bound = max(times, key=times.get)
     model_flops = flops_per_token(config.model, config.data.seq_len,
                                   trainer.summary(config)["params_active"]) * config.tokens_per_step
     return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
-            "hbm_bytes_per_second": chip.hbm_bytes_per_second, "source": chip.source,
-            "step_seconds": seconds,
-            "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * seconds),
-            "model_flops_per_device": model_flops / report["devices"],
-            "bound": "compute" if compute >= seconds else "memory"}
+            "hbm_bytes_per_second": chip.hbm_bytes_per_second,
+            "ici_bytes_per_second": chip.ici_bytes_per_second, "source": chip.source,
+            "seconds": times, "step_seconds": times[bound], "bound": bound,
+            "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * times[bound]),
+            "model_flops_per_device": model_flops / report["devices"]}
 
 
 def compile_report(config: Config, target: Target | None = None,
@@ -138,7 +143,7 @@ def compile_report(config: Config, target: Target | None = None,
     if target:
         report["hbm_capacity_per_device"] = target.chip.hbm_bytes
         report["hbm_headroom_bytes"] = target.chip.hbm_bytes - report["total_bytes_per_device"]
-        report["roofline_estimate"] = _roofline(report, config, target)
+        report["roofline_estimate"] = roofline(report, config, target.chip)
     return report
 
 
@@ -165,12 +170,16 @@ def describe(report: dict) -> str:
                  f"{xla['bytes_accessed'] / gib:.1f} GiB)")
     roof = r.get("roofline_estimate")
     if roof:
+        ici = roof.get("ici_bytes_per_second")
+        links = f", {ici / 1e9:.0f} GB/s ICI" if ici else ", no published ICI figure: collectives not counted"
+        terms = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in roof["seconds"].items())
         lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks "
                      f"{roof['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
-                     f"{roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM from {roof['source']}): "
-                     f"{roof['step_seconds'] * 1e3:.1f} ms per step, "
+                     f"{roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM{links} from {roof['source']}): "
+                     f"{roof['step_seconds'] * 1e3:.1f} ms per step ({terms} ms), "
                      f"{roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
     for kind, c in r["collectives"].items():
         dynamic = c["dynamic_loops"] and f" (+{c['dynamic_loops']} loops of unknown length counted once)"
-        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB{dynamic or ''}")
+        lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB, "
+                     f"{c['sent_bytes'] / gib:.2f} GiB sent{dynamic or ''}")
     return "\n".join(lines)
