@@ -9,7 +9,9 @@
                                                          # what the TPU compiler plans for a slice
 
 Overrides name a config field by section and field (model.reuse=4, psr.schedule=linear,
-train.steps=1000); an unknown key or a value of the wrong type is an error.
+train.steps=1000); an unknown key or a value of the wrong type is an error. On a TPU slice that a
+preset names in its SLICES (with --target, or running there), the preset's mesh and micro-batches
+for it come first; the command line's overrides win (a mesh given there replaces the slice's).
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import pathlib
 import sys
 import time
 
-from rexmoe_jax import cli
-from rexmoe_jax.config import apply_overrides, load_preset
+from rexmoe_jax import cli, targets
+from rexmoe_jax.config import apply_overrides, load_preset, load_slices
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
 
@@ -77,11 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     # First, before jax is imported: a preemption during start-up still ends in a checkpoint.
     stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = apply_overrides(load_preset(args.config), args.overrides)
+    preset = load_preset(args.config)
+    config = apply_overrides(preset, args.overrides)
 
     if args.target and not args.compile_only:
         print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
         return 2
+    if args.target:
+        config = for_slice(args, preset, targets.parse(args.target))
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
@@ -94,18 +99,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         distributed.initialize(args.init_timeout, args.heartbeat_timeout, stop)
     try:
-        return _run(args, config, stop)
+        return _run(args, preset, config, stop)
     finally:
         distributed.finish()
 
 
-def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
+def for_slice(args: argparse.Namespace, preset, target: targets.Target | None):
+    """The run's config on `target`: the preset, its settings for that slice (load_slices), then
+    the command line's overrides."""
+    settings = targets.slice_settings(load_slices(args.config), target, args.overrides) if target else []
+    if settings:
+        print(f"settings for {target.name} from {args.config}: {' '.join(settings)} "
+              "(an override on the command line replaces them)", flush=True)
+    return apply_overrides(preset, [*settings, *args.overrides])
+
+
+def _run(args: argparse.Namespace, preset, config, stop: StopRequest) -> int:
     import jax
 
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
 
     if jax.process_index() != 0:  # Only process 0 prints; every process trains.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+    if not args.target and jax.devices()[0].platform == "tpu":  # the slice this runs on
+        devices = jax.devices()
+        config = for_slice(args, preset, targets.running_on(
+            devices[0].device_kind, len(devices), len({getattr(d, "slice_index", 0) for d in devices})))
 
     print(f"config {args.config}:\n{describe(config)}", flush=True)
     sizes = trainer.summary(config)
@@ -116,7 +135,6 @@ def _run(args: argparse.Namespace, config, stop: StopRequest) -> int:
         print(json.dumps(sizes))
         return 0
     if args.compile_only:
-        from rexmoe_jax import targets
         from rexmoe_jax.compile import report as compile_report
 
         # A bad mesh, an unknown target or a step too big for the chip (refused by the compiler or

@@ -1,7 +1,7 @@
 """The paper presets compiled for TPU slices from this machine (libtpu; nothing runs): per row,
 `train.py --compile-only --target` in its own process, and a Markdown table of memory per chip,
-compile time, the roofline estimate and the collectives' bytes per step (the pod table of
-docs/tpu.md).
+compile time, the roofline estimate and the bytes each kind of collective sends per step (the
+pod table of docs/tpu.md).
 
     python -m benchmarks.tpu_presets                       # every row below, one at a time
     python -m benchmarks.tpu_presets --rows 0 3            # some of them
@@ -22,29 +22,19 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
-KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all", "collective-permute")
 
 # (preset, target, overrides): each paper preset at r = 1 and its largest r on the smallest v5p
-# and v6e slice it fits with its own settings (remat, bf16, grad_accum=16, or 8 where 64 batch
-# shards need 64 sequences per micro-batch), and the mesh it was
-# compiled with there (docs/tpu.md, "The paper presets on TPU slices"). The slice below each
-# (where there is one) did not fit.
-ROWS = (
-    ("moe_0p5b_a0p07b", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
-    ("moe_0p5b_a0p07b_r4", "v5p-8", ["mesh.expert=4", "optim.grad_accum=16"]),
-    ("moe_2p3b_a0p3b", "v5p-16", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_2p3b_a0p3b_r4", "v5p-16", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_7b_a3b_se", "v5p-32", ["mesh.fsdp=2", "mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_7b_a3b_se_r3", "v5p-32", ["mesh.fsdp=2", "mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_0p5b_a0p07b", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_0p5b_a0p07b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_2p3b_a0p3b", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
-    ("moe_2p3b_a0p3b_r4", "v6e-8", ["mesh.expert=8", "optim.grad_accum=16"]),
-    # 7B on v6e-32 (fsdp 4 x expert 8) planned 32.4 GiB per chip of 29.8. On 64 chips the batch axes
-    # need a micro-batch of 64 sequences, so 8 of them (the same 512 sequences per step).
-    ("moe_7b_a3b_se", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),
-    ("moe_7b_a3b_se_r3", "v6e-64", ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]),
-)
+# and v6e slice it fits, with the preset's own settings (remat, bf16, its mesh and micro-batches
+# for that slice from its SLICES); the slice below each (where there is one) did not fit
+# (docs/tpu.md, "The paper presets on TPU slices").
+ROWS = tuple((preset, target, []) for preset, target in (
+    ("moe_0p5b_a0p07b", "v5p-8"), ("moe_0p5b_a0p07b_r4", "v5p-8"),
+    ("moe_2p3b_a0p3b", "v5p-16"), ("moe_2p3b_a0p3b_r4", "v5p-16"),
+    ("moe_7b_a3b_se", "v5p-32"), ("moe_7b_a3b_se_r3", "v5p-32"),
+    ("moe_0p5b_a0p07b", "v6e-8"), ("moe_0p5b_a0p07b_r4", "v6e-8"),
+    ("moe_2p3b_a0p3b", "v6e-8"), ("moe_2p3b_a0p3b_r4", "v6e-8"),
+    ("moe_7b_a3b_se", "v6e-64"), ("moe_7b_a3b_se_r3", "v6e-64"),
+))
 
 # Other meshes for the r = 1 presets on their smallest slices (the row's own mesh first), to
 # find the one the roofline estimate prefers: (preset, target, [overrides of each mesh]).
@@ -77,16 +67,24 @@ def compile_row(preset: str, target: str, overrides: list[str]) -> dict:
     return {"error": errors[-1] if errors else done.stderr.strip().splitlines()[-1]}
 
 
+def settings(report: dict) -> str:
+    """The mesh axes above 1 and the micro-batches a report was compiled with."""
+    axes = " x ".join(f"{axis} {n}" for axis, n in report["mesh"].items() if n > 1) or "one device"
+    return f"{axes}, {report['micro_batches']} micro-batches"
+
+
 def table_row(preset: str, target: str, overrides: list[str], report: dict) -> str:
-    settings = " ".join(overrides)
+    given = f" `{' '.join(overrides)}`" if overrides else ""
     if "error" in report:
-        return f"| `{preset}` | {target} | `{settings}` | does not fit: {report['error']} |||||"
+        return f"| `{preset}` | {target}{given} | does not fit: {report['error']} ||||||"
     roof = report["roofline_estimate"]
     bound = "at least " if report["loops_of_unknown_length"] else ""
-    collectives = ", ".join(f"{kind} {c['bytes'] / GIB:.1f}" for kind, c in report["collectives"].items())
-    return (f"| `{preset}` | {target} | `{settings}` | {report['total_bytes_per_device'] / GIB:.1f} "
-            f"({report['argument_size_in_bytes'] / GIB:.1f} state) | {report['compile_seconds']:.0f} s | "
-            f"{bound}{roof['step_seconds']:.2f} s | {100 * roof['mfu']:.0f}% | {collectives} |")
+    terms = ", ".join(f"{name} {t:.2f}" for name, t in roof["seconds"].items())
+    sent = ", ".join(f"{kind} {c['sent_bytes'] / GIB:.1f}" for kind, c in report["collectives"].items())
+    return (f"| `{preset}` | {target}, {settings(report)}{given} | "
+            f"{report['total_bytes_per_device'] / GIB:.1f} ({report['argument_size_in_bytes'] / GIB:.1f} state) | "
+            f"{report['compile_seconds']:.0f} s | {bound}{roof['step_seconds']:.2f} s, {roof['bound']}-bound "
+            f"({terms}) | {100 * roof['mfu']:.1f}% | {sent} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
                 for mesh in meshes]
     else:
         jobs = [ROWS[index] for index in (args.rows if args.rows is not None else range(len(ROWS)))]
-    print("| preset | slice | settings | GiB per chip | compile | step (estimate) | MFU (estimate) "
-          "| GiB per step and chip, by collective |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| preset | slice, mesh | GiB per chip | compile | step, estimate (compute, memory, interconnect "
+          "s) | MFU, estimate | GiB sent per step and chip, by collective |")
+    print("|---|---|---|---|---|---|---|")
     for preset, target, overrides in jobs:
         report = compile_row(preset, target, overrides)
         if args.json:

@@ -4,6 +4,7 @@ reuse r = 4 and linear PSR: the baseline preset with two fields changed.
     python train.py --config configs/moe_0p5b_a0p07b_r4.py --dry-run
 """
 
+from configs.moe_0p5b_a0p07b import SLICES  # noqa: F401 - the same meshes as r = 1
 from configs.moe_0p5b_a0p07b import get_config as baseline
 from configs.recipe import with_reuse
 

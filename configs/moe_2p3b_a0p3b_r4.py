@@ -6,6 +6,7 @@ reuse r = 4 and linear PSR: the baseline preset with two fields changed.
         mesh.data=1 mesh.fsdp=4 mesh.expert=8    # XLA:TPU's plan: 6.2 GiB per chip of 95
 """
 
+from configs.moe_2p3b_a0p3b import SLICES  # noqa: F401 - the same meshes as r = 1
 from configs.moe_2p3b_a0p3b import get_config as baseline
 from configs.recipe import with_reuse
 

@@ -7,6 +7,14 @@ the paper's layer-local MoE baseline.
 from configs.recipe import paper_config
 from rexmoe_jax.config import ModelConfig
 
+# The mesh and micro-batches for each TPU slice this preset was compiled for (docs/tpu.md, "The
+# paper presets on TPU slices"): train.py applies them there, under the command line's
+# overrides. On 64 chips the batch axes take 64 sequences per micro-batch: 8 of them.
+SLICES = {
+    "v5p-32": ["mesh.fsdp=2", "mesh.expert=8"],
+    "v6e-64": ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"],
+}
+
 
 def get_config():
     return paper_config(ModelConfig(

@@ -101,3 +101,37 @@ def parse(name: str) -> Target:
     dims = [int(n) for n in shape.split("x")] + [1] * (3 - shape.count("x") - 1)
     per_host = tuple(min(2, n) if i < 2 else 1 for i, n in enumerate(dims))
     return Target(name, CHIPS[generation], f"{g.topology_prefix}:{shape}", g.chip_config, per_host, slices)
+
+
+def same_slice(a: Target, b: Target) -> bool:
+    """Whether two names ("v5litepod-8", "v5e-8") describe the same slice or slices."""
+    return (a.topology, a.num_slices) == (b.topology, b.num_slices)
+
+
+def running_on(device_kind: str, devices: int, slices: int = 1) -> Target | None:
+    """The target that `devices` TPU devices of a kind (jax's `device_kind`, one per chip) form
+    in `slices` slices, or None where they are not a whole slice of the table (another platform,
+    a slice size not offered, a part of a slice)."""
+    generation = next((name for name, chip in CHIPS.items() if chip.device_kind == device_kind), None)
+    if generation is None or slices < 1 or devices % slices:
+        return None
+    name = f"{generation}-{devices // slices * GENERATIONS[generation].cores_in_name}"
+    if name not in SLICES:
+        return None
+    return parse(name if slices == 1 else f"{slices}x{name}")
+
+
+def slice_settings(settings: dict, target: Target, overrides: list[str]) -> list[str]:
+    """The overrides a preset gives for `target` (its `SLICES`: slice name -> overrides, e.g.
+    {"v6e-64": ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]}) that the command line's
+    `overrides` leave standing: a command-line mesh replaces the preset's mesh as a whole (one
+    mesh.* given drops every mesh.* of the slice's), any other field only itself. A name in
+    SLICES that is not a slice is a ConfigError."""
+    found = []
+    for name, items in settings.items():
+        if same_slice(parse(name), target):
+            found = list(items)
+    given = {item.partition("=")[0].strip() for item in overrides}
+    mesh_given = any(key.startswith("mesh.") for key in given)
+    return [item for item in found if item.partition("=")[0].strip() not in given
+            and not (mesh_given and item.startswith("mesh."))]

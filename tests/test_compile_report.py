@@ -2,6 +2,7 @@
 against a count by hand, the collectives the sharding design implies, and the one-line error
 of a step too big for the chip. Small models: each compile takes 15 to 30 s on two cores."""
 
+import json
 import math
 import re
 
@@ -136,3 +137,20 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
                                      "a v6e chip has 29.80 GiB (2.58 GiB short); try optim.grad_accum=2")
     report.check_fits({**planned, "hbm_headroom_bytes": 1}, Config())  # fits: nothing raised
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
+
+
+@pytest.mark.e2e
+def test_a_presets_mesh_for_the_target_slice_unless_the_command_line_gives_one(tpu_devices, tmp_path, capsys):
+    tpu_devices("v5p-8")
+    preset = tmp_path / "sliced.py"
+    preset.write_text("from rexmoe_jax.config import Config, apply_overrides\n"
+                      f"SLICES = {{'v5p-8': ['mesh.expert=4', 'optim.grad_accum=2']}}\n"
+                      f"def get_config():\n    return apply_overrides(Config(), {MODEL!r})\n")
+    assert train.main(["--config", str(preset), "--compile-only", "--target", "v5p-8"]) == 0
+    out = capsys.readouterr().out
+    assert "settings for v5p-8 from" in out and "mesh.expert=4 optim.grad_accum=2" in out
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["mesh"] == {"data": 1, "fsdp": 1, "expert": 4, "tensor": 1} and report["micro_batches"] == 2
+    assert train.main(["--config", str(preset), "--compile-only", "--target", "v5p-8", "mesh.data=4"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1} and report["micro_batches"] == 2

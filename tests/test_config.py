@@ -16,6 +16,7 @@ from rexmoe_jax.config import (
     apply_overrides,
     from_dict,
     load_preset,
+    load_slices,
 )
 
 
@@ -142,3 +143,15 @@ def test_state_layout_is_the_architecture_and_clipping():
     assert OptimConfig(clip_norm=0).state_layout() != base.optim.state_layout()
     for section in ("psr", "loss", "data", "mesh", "train"):
         assert getattr(base, section).state_layout() == ()
+
+
+def test_a_presets_slices_are_read_and_checked(tmp_path):
+    preset = tmp_path / "p.py"
+    preset.write_text("from rexmoe_jax.config import Config\nSLICES = {'v5p-8': ['mesh.expert=4']}\n"
+                      "def get_config():\n    return Config()\n")
+    assert load_slices(preset) == {"v5p-8": ("mesh.expert=4",)}
+    preset.write_text("SLICES = {'v5p-8': 'mesh.expert=4'}\n")  # a string, not a list of them
+    with pytest.raises(ConfigError, match="must map slice names to lists"):
+        load_slices(preset)
+    preset.write_text("def get_config():\n    return None\n")
+    assert load_slices(preset) == {}

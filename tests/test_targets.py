@@ -27,3 +27,30 @@ def test_chip_peaks_cite_their_source():
 def test_unknown_names_list_the_known_ones(name):
     with pytest.raises(ConfigError, match="known slices: v4-8, "):
         targets.parse(name)
+
+
+def test_the_slice_real_devices_form():
+    # jax calls a v5p chip (two TensorCores as one megacore device) "TPU v5": 16 devices are a
+    # v5p-32; v6e counts chips; two slices of 32 v5p chips are 2xv5p-64.
+    assert targets.running_on("TPU v5", 16).name == "v5p-32"
+    assert targets.running_on("TPU v6 lite", 64).name == "v6e-64"
+    assert targets.running_on("TPU v5", 64, slices=2).name == "2xv5p-64"
+    # Not a slice of the table: GPUs, 6 chips, 3 devices over 2 slices.
+    assert targets.running_on("NVIDIA H100 80GB HBM3", 8) is None
+    assert targets.running_on("TPU v6 lite", 6) is None
+    assert targets.running_on("TPU v5", 3, slices=2) is None
+
+
+SLICES = {"v5litepod-8": ["mesh.fsdp=2", "mesh.expert=4", "optim.grad_accum=2"], "v5p-16": ["mesh.expert=8"]}
+
+
+def test_a_presets_settings_for_its_slice_under_the_command_line():
+    v5e = targets.parse("v5e-8")  # the same slice as v5litepod-8
+    assert targets.slice_settings(SLICES, v5e, []) == SLICES["v5litepod-8"]
+    assert targets.slice_settings(SLICES, targets.parse("v6e-8"), []) == []
+    # A mesh on the command line replaces the slice's whole mesh; other fields only themselves.
+    assert targets.slice_settings(SLICES, v5e, ["mesh.data=8"]) == ["optim.grad_accum=2"]
+    assert targets.slice_settings(SLICES, v5e, ["optim.grad_accum=4", "train.steps=9"]) == \
+        ["mesh.fsdp=2", "mesh.expert=4"]
+    with pytest.raises(ConfigError, match="unknown --target 'v5p-15'"):
+        targets.slice_settings({"v5p-15": []}, v5e, [])

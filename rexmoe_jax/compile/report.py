@@ -126,6 +126,7 @@ def compile_report(config: Config, target: Target | None = None,
         raise _too_big(err, config, target) or err from None
     report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
               "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
+              "micro_batches": config.optim.grad_accum,
               "compile_seconds": round(time.perf_counter() - start, 1)}
     memory = compiled.memory_analysis()
     report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})

@@ -40,6 +40,23 @@ def load_preset(path: str | pathlib.Path) -> Config:
         raise ConfigError(f"get_config() in {str(path)!r}: {err}") from None
 
 
+def load_slices(path: str | pathlib.Path) -> dict[str, tuple[str, ...]]:
+    """A preset's settings per TPU slice: its module's `SLICES`, slice name -> overrides (the
+    mesh and micro-batches that fit that slice; docs/tpu.md), or {} where it has none. Applied
+    by train.py on that slice (`--target`, or the devices it runs on) under the command line's
+    overrides (targets.slice_settings)."""
+    path = pathlib.Path(path)
+    try:
+        found = getattr(_import_preset(path), "SLICES", {})
+    except Exception as err:  # noqa: BLE001 - load_preset has reported the file's own failures
+        raise ConfigError(f"config file {str(path)!r} failed: {_one_line(err)}") from None
+    require(isinstance(found, dict) and all(
+        isinstance(name, str) and isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items)
+        for name, items in found.items()),
+        f"SLICES in {str(path)!r} must map slice names to lists of section.field=value strings")
+    return {name: tuple(items) for name, items in found.items()}
+
+
 def _one_line(err: Exception) -> str:
     if isinstance(err, ConfigError):
         return str(err)
