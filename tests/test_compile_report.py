@@ -65,6 +65,8 @@ def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
     rows, ragged = layers * 2 * (2 * 32 + 32), c["ragged-all-to-all"]
     assert ragged["count"] == 4 * layers and rows * d * 2 <= ragged["bytes"] <= rows * d * 4
     assert ragged["largest"] in (2 * 32 * d * 2, 2 * 32 * d * 4)  # the receive buffer, E A rows
+    # Sent: each op's A = 32 rows (the smaller buffer), half of them to the other expert device.
+    assert 8 * 16 * d * 2 <= ragged["sent_bytes"] <= 8 * 16 * d * 4
     # fsdp: each layer gathers its D-split weights; the largest gather is the local experts'
     # gate, up or down weights (P / E = 4 experts, whole D; float32 or bf16 as above), and no
     # gather has a whole pool of 8 experts' D x F weights.

@@ -23,8 +23,10 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   all-to-all); `largest` is the biggest single op. `sent_bytes` is what each device sends over
   the interconnect by the usual algorithms, with n the devices of the op's replica group: an
   all-gather's result and a reduce-scatter's or all-to-all's operand, times (n - 1) / n; an
-  all-reduce's operand twice that (a reduce-scatter then an all-gather); a ragged all-to-all's
-  whole send buffer times (n - 1) / n (rows it does not fill included, so an upper bound); a
+  all-reduce's operand twice that (a reduce-scatter then an all-gather); for a ragged
+  all-to-all, the smaller of its send and receive buffers times (n - 1) / n: every row travels
+  once, so a device sends on average its own rows, which the smaller buffer holds (the dispatch
+  sends A rows into E x A-row buffers, and the return sends them back from those); a
   collective-permute's operands.
 """
 
@@ -223,8 +225,10 @@ def _sent(kind: str, result: int, operands: list[str], symbols: dict, attrs: str
     """Bytes one device sends over the interconnect for one collective (analyse's docstring)."""
     # A ragged all-to-all's operands are its send buffer, its receive buffer and four size
     # vectors; other collectives may take several arrays at once (combined all-reduces).
-    sending = operands[:1] if kind == "ragged-all-to-all" else operands
-    operand = sum(_bytes(symbols.get(o, "")) for o in sending)
+    if kind == "ragged-all-to-all":
+        operand = min(_bytes(symbols.get(o, "")) for o in operands[:2])
+    else:
+        operand = sum(_bytes(symbols.get(o, "")) for o in operands)
     if kind == "collective-permute":
         return operand
     n = _group_size(attrs)
