@@ -12,7 +12,9 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
 
 - FLOPs: 2 x multiply-adds of every dot and convolution (TPU HLO writes matmuls as
   convolutions), counting only the kernel positions that meet the input, not padding, as
-  XLA's cost analysis does. Elementwise work and Pallas kernels are not counted.
+  XLA's cost analysis does; and a Mosaic kernel's (a TPU custom call) FLOPs where it states
+  them (its `cost_estimate`, as the kernels libtpu 0.0.50 lowers `ragged_dot` to do).
+  Elementwise work and kernels that state no cost are not counted.
 - HBM bytes: operands plus results of every op outside fusions (a fusion reads its operands
   and writes its result once), bookkeeping ops (tuples, bitcasts, parameters) excluded; an
   operand read only through dynamic slices counts as the slices (a scan's layer of stacked
@@ -50,6 +52,7 @@ _CALLED = re.compile(r"\b(body|calls|true_computation|false_computation)=%([^\s,
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
 _CONSTANT = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
+_KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # A replica group's size: `replica_groups={{0,1,2,3},{4,5,6,7}}` or the iota form
 # `replica_groups=[2,4]<=[8]` (2 groups of 4); collective-permute has pairs instead.
@@ -285,6 +288,8 @@ def analyse(hlo: str) -> dict:
                 t.flops += _conv_flops(shape, lhs, attrs)
             elif kind == "dot":
                 t.flops += _dot_flops(shape, lhs, attrs)
+            elif kind == "custom-call" and (stated := _KERNEL_FLOPS.search(attrs)):
+                t.flops += int(stated.group(1))
             if kind == "fusion" and (fused := _CALLED.search(attrs)):
                 t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols,
                                              shape)
