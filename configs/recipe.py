@@ -26,7 +26,8 @@ def paper_config(model: ModelConfig) -> Config:
     t_s = 10k and t_e = 30k are set here so an r > 1 variant only switches the schedule on.
     The batch is taken in 16 micro-batches of 32 sequences, one per device on 32 devices (the
     pod table in docs/tpu.md, benchmarks/tpu_presets.py); all 512 at once would put 16 sequences of
-    4,096 tokens on each device at a time. With 64 devices or more, lower it."""
+    4,096 tokens on each device at a time. With 64 devices or more, lower it (a preset's SLICES
+    do so for the slices it names)."""
     return Config(
         model=dataclasses.replace(model, vocab_size=32_000),
         # Expert-parallel buffers at twice the even share: drops are rare and logged.
