@@ -156,3 +156,13 @@ def test_a_presets_mesh_for_the_target_slice_unless_the_command_line_gives_one(t
     assert train.main(["--config", str(preset), "--compile-only", "--target", "v5p-8", "mesh.data=4"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1} and report["micro_batches"] == 2
+
+
+@pytest.mark.parametrize("name", ["v5p-16", "v6e-8", "v5e-4", "v4-8", "2xv5p-16"])
+def test_the_devices_of_a_slice_name_it(tpu_devices, name):
+    """What train.py reads on a real slice (jax's device kind and count, and the slice index of
+    each device) names the slice the TPU compiler describes."""
+    devices = tpu_devices(name)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    found = targets.running_on(devices[0].device_kind, len(devices), slices)
+    assert found is not None and targets.same_slice(found, targets.parse(name))
