@@ -121,10 +121,8 @@ def _run(args: argparse.Namespace, preset, config, stop: StopRequest) -> int:
 
     if jax.process_index() != 0:  # Only process 0 prints; every process trains.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    if not args.target and jax.devices()[0].platform == "tpu":  # the slice this runs on
-        devices = jax.devices()
-        config = for_slice(args, preset, targets.running_on(
-            devices[0].device_kind, len(devices), len({getattr(d, "slice_index", 0) for d in devices})))
+    if not args.target:  # on the devices of a TPU slice, the preset's settings for it
+        config = for_slice(args, preset, targets.slice_of(jax.devices()))
 
     print(f"config {args.config}:\n{describe(config)}", flush=True)
     sizes = trainer.summary(config)

@@ -7,6 +7,7 @@ pod table of docs/tpu.md).
     python -m benchmarks.tpu_presets --rows 0 3            # some of them
     python -m benchmarks.tpu_presets --json runs/tpu.jsonl # also keep each report
     python -m benchmarks.tpu_presets --meshes 0 2          # other meshes for some presets on their slice
+    python -m benchmarks.tpu_presets --table runs/tpu.jsonl # the table of saved reports, compiling nothing
 
 A row that does not fit prints the compiler's one line instead. Each compile takes 1 to 20
 minutes on a 2-core machine (the 7B rows the longest).
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meshes", type=int, nargs="*", default=None,
                         help="indices into MESHES: compile each of those meshes instead of ROWS")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="append each report to this JSON Lines file")
+    parser.add_argument("--table", type=pathlib.Path, default=None,
+                        help="print the table of the reports saved in this JSON Lines file (--json) instead")
     args = parser.parse_args(argv)
     if args.meshes is not None:
         jobs = [(preset, target, mesh) for index in args.meshes for preset, target, meshes in [MESHES[index]]
@@ -102,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     print("| preset | slice, mesh | GiB per chip | compile | step, estimate (compute, memory, interconnect "
           "s) | MFU, estimate | GiB sent per step and chip, by collective |")
     print("|---|---|---|---|---|---|---|")
+    if args.table:
+        for line in args.table.read_text().splitlines():
+            saved = json.loads(line)
+            print(table_row(saved.pop("preset"), saved.pop("target"), saved.pop("overrides"), saved))
+        return 0
     for preset, target, overrides in jobs:
         report = compile_row(preset, target, overrides)
         if args.json:

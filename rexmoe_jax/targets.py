@@ -108,14 +108,16 @@ def same_slice(a: Target, b: Target) -> bool:
     return (a.topology, a.num_slices) == (b.topology, b.num_slices)
 
 
-def running_on(device_kind: str, devices: int, slices: int = 1) -> Target | None:
-    """The target that `devices` TPU devices of a kind (jax's `device_kind`, one per chip) form
-    in `slices` slices, or None where they are not a whole slice of the table (another platform,
-    a slice size not offered, a part of a slice)."""
-    generation = next((name for name, chip in CHIPS.items() if chip.device_kind == device_kind), None)
-    if generation is None or slices < 1 or devices % slices:
+def slice_of(devices) -> Target | None:
+    """The target that a list of jax devices forms (TPU devices, one per chip, read by their
+    `device_kind` and `slice_index`), or None where they are not a whole slice of the table
+    (another platform, a slice size not offered, a part of a slice)."""
+    kind = getattr(devices[0], "device_kind", "") if devices else ""
+    generation = next((name for name, chip in CHIPS.items() if chip.device_kind == kind), None)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if generation is None or len(devices) % slices:
         return None
-    name = f"{generation}-{devices // slices * GENERATIONS[generation].cores_in_name}"
+    name = f"{generation}-{len(devices) // slices * GENERATIONS[generation].cores_in_name}"
     if name not in SLICES:
         return None
     return parse(name if slices == 1 else f"{slices}x{name}")

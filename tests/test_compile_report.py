@@ -162,7 +162,19 @@ def test_a_presets_mesh_for_the_target_slice_unless_the_command_line_gives_one(t
 def test_the_devices_of_a_slice_name_it(tpu_devices, name):
     """What train.py reads on a real slice (jax's device kind and count, and the slice index of
     each device) names the slice the TPU compiler describes."""
-    devices = tpu_devices(name)
-    slices = len({getattr(d, "slice_index", 0) for d in devices})
-    found = targets.running_on(devices[0].device_kind, len(devices), slices)
+    found = targets.slice_of(tpu_devices(name))
     assert found is not None and targets.same_slice(found, targets.parse(name))
+
+
+def test_running_on_a_slice_its_presets_mesh_applies(tmp_path, monkeypatch, capsys):
+    """On the devices of a slice (test_targets reads slices from devices; here a v5p-8 is
+    what they form), train.py applies the preset's settings for it."""
+    preset = tmp_path / "sliced.py"
+    preset.write_text("from rexmoe_jax.config import Config\n"
+                      "SLICES = {'v5p-8': ['mesh.expert=4'], 'v5p-16': ['mesh.expert=8']}\n"
+                      "def get_config():\n    return Config()\n")
+    monkeypatch.setattr(targets, "slice_of", lambda devices: targets.parse("v5p-8"))
+    assert train.main(["--config", str(preset), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"settings for v5p-8 from {preset}: mesh.expert=4" in out
+    assert "mesh: data=-1 fsdp=1 expert=4 tensor=1" in out

@@ -29,16 +29,21 @@ def test_unknown_names_list_the_known_ones(name):
         targets.parse(name)
 
 
+def chips(kind, n, slices=1):
+    """Stand-ins for jax devices: what jax says of n TPU chips' kind and slice."""
+    return [type("Device", (), {"device_kind": kind, "slice_index": i * slices // n})() for i in range(n)]
+
+
 def test_the_slice_real_devices_form():
     # jax calls a v5p chip (two TensorCores as one megacore device) "TPU v5": 16 devices are a
     # v5p-32; v6e counts chips; two slices of 32 v5p chips are 2xv5p-64.
-    assert targets.running_on("TPU v5", 16).name == "v5p-32"
-    assert targets.running_on("TPU v6 lite", 64).name == "v6e-64"
-    assert targets.running_on("TPU v5", 64, slices=2).name == "2xv5p-64"
+    assert targets.slice_of(chips("TPU v5", 16)).name == "v5p-32"
+    assert targets.slice_of(chips("TPU v6 lite", 64)).name == "v6e-64"
+    assert targets.slice_of(chips("TPU v5", 64, slices=2)).name == "2xv5p-64"
     # Not a slice of the table: GPUs, 6 chips, 3 devices over 2 slices.
-    assert targets.running_on("NVIDIA H100 80GB HBM3", 8) is None
-    assert targets.running_on("TPU v6 lite", 6) is None
-    assert targets.running_on("TPU v5", 3, slices=2) is None
+    assert targets.slice_of(chips("NVIDIA H100 80GB HBM3", 8)) is None
+    assert targets.slice_of(chips("TPU v6 lite", 6)) is None
+    assert targets.slice_of(chips("TPU v5", 3, slices=2)) is None
 
 
 SLICES = {"v5litepod-8": ["mesh.fsdp=2", "mesh.expert=4", "optim.grad_accum=2"], "v5p-16": ["mesh.expert=8"]}
