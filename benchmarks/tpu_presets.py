@@ -79,13 +79,13 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
     if "error" in report:
         return f"| `{preset}` | {target}{given} | does not fit: {report['error']} ||||||"
     roof = report["roofline_estimate"]
-    bound = "at least " if report["loops_of_unknown_length"] else ""
+    bound, ceiling = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
     terms = ", ".join(f"{name} {t:.2f}" for name, t in roof["seconds"].items())
     sent = ", ".join(f"{kind} {c['sent_bytes'] / GIB:.1f}" for kind, c in report["collectives"].items())
     return (f"| `{preset}` | {target}, {settings(report)}{given} | "
             f"{report['total_bytes_per_device'] / GIB:.1f} ({report['argument_size_in_bytes'] / GIB:.1f} state) | "
             f"{report['compile_seconds']:.0f} s | {bound}{roof['step_seconds']:.2f} s, {roof['bound']}-bound "
-            f"({terms}) | {100 * roof['mfu']:.1f}% | {sent} |")
+            f"({terms}) | {ceiling}{100 * roof['mfu']:.1f}% | {sent} |")
 
 
 def main(argv: list[str] | None = None) -> int:
