@@ -174,11 +174,12 @@ def describe(report: dict) -> str:
         ici = roof.get("ici_bytes_per_second")
         links = f", {ici / 1e9:.0f} GB/s ICI" if ici else ", no published ICI figure: collectives not counted"
         terms = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in roof["seconds"].items())
+        low, high = ("at least ", "at most ") if unknown else ("", "")  # loops counted once
         lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks "
                      f"{roof['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
                      f"{roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM{links} from {roof['source']}): "
-                     f"{roof['step_seconds'] * 1e3:.1f} ms per step ({terms} ms), "
-                     f"{roof['bound']}-bound, MFU {100 * roof['mfu']:.1f}%")
+                     f"{low}{roof['step_seconds'] * 1e3:.1f} ms per step ({terms} ms), "
+                     f"{roof['bound']}-bound, MFU {high}{100 * roof['mfu']:.1f}%")
     for kind, c in r["collectives"].items():
         dynamic = c["dynamic_loops"] and f" (+{c['dynamic_loops']} loops of unknown length counted once)"
         lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB, "
