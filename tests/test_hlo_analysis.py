@@ -88,3 +88,13 @@ def test_hbm_bytes_count_slices_of_stacked_weights_and_in_place_updates(tpu_devi
     per_trip = (k * k + m * k + m * k + 2 * m * k) * 2  # w slice, x in, x out, the row read and written
     # Above it: the copies of x between memory spaces the TPU compiler adds (a quarter more here).
     assert layers * per_trip <= found["hbm_bytes"] <= 1.5 * layers * per_trip
+
+
+@pytest.mark.parametrize("attrs,size", [
+    ("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add", 4),  # listed
+    ("replica_groups=[2,4]<=[8], to_apply=%add", 4),  # iota: 2 groups of 4
+    ("replica_groups=mesh['data'=2,'fsdp'=2,'expert'=4] {'fsdp','expert'}, use_global_device_ids=true", 8),
+    ("channel_id=1, to_apply=%add", 0),  # none written: every device
+])
+def test_replica_group_sizes_in_each_form_xla_writes(attrs, size):
+    assert hlo_analysis._group_size(attrs) == size

@@ -54,9 +54,10 @@ _CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
 _CONSTANT = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
 _KERNEL_FLOPS = re.compile(r'"cost_estimate":\{"flops":"(\d+)"')
 _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-# A replica group's size: `replica_groups={{0,1,2,3},{4,5,6,7}}` or the iota form
-# `replica_groups=[2,4]<=[8]` (2 groups of 4); collective-permute has pairs instead.
-_GROUPS = re.compile(r"replica_groups=(?:\{\{([\d,]*)\}|\[([\d,]+)\]<=)")
+# A replica group's size: `replica_groups={{0,1,2,3},{4,5,6,7}}`, the iota form
+# `replica_groups=[2,4]<=[8]` (2 groups of 4), or the mesh form of jax 0.12's XLA,
+# `replica_groups=mesh['x'=2,'y'=4] {'y'}` (over y: 4); collective-permute has pairs instead.
+_GROUPS = re.compile(r"replica_groups=(?:\{\{([\d,]*)\}|\[([\d,]+)\]<=|mesh\[([^\]]*)\] \{([^}]*)\})")
 _NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
               "conditional",
               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
@@ -220,8 +221,13 @@ def _group_size(attrs: str) -> int:
     found = _GROUPS.search(attrs)
     if not found:
         return 0  # no groups written: every device of the program
-    listed, iota = found.groups()
-    return len(listed.split(",")) if listed is not None else int(iota.split(",")[-1])
+    listed, iota, axes, over = found.groups()
+    if listed is not None:
+        return len(listed.split(","))
+    if iota is not None:
+        return int(iota.split(",")[-1])
+    sizes = {name: int(n) for name, n in re.findall(r"'([^']+)'=(\d+)", axes)}
+    return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", over))
 
 
 def _sent(kind: str, result: int, operands: list[str], symbols: dict, attrs: str) -> int:
