@@ -80,13 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     preset = load_preset(args.config)
-    config = apply_overrides(preset, args.overrides)
+    config = for_slice(args, preset, targets.parse(args.target) if args.target else None)
 
     if args.target and not args.compile_only:
         print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
         return 2
-    if args.target:
-        config = for_slice(args, preset, targets.parse(args.target))
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
     if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
@@ -105,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def for_slice(args: argparse.Namespace, preset, target: targets.Target | None):
-    """The run's config on `target`: the preset, its settings for that slice (load_slices), then
-    the command line's overrides."""
-    settings = targets.slice_settings(load_slices(args.config), target, args.overrides) if target else []
+    """The run's config on `target` (None: no TPU slice): the preset, its settings for that
+    slice (load_slices; every slice it names is checked), then the command line's overrides."""
+    settings = targets.slice_settings(load_slices(args.config), target, args.overrides)
     if settings:
         print(f"settings for {target.name} from {args.config}: {' '.join(settings)} "
               "(an override on the command line replaces them)", flush=True)

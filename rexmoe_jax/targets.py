@@ -87,14 +87,14 @@ def _sizes() -> dict[str, tuple[str, str]]:
 SLICES = _sizes()
 
 
-def parse(name: str) -> Target:
+def parse(name: str, what: str = "--target") -> Target:
     """A target from its name ("v5p-64", "v6e-8", "v5litepod-16", "2xv5p-64"); an unknown one
-    is a ConfigError listing the known names."""
+    is a ConfigError listing the known names (`what` says where the name came from)."""
     match = re.fullmatch(r"(?:(\d+)x)?([a-z0-9]+)-(\d+)", name)
     slices = int(match.group(1) or 1) if match else 0
     key = f"{_ALIASES.get(match.group(2), match.group(2))}-{match.group(3)}" if match else name
     if key not in SLICES or slices < 1:
-        raise ConfigError(f"unknown --target {name!r}; known slices: {', '.join(SLICES)} "
+        raise ConfigError(f"unknown {what} {name!r}; known slices: {', '.join(SLICES)} "
                           "(also v5litepod-N for v5e-N, and Sx<slice> for S slices)")
     generation, shape = SLICES[key]
     g = GENERATIONS[generation]
@@ -123,15 +123,16 @@ def slice_of(devices) -> Target | None:
     return parse(name if slices == 1 else f"{slices}x{name}")
 
 
-def slice_settings(settings: dict, target: Target, overrides: list[str]) -> list[str]:
+def slice_settings(settings: dict, target: Target | None, overrides: list[str]) -> list[str]:
     """The overrides a preset gives for `target` (its `SLICES`: slice name -> overrides, e.g.
     {"v6e-64": ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"]}) that the command line's
     `overrides` leave standing: a command-line mesh replaces the preset's mesh as a whole (one
-    mesh.* given drops every mesh.* of the slice's), any other field only itself. A name in
-    SLICES that is not a slice is a ConfigError."""
+    mesh.* given drops every mesh.* of the slice's), any other field only itself. None where
+    `target` is None; either way a name in SLICES that is not a slice is a ConfigError."""
     found = []
     for name, items in settings.items():
-        if same_slice(parse(name), target):
+        named = parse(name, what="slice in the preset's SLICES")
+        if target is not None and same_slice(named, target):
             found = list(items)
     given = {item.partition("=")[0].strip() for item in overrides}
     mesh_given = any(key.startswith("mesh.") for key in given)

@@ -178,3 +178,12 @@ def test_running_on_a_slice_its_presets_mesh_applies(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert f"settings for v5p-8 from {preset}: mesh.expert=4" in out
     assert "mesh: data=-1 fsdp=1 expert=4 tensor=1" in out
+
+
+def test_a_preset_naming_no_slice_is_one_line_anywhere(tmp_path, capsys):
+    preset = tmp_path / "typo.py"
+    preset.write_text("from rexmoe_jax.config import Config\nSLICES = {'v5p-6': ['mesh.expert=4']}\n"
+                      "def get_config():\n    return Config()\n")
+    assert train.main(["--config", str(preset), "--dry-run"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith("error: unknown slice in the preset's SLICES 'v5p-6'")

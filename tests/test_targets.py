@@ -57,5 +57,8 @@ def test_a_presets_settings_for_its_slice_under_the_command_line():
     assert targets.slice_settings(SLICES, v5e, ["mesh.data=8"]) == ["optim.grad_accum=2"]
     assert targets.slice_settings(SLICES, v5e, ["optim.grad_accum=4", "train.steps=9"]) == \
         ["mesh.fsdp=2", "mesh.expert=4"]
-    with pytest.raises(ConfigError, match="unknown --target 'v5p-15'"):
-        targets.slice_settings({"v5p-15": []}, v5e, [])
+    # Off any slice nothing applies, but a name that is no slice is an error wherever it runs.
+    assert targets.slice_settings(SLICES, None, []) == []
+    for target in (v5e, None):
+        with pytest.raises(ConfigError, match="unknown slice in the preset's SLICES 'v5p-15'"):
+            targets.slice_settings({"v5p-15": []}, target, [])
