@@ -21,6 +21,8 @@ import pathlib
 import subprocess
 import sys
 
+from rexmoe_jax.compile.hlo import KINDS
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
 
@@ -74,18 +76,24 @@ def settings(report: dict) -> str:
     return f"{axes}, {report['micro_batches']} micro-batches"
 
 
+HEADER = ("| preset | slice, mesh | GiB per chip (state + temporaries) | compile | step, estimate "
+          "| MFU, estimate | " + " | ".join(KINDS) + " |\n|" + "---|" * (6 + len(KINDS)))
+
+
 def table_row(preset: str, target: str, overrides: list[str], report: dict) -> str:
+    """One row of HEADER: the step estimate's longest term named, the collectives as GiB sent
+    per chip and step."""
     given = f" `{' '.join(overrides)}`" if overrides else ""
     if "error" in report:
-        return f"| `{preset}` | {target}{given} | does not fit: {report['error']} ||||||"
-    roof = report["roofline_estimate"]
-    bound, ceiling = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
-    terms = ", ".join(f"{name} {t:.2f}" for name, t in roof["seconds"].items())
-    sent = ", ".join(f"{kind} {c['sent_bytes'] / GIB:.1f}" for kind, c in report["collectives"].items())
+        return f"| `{preset}` | {target}{given} | does not fit: {report['error']} |" + " |" * (4 + len(KINDS))
+    roof, gib = report["roofline_estimate"], report["hbm_capacity_per_device"] / GIB
+    low, high = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
+    sent = [report["collectives"].get(kind, {}).get("sent_bytes", 0) / GIB for kind in KINDS]
+    state, temps = report["argument_size_in_bytes"] / GIB, report["temp_size_in_bytes"] / GIB
     return (f"| `{preset}` | {target}, {settings(report)}{given} | "
-            f"{report['total_bytes_per_device'] / GIB:.1f} ({report['argument_size_in_bytes'] / GIB:.1f} state) | "
-            f"{report['compile_seconds']:.0f} s | {bound}{roof['step_seconds']:.2f} s, {roof['bound']}-bound "
-            f"({terms}) | {ceiling}{100 * roof['mfu']:.1f}% | {sent} |")
+            f"{report['total_bytes_per_device'] / GIB:.1f} ({state:.1f} + {temps:.1f}) of {gib:.1f} | {report['compile_seconds']:.0f} s | {low}{roof['step_seconds']:.1f} s, "
+            f"{roof['bound']}-bound | {high}{100 * roof['mfu']:.1f}% | "
+            + " | ".join(f"{x:.1f}" if x else "0" for x in sent) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,9 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 for mesh in meshes]
     else:
         jobs = [ROWS[index] for index in (args.rows if args.rows is not None else range(len(ROWS)))]
-    print("| preset | slice, mesh | GiB per chip | compile | step, estimate (compute, memory, interconnect "
-          "s) | MFU, estimate | GiB sent per step and chip, by collective |")
-    print("|---|---|---|---|---|---|---|")
+    print(HEADER)
     if args.table:
         for line in args.table.read_text().splitlines():
             saved = json.loads(line)
