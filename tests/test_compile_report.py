@@ -187,3 +187,21 @@ def test_a_preset_naming_no_slice_is_one_line_anywhere(tmp_path, capsys):
     assert train.main(["--config", str(preset), "--dry-run"]) == 2
     message = capsys.readouterr().err.strip()
     assert "\n" not in message and message.startswith("error: unknown slice in the preset's SLICES 'v5p-6'")
+
+
+def test_a_pod_table_row_from_a_report():
+    from benchmarks import tpu_presets
+
+    gib = 2 ** 30
+    report = {"mesh": {"data": 1, "fsdp": 4, "expert": 1, "tensor": 1}, "micro_batches": 16,
+              "argument_size_in_bytes": 2 * gib, "temp_size_in_bytes": 18 * gib, "total_bytes_per_device": 20 * gib,
+              "hbm_capacity_per_device": 95 * gib, "compile_seconds": 390.4, "loops_of_unknown_length": 2,
+              "roofline_estimate": {"step_seconds": 9.96, "bound": "memory", "mfu": 0.14},
+              "collectives": {"all-gather": {"sent_bytes": 31.9 * gib}, "all-reduce": {"sent_bytes": 26.4 * gib}}}
+    # Loops of unknown length: the step time is a floor and the MFU a ceiling; one column per
+    # collective kind, in hlo.KINDS' order (all-gather, reduce-scatter, all-reduce, ...).
+    assert tpu_presets.table_row("p", "v5p-8", [], report) == (
+        "| `p` | v5p-8, fsdp 4, 16 micro-batches | 20.0 (2.0 + 18.0) of 95.0 | 390 s | at least 10.0 s, "
+        "memory-bound | at most 14.0% | 31.9 | 0 | 26.4 | 0 | 0 | 0 |")
+    header, rule = tpu_presets.HEADER.splitlines()
+    assert header.count("|") == rule.count("|") == tpu_presets.table_row("p", "v5p-8", [], report).count("|")
