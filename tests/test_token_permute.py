@@ -90,6 +90,14 @@ def test_values_and_gradients_match_numpy(implementation, interpret, case, dtype
         np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, err_msg=name, **TOLERANCE[dtype])
 
 
+def test_pallas_kernels_in_runs_of_rows_match_numpy(monkeypatch):
+    """A call with more indices than one kernel prefetches into SMEM runs as several kernels over
+    runs of rows: with runs of 16 indices (8 tokens at K = 4 for combine and its gradients), 21
+    tokens split unevenly and the results are still numpy's."""
+    monkeypatch.setattr(token_permute.pallas, "PREFETCH_INDICES", 16)
+    test_values_and_gradients_match_numpy("pallas", None, (21, 4, 16, 8), jnp.float32)
+
+
 def test_inverse_permutation_and_input_checks():
     order = jnp.asarray([2, 0, 3, 1])
     np.testing.assert_array_equal(token_permute.inverse_permutation(order), [1, 3, 0, 2])
@@ -200,3 +208,27 @@ def test_pallas_kernels_compile_through_mosaic_for_two_tpu_generations(tpu_devic
     hlo = jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
     assert hlo.count('custom_call_target="tpu_custom_call"') == 5
     assert "callback" not in hlo  # interpret mode would run the kernels as host callbacks
+
+
+@pytest.mark.e2e
+def test_more_indices_than_smem_holds_compile_for_tpu(tpu_devices):
+    """32,768 tokens x K = 8 on one chip (the 2.3B preset with fsdp 4 on a v5p-8) are 262,144
+    int32 indices, 1 MiB: as one kernel's scalar prefetch they overflowed the core's SMEM
+    ("Ran out of memory in memory space smem"). In runs of PREFETCH_INDICES they compile."""
+    mesh = jax.sharding.Mesh(np.array(tpu_devices("v5p-8")), ("x",))
+    tokens, d, k = 32768, 512, 8
+    assert tokens * k * 4 == 2 ** 20 and tokens * k > token_permute.pallas.PREFETCH_INDICES
+
+    def loss(x, gates, order, inverse):
+        y = token_permute.permute(x, order, inverse, k, implementation="pallas", platform="tpu")
+        out = token_permute.combine(y, order, inverse, gates, implementation="pallas", platform="tpu")
+        return jnp.sum(out.astype(jnp.float32) ** 2)
+
+    step = jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=(P("x"),) * 4,
+                         out_specs=(P("x"), P("x")))
+    n = mesh.devices.size
+    shapes = [((n * tokens, d), jnp.bfloat16), ((n * tokens, k), jnp.float32),
+              ((n * tokens * k,), jnp.int32), ((n * tokens * k,), jnp.int32)]
+    hlo = jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
+    # Five kernels, each over 262,144 / 131,072 = 2 runs of indices.
+    assert hlo.count('custom_call_target="tpu_custom_call"') == 5 * 2

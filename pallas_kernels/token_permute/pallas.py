@@ -10,7 +10,10 @@ waits for all of them and finishes the block in VMEM:
 
 so forward and backward are gathers by a permutation or its inverse: no scatter, no atomics.
 Row counts that are not a multiple of the block are padded (index 0, weight 0) and cut off.
-TPU wants blocks of 8 rows and widths that are multiples of 128 for full speed.
+TPU wants blocks of 8 rows and widths that are multiples of 128 for full speed. A call with
+more indices than PREFETCH_INDICES runs as several kernels over runs of rows: a core's SMEM is
+1 MiB (v5p), and 262,144 int32 indices (the 2.3B preset's 32,768 tokens x K = 8 on one chip)
+fill it, which Mosaic rejects ("Ran out of memory in memory space smem").
 """
 
 from __future__ import annotations
@@ -21,6 +24,20 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.token_permute.gather_vjp import RowGathers, permute_and_combine
+
+# The most indices one kernel scalar-prefetches into SMEM: 512 KiB of int32.
+PREFETCH_INDICES = 1 << 17
+
+
+def _in_runs(call, per_row: int, *row_major):
+    """call(*pieces) over runs of leading rows of the `row_major` arrays, each run holding at
+    most PREFETCH_INDICES indices (`per_row` a row), concatenated; one call when all fit."""
+    rows = row_major[0].shape[0]
+    run = max(PREFETCH_INDICES // per_row // 8 * 8, 8)
+    if rows <= run:
+        return call(*row_major)
+    pieces = [call(*(a[start:start + run] for a in row_major)) for start in range(0, rows, run)]
+    return jnp.concatenate(pieces)
 
 
 def _pad_rows(x, multiple):
@@ -64,6 +81,10 @@ def _call(kernel, grid, idx, operands, in_specs, out_spec, out_shape, scratch, i
 
 def gather_rows(src_MxD, idx_A, scale_A, *, block: int = 8, interpret: bool = False):
     """out[i] = scale[i] * src[idx[i]] (scale in float32), shape (N, D)."""
+    return _in_runs(lambda idx, scale: _gather_rows(src_MxD, idx, scale, block, interpret), 1, idx_A, scale_A)
+
+
+def _gather_rows(src_MxD, idx_A, scale_A, block, interpret):
     n, d = idx_A.shape[0], src_MxD.shape[1]
     idx = _pad_rows(idx_A.astype(jnp.int32), block)
     scale = _pad_rows(scale_A.astype(jnp.float32)[:, None], block)
@@ -84,6 +105,12 @@ def gather_rows(src_MxD, idx_A, scale_A, *, block: int = 8, interpret: bool = Fa
 def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int = 8, interpret: bool = False):
     """out[t] = sum_k w[t, k] * src[idx[t K + k]], accumulated in float32, shape (T, D)."""
     t, k = weights_TxK.shape
+    return _in_runs(lambda idx, w: _gather_combine(src_AxD, idx.reshape(-1), w, block, interpret), k,
+                    idx_A.reshape(t, k), weights_TxK)
+
+
+def _gather_combine(src_AxD, idx_A, weights_TxK, block, interpret):
+    t, k = weights_TxK.shape
     d = src_AxD.shape[1]
     weights = _pad_rows(weights_TxK.astype(jnp.float32), block)
     idx = _pad_rows(idx_A.astype(jnp.int32).reshape(t, k), block).reshape(-1)
@@ -103,6 +130,12 @@ def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int = 8, interpret: bo
 
 def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int = 8, interpret: bool = False):
     """out[t, k] = <dy[t], src[idx[t K + k]]> in float32, shape (T, K)."""
+    t = dy_TxD.shape[0]
+    return _in_runs(lambda idx, dy: _gather_dot(src_AxD, idx.reshape(-1), dy, top_k, block, interpret), top_k,
+                    idx_A.reshape(t, top_k), dy_TxD)
+
+
+def _gather_dot(src_AxD, idx_A, dy_TxD, top_k, block, interpret):
     t, d = dy_TxD.shape
     dy = _pad_rows(dy_TxD, block)
     idx = _pad_rows(idx_A.astype(jnp.int32).reshape(t, top_k), block).reshape(-1)
