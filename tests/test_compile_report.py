@@ -122,6 +122,14 @@ def test_words_of_the_compiler_not_known_here_are_quoted_in_the_one_line():
                               "(102.01GB): XLA:TPU compile permanent error. Out of memory while allocating")
     assert "\n" not in message and "optim.grad_accum=2" in message
     assert report._too_big(RuntimeError("INVALID_ARGUMENT: something else"), Config(), None) is None
+    # A kernel's SMEM, not HBM (libtpu 0.0.42's words for the 2.3B preset with fsdp 4 on a v5p-8
+    # before the permute kernels ran in runs): the memory named, and knobs that reach it.
+    err = RuntimeError("RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory "
+                       "space smem. Used 1.00M of 1.00M smem. Exceeded smem capacity by 1.1K.\nProgram smem")
+    message = str(report._too_big(err, Config(), targets.parse("v5p-8")))
+    assert message == ("the train step does not fit: a kernel needs more SMEM (a core's on-chip memory) than a "
+                       "v5p chip has: 1.00MB of 1.00MB; try compute.permute=xla (the Pallas kernels' scratch) or "
+                       "fewer tokens per device (optim.grad_accum, a wider mesh)")
 
 
 def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():

@@ -33,6 +33,11 @@ _TOO_BIG = (re.compile(r"Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?) hbm"),
             re.compile(r"\(([\d.]+[KMGT]?)\) exceeds available HBM \(([\d.]+[KMGT]?)\)"))
 
 
+# Out of a core's SMEM or VMEM instead: "Ran out of memory in memory space smem. Used 1.00M of
+# 1.00M smem."
+_CORE_MEMORY = re.compile(r"memory space (smem|vmem)\. Used ([\d.]+[KMGT]?) of ([\d.]+[KMGT]?)")
+
+
 class DoesNotFit(ConfigError):
     """The compiler found the step too big for the device's memory; one line says by how much."""
 
@@ -43,6 +48,12 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
         return None
     found = next((m for m in (p.search(text) for p in _TOO_BIG) if m), None)
     where = f"a {target.chip.name} chip" if target else "a device"
+    core = _CORE_MEMORY.search(text)
+    if core:  # a kernel's on-chip scratch, not HBM: batch and mesh knobs do not reach it
+        space, used, capacity = core.group(1).upper(), core.group(2), core.group(3)
+        return DoesNotFit(f"the train step does not fit: a kernel needs more {space} (a core's on-chip memory) "
+                          f"than {where} has: {used}B of {capacity}B; try compute.permute=xla (the Pallas "
+                          "kernels' scratch) or fewer tokens per device (optim.grad_accum, a wider mesh)")
     if found:
         needed, available = found.groups()
         plan = f"the compiler plans {needed}B of memory per device and {where} has {available}B"
