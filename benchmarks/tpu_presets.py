@@ -32,7 +32,7 @@ GIB = 1024 ** 3
 # (docs/tpu.md, "The paper presets on TPU slices").
 ROWS = tuple((preset, target, []) for preset, target in (
     ("moe_0p5b_a0p07b", "v5p-8"), ("moe_0p5b_a0p07b_r4", "v5p-8"),
-    ("moe_2p3b_a0p3b", "v5p-16"), ("moe_2p3b_a0p3b_r4", "v5p-16"),
+    ("moe_2p3b_a0p3b", "v5p-8"), ("moe_2p3b_a0p3b_r4", "v5p-8"),
     ("moe_7b_a3b_se", "v5p-32"), ("moe_7b_a3b_se_r3", "v5p-32"),
     ("moe_0p5b_a0p07b", "v6e-8"), ("moe_0p5b_a0p07b_r4", "v6e-8"),
     ("moe_2p3b_a0p3b", "v6e-8"), ("moe_2p3b_a0p3b_r4", "v6e-8"),
@@ -88,12 +88,14 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
         return f"| `{preset}` | {target}{given} | does not fit: {report['error']} |" + " |" * (4 + len(KINDS))
     roof, gib = report["roofline_estimate"], report["hbm_capacity_per_device"] / GIB
     low, high = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
+    # Reports from before the bytes sent were counted (7B's) give their result bytes' absence as "-".
     sent = [report["collectives"].get(kind, {}).get("sent_bytes", 0) / GIB for kind in KINDS]
+    counted = all("sent_bytes" in c for c in report["collectives"].values())
     state, temps = report["argument_size_in_bytes"] / GIB, report["temp_size_in_bytes"] / GIB
     return (f"| `{preset}` | {target}, {settings(report)}{given} | "
             f"{report['total_bytes_per_device'] / GIB:.1f} ({state:.1f} + {temps:.1f}) of {gib:.1f} | {report['compile_seconds']:.0f} s | {low}{roof['step_seconds']:.1f} s, "
             f"{roof['bound']}-bound | {high}{100 * roof['mfu']:.1f}% | "
-            + " | ".join(f"{x:.1f}" if x else "0" for x in sent) + " |")
+            + " | ".join((f"{x:.1f}" if x else "0") if counted else "-" for x in sent) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:

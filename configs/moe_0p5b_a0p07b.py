@@ -13,7 +13,7 @@ from rexmoe_jax.config import ModelConfig
 # overrides.
 SLICES = {
     "v5p-8": ["mesh.data=1", "mesh.fsdp=4"],
-    "v6e-8": ["mesh.expert=8"],
+    "v6e-8": ["mesh.data=1", "mesh.fsdp=8"],
 }
 
 
