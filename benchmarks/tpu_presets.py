@@ -88,7 +88,7 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
         return f"| `{preset}` | {target}{given} | does not fit: {report['error']} |" + " |" * (4 + len(KINDS))
     roof, gib = report["roofline_estimate"], report["hbm_capacity_per_device"] / GIB
     low, high = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
-    # Reports from before the bytes sent were counted (7B's) give their result bytes' absence as "-".
+    # 7B's reports predate the count of bytes sent: "-" there.
     sent = [report["collectives"].get(kind, {}).get("sent_bytes", 0) / GIB for kind in KINDS]
     counted = all("sent_bytes" in c for c in report["collectives"].values())
     state, temps = report["argument_size_in_bytes"] / GIB, report["temp_size_in_bytes"] / GIB
