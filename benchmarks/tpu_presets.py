@@ -88,14 +88,15 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
         return f"| `{preset}` | {target}{given} | does not fit: {report['error']} |" + " |" * (4 + len(KINDS))
     roof, gib = report["roofline_estimate"], report["hbm_capacity_per_device"] / GIB
     low, high = ("at least ", "at most ") if report["loops_of_unknown_length"] else ("", "")
-    # 7B's reports predate the count of bytes sent: "-" there.
-    sent = [report["collectives"].get(kind, {}).get("sent_bytes", 0) / GIB for kind in KINDS]
+    # Reports from before the bytes sent were counted (7B's) give their results' bytes, starred.
     counted = all("sent_bytes" in c for c in report["collectives"].values())
+    field, star = ("sent_bytes", "") if counted else ("bytes", "*")
+    sent = [report["collectives"].get(kind, {}).get(field, 0) / GIB for kind in KINDS]
     state, temps = report["argument_size_in_bytes"] / GIB, report["temp_size_in_bytes"] / GIB
     return (f"| `{preset}` | {target}, {settings(report)}{given} | "
             f"{report['total_bytes_per_device'] / GIB:.1f} ({state:.1f} + {temps:.1f}) of {gib:.1f} | {report['compile_seconds']:.0f} s | {low}{roof['step_seconds']:.1f} s, "
             f"{roof['bound']}-bound | {high}{100 * roof['mfu']:.1f}% | "
-            + " | ".join((f"{x:.1f}" if x else "0") if counted else "-" for x in sent) + " |")
+            + " | ".join(f"{x:.1f}{star}" if x else "0" for x in sent) + " |")
 
 
 def main(argv: list[str] | None = None) -> int:
