@@ -185,15 +185,10 @@ def test_auto_is_xla_on_cpu_and_pallas_elsewhere():
     assert api._pallas(None, "cpu") == (api.pallas, True)
 
 
-@pytest.mark.parametrize("target", ["v5e-8", "v6e-8"])
-def test_pallas_kernels_compile_through_mosaic_for_two_tpu_generations(tpu_devices, target):
-    """The TPU kernels, not their interpret mode, compiled by the real TPU compiler inside a
-    checking shard_map at the 2.3B preset's per-device shape (4,096 tokens, D = 512, K = 8 on a
-    v5p-64 with fsdp 4 x expert 8 and grad_accum 16): forward and backward are five kernels
-    (permute; combine; combine's dy and d gates; permute's dx), each one Mosaic custom call."""
-    devices = tpu_devices(target)
+def compiled_for_tpu(devices, tokens: int, d: int, k: int) -> str:
+    """The HLO of permute then combine and both gradients through the Pallas TPU kernels, compiled
+    by the real TPU compiler inside a checking shard_map with `tokens` tokens on each device."""
     mesh = jax.sharding.Mesh(np.array(devices), ("x",))
-    tokens, d, k = 4096, 512, 8
 
     def loss(x, gates, order, inverse):
         y = token_permute.permute(x, order, inverse, k, implementation="pallas", platform="tpu")
@@ -205,7 +200,16 @@ def test_pallas_kernels_compile_through_mosaic_for_two_tpu_generations(tpu_devic
     n = len(devices)
     shapes = [((n * tokens, d), jnp.bfloat16), ((n * tokens, k), jnp.float32),
               ((n * tokens * k,), jnp.int32), ((n * tokens * k,), jnp.int32)]
-    hlo = jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
+    return jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
+
+
+@pytest.mark.parametrize("target", ["v5e-8", "v6e-8"])
+def test_pallas_kernels_compile_through_mosaic_for_two_tpu_generations(tpu_devices, target):
+    """The TPU kernels, not their interpret mode, at the 2.3B preset's per-device shape (4,096
+    tokens, D = 512, K = 8 on a v5p-64 with fsdp 4 x expert 8 and grad_accum 16): forward and
+    backward are five kernels (permute; combine; combine's dy and d gates; permute's dx), each
+    one Mosaic custom call."""
+    hlo = compiled_for_tpu(tpu_devices(target), 4096, 512, 8)
     assert hlo.count('custom_call_target="tpu_custom_call"') == 5
     assert "callback" not in hlo  # interpret mode would run the kernels as host callbacks
 
@@ -215,20 +219,7 @@ def test_more_indices_than_smem_holds_compile_for_tpu(tpu_devices):
     """32,768 tokens x K = 8 on one chip (the 2.3B preset with fsdp 4 on a v5p-8) are 262,144
     int32 indices, 1 MiB: as one kernel's scalar prefetch they overflowed the core's SMEM
     ("Ran out of memory in memory space smem"). In runs of PREFETCH_INDICES they compile."""
-    mesh = jax.sharding.Mesh(np.array(tpu_devices("v5p-8")), ("x",))
-    tokens, d, k = 32768, 512, 8
-    assert tokens * k * 4 == 2 ** 20 and tokens * k > token_permute.pallas.PREFETCH_INDICES
-
-    def loss(x, gates, order, inverse):
-        y = token_permute.permute(x, order, inverse, k, implementation="pallas", platform="tpu")
-        out = token_permute.combine(y, order, inverse, gates, implementation="pallas", platform="tpu")
-        return jnp.sum(out.astype(jnp.float32) ** 2)
-
-    step = jax.shard_map(jax.grad(loss, argnums=(0, 1)), mesh=mesh, in_specs=(P("x"),) * 4,
-                         out_specs=(P("x"), P("x")))
-    n = mesh.devices.size
-    shapes = [((n * tokens, d), jnp.bfloat16), ((n * tokens, k), jnp.float32),
-              ((n * tokens * k,), jnp.int32), ((n * tokens * k,), jnp.int32)]
-    hlo = jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
-    # Five kernels, each over 262,144 / 131,072 = 2 runs of indices.
-    assert hlo.count('custom_call_target="tpu_custom_call"') == 5 * 2
+    tokens, k = 32768, 8
+    assert tokens * k * 4 == 2 ** 20 and tokens * k == 2 * token_permute.pallas.PREFETCH_INDICES
+    hlo = compiled_for_tpu(tpu_devices("v5p-8"), tokens, 512, k)
+    assert hlo.count('custom_call_target="tpu_custom_call"') == 5 * 2  # five kernels, two runs each
