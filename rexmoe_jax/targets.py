@@ -25,7 +25,7 @@ class Chip:
     peak_bf16_flops: float  # per second, dense bf16 matmuls
     hbm_bytes: int
     hbm_bytes_per_second: float
-    ici_bytes_per_second: float | None  # bidirectional inter-chip interconnect, all links; None: not published
+    ici_bytes_per_second: float | None  # inter-chip interconnect, bidirectional, all links; None: unpublished
     source: str
 
 

@@ -262,7 +262,8 @@ class _Totals:
 
     def add_collective(self, kind, count, size, largest, dynamic, sent):
         c = self.collectives.setdefault(kind, [0, 0, 0, 0, 0])
-        c[0], c[1], c[2], c[3], c[4] = c[0] + count, c[1] + size, max(c[2], largest), c[3] + dynamic, c[4] + sent
+        c[0], c[1], c[2] = c[0] + count, c[1] + size, max(c[2], largest)
+        c[3], c[4] = c[3] + dynamic, c[4] + sent
 
     def add(self, other: _Totals, trips: int, dynamic: bool, with_bytes: bool):
         self.unknown_loops += other.unknown_loops + dynamic
@@ -274,8 +275,8 @@ class _Totals:
 
 def analyse(hlo: str) -> dict:
     """{"flops", "hbm_bytes", "loops_of_unknown_length", "collectives": {kind: {"count", "bytes",
-    "largest", "dynamic_loops", "sent_bytes"}}} of one run of the program, per device; with loops of unknown
-    length (counted once) the FLOPs and bytes are lower bounds."""
+    "largest", "dynamic_loops", "sent_bytes"}}} of one run of the program, per device; with
+    loops of unknown length (counted once) the FLOPs and bytes are lower bounds."""
     computations, entry = _computations(hlo)
     _PARSED.clear()
 

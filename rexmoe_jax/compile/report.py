@@ -51,9 +51,10 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
     core = _CORE_MEMORY.search(text)
     if core:  # a kernel's on-chip scratch, not HBM: batch and mesh knobs do not reach it
         space, used, capacity = core.group(1).upper(), core.group(2), core.group(3)
-        return DoesNotFit(f"the train step does not fit: a kernel needs more {space} (a core's on-chip memory) "
-                          f"than {where} has: {used}B of {capacity}B; try compute.permute=xla (the Pallas "
-                          "kernels' scratch) or fewer tokens per device (optim.grad_accum, a wider mesh)")
+        return DoesNotFit(f"the train step does not fit: a kernel needs more {space} (a core's on-chip "
+                          f"memory) than {where} has: {used}B of {capacity}B; try compute.permute=xla "
+                          "(the Pallas kernels' scratch) or fewer tokens per device (optim.grad_accum, "
+                          "a wider mesh)")
     if found:
         needed, available = found.groups()
         plan = f"the compiler plans {needed}B of memory per device and {where} has {available}B"
@@ -95,10 +96,10 @@ def roofline(report: dict, config: Config, chip: Chip) -> dict:
     the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at
     the chip's peak FLOP/s, its HBM bytes at the peak bandwidth, or the bytes its collectives send
     at the chip's whole interconnect bandwidth, whichever binds (all three counted through the
-    step's loops; overlap, elementwise work and the Pallas kernels are not modelled, and a
-    multi-slice data axis is taken at ICI speed), and the MFU that time would give for the
-    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). Computed from
-    the report alone, so a saved report can be estimated again."""
+    step's loops; overlap, elementwise work and kernels that state no cost are not modelled,
+    and a multi-slice data axis is taken at ICI speed), and the MFU that time would give for the
+    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). It reads only
+    the report and the config, so a saved report can be estimated again."""
     times = {"compute": report["flops_per_device"] / chip.peak_bf16_flops,
              "memory": report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second}
     sent = sum(c.get("sent_bytes", 0) for c in report["collectives"].values())
