@@ -34,7 +34,7 @@ ROWS = tuple((preset, target, []) for preset, target in (
     ("moe_0p5b_a0p07b", "v5p-8"), ("moe_0p5b_a0p07b_r4", "v5p-8"),
     ("moe_2p3b_a0p3b", "v5p-8"), ("moe_2p3b_a0p3b_r4", "v5p-8"),
     ("moe_7b_a3b_se", "v5p-32"), ("moe_7b_a3b_se_r3", "v5p-32"),
-    ("moe_0p5b_a0p07b", "v6e-8"), ("moe_0p5b_a0p07b_r4", "v6e-8"),
+    ("moe_0p5b_a0p07b", "v6e-4"), ("moe_0p5b_a0p07b_r4", "v6e-4"),
     ("moe_2p3b_a0p3b", "v6e-8"), ("moe_2p3b_a0p3b_r4", "v6e-8"),
     ("moe_7b_a3b_se", "v6e-64"), ("moe_7b_a3b_se_r3", "v6e-64"),
 ))
