@@ -1,7 +1,7 @@
 """The paper presets compiled for TPU slices from this machine (libtpu; nothing runs): per row,
 `train.py --compile-only --target` in its own process, and a Markdown table of memory per chip,
 compile time, the roofline estimate and the bytes each kind of collective sends per step (the
-pod table of docs/tpu.md).
+pod table of the README; the meshes compared in docs/tpu.md).
 
     python -m benchmarks.tpu_presets                       # every row below, one at a time
     python -m benchmarks.tpu_presets --rows 0 3            # some of them
@@ -9,8 +9,8 @@ pod table of docs/tpu.md).
     python -m benchmarks.tpu_presets --meshes 0 2          # other meshes for some presets on their slice
     python -m benchmarks.tpu_presets --table runs/tpu.jsonl # the table of saved reports, compiling nothing
 
-A row that does not fit prints the compiler's one line instead. Each compile takes 1 to 20
-minutes on a 2-core machine (the 7B rows the longest).
+A row that does not fit prints the compiler's one line instead. Each compile takes 5 to 27
+minutes on a loaded 2-core machine (the 7B rows the longest).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ ROWS = tuple((preset, target, []) for preset, target in (
     ("moe_7b_a3b_se", "v6e-64"), ("moe_7b_a3b_se_r3", "v6e-64"),
 ))
 
-# Other meshes for the r = 1 presets on their smallest slices (the row's own mesh first), to
-# find the one the roofline estimate prefers: (preset, target, [overrides of each mesh]).
-# "mesh.data=-1" alone is the default, every device on the data axis.
+# Meshes for the r = 1 presets on one slice each, to find the one the roofline estimate prefers
+# (docs/tpu.md, "Which mesh"): (preset, target, [overrides of each mesh]). "mesh.data=-1" alone
+# is the default, every device on the data axis. The 7B entries (4 and 5) are not compiled yet.
 MESHES = (
     ("moe_0p5b_a0p07b", "v5p-8", [["mesh.expert=4"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=4"],
                                   ["mesh.data=2", "mesh.expert=2"]]),
