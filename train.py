@@ -79,8 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     # First, before jax is imported: a preemption during start-up still ends in a checkpoint.
     stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    preset = load_preset(args.config)
-    config = for_slice(args, preset, targets.parse(args.target) if args.target else None)
+    preset, slices = load_preset(args.config), load_slices(args.config)
+    config = for_slice(args, preset, slices, targets.parse(args.target) if args.target else None)
 
     if args.target and not args.compile_only:
         print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
@@ -97,30 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
         distributed.initialize(args.init_timeout, args.heartbeat_timeout, stop)
     try:
-        return _run(args, preset, config, stop)
+        return _run(args, preset, slices, config, stop)
     finally:
         distributed.finish()
 
 
-def for_slice(args: argparse.Namespace, preset, target: targets.Target | None):
+def for_slice(args: argparse.Namespace, preset, slices: dict, target: targets.Target | None):
     """The run's config on `target` (None: no TPU slice): the preset, its settings for that
-    slice (load_slices; every slice it names is checked), then the command line's overrides."""
-    settings = targets.slice_settings(load_slices(args.config), target, args.overrides)
+    slice (its `slices`, load_slices; every slice they name is checked), then the command
+    line's overrides."""
+    settings = targets.slice_settings(slices, target, args.overrides)
     if settings:
         print(f"settings for {target.name} from {args.config}: {' '.join(settings)} "
               "(an override on the command line replaces them)", flush=True)
     return apply_overrides(preset, [*settings, *args.overrides])
 
 
-def _run(args: argparse.Namespace, preset, config, stop: StopRequest) -> int:
+def _run(args: argparse.Namespace, preset, slices: dict, config, stop: StopRequest) -> int:
     import jax
 
     from rexmoe_jax import loop, trainer  # Imports jax: after the cheap argument checks.
 
     if jax.process_index() != 0:  # Only process 0 prints; every process trains.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
-    if not args.target:  # on the devices of a TPU slice, the preset's settings for it
-        config = for_slice(args, preset, targets.slice_of(jax.devices()))
+    if not args.target and (here := targets.slice_of(jax.devices())):  # running on a TPU slice
+        config = for_slice(args, preset, slices, here)
 
     print(f"config {args.config}:\n{describe(config)}", flush=True)
     sizes = trainer.summary(config)

@@ -94,7 +94,8 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
     sent = [report["collectives"].get(kind, {}).get(field, 0) / GIB for kind in KINDS]
     state, temps = report["argument_size_in_bytes"] / GIB, report["temp_size_in_bytes"] / GIB
     return (f"| `{preset}` | {target}, {settings(report)}{given} | "
-            f"{report['total_bytes_per_device'] / GIB:.1f} ({state:.1f} + {temps:.1f}) of {gib:.1f} | {report['compile_seconds']:.0f} s | {low}{roof['step_seconds']:.1f} s, "
+            f"{report['total_bytes_per_device'] / GIB:.1f} ({state:.1f} + {temps:.1f}) of {gib:.1f} | "
+            f"{report['compile_seconds']:.0f} s | {low}{roof['step_seconds']:.1f} s, "
             f"{roof['bound']}-bound | {high}{100 * roof['mfu']:.1f}% | "
             + " | ".join(f"{x:.1f}{star}" if x else "0" for x in sent) + " |")
 
