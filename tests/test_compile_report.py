@@ -93,6 +93,23 @@ def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
 
 
 @pytest.mark.e2e
+def test_flash_attention_compiles_through_mosaic_and_keeps_the_scores_out_of_memory(tpu_devices, tmp_path):
+    """compute.attention=flash on a v5p-8 over 1,024 tokens: the splash kernels of the forward and
+    of both gradients are Mosaic custom calls in every layer (not interpret-mode callbacks), and
+    the step plans less memory than with XLA's attention by at least one layer's float32 scores."""
+    settings = ["data.seq_len=1024", "mesh.data=2", "mesh.expert=2", "compute.dtype=bfloat16"]
+    _, xla, _ = compiled(settings + ["compute.attention=xla"], "v5p-8", tpu_devices)
+    _, report, _ = compiled(settings + ["compute.attention=flash"], "v5p-8", tpu_devices, tmp_path / "step.hlo")
+    kernels = [line for line in (tmp_path / "step.hlo").read_text().splitlines()
+               if 'custom_call_target="tpu_custom_call"' in line]
+    for name in ("splash_mqa_fwd", "splash_mqa_dq", "splash_mqa_dkv"):
+        assert sum(name in line for line in kernels) == 1, name  # once, in the layer scan's body
+    assert "callback" not in (tmp_path / "step.hlo").read_text()
+    rows, heads, seq = 8 // (2 * 2), 2, 1024  # a device's rows, heads per row
+    assert xla["temp_size_in_bytes"] - report["temp_size_in_bytes"] >= rows * heads * seq * seq * 4
+
+
+@pytest.mark.e2e
 def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     # Logits of 256 x 1024 tokens x 16,384 float32 are 16 GiB on one v5e chip of 16 GB.
     tpu_devices("v5e-1")

@@ -1,9 +1,11 @@
-"""RMSNorm, rotary embeddings and grouped-query attention."""
+"""RMSNorm, rotary embeddings and grouped-query attention (XLA and the flash kernel)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import attention as flash
 from rexmoe_jax.model import layers
 
 
@@ -29,6 +31,16 @@ def test_rope_scores_depend_only_on_relative_position():
     np.testing.assert_allclose(rot(q, 0), q[0, 0, 0], rtol=1e-6)
 
 
+def numpy_attention(q, k, v):
+    """Causal grouped-query attention written out: query head h uses key/value head h // (H / J)."""
+    b, s, h, z = q.shape
+    kv = np.repeat(k, h // k.shape[2], axis=2), np.repeat(v, h // v.shape[2], axis=2)
+    logits = np.einsum("bshz,buhz->bhsu", q.astype(np.float64), kv[0]) / np.sqrt(z)
+    logits = np.where(np.tril(np.ones((s, s), bool)), logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("bhsu,buhz->bshz", p / p.sum(-1, keepdims=True), kv[1])
+
+
 def test_grouped_query_attention_by_numpy(maybe_jit):
     """Each query head attends with its group's key/value head, causally."""
     rng = np.random.default_rng(1)
@@ -46,3 +58,30 @@ def test_grouped_query_attention_by_numpy(maybe_jit):
                 p = np.exp(logits - logits.max())
                 expected[bi, t, hi] = (p / p.sum()) @ vv[bi, :t + 1, kv]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(numpy_attention(q, kk, vv), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attention_by_numpy_and_its_gradients():
+    """The flash kernel (TPU interpret mode on this CPU) over 384 tokens, three blocks of 128
+    (the diagonal blocks masked, the blocks above skipped), 4 query heads on 2 key/value heads:
+    the outputs against NumPy, the gradients against the XLA attention's."""
+    rng = np.random.default_rng(2)
+    b, s, h, j, z = 1, 384, 4, 2, 32
+    q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in
+               [(b, s, h, z), (b, s, j, z), (b, s, j, z)])
+    np.testing.assert_allclose(flash.causal(q, k, v), numpy_attention(*map(np.asarray, (q, k, v))),
+                               rtol=1e-4, atol=1e-5)
+    weights = jnp.asarray(rng.standard_normal((b, s, h, z)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(s), (b, s))
+    grads = jax.grad(lambda *qkv: jnp.sum(flash.causal(*qkv) * weights), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(lambda *qkv: jnp.sum(layers.causal_attention(*qkv, pos, pos) * weights),
+                        argnums=(0, 1, 2))(q, k, v)
+    for name, g, e in zip("qkv", grads, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_flash_attention_refuses_what_it_cannot_take():
+    q = jnp.zeros((1, 200, 4, 32))
+    with pytest.raises(ValueError, match="multiple of 128"):
+        flash.causal(q, q[:, :, :2], q[:, :, :2])
+    assert flash.applies(4096) and not flash.applies(200)

@@ -10,6 +10,7 @@ import pytest
 
 from rexmoe_jax import loop, sharding, trainer
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides
+from rexmoe_jax.model import layers
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.runlog import read_records
 
@@ -33,7 +34,7 @@ def loss_and_grads(cfg, mesh):
     model = trainer.build_model(cfg)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     state = trainer.init_state(cfg, model, tx, trainer.state_shardings(cfg, model, tx, mesh))
-    tokens = np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32)
+    tokens = np.random.default_rng(0).integers(0, 64, (8, cfg.data.seq_len + 1)).astype(np.int32)
     grad_fn = jax.value_and_grad(trainer.make_loss_fn(cfg, model), has_aux=True)
     with sharding.activate(mesh):
         (total, aux), grads = jax.jit(grad_fn)(state.params, sharding.put_batch(tokens, mesh), jnp.asarray(3))
@@ -61,6 +62,22 @@ def test_ragged_exchange_equals_one_device(mesh_name):
     """The dropless ragged exchange (the default on GPU and TPU; emulated on CPU) in the whole
     model, against the unsharded model."""
     assert_matches_one_device(4, mesh_overrides(MESHES[mesh_name]) + ["compute.expert_exchange=ragged"])
+
+
+def test_flash_attention_on_a_mesh_equals_xla_on_one_device():
+    """The flash kernel (TPU interpret mode here) inside the model on a data x expert x tensor
+    mesh, each device running it on its own rows and heads: loss and gradients match the XLA
+    attention unsharded, over 256 tokens (two of the kernel's blocks of 128)."""
+    flash, xla = (apply_overrides(Config(), MODEL + ["data.seq_len=256", "model.reuse=2",
+                                                     f"compute.attention={a}"] + overrides)
+                  for a, overrides in (("flash", mesh_overrides((2, 1, 2, 2))), ("xla", [])))
+    assert layers.flash_applies(flash.compute, 256) and not layers.flash_applies(xla.compute, 256)
+    ref_total, ref_aux, ref_grads = loss_and_grads(xla, sharding.make_mesh(MeshConfig(num_devices=1)))
+    total, aux, grads = loss_and_grads(flash, sharding.make_mesh(flash.mesh))
+    np.testing.assert_allclose(total, ref_total, rtol=1e-5)
+    for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+        ref = _at(ref_grads, path)
+        assert np.linalg.norm(g - ref) <= 1e-5 * np.linalg.norm(ref), jax.tree_util.keystr(path)
 
 
 def assert_matches_one_device(reuse, overrides):

@@ -74,6 +74,7 @@ Dispatch = Literal["dense", "sort", "capacity", "gather"]
 GroupedMatmul = Literal["auto", "ragged_dot", "blocked", "tokamax", "reference"]
 Permute = Literal["auto", "xla", "pallas", "reference"]
 ExpertExchange = Literal["auto", "ragged", "fixed"]
+Attention = Literal["auto", "xla", "flash"]
 FFN = Literal["moe", "dense"]
 
 
@@ -188,6 +189,11 @@ class ComputeConfig(_Section):
     # Slots per expert ("capacity" dispatch) or per destination device (the "fixed" exchange), as
     # a multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0
+    # Causal self-attention: "xla" writes each layer's S x S scores to memory (any length, KV
+    # cache, packed segments); "flash" is the blockwise Pallas TPU kernel (pallas_kernels/attention:
+    # Mosaic on TPU, interpret mode elsewhere), used where it applies (training and evaluation
+    # rows, S a multiple of 128) and "xla" elsewhere; "auto" is "xla" on every platform for now.
+    attention: Attention = "auto"
 
     def __post_init__(self):
         self._check_types()

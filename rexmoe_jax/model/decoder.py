@@ -25,6 +25,7 @@ Shape letters: the glossary in the model package's docstring (rexmoe_jax/model/_
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -164,8 +165,11 @@ class Decoder(nn.Module):
                  segments: Segments | None = None) -> tuple[jax.Array, RouterStats]:
         cfg = self.config
         dtype = dtype_of(self.compute.dtype)
+        compute = self.compute
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
+        elif compute.attention != "xla":  # The flash kernel masks by index; given positions mask.
+            compute = dataclasses.replace(compute, attention="xla")
         embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.float32)
         with jax.named_scope("embed"):  # Named scopes label the parts in a profile.
@@ -178,7 +182,7 @@ class Decoder(nn.Module):
                              in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                              length=layer_ids_GxR.shape[0],
                              metadata_params={nn.PARTITION_NAME: "groups"})
-            x_BxSxD, block_stats = groups(cfg, self.compute, self.psr, layer_ids_GxR.shape[1], self.decode,
+            x_BxSxD, block_stats = groups(cfg, compute, self.psr, layer_ids_GxR.shape[1], self.decode,
                                           name=name)(x_BxSxD, layer_ids_GxR, positions_BxS, psr, segments)
             stats.append(_flatten_layers(block_stats, cfg.pool_size))
 

@@ -11,7 +11,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import attention as flash
+from rexmoe_jax import sharding
 from rexmoe_jax.config import ComputeConfig, ModelConfig
 
 
@@ -96,12 +99,31 @@ def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.
     return out_BxSxJxQxZ.reshape(b, s, h, z)
 
 
+def flash_applies(compute: ComputeConfig, seq_len: int) -> bool:
+    """Whether rows of `seq_len` (without a KV cache or packed segments) take the flash kernel."""
+    return compute.attention == "flash" and flash.applies(seq_len)
+
+
+def flash_attention(q_BxSxHxZ: jax.Array, k_BxSxJxZ: jax.Array, v_BxSxJxZ: jax.Array) -> jax.Array:
+    """causal_attention by index (rows whose positions count up from 0) with the flash kernel, on
+    each device's own rows and heads (the batch axes split B, the tensor axis the heads)."""
+    heads = P(sharding.BATCH_AXES, None, "tensor", None)
+
+    def body(q, k, v):
+        return flash.causal(q, k, v, platform=sharding.platform())
+
+    return jax.shard_map(body, mesh=sharding.current_mesh(), in_specs=(heads,) * 3, out_specs=heads,
+                         check_vma=False)(q_BxSxHxZ, k_BxSxJxZ, v_BxSxJxZ)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with rotary embeddings.
 
     With `decode`, keys and values are also written into a "cache" collection at the tokens'
     positions, and queries attend over the whole cache: the cache is sized by the sequence
-    length of the call that creates it (the decoder's init).
+    length of the call that creates it (the decoder's init). Without either, rows the flash
+    kernel takes (`flash_applies`) go through it; the decoder asks for it only where positions
+    count up from 0, which is what the kernel's mask assumes.
     """
 
     config: ModelConfig
@@ -128,7 +150,11 @@ class Attention(nn.Module):
             k_BxUxJxZ, v_BxUxJxZ, kv_pos_BxU = k_BxSxJxZ, v_BxSxJxZ, positions_BxS
         if self.decode and segments is not None:
             raise ValueError("packed segments and the KV cache do not mix")
-        out_BxSxHxZ = causal_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ, positions_BxS, kv_pos_BxU, segments)
+        if not self.decode and segments is None and flash_applies(self.compute, x_BxSxD.shape[1]):
+            out_BxSxHxZ = flash_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ)
+        else:
+            out_BxSxHxZ = causal_attention(q_BxSxHxZ, k_BxUxJxZ, v_BxUxJxZ, positions_BxS, kv_pos_BxU,
+                                           segments)
         out_HxZxD = self.param("out", param_init(output_init_std(cfg), ("heads", "head_dim", "embed")),
                                (cfg.num_heads, z, d), jnp.float32)
         return jnp.einsum("bshz,hzd->bsd", out_BxSxHxZ, out_HxZxD.astype(dtype))
