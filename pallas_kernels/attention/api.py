@@ -3,11 +3,12 @@ which the query at index s sees the keys at indices <= s, query head h using key
 h // (H / J) (grouped-query attention).
 
 The kernel is JAX's Pallas TPU splash attention (jax.experimental.pallas.ops.tpu.
-splash_attention), one multi-query kernel per key/value head: it walks the keys in blocks of
-BLOCK with an online softmax and skips the blocks above the diagonal, so the S x S scores never
+splash_attention), one multi-query kernel per key/value head: it walks the keys in blocks (below)
+with an online softmax and skips the blocks above the diagonal, so the S x S scores never
 reach HBM, and its backward recomputes them blockwise from the saved log-sum-exps. Mosaic
 compiles it on TPU; on any other platform it runs in TPU interpret mode (slow: for tests).
-The scores are float32; q is scaled by 1 / sqrt(Z) before the kernel. The XLA path the model
+The scores are float32; q is scaled by 1 / sqrt(Z) in its own dtype before the kernel (one
+rounding in bf16; the XLA path scales the float32 scores). The XLA path the model
 uses elsewhere, which writes the scores out, is rexmoe_jax/model/layers.causal_attention (the
 readable reference).
 
@@ -24,13 +25,10 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
 
-# Query and key block of the forward and both backward kernels: 512 rows of a 4,096-token
-# sequence per block (the kernel's own default is 128); shorter sequences use their largest
-# power-of-two divisor from 128 up.
+# Sequences must be a multiple of BLOCK rows. The kernels (forward, dq, dkv) take query and key
+# blocks of the largest of 512, 256 and 128 that divides S (the kernel's own default is 128):
+# fewer, larger blocks read K and V fewer times.
 BLOCK = 128
-_LARGEST_BLOCK = 512
-
-
 def applies(seq_len: int) -> bool:
     """Whether the kernel takes sequences of this length."""
     return seq_len % BLOCK == 0
@@ -38,7 +36,7 @@ def applies(seq_len: int) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(query_heads: int, seq_len: int, interpret: bool):
-    block = next(b for b in (_LARGEST_BLOCK, 256, BLOCK) if seq_len % b == 0)
+    block = next(b for b in (512, 256, BLOCK) if seq_len % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
