@@ -166,6 +166,26 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
 
 
+def test_the_one_line_suggests_only_settings_that_apply():
+    """7B on a v6e-32 (fsdp 2 x expert 8 x tensor 2: 16 devices hold rows) with 32 micro-batches
+    of its 512 sequences was 0.30 GiB short: each device already runs one sequence per
+    micro-batch, so no larger grad_accum divides the batch, and remat is already full; flash
+    attention and the mesh remain. With 8 micro-batches, 16 is next."""
+    from rexmoe_jax.compile import report
+
+    planned = {"total_bytes_per_device": 2 ** 30, "hbm_capacity_per_device": 2 ** 29, "hbm_headroom_bytes": -2 ** 29,
+               "roofline_estimate": {"chip": "v6e"}, "mesh": {"data": 1, "fsdp": 2, "expert": 8, "tensor": 2}}
+    settings = ["data.batch_size=512", "data.seq_len=4096", "compute.remat=full"]
+    with pytest.raises(report.DoesNotFit) as err:
+        report.check_fits(planned, apply_overrides(Config(), settings + ["optim.grad_accum=32"]))
+    assert str(err.value).endswith("GiB short); try compute.attention=flash, a mesh that splits more (mesh.fsdp, "
+                                   "mesh.expert, mesh.tensor) or a bigger slice")
+    with pytest.raises(report.DoesNotFit) as err:
+        report.check_fits(planned, apply_overrides(Config(), settings + ["optim.grad_accum=8",
+                                                                          "compute.attention=flash"]))
+    assert "short); try optim.grad_accum=16, a mesh" in str(err.value)
+
+
 @pytest.mark.e2e
 def test_a_presets_mesh_for_the_target_slice_unless_the_command_line_gives_one(tpu_devices, tmp_path, capsys):
     tpu_devices("v5p-8")

@@ -9,6 +9,7 @@ XLA:TPU and Mosaic compile exactly what that slice would run; otherwise they are
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 import time
@@ -16,6 +17,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import attention as flash
 from rexmoe_jax import sharding, trainer
 from rexmoe_jax.compile import hlo
 from rexmoe_jax.config import Config, ConfigError
@@ -42,7 +44,7 @@ class DoesNotFit(ConfigError):
     """The compiler found the step too big for the device's memory; one line says by how much."""
 
 
-def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFit | None:
+def _too_big(err: Exception, config: Config, target: Target | None, batch_devices: int = 1) -> DoesNotFit | None:
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
@@ -62,12 +64,21 @@ def _too_big(err: Exception, config: Config, target: Target | None) -> DoesNotFi
         capacity = f" ({target.chip.hbm_bytes / 1e9:.2f}GB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
-    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config)}")
+    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices)}")
 
 
-def _knobs(config: Config) -> str:
-    return (f"try optim.grad_accum={2 * config.optim.grad_accum}, compute.remat=full, or a mesh that splits more "
-            "(mesh.fsdp, mesh.expert) or a bigger slice")
+def _knobs(config: Config, batch_devices: int) -> str:
+    """The settings that would shrink the step, among those that apply here: more micro-batches
+    (the next count that still gives every device that holds rows whole sequences), full remat,
+    flash attention; then the mesh."""
+    rows = config.data.batch_size // batch_devices  # sequences per device and step
+    more = next((n for n in range(config.optim.grad_accum + 1, rows + 1) if rows % n == 0), None)
+    knobs = [f"optim.grad_accum={more}"] if more else []
+    knobs += ["compute.remat=full"] if config.compute.remat != "full" else []
+    if config.compute.attention != "flash" and flash.applies(config.data.seq_len):
+        knobs.append("compute.attention=flash")
+    return "try " + ", ".join(knobs + ["a mesh that splits more (mesh.fsdp, mesh.expert, mesh.tensor) or a "
+                                       "bigger slice"])
 
 
 def check_fits(report: dict, config: Config) -> None:
@@ -75,12 +86,14 @@ def check_fits(report: dict, config: Config) -> None:
     HBM: the TPU compiler does not always refuse such a step itself (7B on a v6e-32 compiled to
     32.4 GiB per chip of 29.8)."""
     short = -report.get("hbm_headroom_bytes", 0)
+    batch_devices = math.prod(report.get("mesh", {}).get(axis, 1) for axis in sharding.BATCH_AXES)
     if short > 0:
         gib = 1024 ** 3
         raise DoesNotFit(
             f"the train step does not fit: the compiler plans {report['total_bytes_per_device'] / gib:.2f} GiB per "
             f"device and a {report['roofline_estimate']['chip']} chip has "
-            f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); {_knobs(config)}")
+            f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); "
+            f"{_knobs(config, batch_devices)}")
 
 
 def _cost(compiled) -> tuple[float, float]:
@@ -135,7 +148,7 @@ def compile_report(config: Config, target: Target | None = None,
         with sharding.activate(mesh):
             compiled = train_step.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as err:
-        raise _too_big(err, config, target) or err from None
+        raise _too_big(err, config, target, sharding.batch_devices(mesh)) or err from None
     report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
               "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
               "micro_batches": config.optim.grad_accum,
