@@ -166,6 +166,25 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
 
 
+def test_the_estimate_is_its_longest_term_and_never_faster_than_the_model_flops():
+    """On a v5p (459 TFLOP/s, 2,765 GB/s HBM, 1,200 GB/s ICI of which a chip sends on half):
+    2,765 GB of HBM traffic is 1 s and 1.2 TB sent 2 s, so the interconnect binds. With no
+    FLOPs counted (kernels that state no cost) and nothing else, the model's FLOPs set the
+    compute term, and the MFU of a compute-bound step is then exactly 1."""
+    config, chip = apply_overrides(Config(), MODEL), targets.parse("v5p-8").chip
+    report = {"devices": 4, "flops_per_device": 0, "hbm_bytes_per_device": 2765e9,
+              "collectives": {"all-gather": {"sent_bytes": 1.2e12}}}
+    estimate = compile_report.roofline(report, config, chip)
+    assert estimate["seconds"]["memory"] == pytest.approx(1.0) and estimate["bound"] == "interconnect"
+    assert estimate["step_seconds"] == pytest.approx(2.0)
+    idle = compile_report.roofline({**report, "hbm_bytes_per_device": 0, "collectives": {}}, config, chip)
+    assert idle["bound"] == "compute" and idle["mfu"] == pytest.approx(1.0)
+    assert idle["seconds"]["compute"] == pytest.approx(idle["model_flops_per_device"] / 459e12)
+    counted = compile_report.roofline({**report, "flops_per_device": 3 * idle["model_flops_per_device"],
+                                       "hbm_bytes_per_device": 0, "collectives": {}}, config, chip)
+    assert counted["mfu"] == pytest.approx(1 / 3)
+
+
 def test_the_one_line_suggests_only_settings_that_apply():
     """7B on a v6e-32 (fsdp 2 x expert 8 x tensor 2: 16 devices hold rows) with 32 micro-batches
     of its 512 sequences was 0.30 GiB short: each device already runs one sequence per

@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels import attention as flash
 from rexmoe_jax.compile import hlo as hlo_analysis
 
 
@@ -45,6 +46,25 @@ def test_tpu_loops_convolutions_and_what_xla_counts(tpu_devices):
         return jax.lax.conv_general_dilated(x_BxCxL, w_OxCxW, (1,), "SAME")
     compiled = compile_on(devices, conv, (4, 128, 16), (128, 128, 5))
     assert hlo_analysis.analyse(compiled.as_text())["flops"] == 2 * 4 * 128 * 128 * (16 * 5 - 3 - 3)
+
+
+def test_a_kernel_whose_metadata_breaks_its_line_hides_nothing_after_it(tpu_devices):
+    """The splash attention kernel's custom call carries metadata with a line break, its next
+    line starting "}}": read as the end of the loop body, it hid every op after the kernel.
+    Each of 5 trips: the kernel (which states no cost) and then a 512 x 256 x 256 matmul."""
+    mesh = jax.sharding.Mesh(np.array(tpu_devices("v5p-8")[:1]), ("x",))
+
+    def layers(w_ZxZ, x_BxSxHxZ):
+        def layer(x, _):
+            y = flash.causal(x, x[:, :, :1], x[:, :, :1], platform="tpu")
+            return jnp.einsum("bshz,zy->bshy", y, w_ZxZ), None
+        return jax.lax.scan(layer, x_BxSxHxZ, None, length=5)[0]
+
+    step = jax.shard_map(layers, mesh=mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False)
+    text = jax.jit(step).lower(jax.ShapeDtypeStruct((256, 256), jnp.bfloat16),
+                               jax.ShapeDtypeStruct((1, 256, 2, 256), jnp.bfloat16)).compile().as_text()
+    assert any(line.startswith("}}") for line in text.splitlines())  # the break is there
+    assert hlo_analysis.analyse(text)["flops"] == 5 * 2 * 512 * 256 * 256
 
 
 def test_collectives_inside_a_loop_count_each_trip():

@@ -128,8 +128,12 @@ def _computations(hlo: str):
             current = computations.setdefault(header.group(1), ([], {}))
             current[1].update((name, shape) for name, shape in _PARAM.findall(header.group(2)))
             entry = header.group(1) if line.startswith("ENTRY") else entry
-        elif line.startswith("}"):
+        elif line.rstrip() == "}":
             current = None
+        elif current is not None and current[0] and not line.startswith("  "):
+            # A line break inside an instruction's attributes: the splash attention kernels'
+            # metadata holds one, and its next line starts "}}, metadata=...".
+            current[0][-1] += "\n" + line
         elif current is not None:
             current[0].append(line)
             op = _OP.match(line)

@@ -111,16 +111,19 @@ def roofline(report: dict, config: Config, chip: Chip) -> dict:
     at the chip's whole interconnect bandwidth, whichever binds (all three counted through the
     step's loops; overlap, elementwise work and kernels that state no cost are not modelled,
     and a multi-slice data axis is taken at ICI speed), and the MFU that time would give for the
-    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). It reads only
-    the report and the config, so a saved report can be estimated again."""
-    times = {"compute": report["flops_per_device"] / chip.peak_bf16_flops,
+    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). The compute
+    term takes the model's FLOPs where the count is smaller: the flash attention kernels state
+    no cost, so their work is missing from the count. It reads only the report and the config,
+    so a saved report can be estimated again."""
+    model_flops = flops_per_token(config.model, config.data.seq_len,
+                                  trainer.summary(config)["params_active"]) * config.tokens_per_step
+    flops = max(report["flops_per_device"], model_flops / report["devices"])
+    times = {"compute": flops / chip.peak_bf16_flops,
              "memory": report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second}
     sent = sum(c.get("sent_bytes", 0) for c in report["collectives"].values())
     if chip.ici_bytes_per_second:  # a chip sends on half its bidirectional bandwidth
         times["interconnect"] = sent / (chip.ici_bytes_per_second / 2)
     bound = max(times, key=times.get)
-    model_flops = flops_per_token(config.model, config.data.seq_len,
-                                  trainer.summary(config)["params_active"]) * config.tokens_per_step
     return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
             "hbm_bytes_per_second": chip.hbm_bytes_per_second,
             "ici_bytes_per_second": chip.ici_bytes_per_second, "source": chip.source,
