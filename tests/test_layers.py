@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import attention as flash
+from rexmoe_jax import sharding
+from rexmoe_jax.config import ConfigError
 from rexmoe_jax.model import layers
 
 
@@ -80,8 +82,12 @@ def test_flash_attention_by_numpy_and_its_gradients():
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
-def test_flash_attention_refuses_what_it_cannot_take():
+def test_flash_attention_refuses_what_it_cannot_take(monkeypatch):
     q = jnp.zeros((1, 200, 4, 32))
     with pytest.raises(ValueError, match="multiple of 128"):
         flash.causal(q, q[:, :, :2], q[:, :, :2])
     assert flash.applies(4096) and not flash.applies(200)
+    monkeypatch.setattr(sharding, "platform", lambda: "gpu")  # a step compiled for GPUs
+    q = jnp.zeros((1, 128, 4, 32))
+    with pytest.raises(ConfigError, match="TPU kernel .* use compute.attention=xla"):
+        layers.flash_attention(q, q[:, :, :2], q[:, :, :2])

@@ -191,8 +191,8 @@ class ComputeConfig(_Section):
     capacity_factor: float = 0.0
     # Causal self-attention: "xla" writes each layer's S x S scores to memory (any length, KV
     # cache, packed segments); "flash" is the blockwise Pallas TPU kernel (pallas_kernels/attention:
-    # Mosaic on TPU, interpret mode elsewhere), used where it applies (training and evaluation
-    # rows, S a multiple of 128) and "xla" elsewhere; "auto" is "xla" on every platform for now.
+    # Mosaic on TPU, interpret mode on CPU for tests, refused on GPU), used where it applies
+    # (training and evaluation rows, S a multiple of 128) and "xla" elsewhere; "auto" is "xla".
     attention: Attention = "auto"
 
     def __post_init__(self):

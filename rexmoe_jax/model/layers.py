@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import attention as flash
 from rexmoe_jax import sharding
-from rexmoe_jax.config import ComputeConfig, ModelConfig
+from rexmoe_jax.config import ComputeConfig, ConfigError, ModelConfig
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -107,10 +107,13 @@ def flash_applies(compute: ComputeConfig, seq_len: int) -> bool:
 def flash_attention(q_BxSxHxZ: jax.Array, k_BxSxJxZ: jax.Array, v_BxSxJxZ: jax.Array) -> jax.Array:
     """causal_attention by index (rows whose positions count up from 0) with the flash kernel, on
     each device's own rows and heads (the batch axes split B, the tensor axis the heads)."""
-    heads = P(sharding.BATCH_AXES, None, "tensor", None)
+    heads, platform = P(sharding.BATCH_AXES, None, "tensor", None), sharding.platform()
+    if platform == "gpu":
+        raise ConfigError("compute.attention=flash is a TPU kernel (it would run in interpret mode on a "
+                          "GPU); use compute.attention=xla")
 
     def body(q, k, v):
-        return flash.causal(q, k, v, platform=sharding.platform())
+        return flash.causal(q, k, v, platform=platform)
 
     return jax.shard_map(body, mesh=sharding.current_mesh(), in_specs=(heads,) * 3, out_specs=heads,
                          check_vma=False)(q_BxSxHxZ, k_BxSxJxZ, v_BxSxJxZ)
