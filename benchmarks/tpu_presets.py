@@ -6,6 +6,7 @@ pod table of the README; the meshes compared in docs/tpu.md).
     python -m benchmarks.tpu_presets                       # every row below, one at a time
     python -m benchmarks.tpu_presets --rows 0 3            # some of them
     python -m benchmarks.tpu_presets --json runs/tpu.jsonl # also keep each report
+    python -m benchmarks.tpu_presets --set compute.attention=flash  # every row with an override
     python -m benchmarks.tpu_presets --meshes 0 2          # other meshes for some presets on their slice
     python -m benchmarks.tpu_presets --table runs/tpu.jsonl # the table of saved reports, compiling nothing
 
@@ -33,10 +34,10 @@ GIB = 1024 ** 3
 ROWS = tuple((preset, target, []) for preset, target in (
     ("moe_0p5b_a0p07b", "v5p-8"), ("moe_0p5b_a0p07b_r4", "v5p-8"),
     ("moe_2p3b_a0p3b", "v5p-8"), ("moe_2p3b_a0p3b_r4", "v5p-8"),
-    ("moe_7b_a3b_se", "v5p-32"), ("moe_7b_a3b_se_r3", "v5p-32"),
+    ("moe_7b_a3b_se", "v5p-16"), ("moe_7b_a3b_se_r3", "v5p-32"),
     ("moe_0p5b_a0p07b", "v6e-4"), ("moe_0p5b_a0p07b_r4", "v6e-4"),
     ("moe_2p3b_a0p3b", "v6e-8"), ("moe_2p3b_a0p3b_r4", "v6e-8"),
-    ("moe_7b_a3b_se", "v6e-64"), ("moe_7b_a3b_se_r3", "v6e-64"),
+    ("moe_7b_a3b_se", "v6e-32"), ("moe_7b_a3b_se_r3", "v6e-32"),
 ))
 
 # Meshes for the r = 1 presets on one slice each, to find the one the roofline estimate prefers
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, nargs="*", default=None, help="indices into ROWS (default: all)")
     parser.add_argument("--meshes", type=int, nargs="*", default=None,
                         help="indices into MESHES: compile each of those meshes instead of ROWS")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides added to every row compiled, e.g. compute.attention=flash")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="append each report to this JSON Lines file")
     parser.add_argument("--table", type=pathlib.Path, default=None,
                         help="print the table of the reports saved in this JSON Lines file (--json) instead")
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             print(table_row(saved.pop("preset"), saved.pop("target"), saved.pop("overrides"), saved))
         return 0
     for preset, target, overrides in jobs:
+        overrides = [*overrides, *args.set]
         report = compile_row(preset, target, overrides)
         if args.json:
             with args.json.open("a") as out:

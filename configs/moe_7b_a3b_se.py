@@ -9,9 +9,12 @@ from rexmoe_jax.config import ModelConfig
 
 # The mesh and micro-batches for each TPU slice this preset was compiled for (docs/tpu.md, "The
 # paper presets on TPU slices"): train.py applies them there, under the command line's
-# overrides. On 64 chips the batch axes take 64 sequences per micro-batch: 8 of them.
+# overrides. Each micro-batch gives every device that holds rows (data x fsdp x expert) at least
+# one sequence: at most 32 micro-batches of the 512 on 16 such devices, 8 on 64.
 SLICES = {
+    "v5p-16": ["mesh.fsdp=8", "optim.grad_accum=32"],
     "v5p-32": ["mesh.fsdp=2", "mesh.expert=8"],
+    "v6e-32": ["mesh.fsdp=2", "mesh.expert=4", "mesh.tensor=4", "optim.grad_accum=64"],
     "v6e-64": ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"],
 }
 
