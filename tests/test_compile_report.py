@@ -93,13 +93,14 @@ def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
 
 
 @pytest.mark.e2e
-def test_flash_attention_compiles_through_mosaic_and_keeps_the_scores_out_of_memory(tpu_devices, tmp_path):
-    """compute.attention=flash on a v5p-8 over 1,024 tokens: the splash kernels of the forward and
-    of both gradients are Mosaic custom calls in every layer (not interpret-mode callbacks), and
-    the step plans less memory than with XLA's attention by at least one layer's float32 scores."""
+def test_flash_attention_is_the_default_on_tpu_compiles_through_mosaic_and_keeps_scores_out_of_memory(tpu_devices, tmp_path):
+    """The default attention on a v5p-8 over 1,024 tokens is flash: the splash kernels of the
+    forward and of both gradients are Mosaic custom calls in every layer (not interpret-mode
+    callbacks), and the step plans less memory than with XLA's attention by at least one
+    layer's float32 scores."""
     settings = ["data.seq_len=1024", "mesh.data=2", "mesh.expert=2", "compute.dtype=bfloat16"]
     _, xla, _ = compiled(settings + ["compute.attention=xla"], "v5p-8", tpu_devices)
-    _, report, _ = compiled(settings + ["compute.attention=flash"], "v5p-8", tpu_devices, tmp_path / "step.hlo")
+    _, report, _ = compiled(settings, "v5p-8", tpu_devices, tmp_path / "step.hlo")
     kernels = [line for line in (tmp_path / "step.hlo").read_text().splitlines()
                if 'custom_call_target="tpu_custom_call"' in line]
     for name in ("splash_mqa_fwd", "splash_mqa_dq", "splash_mqa_dkv"):
@@ -202,6 +203,9 @@ def test_the_one_line_suggests_only_settings_that_apply():
     with pytest.raises(report.DoesNotFit) as err:
         report.check_fits(planned, apply_overrides(Config(), settings + ["optim.grad_accum=8",
                                                                           "compute.attention=flash"]))
+    assert "short); try optim.grad_accum=16, a mesh" in str(err.value)
+    with pytest.raises(report.DoesNotFit) as err:  # on a TPU the default attention is flash already
+        report.check_fits({**planned, "platform": "tpu"}, apply_overrides(Config(), settings + ["optim.grad_accum=8"]))
     assert "short); try optim.grad_accum=16, a mesh" in str(err.value)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from pallas_kernels import attention as flash
 from rexmoe_jax import sharding
-from rexmoe_jax.config import ConfigError
+from rexmoe_jax.config import ComputeConfig, ConfigError
 from rexmoe_jax.model import layers
 
 
@@ -87,6 +87,9 @@ def test_flash_attention_refuses_what_it_cannot_take(monkeypatch):
     with pytest.raises(ValueError, match="multiple of 128"):
         flash.causal(q, q[:, :, :2], q[:, :, :2])
     assert flash.applies(4096) and not flash.applies(200)
+    auto, xla = ComputeConfig(), ComputeConfig(attention="xla")
+    assert layers.flash_applies(auto, 4096, "tpu") and not layers.flash_applies(auto, 4096, "cpu")
+    assert not layers.flash_applies(auto, 200, "tpu") and not layers.flash_applies(xla, 4096, "tpu")
     monkeypatch.setattr(sharding, "platform", lambda: "gpu")  # a step compiled for GPUs
     q = jnp.zeros((1, 128, 4, 32))
     with pytest.raises(ConfigError, match="TPU kernel .* use compute.attention=xla"):

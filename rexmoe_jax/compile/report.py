@@ -22,6 +22,7 @@ from rexmoe_jax import sharding, trainer
 from rexmoe_jax.compile import hlo
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.loop import jitted_steps
+from rexmoe_jax.model.layers import flash_applies
 from rexmoe_jax.model.metrics import flops_per_token
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.targets import Chip, Target
@@ -44,7 +45,8 @@ class DoesNotFit(ConfigError):
     """The compiler found the step too big for the device's memory; one line says by how much."""
 
 
-def _too_big(err: Exception, config: Config, target: Target | None, batch_devices: int = 1) -> DoesNotFit | None:
+def _too_big(err: Exception, config: Config, target: Target | None, batch_devices: int = 1,
+             platform: str = "cpu") -> DoesNotFit | None:
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
@@ -64,10 +66,10 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
         capacity = f" ({target.chip.hbm_bytes / 1e9:.2f}GB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
-    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices)}")
+    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices, platform)}")
 
 
-def _knobs(config: Config, batch_devices: int) -> str:
+def _knobs(config: Config, batch_devices: int, platform: str) -> str:
     """The settings that would shrink the step, among those that apply here: more micro-batches
     (the next count that still gives every device that holds rows whole sequences), full remat,
     flash attention; then the mesh."""
@@ -75,7 +77,7 @@ def _knobs(config: Config, batch_devices: int) -> str:
     more = next((n for n in range(config.optim.grad_accum + 1, rows + 1) if rows % n == 0), None)
     knobs = [f"optim.grad_accum={more}"] if more else []
     knobs += ["compute.remat=full"] if config.compute.remat != "full" else []
-    if config.compute.attention != "flash" and flash.applies(config.data.seq_len):
+    if not flash_applies(config.compute, config.data.seq_len, platform) and flash.applies(config.data.seq_len):
         knobs.append("compute.attention=flash")
     return "try " + ", ".join(knobs + ["a mesh that splits more (mesh.fsdp, mesh.expert, mesh.tensor) or a "
                                        "bigger slice"])
@@ -93,7 +95,7 @@ def check_fits(report: dict, config: Config) -> None:
             f"the train step does not fit: the compiler plans {report['total_bytes_per_device'] / gib:.2f} GiB per "
             f"device and a {report['roofline_estimate']['chip']} chip has "
             f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); "
-            f"{_knobs(config, batch_devices)}")
+            f"{_knobs(config, batch_devices, report.get('platform', 'cpu'))}")
 
 
 def _cost(compiled) -> tuple[float, float]:
@@ -151,7 +153,8 @@ def compile_report(config: Config, target: Target | None = None,
         with sharding.activate(mesh):
             compiled = train_step.lower(state, batch).compile()
     except jax.errors.JaxRuntimeError as err:
-        raise _too_big(err, config, target, sharding.batch_devices(mesh)) or err from None
+        raise _too_big(err, config, target, sharding.batch_devices(mesh), mesh.devices.flat[0].platform) \
+            or err from None
     report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
               "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
               "micro_batches": config.optim.grad_accum,

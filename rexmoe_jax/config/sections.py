@@ -192,7 +192,8 @@ class ComputeConfig(_Section):
     # Causal self-attention: "xla" writes each layer's S x S scores to memory (any length, KV
     # cache, packed segments); "flash" is the blockwise Pallas TPU kernel (pallas_kernels/attention:
     # Mosaic on TPU, interpret mode on CPU for tests, refused on GPU), used where it applies
-    # (training and evaluation rows, S a multiple of 128) and "xla" elsewhere; "auto" is "xla".
+    # (training and evaluation rows, S a multiple of 128) and "xla" elsewhere; "auto" is "flash"
+    # on TPU and "xla" on CPU and GPU.
     attention: Attention = "auto"
 
     def __post_init__(self):

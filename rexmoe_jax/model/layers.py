@@ -99,9 +99,13 @@ def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.
     return out_BxSxJxQxZ.reshape(b, s, h, z)
 
 
-def flash_applies(compute: ComputeConfig, seq_len: int) -> bool:
-    """Whether rows of `seq_len` (without a KV cache or packed segments) take the flash kernel."""
-    return compute.attention == "flash" and flash.applies(seq_len)
+def flash_applies(compute: ComputeConfig, seq_len: int, platform: str | None = None) -> bool:
+    """Whether rows of `seq_len` (without a KV cache or packed segments) take the flash kernel on
+    `platform` (None: that of the current mesh, `sharding.platform()`): with "flash", or "auto"
+    on TPU."""
+    wanted = compute.attention == "flash" or (
+        compute.attention == "auto" and (platform or sharding.platform()) == "tpu")
+    return wanted and flash.applies(seq_len)
 
 
 def flash_attention(q_BxSxHxZ: jax.Array, k_BxSxJxZ: jax.Array, v_BxSxJxZ: jax.Array) -> jax.Array:
