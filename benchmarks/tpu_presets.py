@@ -9,6 +9,7 @@ pod table of the README; the meshes compared in docs/tpu.md).
     python -m benchmarks.tpu_presets --set compute.attention=flash  # every row with an override
     python -m benchmarks.tpu_presets --meshes 0 2          # other meshes for some presets on their slice
     python -m benchmarks.tpu_presets --table runs/tpu.jsonl # the table of saved reports, compiling nothing
+    python -m benchmarks.tpu_presets --attention benchmarks/tpu_attention_results.jsonl  # XLA against flash
 
 A row that does not fit prints the compiler's one line instead. Each compile takes 5 to 27
 minutes on a loaded 2-core machine (the 7B rows the longest).
@@ -28,15 +29,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
 
 # (preset, target, overrides): each paper preset at r = 1 and its largest r on the smallest v5p
-# and v6e slice it fits, with the preset's own settings (remat, bf16, its mesh and micro-batches
-# for that slice from its SLICES); the slice below each (where there is one) did not fit
-# (docs/tpu.md, "The paper presets on TPU slices").
+# and v6e slice it fits with a tenth of HBM free, with the preset's own settings (remat, bf16,
+# flash attention, its mesh and micro-batches for that slice from its SLICES); the slice below
+# each (where there is one) did not fit (docs/tpu.md, "The paper presets on TPU slices").
 ROWS = tuple((preset, target, []) for preset, target in (
     ("moe_0p5b_a0p07b", "v5p-8"), ("moe_0p5b_a0p07b_r4", "v5p-8"),
     ("moe_2p3b_a0p3b", "v5p-8"), ("moe_2p3b_a0p3b_r4", "v5p-8"),
     ("moe_7b_a3b_se", "v5p-16"), ("moe_7b_a3b_se_r3", "v5p-32"),
-    ("moe_0p5b_a0p07b", "v6e-4"), ("moe_0p5b_a0p07b_r4", "v6e-4"),
-    ("moe_2p3b_a0p3b", "v6e-8"), ("moe_2p3b_a0p3b_r4", "v6e-8"),
+    ("moe_0p5b_a0p07b", "v6e-1"), ("moe_0p5b_a0p07b_r4", "v6e-1"),
+    ("moe_2p3b_a0p3b", "v6e-4"), ("moe_2p3b_a0p3b_r4", "v6e-4"),
     ("moe_7b_a3b_se", "v6e-32"), ("moe_7b_a3b_se_r3", "v6e-32"),
 ))
 
@@ -103,6 +104,26 @@ def table_row(preset: str, target: str, overrides: list[str], report: dict) -> s
             + " | ".join(f"{x:.1f}{star}" if x else "0" for x in sent) + " |")
 
 
+def attention_rows(reports: list[dict]) -> str:
+    """Each (preset, slice) compiled with compute.attention=xla and =flash, side by side: GiB per
+    chip, TiB of HBM traffic per chip and step, and the step estimate."""
+    by_key = {(r["preset"], r["target"], " ".join(r["overrides"])): r for r in reports}
+
+    def cells(r: dict) -> str:
+        low = "at least " if r["loops_of_unknown_length"] else ""
+        roof = r["roofline_estimate"]
+        return (f"{r['total_bytes_per_device'] / GIB:.1f} | {r['hbm_bytes_per_device'] / 2 ** 40:.1f} | "
+                f"{low}{roof['step_seconds']:.1f} s, {roof['bound']}-bound")
+
+    lines = ["| preset, slice | XLA: GiB per chip | TiB of HBM traffic | step, estimate | flash: GiB per chip "
+             "| TiB of HBM traffic | step, estimate |", "|" + "---|" * 7]
+    for (preset, target, given), xla in by_key.items():
+        flash = by_key.get((preset, target, "compute.attention=flash"))
+        if given == "compute.attention=xla" and flash:
+            lines.append(f"| `{preset}`, {target} | {cells(xla)} | {cells(flash)} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, nargs="*", default=None, help="indices into ROWS (default: all)")
@@ -113,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="append each report to this JSON Lines file")
     parser.add_argument("--table", type=pathlib.Path, default=None,
                         help="print the table of the reports saved in this JSON Lines file (--json) instead")
+    parser.add_argument("--attention", type=pathlib.Path, default=None,
+                        help="print the XLA against flash attention table of the reports in this file")
     args = parser.parse_args(argv)
+    if args.attention:
+        print(attention_rows([json.loads(line) for line in args.attention.read_text().splitlines()]))
+        return 0
     if args.meshes is not None:
         jobs = [(preset, target, mesh) for index in args.meshes for preset, target, meshes in [MESHES[index]]
                 for mesh in meshes]

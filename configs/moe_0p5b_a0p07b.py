@@ -9,10 +9,12 @@ from rexmoe_jax.config import ModelConfig
 
 # The mesh for each TPU slice this preset was compiled for: of the meshes compared there, the
 # one with the fastest roofline estimate that leaves a tenth of the chip's HBM free (docs/tpu.md,
-# "The paper presets on TPU slices"; on v6e-4 the one that fits, with 32 micro-batches of 16
-# sequences). train.py applies it there, under the command line's overrides.
+# "The paper presets on TPU slices"; on v6e-4 the one that fits with XLA's attention, with 32
+# micro-batches of 16 sequences; on one v6e chip 64 micro-batches of 8, with flash attention).
+# train.py applies it there, under the command line's overrides.
 SLICES = {
     "v5p-8": ["mesh.data=1", "mesh.fsdp=4"],
+    "v6e-1": ["optim.grad_accum=64"],
     "v6e-4": ["mesh.data=1", "mesh.fsdp=4", "optim.grad_accum=32"],
     "v6e-8": ["mesh.data=1", "mesh.fsdp=8"],
 }

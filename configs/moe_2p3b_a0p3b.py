@@ -10,11 +10,13 @@ from rexmoe_jax.config import ModelConfig
 # The mesh for each TPU slice this preset was compiled for: of the meshes compared there, the
 # one with the fastest roofline estimate that leaves a tenth of the chip's HBM free (docs/tpu.md,
 # "The paper presets on TPU slices"; on v5p-8 the one that fits, v5p-64 is the README's
-# example). train.py applies it there, under the command line's overrides.
+# example; on v6e-4, with flash attention, fsdp 4 with 32 micro-batches of 16 sequences).
+# train.py applies it there, under the command line's overrides.
 SLICES = {
     "v5p-8": ["mesh.data=1", "mesh.fsdp=4"],
     "v5p-16": ["mesh.data=1", "mesh.fsdp=8"],
     "v5p-64": ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=8"],
+    "v6e-4": ["mesh.data=1", "mesh.fsdp=4", "optim.grad_accum=32"],
     "v6e-8": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"],
 }
 

@@ -273,3 +273,20 @@ def test_a_pod_table_row_from_a_report():
         "memory-bound | at most 14.0% | 31.9 | 0 | 26.4 | 0 | 0 | 0 |")
     header, rule = tpu_presets.HEADER.splitlines()
     assert header.count("|") == rule.count("|") == tpu_presets.table_row("p", "v5p-8", [], report).count("|")
+
+
+def test_the_attention_table_pairs_each_slices_two_compiles():
+    """A row per (preset, slice) compiled both ways; a compile with only one way has no row."""
+    from benchmarks import tpu_presets
+
+    def report(preset, target, attention, gib, tib, seconds, unknown=0):
+        return {"preset": preset, "target": target, "overrides": [f"compute.attention={attention}"],
+                "total_bytes_per_device": gib * 2 ** 30, "hbm_bytes_per_device": tib * 2 ** 40,
+                "loops_of_unknown_length": unknown,
+                "roofline_estimate": {"step_seconds": seconds, "bound": "memory"}}
+    table = tpu_presets.attention_rows([report("p", "v5p-8", "xla", 20, 25, 10.0, 3),
+                                        report("p", "v5p-8", "flash", 9, 3.2, 1.5),
+                                        report("q", "v6e-4", "xla", 21, 44, 29.4)])
+    header, rule, *rows = table.splitlines()
+    assert rows == ["| `p`, v5p-8 | 20.0 | 25.0 | at least 10.0 s, memory-bound | 9.0 | 3.2 | 1.5 s, memory-bound |"]
+    assert header.count("|") == rule.count("|") == rows[0].count("|")
