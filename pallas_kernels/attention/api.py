@@ -18,8 +18,6 @@ check_vma=False (the kernel's outputs carry no manual-axis type).
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
@@ -34,8 +32,9 @@ def applies(seq_len: int) -> bool:
     return seq_len % BLOCK == 0
 
 
-@functools.lru_cache(maxsize=None)
 def _kernel(query_heads: int, seq_len: int, interpret: bool):
+    """Made per call, not cached: the kernel holds its mask's block tables as jax arrays, which
+    jax 0.12 creates as values of the trace that makes them (a cached kernel leaks them)."""
     block = next(b for b in (512, 256, BLOCK) if seq_len % b == 0)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
