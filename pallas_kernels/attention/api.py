@@ -27,6 +27,8 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 # blocks of the largest of 512, 256 and 128 that divides S (the kernel's own default is 128):
 # fewer, larger blocks read K and V fewer times.
 BLOCK = 128
+
+
 def applies(seq_len: int) -> bool:
     """Whether the kernel takes sequences of this length."""
     return seq_len % BLOCK == 0
