@@ -63,6 +63,30 @@ def test_grouped_query_attention_by_numpy(maybe_jit):
     np.testing.assert_allclose(numpy_attention(q, kk, vv), expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_output_logits_and_their_written_out_gradients_by_numpy(maybe_jit, dtype):
+    """On CPU the head's gradient is written out (x transposed first): logits x @ head in
+    float32, d x = g head^T and d head = x^T g, each in its input's dtype."""
+    rng = np.random.default_rng(3)
+    x, head, g = (rng.standard_normal(shape).astype(np.float32) for shape in [(2, 5, 8), (8, 11), (2, 5, 11)])
+    x_in, head_in = jnp.asarray(x, dtype), jnp.asarray(head, dtype)
+    x, head = np.asarray(x_in, np.float32), np.asarray(head_in, np.float32)  # the values the matmul sees
+
+    def weighted(x_BxSxD, head_DxV):
+        return jnp.sum(layers.output_logits(x_BxSxD, head_DxV) * g)
+
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == jnp.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    logits = maybe_jit(layers.output_logits)(x_in, head_in)
+    assert logits.dtype == jnp.float32
+    np.testing.assert_allclose(logits, x @ head, **tolerance)
+    dx, dhead = maybe_jit(jax.grad(weighted, argnums=(0, 1)))(x_in, head_in)
+    assert dx.dtype == dtype and dhead.dtype == dtype
+    np.testing.assert_allclose(np.asarray(dx, np.float32), g @ head.T, **tolerance)
+    np.testing.assert_allclose(np.asarray(dhead, np.float32), x.reshape(-1, 8).T @ g.reshape(-1, 11), **tolerance)
+    # The written-out gradient is what runs here: its transposed copy sits behind a barrier.
+    assert "optimization_barrier" in str(jax.make_jaxpr(jax.grad(weighted, argnums=1))(x_in, head_in))
+
+
 def test_flash_attention_by_numpy_and_its_gradients():
     """The flash kernel (TPU interpret mode on this CPU) over 384 tokens, three blocks of 128
     (the diagonal blocks masked, the blocks above skipped), 4 query heads on 2 key/value heads:

@@ -44,6 +44,7 @@ from rexmoe_jax.model.layers import (
     SwiGLU,
     dtype_of,
     output_init_std,
+    output_logits,
     param_init,
 )
 from rexmoe_jax.model.moe import MoEFFN, RouterStats
@@ -192,10 +193,8 @@ class Decoder(nn.Module):
         else:
             head_DxV = self.param("lm_head", param_init(cfg.init_std, ("embed", "vocab")),
                                   (cfg.d_model, cfg.vocab_size), jnp.float32)
-        # Logits accumulate in float32: the softmax over a large vocabulary needs the precision.
         with jax.named_scope("output_head"):
-            logits_BxSxV = jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV.astype(dtype),
-                                      preferred_element_type=jnp.float32)
+            logits_BxSxV = output_logits(x_BxSxD, head_DxV.astype(dtype))
         return logits_BxSxV, jax.tree.map(lambda *xs: jnp.concatenate(xs), *stats)
 
 

@@ -184,6 +184,43 @@ class Attention(nn.Module):
         return cached_k.value, cached_v.value, jnp.broadcast_to(jnp.arange(size)[None, :], (b, size))
 
 
+def output_logits(x_BxSxD: jax.Array, head_DxV: jax.Array) -> jax.Array:
+    """The output head's logits, x @ head, accumulated in float32 (the softmax over a large
+    vocabulary needs the precision).
+
+    On CPU the gradient is written out. XLA:CPU runs the head's weight gradient as autodiff
+    writes it, x^T g contracting the leading (token) axis of both operands, at about a third of
+    the speed of the forward matmul of the same size; with the transpose of x made first (D x N,
+    small beside the N x V gradient) it runs at full speed. For the studies' model (D = 64,
+    8,192 words, 512 tokens) that makes a whole train step 1.33x faster
+    (benchmarks/output_head.py). Elsewhere autodiff's own gradient is used."""
+    if sharding.platform() == "cpu":
+        return _cpu_logits(x_BxSxD, head_DxV)
+    return jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _cpu_logits(x_BxSxD, head_DxV):
+    return jnp.einsum("bsd,dv->bsv", x_BxSxD, head_DxV, preferred_element_type=jnp.float32)
+
+
+def _cpu_logits_fwd(x_BxSxD, head_DxV):
+    return _cpu_logits(x_BxSxD, head_DxV), (x_BxSxD, head_DxV)
+
+
+def _cpu_logits_bwd(residuals, dlogits_BxSxV):
+    x_BxSxD, head_DxV = residuals
+    dx_BxSxD = jnp.einsum("bsv,dv->bsd", dlogits_BxSxV, head_DxV, preferred_element_type=jnp.float32)
+    # The barrier keeps XLA from folding the transpose back into the matmul's dimensions.
+    x_DxN = jax.lax.optimization_barrier(x_BxSxD.reshape(-1, x_BxSxD.shape[-1]).T)
+    dhead_DxV = jnp.matmul(x_DxN, dlogits_BxSxV.reshape(-1, dlogits_BxSxV.shape[-1]),
+                           preferred_element_type=jnp.float32)
+    return dx_BxSxD.astype(x_BxSxD.dtype), dhead_DxV.astype(head_DxV.dtype)
+
+
+_cpu_logits.defvjp(_cpu_logits_fwd, _cpu_logits_bwd)
+
+
 def swiglu(x, gate, up, down, matmul: Callable = jnp.matmul):
     """down(silu(gate x) * up x), the FFN of every expert: x (..., D) with weights gate and up
     (..., D, F) and down (..., F, D), batched as `matmul` batches (jnp.matmul broadcasts leading
