@@ -50,11 +50,13 @@ def step_milliseconds(widths: list[int], steps: int) -> list[list[str]]:
             f"model.d_model={d}", f"model.expert_ffn={2 * d}", f"model.vocab_size={VOCAB}", "model.num_layers=8",
             "model.num_experts=8", "model.top_k=2", "data.batch_size=8", "data.seq_len=64"])
         runs = {}
-        for name, head in (("autodiff", autodiff_logits), ("written out", written_out)):
-            layers._cpu_logits = head  # the step traces whichever head is in place when it compiles
-            step, state, batch = prepare(config)
-            runs[name] = [step.lower(state, batch).compile(), state, batch, []]
-        layers._cpu_logits = written_out
+        try:
+            for name, head in (("autodiff", autodiff_logits), ("written out", written_out)):
+                layers._cpu_logits = head  # the step traces whichever head is in place when it compiles
+                step, state, batch = prepare(config)
+                runs[name] = [step.lower(state, batch).compile(), state, batch, []]
+        finally:
+            layers._cpu_logits = written_out
         for i in range(steps + 2):
             for run in runs.values():
                 start = time.perf_counter()
