@@ -169,8 +169,9 @@ class Decoder(nn.Module):
         compute = self.compute
         if positions_BxS is None:
             positions_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1]), tokens_BxS.shape)
-        elif compute.attention != "xla":  # Positions given: mask by them, which the flash kernel
-            compute = dataclasses.replace(compute, attention="xla")  # (masking by index) cannot.
+        elif compute.attention != "xla":
+            # The mask must follow the given positions; the flash kernel masks by index only.
+            compute = dataclasses.replace(compute, attention="xla")
         embed_VxD = self.param("token_embed", param_init(cfg.init_std, ("vocab", "embed")),
                                (cfg.vocab_size, cfg.d_model), jnp.float32)
         with jax.named_scope("embed"):  # Named scopes label the parts in a profile.
