@@ -1,4 +1,4 @@
-"""Builds an offline English corpus (about 47 MB of text) from Debian documentation packages.
+"""Builds an offline English corpus (about 56 MB of text) from Debian documentation packages.
 
     python scripts/build_debian_corpus.py --output data/debian    # Debian or Ubuntu, with network
 
