@@ -368,6 +368,34 @@ def test_the_runner_needs_the_corpus_the_study_names(tmp_path, capsys):
     assert "pass --corpus DIR" in capsys.readouterr().err
 
 
+def test_the_runner_refuses_a_folder_that_is_not_a_prepared_corpus(tmp_path, capsys):
+    """A corpus build's top folder (documents.jsonl, tokenizer.json, tokens/) is not what a study
+    trains on: train.py would read its raw files with another tokenizer."""
+    path = tmp_path / "corpus.toml"
+    path.write_text(STUDY.format(steps=6).replace("name = \"unit\"", "name = \"unit\"\ncorpus = \"build it\""))
+    build = tmp_path / "build"
+    (build / "tokens").mkdir(parents=True)
+    (build / "documents.jsonl").write_text('{"text": "a"}\n')
+    assert study_cli.main(["run", str(path), "--corpus", str(build), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is not a prepared corpus (it has no meta.json)" in err and "build it" in err and "\n" not in err
+
+
+def test_a_record_on_a_prepared_corpus_stops_a_runner_without_one(setup):
+    """Records name the corpus by its tokens' hash; a sitting on a corpus without one (here the
+    embedded text) would mix other data into the study."""
+    spec, options = setup()
+    arm = next(a for a in spec.arms if a.name == "base")
+    record = options.results / "base" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"overrides": spec.overrides(arm, 0),
+                                  "corpus": {"name": "debian8k/tokens", "tokens_sha256": "c52a72c8d760" + "0" * 52}}))
+    with pytest.raises(study.StudyError, match=r"was trained on another corpus \(tokens sha256 c52a72c8d760\.\.\., "
+                                               r"--corpus has none: not a prepared corpus\)"):
+        study_runner.run(spec, options)
+    assert not (options.runs / "base").exists()  # Nothing trained.
+
+
 def test_the_shipped_study_files_are_valid():
     paths = sorted((ROOT / "studies").glob("*.toml"))
     assert len(paths) >= 2

@@ -20,7 +20,7 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax.data import held_out_documents, split_documents
+from rexmoe_jax.data import PREPARED_META, held_out_documents, split_documents
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE
@@ -79,7 +79,7 @@ def corpus_identity(corpus: str) -> dict:
     if not corpus:
         return {"name": "embedded KJV"}
     folder = pathlib.Path(corpus)
-    meta_path = folder / "meta.json"
+    meta_path = folder / PREPARED_META
     name = f"{folder.parent.name}/{folder.name}"  # e.g. debian8k/tokens: the build's folder names it
     if not meta_path.is_file():
         return {"name": name}

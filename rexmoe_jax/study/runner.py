@@ -20,6 +20,7 @@ import sys
 import time
 
 from rexmoe_jax import outputs
+from rexmoe_jax.data import PREPARED_META
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE
 from rexmoe_jax.study import record as study_record
@@ -75,6 +76,10 @@ class Options:
             raise StudyError(f"this study trains on a corpus built with: {study.corpus}; pass --corpus DIR")
         if args.corpus and not pathlib.Path(args.corpus).exists():
             raise StudyError(f"--corpus {args.corpus!r} does not exist")
+        if study.corpus and not (pathlib.Path(args.corpus) / PREPARED_META).is_file():
+            # A build's top folder, say, would train on its raw files with another tokenizer.
+            raise StudyError(f"--corpus {args.corpus!r} is not a prepared corpus (it has no {PREPARED_META}); "
+                             f"pass the folder of tokens the study's build writes: {study.corpus}")
         if args.parallel < 1 or args.cores_per_run < 1:
             raise StudyError("--parallel and --cores-per-run must be >= 1")
         cores = parse_cores(args.cores)
@@ -125,10 +130,14 @@ def _check_existing(jobs: list[_Job], corpus: dict) -> None:
     report; stop instead, naming them."""
     for job in jobs:
         record = study_record.load_record(job.record, job.overrides)
-        theirs = (record or {}).get("corpus", {}).get("tokens_sha256")
-        if theirs and corpus.get("tokens_sha256") and theirs != corpus["tokens_sha256"]:
-            raise StudyError(f"record {job.record} was trained on another corpus (tokens sha256 {theirs[:12]}..., "
-                             f"--corpus has {corpus['tokens_sha256'][:12]}...)")
+        theirs, ours = (record or {}).get("corpus", {}).get("tokens_sha256"), corpus.get("tokens_sha256")
+        if record is not None and theirs != ours:
+            raise StudyError(f"record {job.record} was trained on another corpus (tokens sha256 {_short(theirs)}, "
+                             f"--corpus has {_short(ours)}); pass the corpus its study was run on")
+
+
+def _short(sha256: str | None) -> str:
+    return f"{sha256[:12]}..." if sha256 else "none: not a prepared corpus"
 
 
 def _child_env(cores: int) -> dict[str, str]:
