@@ -199,6 +199,29 @@ def test_arms_option_runs_only_the_named_arms(setup, capsys):
     assert len(list((options.results / "reuse").iterdir())) == 2
 
 
+def test_seeds_option_runs_only_the_named_seeds(setup, capsys):
+    """Runs that fit a sitting: --seeds 1 trains seed 1 of every arm that has one; --arms and
+    --seeds together pick one run."""
+    spec, options = setup()
+    assert study_runner.run(spec, dataclasses.replace(options, seeds=(1,))) == 0
+    assert [p.name for p in (options.results / "base").iterdir()] == ["seed1.json"]
+    assert [p.name for p in (options.results / "reuse").iterdir()] == ["seed1.json"]
+    assert "2 to go (seeds 1 only)" in capsys.readouterr().out
+    assert study_runner.run(spec, dataclasses.replace(options, arms=("base",), seeds=(0, 2))) == 0
+    assert sorted(p.name for p in (options.results / "base").iterdir()) == ["seed0.json", "seed1.json", "seed2.json"]
+    assert [p.name for p in (options.results / "reuse").iterdir()] == ["seed1.json"]
+    assert "2 to go (arms base; seeds 0, 2 only)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("seeds, message", [("7", "the study has no seed 7; its seeds: 0, 1, 2"),
+                                            ("1,x", "--seeds '1,x': give seeds as integers")])
+def test_bad_seeds_are_one_line_errors(setup, tmp_path, capsys, seeds, message):
+    setup()
+    assert study_cli.main(["run", str(tmp_path / "unit.toml"), "--seeds", seeds, "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err
+
+
 def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monkeypatch):
     spec, options = setup(steps=40)
     monkeypatch.setenv("FAKE_STEP_SECONDS", "0.05")

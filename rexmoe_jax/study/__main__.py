@@ -36,6 +36,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--cores-per-run", type=int, default=1, help="cores pinned to each training (default 1)")
     run.add_argument("--cores", default="", help="cores to use, e.g. 1 or 0-3 (default: all this process may use)")
     run.add_argument("--arms", default="", help="only these arms this sitting, e.g. r1,upper-r4 (default: all)")
+    run.add_argument("--seeds", default="", help="only these seeds this sitting, e.g. 2 or 2,3 (default: all)")
     run.add_argument("--dry-run", action="store_true", help="print the queue and exit")
     report = commands.add_parser("report", help="write docs/reproduction.md and its figures from the records")
     report.add_argument("study", nargs="+", help="the study file(s) (TOML); several make one section each")

@@ -66,6 +66,7 @@ class Options:
     slots: tuple[tuple[int, ...], ...]  # The cores of each concurrent training.
     dry_run: bool = False
     arms: tuple[str, ...] = ()  # Only these arms this sitting (a gate before the rest); () means all.
+    seeds: tuple[int, ...] = ()  # Only these seeds this sitting (runs that fit it); () means all.
     train_script: pathlib.Path = TRAIN_SCRIPT  # Tests substitute a fake trainer.
     poll_seconds: float = 2.0
     progress_seconds: float = 300.0
@@ -94,8 +95,25 @@ class Options:
         if unknown:
             raise StudyError(f"--arms: no arm named {unknown[0]!r}; the study's arms: "
                              f"{', '.join(a.name for a in study.arms)}")
+        seeds = _parse_seeds(args.seeds, tuple(sorted({s for arm in study.arms for s in arm.seeds})))
         return cls(corpus, pathlib.Path(args.runs).resolve() / study.name, results.resolve(), slots, args.dry_run,
-                   arms=arms)
+                   arms=arms, seeds=seeds)
+
+    def selects(self, job: _Job) -> bool:
+        """Whether this sitting runs `job` (--arms and --seeds)."""
+        return (not self.arms or job.arm.name in self.arms) and (not self.seeds or job.seed in self.seeds)
+
+
+def _parse_seeds(text: str, study_seeds: tuple[int, ...]) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise StudyError(f"--seeds {text!r}: give seeds as integers, e.g. 0,2") from None
+    unknown = [s for s in seeds if s not in study_seeds]
+    if unknown:
+        raise StudyError(f"--seeds: the study has no seed {unknown[0]}; its seeds: "
+                         f"{', '.join(map(str, study_seeds))}")
+    return seeds
 
 
 @dataclasses.dataclass
@@ -349,9 +367,11 @@ def run(study: Study, options: Options) -> int:
     jobs = _plan(study, options)
     recorder = _Recorder(study, options)
     _check_existing(jobs, recorder.corpus)
-    pending = [job for job in jobs if not job.record.is_file() and (not options.arms or job.arm.name in options.arms)]
+    pending = [job for job in jobs if not job.record.is_file() and options.selects(job)]
     recorded = sum(job.record.is_file() for job in jobs)
-    only = f" (arms {', '.join(options.arms)} only)" if options.arms else ""
+    only = "; ".join(([f"arms {', '.join(options.arms)}"] if options.arms else [])
+                     + ([f"seeds {', '.join(map(str, options.seeds))}"] if options.seeds else []))
+    only = f" ({only} only)" if only else ""
     _say(f"study {study.name}: {len(jobs)} runs, {recorded} recorded, {len(pending)} to go{only}; "
          f"{len(options.slots)} at once on cores {' | '.join(','.join(map(str, s)) for s in options.slots)}; "
          f"records in {options.results}")
