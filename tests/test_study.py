@@ -317,6 +317,23 @@ def test_report_from_fake_records(setup, tmp_path):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_decision_rule_is_undecided_until_all_its_seeds_are_in(setup):
+    """With 2 of 3 planned seeds a rule says where it stands so far, not its outcome; with all 3
+    it decides. reuse minus base: -0.1 and -0.3 (mean -0.2, upper end -0.2 + 12.7062 * 0.1414 /
+    sqrt(2) = +1.071), then -0.1, -0.3, -0.2 (upper end -0.2 + 4.3027 * 0.1 / sqrt(3) = +0.048)."""
+    spec, _ = setup()
+    spec = dataclasses.replace(spec, arms=tuple(dataclasses.replace(a, seeds=(0, 1, 2)) for a in spec.arms))
+    question = next(q for q in spec.questions if q.interval_below is not None)  # below -0.2
+    base = {s: {"final": {"eval_loss": 4.0}} for s in (0, 1, 2)}
+    reuse = {0: {"final": {"eval_loss": 3.9}}, 1: {"final": {"eval_loss": 3.7}}}
+    text = study_report.verdict(spec, {"base": base, "reuse": reuse}, question)
+    assert "2 paired seeds of 3 planned" in text
+    assert "its upper end is +1.071: **fails so far**, undecided until all 3 planned seeds are in." in text
+    reuse[2] = {"final": {"eval_loss": 3.8}}
+    text = study_report.verdict(spec, {"base": base, "reuse": reuse}, question)
+    assert text.endswith("its upper end is +0.048: **fails**.") and "planned" not in text
+
+
 @pytest.mark.e2e
 def test_one_report_of_several_studies(setup, tmp_path, monkeypatch):
     """Two studies make one document: a section each, headings one level down, figures in a

@@ -241,18 +241,24 @@ def _describe(metric: str) -> tuple[str, str, str, str]:
     return f"held-out loss at step {where}", "nats", "better", "worse"
 
 
-def _rule(question, diff) -> str:
-    """The outcome of the decision rules written before the runs."""
+def _rule(question, diff, planned: int) -> str:
+    """The outcome of the decision rules written before the runs; with fewer paired seeds than
+    planned, only where it stands so far (a rule decides on all its seeds)."""
+
+    def outcome(passed: bool) -> str:
+        if diff.n < planned:
+            return (f"**{'passes' if passed else 'fails'} so far**, undecided until all {planned} "
+                    "planned seeds are in")
+        return f"**{'passes' if passed else 'fails'}**"
+
     text = ""
     if question.decide_below is not None:
-        passed = diff.mean < question.decide_below
         text += (f" Decision rule (written before the runs): the difference must be below "
-                 f"{question.decide_below:g}; it is {diff.mean:+.3f}: **{'passes' if passed else 'fails'}**.")
+                 f"{question.decide_below:g}; it is {diff.mean:+.3f}: {outcome(diff.mean < question.decide_below)}.")
     if question.interval_below is not None:
-        passed = diff.high < question.interval_below
         text += (f" Decision rule (written before the runs): the whole interval must lie below "
                  f"{question.interval_below:g}; its upper end is {diff.high:+.3f}: "
-                 f"**{'passes' if passed else 'fails'}**.")
+                 f"{outcome(diff.high < question.interval_below)}.")
     return text
 
 
@@ -269,10 +275,11 @@ def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
                f"(95% CI {diff.low:+.3f} to {diff.high:+.3f}, {diff.n} paired seeds"
                + (f" of {planned} planned)" if diff.n < planned else ")"))
     if diff.high < 0:
-        return f"**Lower ({lower})**: {numbers}.{_rule(question, diff)}"
+        return f"**Lower ({lower})**: {numbers}.{_rule(question, diff, planned)}"
     if diff.low > 0:
-        return f"**Higher ({higher})**: {numbers}.{_rule(question, diff)}"
-    return f"**No difference resolved** at this budget: {numbers}; the interval includes zero.{_rule(question, diff)}"
+        return f"**Higher ({higher})**: {numbers}.{_rule(question, diff, planned)}"
+    return (f"**No difference resolved** at this budget: {numbers}; the interval includes zero."
+            f"{_rule(question, diff, planned)}")
 
 
 def _questions(study: Study, found) -> list[str]:
