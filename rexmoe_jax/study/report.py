@@ -254,7 +254,8 @@ def _rule(question, diff, planned: int) -> str:
     text = ""
     if question.decide_below is not None:
         text += (f" Decision rule (written before the runs): the difference must be below "
-                 f"{question.decide_below:g}; it is {diff.mean:+.3f}: {outcome(diff.mean < question.decide_below)}.")
+                 f"{question.decide_below:g}; it is {diff.mean:+.3f}: "
+                 f"{outcome(diff.mean < question.decide_below)}.")
     if question.interval_below is not None:
         text += (f" Decision rule (written before the runs): the whole interval must lie below "
                  f"{question.interval_below:g}; its upper end is {diff.high:+.3f}: "

@@ -79,8 +79,9 @@ class Options:
             raise StudyError(f"--corpus {args.corpus!r} does not exist")
         if study.corpus and not (pathlib.Path(args.corpus) / PREPARED_META).is_file():
             # A build's top folder, say, would train on its raw files with another tokenizer.
-            raise StudyError(f"--corpus {args.corpus!r} is not a prepared corpus (it has no {PREPARED_META}); "
-                             f"pass the folder of tokens the study's build writes: {study.corpus}")
+            raise StudyError(f"--corpus {args.corpus!r} is not a prepared corpus (it has no "
+                             f"{PREPARED_META}); pass the folder of tokens the study's build writes: "
+                             f"{study.corpus}")
         if args.parallel < 1 or args.cores_per_run < 1:
             raise StudyError("--parallel and --cores-per-run must be >= 1")
         cores = parse_cores(args.cores)
@@ -150,8 +151,9 @@ def _check_existing(jobs: list[_Job], corpus: dict) -> None:
         record = study_record.load_record(job.record, job.overrides)
         theirs, ours = (record or {}).get("corpus", {}).get("tokens_sha256"), corpus.get("tokens_sha256")
         if record is not None and theirs != ours:
-            raise StudyError(f"record {job.record} was trained on another corpus (tokens sha256 {_short(theirs)}, "
-                             f"--corpus has {_short(ours)}); pass the corpus its study was run on")
+            raise StudyError(f"record {job.record} was trained on another corpus (tokens sha256 "
+                             f"{_short(theirs)}, --corpus has {_short(ours)}); pass the corpus its study "
+                             "was run on")
 
 
 def _short(sha256: str | None) -> str:
