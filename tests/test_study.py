@@ -317,6 +317,30 @@ def test_report_from_fake_records(setup, tmp_path):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
+    """A gate (no PSR on either side) is read at the study's t_s and t_e too. Records by hand:
+    6 steps, t_s = 2, t_e = 4; base's training loss is 5 at every step and its held-out loss 4;
+    reuse's training loss at step k is 5 + 0.1 k and its held-out loss 4 - 0.1 s on seed s."""
+    spec, _ = setup()
+
+    def record(train: list[float], held_out: float) -> dict:
+        return {"config": {"psr": {"schedule": "none", "start_step": 2, "end_step": 4}, "train": {"steps": 6}},
+                "train": {"step": list(range(1, 7)), "loss": train},
+                "eval": {"step": [2, 4, 6], "eval_loss": [held_out] * 3}}
+
+    found = {"base": {s: record([5.0] * 6, 4.0) for s in (0, 1)},
+             "reuse": {s: record([5.0 + 0.1 * k for k in range(1, 7)], 4.0 - 0.1 * s) for s in (0, 1)}}
+    text = "\n".join(study_report._gaps(spec, found))
+    assert ("| arm | training at t_s (2) | training at t_e (4) | training at end (6) | held-out at t_s (2) | "
+            "held-out at t_e (4) | held-out at end (6) |") in text
+    # Training: the mean over steps 1-2 is +0.15, over 1-4 +0.25, over 1-6 +0.35, on both seeds
+    # (no spread). Held-out: -0.05 at every point (+0.00 and -0.10), interval 12.7062 * 0.0707 / sqrt(2).
+    half = 12.7062 * 0.1 / math.sqrt(2) / math.sqrt(2)
+    held_out = f"-0.050 ({-0.05 - half:+.3f} to {-0.05 + half:+.3f}, n = 2)"
+    assert text.splitlines()[-1] == ("| `reuse` | +0.150 (+0.150 to +0.150, n = 2) | +0.250 (+0.250 to +0.250, n = 2) | "
+                                     f"+0.350 (+0.350 to +0.350, n = 2) | {held_out} | {held_out} | {held_out} |")
+
+
 def test_a_decision_rule_is_undecided_until_all_its_seeds_are_in(setup):
     """With 2 of 3 planned seeds a rule says where it stands so far, not its outcome; with all 3
     it decides. reuse minus base: -0.1 and -0.3 (mean -0.2, upper end -0.2 + 12.7062 * 0.1414 /

@@ -173,9 +173,10 @@ def _results(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
 
 
 def _gap_points(record: dict) -> list[tuple[str, int]]:
-    """(label, step) of t_s, t_e (when the run has PSR) and the end."""
+    """(label, step) of t_s, t_e and the end. An arm without PSR is read at the same steps as
+    the arms that widen their pools there (the gate's gap at t_s and t_e is part of its story)."""
     psr, steps = record["config"]["psr"], record["config"]["train"]["steps"]
-    points = [("t_s", psr["start_step"]), ("t_e", psr["end_step"])] if psr["schedule"] != "none" else []
+    points = [("t_s", psr["start_step"]), ("t_e", psr["end_step"])]
     return [(label, step) for label, step in points if 0 < step < steps] + [("end", steps)]
 
 
