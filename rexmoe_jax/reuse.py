@@ -101,7 +101,8 @@ def psr_schedule(psr: PSRConfig, num_experts: int, pool_size: int) -> tuple[list
     `psr.initial_experts` replaces N as the starting size (below N it grows the pool of a plain
     MoE, the reviewers' question).
     Decision (smaller last group, L % r != 0): its pool grows from N to its own size over the
-    same [t_s, t_e], so every group reaches its full pool at t_e.
+    same [t_s, t_e], so every group reaches its full pool at t_e (linear; a stepwise group with a
+    single stage, e.g. 2 layers, jumps to it at t_s).
 
     Python integers make floor() exact at every step (a float32 ramp can land a hair under an
     integer and lose an expert).

@@ -161,9 +161,14 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
             # A finite gradient can still overflow the weights: the new state must be finite too.
             param_norm = optax.tree.norm(params)
             finite = jnp.isfinite(aux["loss"]) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
-            if config.train.nonfinite == "skip":  # Keep the old weights and moments; the step moves on.
-                params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                                 (params, opt_state), (state.params, state.opt_state))
+            if config.train.nonfinite == "skip":
+                # Keep the old weights and moments; the step moves on, and with it optax's own
+                # counts (its integer leaves), so that the learning rate it applies stays
+                # schedule(state.step), the step PSR reads.
+                def keep_old(new, old):
+                    return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
+
+                params, opt_state = jax.tree.map(keep_old, (params, opt_state), (state.params, state.opt_state))
             new_state = TrainState(state.step + 1, params, opt_state)
         with jax.named_scope("step_metrics"):
             layer_grad_norm, group_expert_grad_norm = per_layer_norms(grads, config.model)

@@ -34,6 +34,25 @@ def test_psr_pool_follows_the_optimizer_step():
     assert int(state.step) == 8
 
 
+def test_a_skipped_update_moves_optax_counts_with_the_step():
+    """train.nonfinite=skip: a NaN weight makes the update non-finite. The weights and moments stay
+    as they were (moments 0, as initialised), but optax's counts, which pick the learning rate it
+    applies, advance with state.step (1), so the LR and PSR schedules read the same step."""
+    _, state, step_fn = setup("train.nonfinite=skip")
+    leaves, treedef = jax.tree.flatten(state.params)
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)
+    state = state.replace(params=jax.tree.unflatten(treedef, leaves))
+    tokens = jax.random.randint(jax.random.key(0), (4, 17), 0, 64)
+    state, metrics = step_fn(state, tokens)
+    assert not bool(metrics["finite"]) and int(state.step) == 1
+    opt_leaves = jax.tree.leaves(state.opt_state)
+    counts = [x for x in opt_leaves if np.issubdtype(x.dtype, np.integer)]
+    moments = [x for x in opt_leaves if np.issubdtype(x.dtype, np.floating)]
+    assert counts and [int(c) for c in counts] == [1] * len(counts)
+    assert moments and all(not np.any(np.asarray(m)) for m in moments)
+    assert np.isnan(np.asarray(jax.tree.leaves(state.params)[0]).flat[0])  # the old weights, kept
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("granularity", ["layer", "token"])
 def test_gradient_accumulation_equals_one_big_batch(granularity):

@@ -240,7 +240,9 @@ class LossConfig(_Section):
 
     name: ClassVar[str] = "loss"
 
-    load_balance: float = 0.01  # Switch-style f.P loss over each layer's pool; 0 turns it off.
+    # Switch-style f.P loss per layer, averaged over layers; under PSR over the available experts
+    # (psr.balance_over). 0 turns it off.
+    load_balance: float = 0.01
     z_loss: float = 0.001  # Router z-loss (logsumexp of router logits, squared); 0 turns it off.
     # With model.router_bias: the bias's step per update, in router-logit units (DeepSeek-V3's
     # bias update speed gamma = 0.001); 0 freezes it.

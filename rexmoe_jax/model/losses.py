@@ -31,7 +31,7 @@ def load_balancing_loss(expert_load_P: jax.Array, logits_TxP: jax.Array,
     f_i: the share of token->expert assignments that went to expert i (no gradient flows through
     it); p_i: the mean over tokens of the router probability of expert i. Equals 1 when both are
     uniform.
-    Decision (PSR, `loss.balance_over`): with "available", p is the softmax over the experts the
+    Decision (PSR, `psr.balance_over`): with "available", p is the softmax over the experts the
     PSR mask left to each token and n = N_t, so masked experts' logits get no gradient from this
     loss. With "pool", p is the softmax over the whole pool and n = P; masked experts then have
     f_i = 0 but p_i > 0, and the gradient pushes their logits up.
