@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import pytest
+from optional import importorskip
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
@@ -60,7 +61,7 @@ def maybe_jit(request):
 def tpu_devices():
     """name -> the devices of that TPU slice as the TPU compiler describes them (libtpu, from
     this CPU machine: for lowering and compiling, never running); skipped without libtpu."""
-    pytest.importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
+    importorskip("libtpu", reason="compiling for a TPU needs libtpu: pip install -e '.[tpu]'")
     from rexmoe_jax import sharding, targets
 
     return lambda name: sharding.target_devices(targets.parse(name))

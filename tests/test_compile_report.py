@@ -178,12 +178,20 @@ def test_the_estimate_is_its_longest_term_and_never_faster_than_the_model_flops(
     estimate = compile_report.roofline(report, config, chip)
     assert estimate["seconds"]["memory"] == pytest.approx(1.0) and estimate["bound"] == "interconnect"
     assert estimate["step_seconds"] == pytest.approx(2.0)
+    # The model's FLOPs by hand. Active parameters per layer: attention D H Z + 2 D J Z + H Z D
+    # = 3 x 65,536 + 65,536 (D 256, H 2, J 1, Z 128); two of the 4 experts' SwiGLU, 3 D F K =
+    # 196,608; the router over the pool of r N = 8, 2,048; two norms, 512. Two layers and the
+    # final norm: 791,808. Per token 6 (active + the output head D V = 131,072) + 12 L H Z S
+    # (98,304) = 5,635,584; 8 x 16 tokens a step over 4 devices.
+    model_flops_per_device = (6 * (791_808 + 131_072) + 12 * 2 * 2 * 128 * 16) * 8 * 16 / 4
     idle = compile_report.roofline({**report, "hbm_bytes_per_device": 0, "collectives": {}}, config, chip)
     assert idle["bound"] == "compute" and idle["mfu"] == pytest.approx(1.0)
-    assert idle["seconds"]["compute"] == pytest.approx(idle["model_flops_per_device"] / 459e12)
-    counted = compile_report.roofline({**report, "flops_per_device": 3 * idle["model_flops_per_device"],
+    assert idle["model_flops_per_device"] == pytest.approx(model_flops_per_device)
+    assert idle["seconds"]["compute"] == pytest.approx(model_flops_per_device / 459e12)
+    counted = compile_report.roofline({**report, "flops_per_device": 3 * model_flops_per_device,
                                        "hbm_bytes_per_device": 0, "collectives": {}}, config, chip)
     assert counted["mfu"] == pytest.approx(1 / 3)
+    assert counted["seconds"]["compute"] == pytest.approx(3 * model_flops_per_device / 459e12)
 
 
 def test_the_one_line_suggests_only_settings_that_apply():

@@ -5,9 +5,11 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
+import tokenizers
 from files import hashes, one_error_line
 
 from rexmoe_jax import data, sources
@@ -82,24 +84,32 @@ def test_documents_of_a_window_by_hand():
     np.testing.assert_array_equal(packed.documents_of(2), [0, 1])
 
 
-def test_eval_rows_sample_the_whole_held_out_set_by_seed():
+def test_eval_rows_sample_the_whole_held_out_set_by_seed(monkeypatch):
     """Evaluations read sequences from across the held-out documents, not the first rows in
     corpus order; the same for a seed (whatever else a run changes), others for another seed.
-    Their documents, counted from the token stream position by position, are what
-    held_out_documents reports."""
+    held_out_documents reports the documents of exactly the batches training evaluates: read
+    here from the tokens of Corpus.eval_batches, where document i is written as i + 1."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(5, 60, size=300)
-    d = data.TokenDocuments.from_documents([np.full(n, 7) for n in lengths], eod_id=0)
-    train_idx, held = data.split_documents(len(d), 0.2, seed=5)
-    packed = data.pack(d, held, seq_len=8, seed=None)
-    rows = data.eval_rows(len(packed), 40, seed=5)
-    assert len(set(rows.tolist())) == 40 and rows.max() > 2 * 40  # spread over the set
-    np.testing.assert_array_equal(rows, data.eval_rows(len(packed), 40, seed=5))
-    assert not np.array_equal(rows, data.eval_rows(len(packed), 40, seed=6))
-    doc_at = np.repeat(held, d.lengths[held])  # the document of every held-out stream position
-    want = np.unique(np.concatenate([doc_at[i * 8:i * 8 + 9] for i in rows]))
-    np.testing.assert_array_equal(data.held_out_documents(d.offsets, 0.2, 5, 8, 40), want)
-    assert set(want) <= set(held.tolist()) and len(want) > 20
+    d = data.TokenDocuments.from_documents([np.full(n, i + 1) for i, n in enumerate(lengths)], eod_id=0)
+    monkeypatch.setattr(data, "load_documents", lambda config: (d, types.SimpleNamespace(vocab_size=302), 300))
+    config = DataConfig(seq_len=8, eval_fraction=0.2)
+    corpus = data.build_corpus(config, seed=5, vocab_size=302)
+    batches = corpus.eval_batches(batch_size=4, count=10)
+    assert len(batches) == 10 and all(b.shape == (4, 9) for b in batches)
+    rows = np.concatenate(batches)
+    assert len({r.tobytes() for r in rows}) > 30  # mostly different sequences
+    np.testing.assert_array_equal(rows, np.concatenate(data.build_corpus(config, 5, 302).eval_batches(4, 10)))
+    assert not np.array_equal(rows, np.concatenate(data.build_corpus(config, 6, 302).eval_batches(4, 10)))
+    read = {int(t) - 1 for t in rows.ravel() if t}
+    held = set(range(300)) - {int(t) - 1 for i in range(len(corpus.train)) for t in corpus.train[i] if t}
+    assert len(held) == 60 and read <= held and len(read) > 20  # spread over the held-out set
+    reported = set(data.held_out_documents(d.offsets, 0.2, 5, 8, 40).tolist())
+    # A row that starts with an end-of-document token also touches that token's document, which
+    # its other tokens do not name: at most one such document per row.
+    assert read <= reported <= held and len(reported - read) <= int(np.sum(rows[:, 0] == 0))
+
+
 
 
 def test_batches_are_a_function_of_seed_and_step():
@@ -250,6 +260,8 @@ def test_train_tokenizer_command(tmp_path, capsys):
     assert data.main(["train-tokenizer", "--source", str(tmp_path / "c.jsonl"), "--vocab-size", "280",
                       "--output", str(tmp_path / "t.json")]) == 0
     assert "280-token tokenizer" in capsys.readouterr().out
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "t.json"))  # read by the library itself
+    assert saved.get_vocab_size() == 280 and saved.decode(saved.encode(TEXTS[3]).ids) == TEXTS[3]
 
 
 @pytest.mark.parametrize("setup,message", [

@@ -106,6 +106,11 @@ def test_tokamax_pads_widths_exactly():
                      argnums=(0, 1))(lhs, rhs)
     assert grads[0].shape == lhs.shape and grads[1].shape == rhs.shape
     np.testing.assert_allclose(grads[0], numpy_gmm(cot, np.swapaxes(rhs, 1, 2), sizes), rtol=1e-4, atol=1e-3)
+    # d rhs[g] = lhs[rows of g]^T @ cot[rows of g]: the padded N columns must not leak in; an
+    # empty group's gradient is zero.
+    ends = np.cumsum(sizes)
+    for g, (start, end) in enumerate(zip(ends - sizes, ends)):
+        np.testing.assert_allclose(grads[1][g], lhs[start:end].T @ cot[start:end], rtol=1e-4, atol=1e-3)
 
 
 def test_auto_picks_blocked_on_cpu():

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from conftest import TEST_XLA_FLAGS
 from hf_models import logits, make_run, random_params, tiny_config, tokens
+from optional import importorskip
 
 from rexmoe_jax import loop
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
@@ -25,8 +26,8 @@ from rexmoe_jax.inference.restore import restore
 
 _WHY = ("needs PyTorch's CPU build (pip install torch --index-url https://download.pytorch.org/whl/cpu) "
         "and transformers (pip install -e '.[hf]')")
-torch = pytest.importorskip("torch", reason=_WHY)
-transformers = pytest.importorskip("transformers", reason=_WHY)
+torch = importorskip("torch", reason=_WHY)
+transformers = importorskip("transformers", reason=_WHY)
 pytestmark = pytest.mark.e2e
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-4  # float32 logits, the bound

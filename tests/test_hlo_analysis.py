@@ -37,8 +37,10 @@ def test_tpu_loops_convolutions_and_what_xla_counts(tpu_devices):
     assert found["flops"] == 7 * 2 * 1024 * 512 * 512
     xla = compiled.cost_analysis()
     assert (xla[0] if isinstance(xla, list) else xla)["flops"] < 2 * 2 * 1024 * 512 * 512  # one trip's worth
-    # Each trip reads x and w and writes x at least once: 7 x (1 + 0.5 + 1) MiB of bf16.
-    assert found["hbm_bytes"] >= 7 * (1024 * 512 + 512 * 512 + 1024 * 512) * 2
+    # Each trip reads x and w and writes x at least once: 7 x (1 + 0.5 + 1) MiB of bf16. At most
+    # it also reads and writes x once more for an unfused tanh and once for a copy of the loop's
+    # carry: 7 x 6.5 MiB (counted 39.0 MiB with libtpu 0.0.42.1); more would count bytes twice.
+    assert 7 * (1024 * 512 + 512 * 512 + 1024 * 512) * 2 <= found["hbm_bytes"] <= 7 * 6.5 * 2 ** 20
 
     # A "same"-padded 1-D convolution: of the 16 x 5 (output, tap) pairs, 2 + 1 at each end
     # fall on padding, so 77 multiply-adds per (batch, in, out) triple.

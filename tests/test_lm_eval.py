@@ -7,8 +7,9 @@ import pathlib
 
 import numpy as np
 import pytest
+from optional import importorskip
 
-pytest.importorskip("lm_eval")
+importorskip("lm_eval")
 
 from files import hashes, one_error_line
 from lm_eval import evaluator

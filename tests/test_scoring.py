@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from optional import importorskip
 from test_evaluate import CFG, params_for
 
 from rexmoe_jax.inference import scoring
@@ -88,7 +89,7 @@ def test_rolling_windows_score_every_token_once_with_the_context_that_fits(strid
 
 
 def test_rolling_windows_are_lm_evals_at_the_default_stride():
-    lm_utils = pytest.importorskip("lm_eval.utils")
+    lm_utils = importorskip("lm_eval.utils")
     tokens = list(range(100, 100 + 3 * SEQ + 5))
     theirs = [lm_utils.make_disjoint_window(w) for w in lm_utils.get_rolling_token_windows(tokens, 0, SEQ, 1)]
     assert [(list(c), list(x)) for c, x in theirs] == scoring.rolling_windows(tokens, 0, SEQ)

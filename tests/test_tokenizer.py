@@ -1,6 +1,7 @@
 """Tokenizer round trips and training."""
 
 import pytest
+import tokenizers
 
 from rexmoe_jax import data, tokenizer
 from rexmoe_jax.config import ConfigError
@@ -19,7 +20,8 @@ def test_train_bpe_and_sentencepiece(tmp_path):
     texts = ["the quick brown fox jumps over the lazy dog"] * 50 + ["pack my box with five dozen jugs"] * 50
     tok = tokenizer.train_bpe(texts, 300, tmp_path / "tok.json")
     assert tok.decode(tok.encode(texts[0])) == texts[0]
-    assert tokenizer.load_tokenizer(tmp_path / "tok.json").vocab_size == tok.vocab_size
+    # The size asked for, in the file as the tokenizers library itself reads it.
+    assert tok.vocab_size == 300 and tokenizers.Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab_size() == 300
 
     import sentencepiece as spm
 
