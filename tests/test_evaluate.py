@@ -9,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from files import hashes, one_error_line
 
@@ -90,13 +91,22 @@ def test_task_file_errors_name_the_field(tmp_path, line, message):
 
 @pytest.mark.e2e
 def test_activation_ratios_sum_to_k_and_foreign_share():
+    """Against the NumPy reference's choices: layer l's ratio of pool id p is the count of its
+    picks of p over the 64 tokens; its foreign share, the share of its picks outside its own
+    experts (one group of 2 layers, pool 8: layer 0 owns ids 0-3, layer 1 ids 4-7)."""
     params = params_for()
     batches = [np.random.default_rng(2).integers(0, 4096, (4, 17)).astype(np.int32)]
     routing = evaluation.routing_of(CFG, params, batches)
     ratios = np.asarray(routing["activation_ratio"])
     np.testing.assert_allclose(ratios.sum(axis=1), CFG.model.top_k, rtol=1e-6)
     assert routing["tokens"] == 4 * 16
-    assert all(0 <= f <= 1 for f in routing["foreign_share"])
+    _, chosen_LxBxSxK = numpy_reference.forward(jax.tree.map(np.asarray, params), CFG.model, batches[0][:, :-1])
+    picks = chosen_LxBxSxK.reshape(2, -1)
+    counts = np.stack([np.bincount(layer, minlength=8) for layer in picks])
+    np.testing.assert_allclose(ratios, counts / 64, atol=1e-6)
+    foreign = [np.mean(picks[0] >= 4), np.mean(picks[1] < 4)]
+    np.testing.assert_allclose(routing["foreign_share"], foreign, atol=1e-6)
+    assert 0 < min(foreign)  # both layers do pick experts of the other
     # At r = 1 no expert belongs to another layer.
     cfg1 = dataclasses.replace(CFG, model=dataclasses.replace(CFG.model, reuse=1))
     assert evaluation.routing_of(cfg1, params_for(cfg1), batches)["foreign_share"] == [0.0, 0.0]

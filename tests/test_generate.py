@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy_reference
 import pytest
 from files import hashes, one_error_line
 from test_evaluate import CFG, params_for
@@ -27,6 +28,22 @@ def test_cached_decoding_equals_recomputing_the_sequence(sampling):
     cached = generate.generate(cfg, params, prompts, 12, key, sampling=sampling)
     recomputed = generate.generate_uncached(cfg, params, prompts, 12, key, sampling=sampling)
     assert cached == recomputed and all(len(c) == 12 for c in cached)
+
+
+def test_greedy_decoding_equals_the_numpy_reference_token_by_token():
+    """Prompts of different lengths decoded in one batch give, for each prompt alone, the argmax
+    of the NumPy reference's last logits, appended one token at a time."""
+    cfg = dataclasses.replace(CFG.model, init_std=0.3)
+    params = params_for(dataclasses.replace(CFG, model=cfg))
+    prompts = [[5, 17, 300, 42], [9], [100, 200]]
+    decoded = generate.generate(cfg, params, prompts, 6, jax.random.key(0))
+    host = jax.tree.map(np.asarray, params)
+    for prompt, tokens in zip(prompts, decoded):
+        sequence = list(prompt)
+        for _ in range(6):
+            logits, _ = numpy_reference.forward(host, cfg, np.asarray([sequence]))
+            sequence.append(int(np.argmax(logits[0, -1])))
+        assert tokens == sequence[len(prompt):], prompt
 
 
 def test_sampling_filters():
