@@ -42,6 +42,33 @@ def test_plot_writes_three_pngs(tmp_path, capsys):
     assert "expert_load.png" in capsys.readouterr().out
 
 
+def test_the_pictures_draw_the_logged_values(tmp_path, monkeypatch):
+    """What each picture draws, read back from its figure: the losses and N_t by step (the
+    non-finite loss of step 6 a gap), the learning rate, and LBV = load x pool - 1 by hand, blank
+    past the last group's pool of 4."""
+    _write_run(tmp_path)
+    load = np.full((3, 8), 1 / 8)
+    load[0] = [0.25, 0.25, 0, 0, 0.125, 0.125, 0.125, 0.125]
+    load[2] = [0.5, 0.25, 0.25, 0, 0, 0, 0, 0]
+    (tmp_path / runlog.ROUTING_FILE).write_text(json.dumps(
+        {"step": 20, "pool_sizes": [8, 8, 4], "expert_load": load.tolist()}) + "\n")
+    figures = {}
+    monkeypatch.setattr(plot, "_save", lambda fig, path: figures.setdefault(path.name, fig))
+    assert plot.main(["--workdir", str(tmp_path)]) == 0
+    steps = np.arange(1, 21)
+    train, held_out = figures["loss.png"].axes[0].lines
+    losses = np.where(steps == 6, np.nan, 5 - steps / 10)
+    np.testing.assert_array_equal(train.get_xdata(), steps)
+    np.testing.assert_allclose(np.asarray(train.get_ydata(), np.float64), losses)
+    assert list(held_out.get_xdata()) == [20] and list(held_out.get_ydata()) == [3.2]
+    pool_ax, lr_ax = figures["psr.png"].axes[:2]
+    np.testing.assert_array_equal(pool_ax.lines[0].get_ydata(), 8 + steps // 5)
+    np.testing.assert_allclose(lr_ax.lines[0].get_ydata(), 1e-3)
+    lbv = np.ma.filled(figures["expert_load.png"].axes[0].images[0].get_array(), np.nan)
+    want = [[1, 1, -1, -1, 0, 0, 0, 0], [0] * 8, [1, 0, 0, -1] + [np.nan] * 4]
+    np.testing.assert_allclose(lbv, want)
+
+
 def test_plot_without_records(tmp_path, capsys):
     assert plot.main(["--workdir", str(tmp_path)]) == 2
     assert "has no records" in capsys.readouterr().err
