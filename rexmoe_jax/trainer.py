@@ -95,7 +95,7 @@ def psr_inputs(config: Config, step: jax.Array, micro_batch: jax.Array | int = 0
     if config.psr.schedule == "none":
         return None
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(config.train.seed), _PSR_STREAM), step)
-    return PSRInputs(key=key, step=step, micro_batch=micro_batch, micro_batches=config.optim.grad_accum)
+    return PSRInputs(key=key, step=step, micro_batch=micro_batch)
 
 
 def summary(config: Config) -> dict[str, int]:

@@ -53,6 +53,25 @@ def test_a_skipped_update_moves_optax_counts_with_the_step():
     assert np.isnan(np.asarray(jax.tree.leaves(state.params)[0]).flat[0])  # the old weights, kept
 
 
+def test_token_masks_under_remat_and_accumulation_equal_the_plain_step():
+    """psr.granularity=token with two micro-batches under full remat (what every paper preset
+    runs). The number of micro-batches once sized the masks and became a traced value inside
+    remat's trace, so the step did not compile. Recomputing the layers changes nothing: the same
+    loss and weights as without remat."""
+    tokens = jax.random.randint(jax.random.key(2), (4, 17), 0, 64)
+    results = []
+    for remat in ("none", "full"):
+        _, state, step_fn = setup("psr.granularity=token", "optim.grad_accum=2", f"compute.remat={remat}",
+                                  "psr.start_step=0")
+        state, metrics = step_fn(state, tokens)  # step 0 of the 0 -> 6 ramp: N_t = 4 of 8, per token
+        results.append((state.params, metrics))
+    (plain, m_plain), (remat, m_remat) = results
+    assert int(m_remat["psr_pool_size"]) < 8
+    np.testing.assert_allclose(float(m_remat["loss"]), float(m_plain["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(remat)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("granularity", ["layer", "token"])
 def test_gradient_accumulation_equals_one_big_batch(granularity):

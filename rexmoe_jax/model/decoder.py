@@ -52,14 +52,13 @@ from rexmoe_jax.model.moe import MoEFFN, RouterStats
 
 class PSRInputs(NamedTuple):
     """What a training step gives the model for PSR: a key already folded with (seed, step), the
-    optimizer step, and which of the step's micro-batches this is (gradient accumulation: token
-    masks are drawn for the whole batch, and each micro-batch takes its own rows). Evaluation and
-    generation pass None: they always see the full pool."""
+    optimizer step, and which of the step's micro-batches this is (gradient accumulation: a
+    per-token mask is keyed by the token's row in the whole batch). Evaluation and generation
+    pass None: they always see the full pool."""
 
     key: jax.Array
     step: jax.Array
     micro_batch: jax.Array | int = 0
-    micro_batches: int = 1
 
 
 _REMAT_POLICIES = {
@@ -98,8 +97,7 @@ class DecoderLayer(nn.Module):
                 available_TxP = psr_lib.available(
                     inputs.key, layer_id, pool_size_t, psr=self.psr, pool_size=self.pool_size,
                     num_experts=cfg.num_experts, reuse_factor=cfg.reuse,
-                    num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1], micro_batch=inputs.micro_batch,
-                    micro_batches=inputs.micro_batches)
+                    num_tokens=h_BxSxD.shape[0] * h_BxSxD.shape[1], micro_batch=inputs.micro_batch)
         moe = MoEFFN(cfg, compute, self.pool_size, live, self.psr.balance_over, name="moe")
         y_BxSxD, stats = moe(h_BxSxD, weights, available_TxP)
         return _constrain(x_BxSxD + y_BxSxD), stats

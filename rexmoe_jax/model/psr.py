@@ -19,21 +19,22 @@ def pool_size_t(step: jax.Array, psr: PSRConfig, num_experts: int, pool_size: in
 
 def available(key: jax.Array, layer_id: jax.Array, pool_size_t: jax.Array, *, psr: PSRConfig,
               pool_size: int, num_experts: int, reuse_factor: int, num_tokens: int,
-              micro_batch: jax.Array | int = 0, micro_batches: int = 1) -> jax.Array:
+              micro_batch: jax.Array | int = 0) -> jax.Array:
     """Which pool experts a layer may select this step: bool (1 or T, P), N_t of them True.
 
     Decision (granularity): one mask per (seed, step, layer); `key` is already folded with
     (seed, step) and the layer id is folded in here, so every replica and every restart draws
-    the same mask. `psr.granularity="token"` draws one mask per token instead: for the whole
-    step's batch of micro_batches * T tokens, of which micro-batch `micro_batch` takes its own
-    T rows, so gradient accumulation sees the masks one big batch would.
+    the same mask. `psr.granularity="token"` draws one mask per token instead, keyed by the
+    token's row in the step's whole batch (micro-batch `micro_batch` holds rows
+    micro_batch * T ... + T - 1), so gradient accumulation sees the masks one big batch would;
+    each micro-batch draws only its own T rows, and each device only the rows it holds.
     Decision (which experts): uniform over the pool (the paper); "local_first" ranks the layer's
     own N experts first so they stay available whenever N_t >= N.
     """
     key = jax.random.fold_in(key, layer_id)
     if psr.granularity == "token":
-        priority = jax.random.uniform(key, (micro_batches * num_tokens, pool_size))
-        priority = jax.lax.dynamic_slice_in_dim(priority, micro_batch * num_tokens, num_tokens)
+        rows = micro_batch * num_tokens + jnp.arange(num_tokens)
+        priority = jax.vmap(lambda row: jax.random.uniform(jax.random.fold_in(key, row), (pool_size,)))(rows)
     else:
         priority = jax.random.uniform(key, (1, pool_size))
     if psr.order == "local_first":
