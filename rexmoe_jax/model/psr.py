@@ -27,7 +27,8 @@ def available(key: jax.Array, layer_id: jax.Array, pool_size_t: jax.Array, *, ps
     the same mask. `psr.granularity="token"` draws one mask per token instead, keyed by the
     token's row in the step's whole batch (micro-batch `micro_batch` holds rows
     micro_batch * T ... + T - 1), so gradient accumulation sees the masks one big batch would;
-    each micro-batch draws only its own T rows, and each device only the rows it holds.
+    each micro-batch draws only its own T rows (rows are independent of one another, so the
+    partitioner is free to split them over devices with the batch).
     Decision (which experts): uniform over the pool (the paper); "local_first" ranks the layer's
     own N experts first so they stay available whenever N_t >= N.
     """
