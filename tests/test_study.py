@@ -317,6 +317,17 @@ def test_report_from_fake_records(setup, tmp_path):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_a_study_with_no_record_yet_reports_its_plan_without_empty_sections(setup, tmp_path):
+    """A study file written before its runs (the next stage of a study) is reported as planned:
+    status, arms and questions, and no routing table or figures heading with nothing under it."""
+    spec, options = setup()
+    output = tmp_path / "docs" / "reproduction.md"
+    assert study_report.write_report([(spec, options.results)], output) == 0
+    text = output.read_text()
+    assert "0 of 5 planned runs are recorded." in text and "Not enough runs yet" in text
+    assert "## Routing at the end" not in text and "## Figures" not in text
+
+
 def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
     """A gate (no PSR on either side) is read at the study's t_s and t_e too. Records by hand:
     6 steps, t_s = 2, t_e = 4; base's training loss is 5 at every step and its held-out loss 4;

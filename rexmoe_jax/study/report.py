@@ -292,6 +292,8 @@ def _questions(study: Study, found) -> list[str]:
 
 
 def _routing(study: Study, found) -> list[str]:
+    if not any(found.values()):
+        return []
     lines = ["## Routing at the end", "",
              ("On the held-out text over the full pool (no PSR mask): the largest LBV = (load - mean) / mean, "
               "the share of experts with less than half the uniform load, and the share of assignments that "
@@ -335,8 +337,9 @@ def _study_lines(study: Study, results: pathlib.Path, output: pathlib.Path, figu
     lines = [f"# Reproduction study: {study.title}", "",
              (f"From `{source}` and the records in `{os.path.relpath(results.resolve(), root)}`."), "",
              *_status(study, found), *_setup(study, found), *_coverage(found), *_results(study, found),
-             *_gaps(study, found), *_questions(study, found), *_routing(study, found), "## Figures", ""]
+             *_gaps(study, found), *_questions(study, found), *_routing(study, found)]
     folder = os.path.relpath(figures, output.parent)
+    lines += ["## Figures", ""] if pictures else []
     for name, caption in pictures:
         lines += [f"![{caption}]({folder}/{name})", "", f"*{caption}*", ""]
     return lines + _limits(study) + _closing(study, found)
