@@ -168,7 +168,8 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
                 def keep_old(new, old):
                     return jnp.where(finite, new, old) if jnp.issubdtype(new.dtype, jnp.inexact) else new
 
-                params, opt_state = jax.tree.map(keep_old, (params, opt_state), (state.params, state.opt_state))
+                params, opt_state = jax.tree.map(keep_old, (params, opt_state),
+                                                 (state.params, state.opt_state))
             new_state = TrainState(state.step + 1, params, opt_state)
         with jax.named_scope("step_metrics"):
             layer_grad_norm, group_expert_grad_norm = per_layer_norms(grads, config.model)

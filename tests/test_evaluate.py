@@ -100,7 +100,8 @@ def test_activation_ratios_sum_to_k_and_foreign_share():
     ratios = np.asarray(routing["activation_ratio"])
     np.testing.assert_allclose(ratios.sum(axis=1), CFG.model.top_k, rtol=1e-6)
     assert routing["tokens"] == 4 * 16
-    _, chosen_LxBxSxK = numpy_reference.forward(jax.tree.map(np.asarray, params), CFG.model, batches[0][:, :-1])
+    host = jax.tree.map(np.asarray, params)
+    _, chosen_LxBxSxK = numpy_reference.forward(host, CFG.model, batches[0][:, :-1])
     picks = chosen_LxBxSxK.reshape(2, -1)
     counts = np.stack([np.bincount(layer, minlength=8) for layer in picks])
     np.testing.assert_allclose(ratios, counts / 64, atol=1e-6)

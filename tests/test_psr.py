@@ -85,6 +85,6 @@ def test_a_micro_batch_draws_only_its_own_rows():
     a step's HBM traffic)."""
     psr = PSRConfig(schedule="linear", start_step=0, end_step=10, granularity="token")
     jaxpr = jax.make_jaxpr(lambda micro_batch: psr_lib.available(
-        jax.random.key(7), jnp.asarray(1), jnp.asarray(6), psr=psr, pool_size=16, num_experts=4, reuse_factor=4,
-        num_tokens=32, micro_batch=micro_batch))(3).jaxpr
+        jax.random.key(7), jnp.asarray(1), jnp.asarray(6), psr=psr, pool_size=16, num_experts=4,
+        reuse_factor=4, num_tokens=32, micro_batch=micro_batch))(3).jaxpr
     assert _largest_array(jaxpr) == 32 * 16

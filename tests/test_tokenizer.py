@@ -21,7 +21,8 @@ def test_train_bpe_and_sentencepiece(tmp_path):
     tok = tokenizer.train_bpe(texts, 300, tmp_path / "tok.json")
     assert tok.decode(tok.encode(texts[0])) == texts[0]
     # The size asked for, in the file as the tokenizers library itself reads it.
-    assert tok.vocab_size == 300 and tokenizers.Tokenizer.from_file(str(tmp_path / "tok.json")).get_vocab_size() == 300
+    saved = tokenizers.Tokenizer.from_file(str(tmp_path / "tok.json"))
+    assert tok.vocab_size == 300 and saved.get_vocab_size() == 300
 
     import sentencepiece as spm
 
