@@ -128,6 +128,16 @@ def tile_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> np.ndarray:
     return np.concatenate([rows] * copies) if copies > 1 else rows
 
 
+def pad_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> np.ndarray:
+    """`rows` followed by copies of its last row up to a multiple of the mesh's batch devices,
+    for work whose rows are independent (generation): each device holds ceil(len(rows) /
+    devices) rows, where tile_rows would give it len(rows) / gcd(len(rows), devices); the first
+    len(rows) are the originals."""
+    devices = 1 if mesh is None else batch_devices(mesh)
+    extra = -len(rows) % devices
+    return np.concatenate([rows, np.repeat(rows[-1:], extra, axis=0)]) if extra else rows
+
+
 def validate(config: Config, mesh: jax.sharding.Mesh) -> None:
     """Divisibility the mesh needs from the model and the batch, with the field to change."""
     micro_batch = config.data.batch_size // config.optim.grad_accum

@@ -10,7 +10,8 @@ import pytest
 from files import hashes, one_error_line
 from test_evaluate import CFG, params_for
 
-from rexmoe_jax.config import ConfigError, apply_overrides
+from rexmoe_jax import sharding
+from rexmoe_jax.config import ConfigError, MeshConfig, apply_overrides
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
 from rexmoe_jax.inference import generate, restore
 from rexmoe_jax.inference.api import LoadedModel
@@ -30,13 +31,19 @@ def test_cached_decoding_equals_recomputing_the_sequence(sampling):
     assert cached == recomputed and all(len(c) == 12 for c in cached)
 
 
-def test_greedy_decoding_equals_the_numpy_reference_token_by_token():
+@pytest.mark.parametrize("compute", [
+    pytest.param(generate.DEFAULT_COMPUTE, id="sort"),
+    # A run trained with the capacity dispatch: the prompts' pass must still drop nothing, or a
+    # prompt's text would depend on the other prompts (and the padding) in its batch.
+    pytest.param(dataclasses.replace(generate.DEFAULT_COMPUTE, dispatch="capacity", capacity_factor=1.0),
+                 id="capacity")])
+def test_greedy_decoding_equals_the_numpy_reference_token_by_token(compute):
     """Prompts of different lengths decoded in one batch give, for each prompt alone, the argmax
-    of the NumPy reference's last logits, appended one token at a time."""
+    of the NumPy reference's last logits (dropless), appended one token at a time."""
     cfg = dataclasses.replace(CFG.model, init_std=0.3)
     params = params_for(dataclasses.replace(CFG, model=cfg))
     prompts = [[5, 17, 300, 42], [9], [100, 200]]
-    decoded = generate.generate(cfg, params, prompts, 6, jax.random.key(0))
+    decoded = generate.generate(cfg, params, prompts, 6, jax.random.key(0), compute=compute)
     host = jax.tree.map(np.asarray, params)
     for prompt, tokens in zip(prompts, decoded):
         sequence = list(prompt)
@@ -123,6 +130,34 @@ def test_requests_are_checked_against_the_model():
     generate.check_request(model, compute, [[5]], 4, generate.Sampling(1.0, top_k=4096))
 
 
+def test_on_a_mesh_a_device_holds_the_cache_of_its_own_rows():
+    """8 devices on the data axis: 1 or 8 prompts put one prompt's cache on each device, 9 put
+    two (padded to 16 rows); the budget is checked against that, not the whole batch / 8."""
+    model, compute = CFG.model, generate.DEFAULT_COMPUTE
+    mesh = sharding.make_mesh(MeshConfig())
+    assert sharding.batch_devices(mesh) == 8
+    per_position = 2 * 2 * 1 * 16 * 4  # by hand, as above: one prompt, one position
+    free = 2 * per_position * 100  # half holds one prompt's 100 positions
+    for prompts in ([[1]], [[1]] * 8):
+        generate.check_request(model, compute, prompts, 99, free=free, mesh=mesh)
+        with pytest.raises(ConfigError, match="100 new tokens do not fit: the KV cache of 1 prompt"):
+            generate.check_request(model, compute, prompts, 100, free=free, mesh=mesh)
+    generate.check_request(model, compute, [[1]] * 9, 49, free=free, mesh=mesh)
+    with pytest.raises(ConfigError, match="50 new tokens do not fit: the KV cache of 2 prompt"):
+        generate.check_request(model, compute, [[1]] * 9, 50, free=free, mesh=mesh)
+
+
+def test_generation_pads_its_rows_with_the_last_one():
+    mesh = sharding.make_mesh(MeshConfig())
+    rows = np.arange(9 * 2).reshape(9, 2)
+    padded = sharding.pad_rows(rows, mesh)
+    assert padded.shape == (16, 2)
+    np.testing.assert_array_equal(padded[:9], rows)
+    np.testing.assert_array_equal(padded[9:], np.tile([[16, 17]], (7, 1)))
+    assert sharding.pad_rows(rows[:8], mesh).shape == (8, 2)
+    assert sharding.pad_rows(rows, None).shape == (9, 2)
+
+
 @pytest.mark.parametrize("args,message", [
     (["--max-new-tokens", "100000000"], "100000000 new tokens do not fit"),
     (["--top-k", "100000"], "top-k 100000 is larger than the vocabulary (model.vocab_size=4096)"),
@@ -130,10 +165,10 @@ def test_requests_are_checked_against_the_model():
     (["--temperature", "-1"], "invalid sampling"),
 ])
 def test_generate_limits_are_one_line_before_the_checkpoint_is_read(tmp_path, capsys, monkeypatch, args, message):
-    def restored(*_):
+    def restored(*_, **__):
         raise AssertionError("the checkpoint was read before the arguments were checked")
 
-    monkeypatch.setattr(generate, "restore_placed", restored)
+    monkeypatch.setattr(generate, "restore", restored)
     folder = _run_folder(tmp_path)
     before = hashes(tmp_path)
     assert generate.main(["--workdir", str(folder), "--prompt", "And God said", *args]) == 2

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TEST_XLA_FLAGS
+from hf_models import make_run, random_params, tiny_config
 
 from rexmoe_jax import loop, trainer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides
@@ -64,6 +65,20 @@ def test_greedy_generation_scores_and_routing_equal_one_device(one_and_eight):
     np.testing.assert_allclose(eight.perplexity(text), one.perplexity(text), rtol=1e-5)
     np.testing.assert_allclose(eight.routing(text)["activation_ratio"], one.routing(text)["activation_ratio"],
                                atol=1e-6)
+
+
+@pytest.mark.e2e
+def test_scoring_and_generation_on_a_mesh_drop_nothing_where_training_could(tmp_path):
+    """A run trained with compute.capacity_factor=0.5, which caps the rows each expert device
+    receives in the "fixed" exchange (CPU's): scores and greedy text on the mesh still equal one
+    device's, since scoring and a generation's prompt pass drop nothing."""
+    config = apply_overrides(tiny_config(reuse=2), ["compute.capacity_factor=0.5", "mesh.num_devices=1"])
+    make_run(tmp_path / "run", config, random_params(config))
+    one, eight = load(tmp_path / "run", ["mesh.num_devices=1"]), load(tmp_path / "run", MESH)
+    pairs = [("In the beginning", " God created the heaven and the earth"),
+             ("And", " the earth was without form")]
+    np.testing.assert_allclose(eight.log_likelihoods(pairs), one.log_likelihoods(pairs), rtol=1e-5)
+    assert eight.generate(PROMPTS, 6) == one.generate(PROMPTS, 6)
 
 
 @pytest.mark.e2e

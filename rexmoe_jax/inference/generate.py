@@ -23,7 +23,13 @@ import numpy as np
 from rexmoe_jax import cli, sharding
 from rexmoe_jax.config import ComputeConfig, ConfigError, ModelConfig
 from rexmoe_jax.data import resolve_tokenizer
-from rexmoe_jax.inference.restore import add_placement_arguments, join_if_asked, read_config, restore_placed
+from rexmoe_jax.inference.restore import (
+    add_placement_arguments,
+    inference_mesh,
+    join_if_asked,
+    read_config,
+    restore,
+)
 from rexmoe_jax.model.decoder import Decoder
 from rexmoe_jax.model.dispatch import compute_for
 from rexmoe_jax.runtime import distributed
@@ -81,12 +87,13 @@ def free_memory(device: jax.Device) -> int:
 
 
 def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[list[int]], new_tokens: int,
-                  sampling: Sampling = GREEDY, free: int | None = None, cache_shards: int = 1) -> None:
+                  sampling: Sampling = GREEDY, free: int | None = None,
+                  mesh: jax.sharding.Mesh | None = None) -> None:
     """Raises ConfigError, before anything is compiled, for a request the model cannot serve:
-    an empty prompt, ids outside the vocabulary, top-k past it, or a device's share of the KV
-    cache (split `cache_shards` ways) larger than half of the `free` bytes (default:
-    free_memory of this process's first device; the other half is for the weights, the prefill
-    and XLA's copies)."""
+    an empty prompt, ids outside the vocabulary, top-k past it, or one device's KV cache larger
+    than half of the `free` bytes (default: free_memory of this process's first device; the
+    other half is for the weights, the prefill and XLA's copies). On a `mesh`, a device holds
+    the cache of its ceil(prompts / batch devices) rows (sharding.pad_rows)."""
     if not prompts:
         raise ConfigError("generate needs at least one prompt")
     for number, prompt in enumerate(prompts, 1):
@@ -102,12 +109,15 @@ def check_request(config: ModelConfig, compute: ComputeConfig, prompts: list[lis
                           f"{config.vocab_size})")
     longest = max(map(len, prompts))
     budget = (free_memory(jax.local_devices()[0]) if free is None else free) // 2
-    per_position = kv_cache_bytes(config, compute, len(prompts), 1) // cache_shards
+    devices = 1 if mesh is None else sharding.batch_devices(mesh)
+    rows_per_device = -(-len(prompts) // devices)
+    per_position = kv_cache_bytes(config, compute, rows_per_device, 1)
     if per_position * (longest + new_tokens) > budget:
         fits = max(0, budget // per_position - longest)
-        raise ConfigError(f"{new_tokens} new tokens do not fit: the KV cache of {len(prompts)} prompt(s) of up "
-                          f"to {longest} tokens would take {per_position * (longest + new_tokens) / 2**30:.1f} GiB, "
-                          f"over half of the {2 * budget / 2**30:.1f} GiB free; at most {fits} new tokens fit")
+        raise ConfigError(f"{new_tokens} new tokens do not fit: the KV cache of {rows_per_device} "
+                          f"prompt(s) of up to {longest} tokens on a device would take "
+                          f"{per_position * (longest + new_tokens) / 2**30:.1f} GiB, over half of the "
+                          f"{2 * budget / 2**30:.1f} GiB free; at most {fits} new tokens fit")
 
 
 def _prompt_batch(prompts: list[list[int]], new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +147,7 @@ def _finish(out_BxS: np.ndarray, eod_id: int | None) -> list[list[int]]:
 @distributed.CompiledTogether  # several processes: compiled on each before any runs it
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
 def _decode(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
-    model = Decoder(config, compute, decode=True)
+    model = Decoder(config, compute_for(compute, "score"), decode=True)  # the prompts, dropless
     step_model = Decoder(config, compute_for(compute, "decode"), decode=True)  # one token per sequence
     b, total = buffer_BxS.shape
     cache = jax.eval_shape(lambda: model.init(jax.random.key(0), buffer_BxS)["cache"])
@@ -169,16 +179,15 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
              mesh: jax.sharding.Mesh | None = None) -> list[list[int]]:
     """Continues each prompt (token ids) by up to `new_tokens` tokens with a KV cache; a
     sequence ends at `eod_id` (not included). On a `mesh` (where `params` live), the prompts
-    and the KV cache are split over its batch axes, the prompts repeated whole where their
-    number does not divide (greedy decoding gives the same tokens; sampling draws for the
-    repeated batch). Without `mesh`, the one `params` are placed on, if any."""
+    and the KV cache are split over its batch axes, the last prompt repeated where their number
+    does not divide (greedy decoding gives the same tokens; sampling draws for the padded
+    batch). Without `mesh`, the one `params` are placed on, if any."""
     mesh = mesh if mesh is not None else sharding.mesh_of(params)
-    check_request(config, compute, prompts, new_tokens, sampling,
-                  cache_shards=1 if mesh is None else sharding.batch_devices(mesh))
+    check_request(config, compute, prompts, new_tokens, sampling, mesh=mesh)
     buffer, lengths = _prompt_batch(prompts, new_tokens)
     with sharding.using(mesh):
-        out = _decode(config, compute, params, sharding.put_rows(sharding.tile_rows(buffer, mesh), mesh),
-                      sharding.put_rows(sharding.tile_rows(lengths, mesh), mesh), key,
+        out = _decode(config, compute, params, sharding.put_rows(sharding.pad_rows(buffer, mesh), mesh),
+                      sharding.put_rows(sharding.pad_rows(lengths, mesh), mesh), key,
                       new_tokens=new_tokens, sampling=sampling, eod_id=eod_id)
     return _finish(sharding.host_rows(out)[:len(prompts)], eod_id)
 
@@ -186,7 +195,7 @@ def generate(config: ModelConfig, params, prompts: list[list[int]], new_tokens: 
 @distributed.CompiledTogether  # several processes: compiled on each before any runs it
 @functools.partial(jax.jit, static_argnames=("config", "compute", "new_tokens", "sampling", "eod_id"))
 def _recompute(config, compute, params, buffer_BxS, lengths_B, key, *, new_tokens, sampling, eod_id):
-    model = Decoder(config, compute)
+    model = Decoder(config, compute_for(compute, "score"))
     b = buffer_BxS.shape[0]
 
     def step(carry, i):
@@ -237,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = resolve_tokenizer(config.data)
     prompts = [tokenizer.encode(p) for p in args.prompt]
     join_if_asked(args.distributed)
-    check_request(config.model, config.compute, prompts, args.max_new_tokens, sampling)
-    run = restore_placed(args.workdir, args)
+    mesh = inference_mesh(config, args.mesh)
+    check_request(config.model, config.compute, prompts, args.max_new_tokens, sampling, mesh=mesh)
+    run = restore(args.workdir, mesh=mesh, dtype=args.dtype)
     warn_past_training(prompts, args.max_new_tokens, run.config.data.seq_len)
     out = generate(run.config.model, run.params, prompts, args.max_new_tokens, jax.random.key(args.seed),
                    sampling=sampling, eod_id=run.tokenizer.eod_id, compute=run.config.compute, mesh=run.mesh)

@@ -10,7 +10,8 @@ mesh replicates it. The checkpoint may have been saved on any mesh.
 The mesh (`inference_mesh`): the run's own `mesh` section when it fits the devices here (its -1
 axis takes what there is), otherwise every device on the data axis; or one given with the same
 `mesh.*=` overrides as train.py. The inference functions tile a batch whose rows do not divide
-over the mesh's batch axes (sharding.tile_rows).
+over the mesh's batch axes (sharding.tile_rows); generation pads it with its last prompt
+(sharding.pad_rows).
 """
 
 from __future__ import annotations
@@ -122,8 +123,3 @@ def join_if_asked(distributed_run: bool) -> None:
     (the caller ends with distributed.finish)."""
     if distributed_run:
         distributed.initialize(init_timeout=300, heartbeat_timeout=100)
-
-
-def restore_placed(workdir: str | pathlib.Path, args) -> Run:
-    """`restore` onto the mesh and in the dtype that add_placement_arguments' flags ask for."""
-    return restore(workdir, mesh=inference_mesh(read_config(pathlib.Path(workdir)), args.mesh), dtype=args.dtype)

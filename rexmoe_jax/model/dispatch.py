@@ -215,14 +215,17 @@ Purpose = Literal["train", "score", "decode"]
 
 def compute_for(compute: ComputeConfig, purpose: Purpose) -> ComputeConfig:
     """The compute settings a model runs with for `purpose`. Training and evaluation: as
-    configured. Scoring: "sort" instead of "capacity", whose drops depend on what else is in the
-    batch (a score would depend on packing); "sort" computes the same experts without dropping.
-    Decoding one token per sequence: "gather", whose K experts' weights cost the same for any
-    pool size, where grouped matmuls pay per pool expert (benchmarks/inference.py)."""
+    configured. Scoring and a generation's prompt pass: dropless, since a drop depends on what
+    else is in the batch (a score or a continuation would depend on its neighbours): "sort"
+    instead of "capacity" (the same experts, none dropped) and no cap on the slots an expert
+    device receives in the "fixed" exchange (capacity_factor 0). Decoding one token per
+    sequence: "gather", whose K experts' weights cost the same for any pool size, where grouped
+    matmuls pay per pool expert (benchmarks/inference.py); it drops nothing."""
     if purpose == "decode":
-        return dataclasses.replace(compute, dispatch="gather")
-    if purpose == "score" and compute.dispatch == "capacity":
-        return dataclasses.replace(compute, dispatch="sort")
+        return dataclasses.replace(compute, dispatch="gather", capacity_factor=0.0)
+    if purpose == "score":
+        dispatch = "sort" if compute.dispatch == "capacity" else compute.dispatch
+        return dataclasses.replace(compute, dispatch=dispatch, capacity_factor=0.0)
     return compute
 
 
