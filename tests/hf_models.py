@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import pathlib
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 
 from rexmoe_jax import trainer
 from rexmoe_jax.config import Config, DataConfig, ModelConfig, TrainConfig
-from rexmoe_jax.data import EMBEDDED_TOKENIZER
+from rexmoe_jax.data import EMBEDDED_CORPUS, EMBEDDED_TOKENIZER
 from rexmoe_jax.hf.regroup import unflatten
 from rexmoe_jax.hf.run_io import param_shapes, write_run
 
@@ -66,3 +67,23 @@ def logits(config: Config, params, tokens_BxS: np.ndarray, psr=None) -> np.ndarr
 
 def tokens(config: Config, shape=(2, 12), seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, config.model.vocab_size, shape).astype(np.int32)
+
+
+def sentencepiece_model(folder: pathlib.Path, model_type: str, vocab_size: int = 600,
+                        **options) -> pathlib.Path:
+    """A SentencePiece model trained on 1 MB of the embedded KJV text (about a second)."""
+    import sentencepiece
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        (folder / "text.txt").write_text(f.read()[200_000:1_200_000])
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(folder / "text.txt"), model_prefix=str(folder / model_type), vocab_size=vocab_size,
+        model_type=model_type, unk_id=0, bos_id=1, eos_id=2, minloglevel=2, **options)
+    return folder / f"{model_type}.model"
+
+
+def kjv_lines(start: int, count: int) -> list[str]:
+    """Lines start ... start + count - 1 of the embedded KJV text."""
+    with gzip.open(EMBEDDED_CORPUS, "rt", encoding="utf-8") as f:
+        return [line for number, line in enumerate(f) if start <= number < start + count]

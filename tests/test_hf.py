@@ -11,7 +11,7 @@ import jax
 import ml_dtypes
 import numpy as np
 import pytest
-from hf_models import logits, make_run, random_params, tiny_config, tokens
+from hf_models import kjv_lines, logits, make_run, random_params, sentencepiece_model, tiny_config, tokens
 
 from rexmoe_jax import trainer
 from rexmoe_jax.config import ConfigError
@@ -19,9 +19,10 @@ from rexmoe_jax.hf import __main__ as cli
 from rexmoe_jax.hf import export, in_memory
 from rexmoe_jax.hf.importer import imported_layers, read_hf_config
 from rexmoe_jax.hf.regroup import flatten, group, ungroup
+from rexmoe_jax.hf.run_io import write_run
 from rexmoe_jax.hf.tensorfile import TensorFiles, TensorWriter
 from rexmoe_jax.hf.widen import widened_config, widened_layers
-from rexmoe_jax.inference.restore import restore
+from rexmoe_jax.inference.restore import read_config, restore
 
 
 def _same(a: dict, b: dict) -> bool:
@@ -225,6 +226,65 @@ def test_command_export_then_import_gives_the_run_back(tmp_path, run_r1, capsys)
     }
     assert cli.main(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")]) == 0
     assert _same(jax.device_get(restore(tmp_path / "run").params), jax.device_get(restore(run_r1).params))
+
+
+def test_import_keeps_the_exported_context_and_router_bias(tmp_path, capsys):
+    """data.seq_len travels as max_position_embeddings and model.router_bias (zero) as
+    rexmoe_router_bias: the imported run evaluates on the same windows and trains on as the run
+    would; a folder without max_position_embeddings keeps the default."""
+    config = tiny_config(router_bias=True)
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=48))
+    make_run(tmp_path / "run", config, random_params(config))
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    assert cli.main(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "back")]) == 0
+    back = read_config(tmp_path / "back")
+    assert back.data.seq_len == 48 and back.model.router_bias is True
+    back_params, run_params = restore(tmp_path / "back").params, restore(tmp_path / "run").params
+    assert _same(jax.device_get(back_params), jax.device_get(run_params))
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    del hf["max_position_embeddings"]
+    (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
+    assert cli.main(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "again")]) == 0
+    assert read_config(tmp_path / "again").data.seq_len == 128  # DataConfig's default, by hand
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("model_type,options", [
+    ("unigram", {}),  # SentencePiece's default normalisation (nmt_nfkc), extra spaces removed
+    ("unigram", dict(normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True)),
+    ("bpe", {}),
+    ("bpe", dict(normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
+                 split_digits=True)),  # as the LLaMA-2 tokenizer is trained
+], ids=["unigram", "unigram-identity-bytes", "bpe", "bpe-llama-like"])
+def test_a_sentencepiece_run_exports_a_tokenizer_json_that_encodes_as_sentencepiece(tmp_path, model_type,
+                                                                                      options):
+    import sentencepiece
+    import tokenizers
+
+    path = sentencepiece_model(tmp_path / "sp", model_type, **options)
+    config = tiny_config(vocab_size=600)
+    write_run(tmp_path / "run", config, random_params(config), path)
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    exported = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    # Text the export's own probe does not hold: later KJV lines, and a few harder ones.
+    texts = kjv_lines(5000, 100) + ["  Two  spaces and ends ", "x\ty\n\nz", "Ünïcödé ＦＵＬＬ ﬁ 42.5%", "語 🙂",
+                                    ""]
+    for text in texts:
+        ids = sp.encode(text)
+        assert exported.encode(text, add_special_tokens=False).ids == ids, text
+        assert exported.decode(ids) == sp.decode(ids), text
+    settings = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert settings["tokenizer_class"] == "PreTrainedTokenizerFast" and settings["eos_token"] == "</s>"
+
+
+def test_a_sentencepiece_model_without_a_tokenizer_json_form_is_refused(tmp_path, capsys):
+    path = sentencepiece_model(tmp_path / "sp", "char", vocab_size=70)
+    config = tiny_config(vocab_size=600)
+    write_run(tmp_path / "run", config, random_params(config), path)
+    _fails(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")], capsys,
+           "a SentencePiece CHAR model has no tokenizer.json equivalent here")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sp"]  # no --output, no partial folder
 
 
 def _fails(argv, capsys, message):

@@ -15,12 +15,13 @@ import jax
 import numpy as np
 import pytest
 from conftest import TEST_XLA_FLAGS
-from hf_models import logits, make_run, random_params, tiny_config, tokens
+from hf_models import kjv_lines, logits, make_run, random_params, sentencepiece_model, tiny_config, tokens
 from optional import importorskip
 
 from rexmoe_jax import loop
 from rexmoe_jax.data import EMBEDDED_TOKENIZER
 from rexmoe_jax.hf import __main__ as cli
+from rexmoe_jax.hf.run_io import write_run
 from rexmoe_jax.inference.generate import generate
 from rexmoe_jax.inference.restore import restore
 
@@ -65,14 +66,24 @@ def test_transformers_computes_the_exported_model(tmp_path, case):
     assert theirs[: len(ours)] == ours and (len(ours) == 20 or theirs[len(ours)] == eod)
 
 
-def test_transformers_tokenizer_encodes_as_the_run_does(tmp_path):
+@pytest.mark.parametrize("sentencepiece", [None, "unigram", "bpe"])
+def test_transformers_tokenizer_encodes_as_the_run_does(tmp_path, sentencepiece):
+    """The embedded tokenizer.json, and SentencePiece models (which transformers would read as
+    LLaMA-style BPE from a bare tokenizer.model: 24 ids for a Unigram model's 10)."""
     config = tiny_config()
-    make_run(tmp_path / "run", config, random_params(config))
+    if sentencepiece is None:
+        make_run(tmp_path / "run", config, random_params(config))
+    else:
+        config = tiny_config(vocab_size=600)
+        model = sentencepiece_model(tmp_path / "sp", sentencepiece)
+        write_run(tmp_path / "run", config, random_params(config), model)
     assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     ours = restore(tmp_path / "run").tokenizer
-    text = "And God said, Let there be light: and there was light."
-    assert theirs(text)["input_ids"] == ours.encode(text)
+    for text in ["And God said, Let there be light: and there was light.", " leading  and double spaces ",
+                 "Numbers 12:3, Café, 日本"] + kjv_lines(7000, 20):
+        assert theirs(text)["input_ids"] == ours.encode(text), text
+        assert theirs.decode(ours.encode(text)) == ours.decode(ours.encode(text)), text
     assert theirs.eos_token_id == ours.eod_id
 
 

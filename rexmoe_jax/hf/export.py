@@ -18,7 +18,7 @@ import numpy as np
 
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.data import tokenizer_path
-from rexmoe_jax.hf import qwen2_moe
+from rexmoe_jax.hf import qwen2_moe, spm_json
 from rexmoe_jax.hf.run_io import Leaves, check_new_folder
 from rexmoe_jax.hf.tensorfile import TensorWriter
 from rexmoe_jax.tokenizer import load_tokenizer
@@ -54,6 +54,10 @@ def export(
     check_exportable(config, leaves)
     tokenizer_file = tokenizer_path(config.data)
     tokenizer = load_tokenizer(tokenizer_file)  # checks it and finds its end-of-text id
+    converted = None
+    if tokenizer_file.suffix != ".json":  # SentencePiece: as a tokenizer.json, checked before any weight
+        converted = spm_json.convert(tokenizer_file)
+        spm_json.check_same_encoding(tokenizer, converted, tokenizer_file)
     model = config.model
     partial = output.parent / f".{output.name}.partial-{os.getpid()}"
     partial.mkdir(parents=True)
@@ -72,7 +76,7 @@ def export(
         _write_json(
             partial / "generation_config.json", {"eos_token_id": tokenizer.eod_id, "do_sample": False}
         )
-        _write_tokenizer(tokenizer_file, tokenizer.eod_id, config.data.seq_len, partial)
+        _write_tokenizer(tokenizer_file, converted, tokenizer.eod_id, config.data.seq_len, partial)
         if output.exists():
             output.rmdir()  # empty: check_new_folder said so
         partial.rename(output)
@@ -91,22 +95,19 @@ def _write_json(path: pathlib.Path, value: dict) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
-def _write_tokenizer(source: pathlib.Path, eod_id: int, max_length: int, folder: pathlib.Path) -> None:
-    """tokenizer.json with a PreTrainedTokenizerFast config, or a SentencePiece tokenizer.model
-    with a LlamaTokenizer config; neither adds BOS or EOS, as this project's encoding does not."""
-    if source.suffix == ".json":
-        import tokenizers
+def _write_tokenizer(source: pathlib.Path, converted, eod_id: int, max_length: int,
+                     folder: pathlib.Path) -> None:
+    """tokenizer.json (the run's own, or `converted` from its SentencePiece model) with a
+    PreTrainedTokenizerFast config; it adds no BOS or EOS, as this project's encoding does not."""
+    import tokenizers
 
+    if converted is None:
         shutil.copyfile(source, folder / "tokenizer.json")
-        eos = tokenizers.Tokenizer.from_file(str(source)).id_to_token(eod_id)
-        settings = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        converted = tokenizers.Tokenizer.from_file(str(source))
     else:
-        import sentencepiece
-
-        shutil.copyfile(source, folder / "tokenizer.model")
-        eos = sentencepiece.SentencePieceProcessor(model_file=str(source)).id_to_piece(eod_id)
-        settings = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False}
+        converted.save(str(folder / "tokenizer.json"))
     _write_json(
         folder / "tokenizer_config.json",
-        {**settings, "eos_token": eos, "model_max_length": max_length, "clean_up_tokenization_spaces": False},
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": converted.id_to_token(eod_id),
+         "model_max_length": max_length, "clean_up_tokenization_spaces": False},
     )

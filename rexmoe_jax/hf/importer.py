@@ -136,11 +136,13 @@ def imported_layers(files: TensorFiles, hf: dict, model: ModelConfig) -> Layers:
         raise ConfigError(
             f"tensor {min(tensors.left)!r} has no place in the model ({len(tensors.left)} such tensors)"
         )
+    biases = [np.zeros(model.pool_size, np.float32) for _ in routers] if model.router_bias else None
     return Layers(
         top,
         {path: np.stack(v) for path, v in layers.items()},
         {name: np.stack(v) for name, v in own.items()},
         routers,
+        biases,
     )
 
 
@@ -156,7 +158,12 @@ def import_model(folder: pathlib.Path, workdir: pathlib.Path, overrides: list[st
     if tokenizer is None:
         raise ConfigError(f"{str(folder)!r} has no tokenizer.json or tokenizer.model")
     layers = imported_layers(TensorFiles(folder), hf, model)
-    config = apply_overrides(dataclasses.replace(Config(), model=model), overrides)
+    # The context it was exported or trained with: evaluation windows and generation's warning read it.
+    positions = hf.get("max_position_embeddings")
+    data = Config().data
+    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+        data = dataclasses.replace(data, seq_len=positions)
+    config = apply_overrides(dataclasses.replace(Config(), model=model, data=data), overrides)
     if config.model != model:
         raise ConfigError("model.* comes from config.json; overrides may set the other sections only")
     return write_run(workdir, config, group(layers, model), tokenizer)

@@ -14,7 +14,8 @@ Two parts it has and this decoder lacks are written so that they change nothing:
   Without shared experts the shared expert has width 0 and only its zero gate is written.
 A ReXMoE layer is a top-K layer over its group's r*N experts, so each layer gets its group's
 pool: the same function at r times the expert storage. `rexmoe_reuse` in config.json (which
-transformers keeps and ignores) lets import fold the pools back.
+transformers keeps and ignores) lets import fold the pools back; `rexmoe_router_bias` lets it
+give the run its (zero) router bias back.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def hf_config(model: ModelConfig, *, max_positions: int, eos_id: int, dtype: str
         "eos_token_id": eos_id,
         "dtype": dtype,
         "rexmoe_reuse": model.reuse,
+        "rexmoe_router_bias": model.router_bias,  # zero here (check_exportable); training on needs it
     }
 
 
@@ -228,6 +230,7 @@ def model_config(hf: dict) -> ModelConfig:
         reuse=reuse_factor,
         num_shared_experts=shared // ffn,
         renormalize_gates=bool(hf.get("norm_topk_prob")),
+        router_bias=hf.get("rexmoe_router_bias") is True,
     )
 
 
