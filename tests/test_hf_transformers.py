@@ -38,6 +38,8 @@ CASES = {
     "r2-se": dict(reuse=2, num_shared_experts=1),
     "r2-renorm": dict(reuse=2, renormalize_gates=True),
     "r4-se-renorm-tied": dict(reuse=4, num_shared_experts=2, renormalize_gates=True, tie_embeddings=True),
+    # Away from the defaults, so that a field written or read under the wrong name shows.
+    "r2-rope500-eps0.05-mha": dict(reuse=2, rope_base=500.0, norm_eps=0.05, num_kv_heads=4),
 }
 
 
