@@ -16,6 +16,7 @@ from rexmoe_jax.data import EMBEDDED_TOKENIZER
 from rexmoe_jax.inference import generate, restore
 from rexmoe_jax.inference.api import LoadedModel
 from rexmoe_jax.model.decoder import Decoder
+from rexmoe_jax.model.dispatch import compute_for
 from rexmoe_jax.tokenizer import load_tokenizer
 
 
@@ -29,6 +30,42 @@ def test_cached_decoding_equals_recomputing_the_sequence(sampling):
     cached = generate.generate(cfg, params, prompts, 12, key, sampling=sampling)
     recomputed = generate.generate_uncached(cfg, params, prompts, 12, key, sampling=sampling)
     assert cached == recomputed and all(len(c) == 12 for c in cached)
+
+
+@pytest.mark.parametrize("fields,dtype,tolerance", [
+    pytest.param(dict(num_shared_experts=1, renormalize_gates=True), "float32", 1e-4, id="shared-renormalised"),
+    pytest.param(dict(router_bias=True), "float32", 1e-4, id="router-bias", marks=pytest.mark.e2e),
+    pytest.param(dict(num_layers=3), "float32", 1e-4, id="smaller-last-group", marks=pytest.mark.e2e),
+    pytest.param(dict(tie_embeddings=True, num_kv_heads=2), "float32", 1e-4, id="tied-mha", marks=pytest.mark.e2e),
+    pytest.param({}, "bfloat16", 5e-2, id="bfloat16"),
+])
+def test_cached_logits_equal_the_whole_sequences(fields, dtype, tolerance):
+    """Logits, not only argmax tokens: a prompt pass over 4 tokens, then 6 single-token steps
+    with the cache (the gather dispatch), against one uncached pass over all 10."""
+    cfg = dataclasses.replace(CFG.model, init_std=0.3, **fields)
+    compute = dataclasses.replace(generate.DEFAULT_COMPUTE, dtype=dtype)
+    params = params_for(dataclasses.replace(CFG, model=cfg))
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map_with_path(  # a nonzero router bias, where there is one
+        lambda path, x: jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if "router_bias" in str(path[-1]) else x,
+        params)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
+    whole, _ = jax.jit(Decoder(cfg, compute).apply)({"params": params}, tokens)
+    prompt_model = Decoder(cfg, compute, decode=True)
+    step_model = Decoder(cfg, compute_for(compute, "decode"), decode=True)
+    prompt_pass = jax.jit(lambda v, t, p: prompt_model.apply(v, t, p, mutable=["cache"]))
+    step = jax.jit(lambda v, t, p: step_model.apply(v, t, p, mutable=["cache"]))
+    shapes = jax.eval_shape(lambda: prompt_model.init(jax.random.key(0), tokens)["cache"])
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (logits, _), state = prompt_pass({"params": params, "cache": cache}, tokens[:, :4], positions[:, :4])
+    steps = [logits]
+    for i in range(4, 10):
+        (logits, _), state = step({"params": params, "cache": state["cache"]}, tokens[:, i:i + 1],
+                                  positions[:, i:i + 1])
+        steps.append(logits)
+    cached = np.concatenate([np.asarray(x, np.float32) for x in steps], axis=1)
+    np.testing.assert_allclose(cached, np.asarray(whole, np.float32), atol=tolerance, rtol=0)
 
 
 @pytest.mark.parametrize("compute", [
