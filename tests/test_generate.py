@@ -33,10 +33,12 @@ def test_cached_decoding_equals_recomputing_the_sequence(sampling):
 
 
 @pytest.mark.parametrize("fields,dtype,tolerance", [
-    pytest.param(dict(num_shared_experts=1, renormalize_gates=True), "float32", 1e-4, id="shared-renormalised"),
+    pytest.param(dict(num_shared_experts=1, renormalize_gates=True), "float32", 1e-4,
+                 id="shared-renormalised"),
     pytest.param(dict(router_bias=True), "float32", 1e-4, id="router-bias", marks=pytest.mark.e2e),
     pytest.param(dict(num_layers=3), "float32", 1e-4, id="smaller-last-group", marks=pytest.mark.e2e),
-    pytest.param(dict(tie_embeddings=True, num_kv_heads=2), "float32", 1e-4, id="tied-mha", marks=pytest.mark.e2e),
+    pytest.param(dict(tie_embeddings=True, num_kv_heads=2), "float32", 1e-4, id="tied-mha",
+                 marks=pytest.mark.e2e),
     pytest.param({}, "bfloat16", 5e-2, id="bfloat16"),
 ])
 def test_cached_logits_equal_the_whole_sequences(fields, dtype, tolerance):
@@ -46,9 +48,10 @@ def test_cached_logits_equal_the_whole_sequences(fields, dtype, tolerance):
     compute = dataclasses.replace(generate.DEFAULT_COMPUTE, dtype=dtype)
     params = params_for(dataclasses.replace(CFG, model=cfg))
     rng = np.random.default_rng(0)
-    params = jax.tree_util.tree_map_with_path(  # a nonzero router bias, where there is one
-        lambda path, x: jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if "router_bias" in str(path[-1]) else x,
-        params)
+    def nonzero_bias(path, x):  # a nonzero router bias, where there is one
+        return jnp.asarray(rng.normal(0, 0.5, x.shape), x.dtype) if "router_bias" in str(path[-1]) else x
+
+    params = jax.tree_util.tree_map_with_path(nonzero_bias, params)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 10)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(10), (2, 10))
     whole, _ = jax.jit(Decoder(cfg, compute).apply)({"params": params}, tokens)

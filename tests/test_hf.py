@@ -256,8 +256,8 @@ def test_import_keeps_the_exported_context_and_router_bias(tmp_path, capsys):
                                  byte_fallback=True), id="unigram-identity-bytes", marks=pytest.mark.e2e),
     pytest.param("bpe", {}, id="bpe", marks=pytest.mark.e2e),
     # as the LLaMA-2 tokenizer is trained
-    pytest.param("bpe", dict(normalization_rule_name="identity", remove_extra_whitespaces=False, byte_fallback=True,
-                             split_digits=True), id="bpe-llama-like"),
+    pytest.param("bpe", dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
+                             byte_fallback=True, split_digits=True), id="bpe-llama-like"),
 ])
 def test_a_sentencepiece_run_exports_a_tokenizer_json_that_encodes_as_sentencepiece(tmp_path, model_type,
                                                                                       options):
