@@ -60,8 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="--distributed: a process silent this long is dead and the others exit "
                              "(default 100)")
     parser.add_argument("--start-over", action="store_true",
-                        help="when every checkpoint in --workdir is unreadable (set aside as *.corrupt), train "
-                             "again from step 0 there")
+                        help="train again from step 0 in --workdir when every checkpoint there is unreadable "
+                             "(set aside as *.corrupt), or when it holds another run's config.json or "
+                             "records but no checkpoint (both replaced)")
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     return parser.parse_args(argv)
 

@@ -466,6 +466,21 @@ def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterr
 
 
 @pytest.mark.e2e
+def test_a_run_whose_checkpoints_were_deleted_is_not_restarted_over_its_records(tmp_path, uninterrupted):
+    """Its checkpoints folder deleted: the run stops with one line and changes nothing, where it
+    used to train from step 0 and rewrite metrics.jsonl; with start_over it trains from step 0."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    before = hashes(workdir)
+    with pytest.raises(ConfigError, match=r"holds records up to step 12 but no checkpoint .*--start-over"):
+        loop.run(config(), workdir)
+    assert hashes(workdir) == before
+    loop.run(config(), workdir, start_over=True)
+    assert_same_run(workdir, uninterrupted)
+
+
+@pytest.mark.e2e
 def test_every_checkpoint_unreadable_stops_until_start_over(tmp_path, uninterrupted):
     """Each checkpoint's largest array file truncated: the run stops (set aside, nothing
     trained); with start_over it trains from step 0 and ends as the uninterrupted run did."""

@@ -112,3 +112,27 @@ def test_failure_reason_follows_the_cause():
     except ValueError as outer:
         assert workdir.failure_reason(outer) == "no space left on device"
 
+
+
+def test_a_new_run_refuses_a_folder_whose_work_it_would_replace(tmp_path):
+    """check_fresh_start, for a folder with no checkpoint: what it lets start and what not."""
+    ours = json.dumps({"model": {"d_model": 32}, "train": {"steps": 10}, "data": {}})
+    other = json.dumps({"model": {"d_model": 64}, "train": {"steps": 10}, "data": {}})
+    workdir.check_fresh_start(tmp_path, ours, 4)  # empty
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 32}))
+    with pytest.raises(ConfigError, match="holds a config.json that is not a training run's"):
+        workdir.check_fresh_start(tmp_path, ours, 4)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not a training run's"):
+        workdir.check_fresh_start(tmp_path, ours, 4)
+    (tmp_path / "config.json").write_text(other)
+    with pytest.raises(ConfigError, match="another run's config.json and no checkpoint; .*--start-over"):
+        workdir.check_fresh_start(tmp_path, ours, 4)
+    # The same config, stopped before its first checkpoint (step 4): it starts again.
+    (tmp_path / "config.json").write_text(ours)
+    lines = [json.dumps({"step": s, "loss": 5.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')  # a torn last line
+    workdir.check_fresh_start(tmp_path, ours, 4)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"step": 4, "eval_loss": 5.0})]))
+    with pytest.raises(ConfigError, match=r"records up to step 4 but no checkpoint \(were they deleted\?\)"):
+        workdir.check_fresh_start(tmp_path, ours, 4)

@@ -71,6 +71,49 @@ def is_run(folder: pathlib.Path) -> bool:
     return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE, CHECKPOINTS))
 
 
+def check_fresh_start(workdir: pathlib.Path, config_json: str, first_checkpoint: int) -> None:
+    """Before a run with no checkpoint trains from step 0 in `workdir`, which rewrites its
+    config.json and records: raises ConfigError where that would lose work. A config.json that
+    is not a training run's (an export's) is never replaced; another run's config, or records
+    past `first_checkpoint` (the step of the first checkpoint: so its checkpoints were deleted),
+    are replaced only with --start-over. A run stopped before its first checkpoint, under this
+    same config, starts again."""
+    saved = workdir / CONFIG_FILE
+    again = ("to train from step 0 there, replacing its config.json and records, run with --start-over; "
+             "or choose another --workdir")
+    if saved.is_file():
+        try:
+            ours = json.loads(saved.read_text())
+            is_training_config = isinstance(ours, dict) and {"model", "train", "data"} <= set(ours)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            is_training_config = False
+        if not is_training_config:
+            raise ConfigError(f"--workdir {str(workdir)!r} holds a config.json that is not a training run's "
+                              "(an export?); choose another --workdir")
+        if ours != json.loads(config_json):
+            raise ConfigError(f"--workdir {str(workdir)!r} holds another run's config.json and no "
+                              "checkpoint; " + again)
+    last = _last_step(workdir / METRICS_FILE)
+    if last is not None and last >= first_checkpoint:
+        raise ConfigError(f"--workdir {str(workdir)!r} holds records up to step {last} but no checkpoint "
+                          "(were they deleted?); " + again)
+
+
+def _last_step(path: pathlib.Path) -> int | None:
+    """The largest step recorded in a metrics file (broken lines skipped), or None."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    steps = []
+    for line in lines:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                steps.append(record["step"])
+    return max(steps, default=None)
+
+
 def check_writable(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
