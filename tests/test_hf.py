@@ -346,3 +346,39 @@ def test_what_qwen2_moe_cannot_express_is_refused(tmp_path, fields, message):
     with pytest.raises(ConfigError, match=message):
         export(config, in_memory(params), tmp_path / "hf")
     assert not any(tmp_path.iterdir())
+
+
+def test_command_line_mistakes_and_failed_writes_are_one_line(tmp_path, run_r1, capsys):
+    """The hf command keeps the contract of the others: argparse's mistakes and a bad
+    --max-shard-gb exit 2, a write that fails exits 4, each with one line, nothing left behind."""
+    _fails(["export", "--workdir", str(run_r1)], capsys, "the following arguments are required: --output")
+    _fails(["exprt", "--workdir", str(run_r1)], capsys, "invalid choice: 'exprt'")
+    _fails(["widen", "--workdir", str(run_r1), "--reuse", "two", "--output", str(tmp_path / "w")], capsys,
+           "argument --reuse: invalid int value: 'two'")
+    for size in ("0", "-1", "inf", "nan"):
+        _fails(["export", "--workdir", str(run_r1), "--output", str(tmp_path / "hf"), "--max-shard-gb", size],
+               capsys, f"--max-shard-gb must be a positive number of GB, got {float(size)}")
+    (tmp_path / "file").write_text("not a folder")
+    assert cli.main(["export", "--workdir", str(run_r1), "--output", str(tmp_path / "file" / "sub")]) == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: not a directory") and "while writing" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+@pytest.mark.e2e
+def test_export_skips_a_damaged_newest_checkpoint_as_evaluate_does(tmp_path, capsys):
+    """Checkpoint 4's array data files truncated (its index intact, so its leaves open but cannot
+    be read): export says so in a note and exports checkpoint 2, the newest that restores."""
+    from rexmoe_jax import loop
+
+    config = tiny_config()
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every=2),
+                                 mesh=dataclasses.replace(config.mesh, num_devices=1))
+    loop.run(config, tmp_path / "run")
+    for data in (tmp_path / "run" / "checkpoints" / "4" / "state" / "ocdbt.process_0" / "d").iterdir():
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    capsys.readouterr()
+    assert cli.main(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")]) == 0
+    captured = capsys.readouterr()
+    assert "exported step 2 of" in captured.out
+    assert "checkpoint 4" in captured.err and "newest readable" in captured.err

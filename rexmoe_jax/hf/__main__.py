@@ -6,26 +6,31 @@
 
 A bad input (a folder without config, an unsupported model or option, shapes that disagree with
 the config, a truncated file, an --output or --workdir that is not empty) stops with one line
-naming it and exit status 2, and writes nothing.
+naming it and exit status 2, and writes nothing; a write that fails (no space, no permission)
+stops with one line and exit status 4, leaving nothing behind. A damaged newest checkpoint is
+skipped for the newest readable one, with a note, as evaluate and generate do.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import pathlib
 import sys
 import time
 
-from rexmoe_jax.config import ConfigError
+from rexmoe_jax import cli
+from rexmoe_jax.cli import BadInput, WriteFailed
 from rexmoe_jax.hf.export import export
 from rexmoe_jax.hf.importer import import_model
-from rexmoe_jax.hf.run_io import PRESET, checkpoint_leaves
+from rexmoe_jax.hf.run_io import PRESET, UnreadableLeaf, checkpoint_leaves, newest_readable
 from rexmoe_jax.hf.widen import widen
 from rexmoe_jax.inference.restore import read_config
+from rexmoe_jax.runtime.workdir import failure_reason
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m rexmoe_jax.hf", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m rexmoe_jax.hf", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     out = commands.add_parser("export", help="a run's newest checkpoint as a transformers Qwen2-MoE folder")
     out.add_argument("--workdir", required=True, type=pathlib.Path)
@@ -54,8 +59,18 @@ def run(args: argparse.Namespace) -> str:
             f"imported {args.model} into {args.workdir}: {m.num_layers} layers, {m.num_experts} experts per "
             f"layer, r = {m.reuse}, renormalize_gates={m.renormalize_gates}; {_continue(args.workdir)}"
         )
+    if args.command == "export" and not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+        raise BadInput(f"--max-shard-gb must be a positive number of GB, got {args.max_shard_gb}")
     config = read_config(args.workdir)
     leaves = checkpoint_leaves(args.workdir, config)
+    try:
+        return _write(args, config, leaves, start)
+    except UnreadableLeaf as err:
+        print(f"note: {err}; using the newest readable checkpoint", file=sys.stderr, flush=True)
+        return _write(args, config, newest_readable(args.workdir), start)
+
+
+def _write(args: argparse.Namespace, config, leaves, start: float) -> str:
     if args.command == "export":
         summary = export(
             config, leaves, args.output, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1024**3)
@@ -77,13 +92,14 @@ def _continue(workdir: pathlib.Path) -> str:
     return f"continue it with: python train.py --config {workdir / PRESET} --workdir {workdir}"
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
         print(run(args), flush=True)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except OSError as err:  # the commands write into new folders that a failure removes again
+        target = args.workdir if args.command == "import" else args.output
+        raise WriteFailed(f"{failure_reason(err)} while writing {target}") from None
     return 0
 
 

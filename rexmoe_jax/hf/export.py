@@ -9,6 +9,7 @@ renamed to --output at the end: a failed export leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -67,8 +68,11 @@ def export(
             for name, array in qwen2_moe.exported_tensors(model, leaves.read):
                 writer.put(name, array)
                 del array  # a view of a whole leaf: gone before the next leaf is read
-        finally:
-            writer.close()
+        except BaseException:
+            with contextlib.suppress(Exception):  # it would only add "tensors never written"
+                writer.close()
+            raise
+        writer.close()
         hf = qwen2_moe.hf_config(
             model, max_positions=config.data.seq_len, eos_id=tokenizer.eod_id, dtype=dtype
         )

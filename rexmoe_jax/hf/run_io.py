@@ -31,6 +31,10 @@ def param_shapes(config: Config) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
     return flatten(shapes)
 
 
+class UnreadableLeaf(Exception):
+    """A checkpoint's leaf that opened but cannot be read (a damaged array file)."""
+
+
 @dataclasses.dataclass
 class Leaves:
     """Parameter leaves by path; `read` returns one as a NumPy array."""
@@ -71,15 +75,30 @@ def checkpoint_leaves(workdir: pathlib.Path, config: Config) -> Leaves:
             "restoring the newest readable checkpoint whole",
             file=sys.stderr,
         )
-        run = restore.restore(workdir)
-        return dataclasses.replace(in_memory(jax.device_get(run.params)), step=run.step)
+        return newest_readable(workdir)
     for path, store in stores.items():
         if tuple(store.shape) != expected[path]:
             raise ConfigError(
                 f"checkpoint {step} holds params/{'/'.join(path)} of shape {list(store.shape)}, "
                 f"but config.json implies {list(expected[path])}"
             )
-    return Leaves(expected, lambda path: np.asarray(stores[path].read().result()), step)
+
+    def read(path):
+        try:
+            return np.asarray(stores[path].read().result())
+        except Exception as err:  # noqa: BLE001 - TensorStore reports a damaged file in several types
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            leaf = "/".join(path)
+            raise UnreadableLeaf(f"checkpoint {step}'s params/{leaf} cannot be read ({reason})") from None
+
+    return Leaves(expected, read, step)
+
+
+def newest_readable(workdir: pathlib.Path) -> Leaves:
+    """The parameters of the newest checkpoint that restores whole (restore.restore skips a
+    damaged one with a warning), in memory."""
+    run = restore.restore(workdir)
+    return dataclasses.replace(in_memory(jax.device_get(run.params)), step=run.step)
 
 
 def _open_leaf(state: pathlib.Path, path: tuple[str, ...]):
