@@ -134,7 +134,7 @@ def read_token_documents(files: list[pathlib.Path], eod_id: int) -> Iterator[np.
 def _read_npy(path: pathlib.Path, eod_id: int) -> Iterator[np.ndarray]:
     try:
         stream = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, EOFError) as err:  # EOFError: an empty file
         raise ConfigError(f"token file {str(path)!r} is not a readable .npy file ({err})") from None
     if stream.ndim != 1 or not np.issubdtype(stream.dtype, np.integer):
         raise ConfigError(f"token file {str(path)!r} holds {stream.dtype} of shape {stream.shape}; "
@@ -142,6 +142,9 @@ def _read_npy(path: pathlib.Path, eod_id: int) -> Iterator[np.ndarray]:
     if stream.size and int(stream.min()) < 0:
         raise ConfigError(f"token file {str(path)!r} holds negative token ids (down to {int(stream.min())}); "
                           "token ids run from 0 to the vocabulary size - 1")
+    if stream.size and int(stream.max()) > np.iinfo(np.int32).max:  # would wrap in the int32 cast below
+        raise ConfigError(f"token file {str(path)!r} holds token id {int(stream.max())}, past any vocabulary "
+                          "(int32); token ids run from 0 to the vocabulary size - 1")
     ends = np.flatnonzero(np.asarray(stream) == eod_id)
     start = 0
     for end in ends.tolist() + [len(stream)]:
@@ -168,7 +171,10 @@ def _read_array_record(path: pathlib.Path) -> Iterator[np.ndarray]:
                 raise ConfigError(f"ArrayRecord file {str(path)!r} holds negative token ids; token ids run "
                                   "from 0 to the vocabulary size - 1")
             yield tokens
-    reader.close()
+    try:
+        reader.close()
+    except Exception as err:  # noqa: BLE001 - a damaged file can fail only here (RuntimeError)
+        raise ConfigError(f"token file {str(path)!r} is not a readable ArrayRecord file ({err})") from None
 
 
 def write_array_record(path: pathlib.Path, documents: list[np.ndarray]) -> None:

@@ -348,6 +348,22 @@ def test_what_qwen2_moe_cannot_express_is_refused(tmp_path, fields, message):
     assert not any(tmp_path.iterdir())
 
 
+def test_import_refuses_integer_weights(tmp_path, run_r1, capsys):
+    """model.norm.weight's dtype in the header turned F32 -> I32 (same length, same offsets): its
+    bytes would be read as integers about 1e9 and cast to float; import names the tensor."""
+    assert cli.main(["export", "--workdir", str(run_r1), "--output", str(tmp_path / "hf")]) == 0
+    weights = tmp_path / "hf" / "model.safetensors"
+    raw = weights.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    header["model.norm.weight"]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(size)
+    weights.write_bytes(raw[:8] + text + raw[8 + size:])
+    _fails(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "run")], capsys,
+           "tensor 'model.norm.weight' holds I32, not floating point weights")
+    assert not (tmp_path / "run").exists()
+
+
 def test_command_line_mistakes_and_failed_writes_are_one_line(tmp_path, run_r1, capsys):
     """The hf command keeps the contract of the others: argparse's mistakes and a bad
     --max-shard-gb exit 2, a write that fails exits 4, each with one line, nothing left behind."""

@@ -63,6 +63,20 @@ def test_negative_token_ids_are_refused(tmp_path):
         list(sources.read_token_documents([tmp_path / "t.arrayrecord"], eod_id=0))
 
 
+def test_token_files_that_cannot_be_read_as_ids_are_refused(tmp_path):
+    """Ids past int32 (which the int32 cast would wrap: 2**40 -> 0), an empty .npy and a
+    garbage ArrayRecord file are each one ConfigError naming the file."""
+    np.save(tmp_path / "big.npy", np.asarray([5, 0, 7, 2**40], np.uint64))
+    with pytest.raises(ConfigError, match=r"big.npy' holds token id 1099511627776, past any vocabulary"):
+        list(sources.read_token_documents([tmp_path / "big.npy"], eod_id=0))
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"empty.npy' is not a readable .npy file"):
+        list(sources.read_token_documents([tmp_path / "empty.npy"], eod_id=0))
+    (tmp_path / "g.arrayrecord").write_bytes(b"garbage" * 100)
+    with pytest.raises(ConfigError, match=r"g.arrayrecord' is not a readable ArrayRecord file"):
+        list(sources.read_token_documents([tmp_path / "g.arrayrecord"], eod_id=0))
+
+
 def test_missing_files_blame_the_setting_they_came_from(tmp_path):
     with pytest.raises(ConfigError, match="^--input-set psalms="):
         sources.corpus_files(str(tmp_path / "missing.txt"), setting="--input-set psalms")

@@ -22,6 +22,7 @@ from rexmoe_jax.hf.tensorfile import TensorFiles
 
 MIXTRAL_EXPERTS = {"experts_gate": "w1", "experts_up": "w3", "experts_down": "w2"}
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+_FLOATS = ("F32", "BF16", "F16", "F64")  # integer weights (a quantised model) would be cast as numbers
 
 
 def read_hf_config(folder: pathlib.Path) -> dict:
@@ -59,6 +60,9 @@ class _Tensors:
                 f"tensor {name!r} has shape {list(self.files.shape(name))}, but config.json "
                 f"implies {list(shape)}"
             )
+        if self.files.dtype(name) not in _FLOATS:
+            raise ConfigError(f"tensor {name!r} holds {self.files.dtype(name)}, not floating point weights "
+                              f"({', '.join(_FLOATS)}); is the folder a quantised model?")
         return np.asarray(self.files.get(name), np.float32)
 
     def zero(self, name: str, shape: tuple[int, ...], why: str) -> None:

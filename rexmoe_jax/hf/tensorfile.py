@@ -99,6 +99,10 @@ class TensorFiles:
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._entries[name][1]["shape"])
 
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype name ("F32", "BF16", "I32", ...)."""
+        return self._entries[name][1]["dtype"]
+
     def get(self, name: str) -> np.ndarray:
         """The tensor as a read-only memory map (nothing is read until it is used)."""
         path, entry, start = self._entries[name]
