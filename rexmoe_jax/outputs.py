@@ -50,6 +50,17 @@ def check_file(path: pathlib.Path, option: str, ours: Ours) -> None:
                           "give a new file name, or move that file away first")
 
 
+def drawn_by_matplotlib(path: pathlib.Path) -> bool:
+    """Whether a PNG was drawn by matplotlib (its header names it): plot and the study report
+    may replace such a figure, never another picture."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and b"Software\x00Matplotlib" in head
+
+
 @contextlib.contextmanager
 def staged_file(path: pathlib.Path) -> Iterator[pathlib.Path]:
     """A temporary file name beside `path`, renamed to `path` when the block completes and

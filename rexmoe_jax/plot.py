@@ -109,16 +109,6 @@ def plot_activation(name: str, routing: dict, path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def _drawn_here(path: pathlib.Path) -> bool:
-    """Whether a PNG was drawn by matplotlib (its header names it), so that plot may replace it."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096)
-    except OSError:
-        return False
-    return head.startswith(b"\x89PNG") and b"Software\x00Matplotlib" in head
-
-
 def _require(ok: bool, path: pathlib.Path, what: str) -> None:
     if not ok:
         raise ConfigError(f"{path}: {what}; is --workdir a training run?")
@@ -169,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     activation = {name: "activation_" + "".join(c if c.isalnum() else "_" for c in name) + ".png" for name in sets}
     names = ["loss.png", "psr.png", *["expert_load.png"] * (routing is not None), *activation.values()]
     for name in names:  # Before drawing anything.
-        outputs.check_file(output / name, "--output", ours=_drawn_here)
+        outputs.check_file(output / name, "--output", ours=outputs.drawn_by_matplotlib)
     pyplot()
     output.mkdir(parents=True, exist_ok=True)
     plot_losses(records, output / "loss.png")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from files import hashes, one_error_line
 
+from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.study import __main__ as study_cli
 from rexmoe_jax.study import record as study_record
@@ -315,6 +316,12 @@ def test_report_from_fake_records(setup, tmp_path):
     for name in ("eval_loss_core.png", "eval_loss_other.png", "eval_loss_vs_baseline.png", "expert_load.png",
                  "routing.png"):
         assert (tmp_path / "docs" / "reproduction" / name).read_bytes()[:4] == b"\x89PNG"
+    # A picture of the user's where the report draws one: refused with one line, left as it was.
+    user_picture = tmp_path / "docs" / "reproduction" / "routing.png"
+    user_picture.write_bytes(b"\x89PNG\r\n\x1a\n my own picture")
+    with pytest.raises(ConfigError, match="routing.png' exists and was not written by this command"):
+        study_report.write_report([(spec, options.results)], output)
+    assert user_picture.read_bytes() == b"\x89PNG\r\n\x1a\n my own picture"
 
 
 def test_a_study_with_no_record_yet_reports_its_plan_without_empty_sections(setup, tmp_path):

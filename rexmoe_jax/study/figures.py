@@ -11,6 +11,7 @@ import pathlib
 
 import numpy as np
 
+from rexmoe_jax import outputs
 from rexmoe_jax.plot import pyplot
 from rexmoe_jax.study.spec import Study
 from rexmoe_jax.study.stats import mean_interval
@@ -38,9 +39,15 @@ def _schedule_lines(ax, record: dict) -> None:
 
 
 def _save(fig, path: pathlib.Path, plt) -> None:
+    """Writes the figure whole or not at all; a picture there that matplotlib did not draw (a
+    user's) is never replaced: one line names it."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        outputs.check_file(path, "the report's figure", ours=outputs.drawn_by_matplotlib)
+        with outputs.staged_file(path) as staging:
+            fig.savefig(staging, dpi=110, format="png")
+    finally:
+        plt.close(fig)
 
 
 def loss_curves(study: Study, found: dict, group: str, path: pathlib.Path) -> bool:
