@@ -7,6 +7,7 @@ on SIGTERM, and ends at a held-out loss given by a formula the tests know:
 """
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -474,10 +475,36 @@ def test_a_record_on_a_prepared_corpus_stops_a_runner_without_one(setup):
     record.parent.mkdir(parents=True)
     record.write_text(json.dumps({"overrides": spec.overrides(arm, 0),
                                   "corpus": {"name": "debian8k/tokens", "tokens_sha256": "c52a72c8d760" + "0" * 52}}))
-    with pytest.raises(study.StudyError, match=r"was trained on another corpus \(tokens sha256 c52a72c8d760\.\.\., "
-                                               r"--corpus has none: not a prepared corpus\)"):
+    with pytest.raises(study.StudyError, match=r"was trained on another corpus \('debian8k/tokens' \(sha256 "
+                                               r"c52a72c8d760\.\.\.\); --corpus gives 'embedded KJV' "
+                                               r"\(sha256"):
         study_runner.run(spec, options)
     assert not (options.runs / "base").exists()  # Nothing trained.
+
+
+def test_a_record_on_one_text_corpus_stops_a_runner_on_another(setup, tmp_path):
+    """Text corpora are named by a hash of their files' names and bytes (computed here with
+    hashlib): records on a.txt stop a sitting on b.txt; a record from before text corpora were
+    hashed (a name only) is checked by its name."""
+    spec, options = setup()
+    first, second = tmp_path / "texts" / "a.txt", tmp_path / "texts" / "b.txt"
+    first.parent.mkdir()
+    first.write_text("In the beginning.\n")
+    second.write_text("And the earth was without form.\n")
+    expected = hashlib.sha256(b"a.txt\0" + first.read_bytes()).hexdigest()
+    assert study_record.corpus_identity(str(first)) == {"name": "texts/a.txt", "files_sha256": expected}
+    arm = next(a for a in spec.arms if a.name == "base")
+    record = options.results / "base" / "seed0.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(json.dumps({"overrides": spec.overrides(arm, 0),
+                                  "corpus": {"name": "texts/a.txt", "files_sha256": expected}}))
+    on_second = dataclasses.replace(options, corpus=str(second))
+    with pytest.raises(study.StudyError, match=rf"another corpus \('texts/a.txt' \(sha256 "
+                                               rf"{expected[:12]}\.\.\.\); --corpus gives 'texts/b.txt'"):
+        study_runner.run(spec, on_second)
+    assert not (options.runs / "base").exists()
+    assert study_record.same_corpus({"name": "texts/a.txt"}, study_record.corpus_identity(str(first)))
+    assert not study_record.same_corpus({"name": "texts/a.txt"}, study_record.corpus_identity(str(second)))
 
 
 def test_the_shipped_study_files_are_valid():

@@ -20,10 +20,11 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax.data import PREPARED_META, held_out_documents, split_documents
+from rexmoe_jax.data import EMBEDDED_CORPUS, PREPARED_META, held_out_documents, split_documents
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE
+from rexmoe_jax.sources import corpus_files
 from rexmoe_jax.study.spec import StudyError
 
 RECORD_VERSION = 1
@@ -74,15 +75,17 @@ def load_record(path: pathlib.Path, overrides: list[str]) -> dict | None:
 
 
 def corpus_identity(corpus: str) -> dict:
-    """A prepared corpus's meta.json without paths, plus a hash of its tokens, so records made on
-    different machines can be checked to have trained on the same data."""
+    """What a record says of its corpus, so that records made on different machines can be
+    checked to have trained on the same data: a prepared corpus's meta.json without paths and a
+    hash of its tokens; for text or token files (and the embedded text), a hash of the files'
+    names and bytes."""
     if not corpus:
-        return {"name": "embedded KJV"}
+        return {"name": "embedded KJV", "files_sha256": _files_sha256([EMBEDDED_CORPUS])}
     folder = pathlib.Path(corpus)
     meta_path = folder / PREPARED_META
     name = f"{folder.parent.name}/{folder.name}"  # e.g. debian8k/tokens: the build's folder names it
     if not meta_path.is_file():
-        return {"name": name}
+        return {"name": name, "files_sha256": _files_sha256(corpus_files(corpus, setting="--corpus"))}
     meta = json.loads(meta_path.read_text())
     digest = hashlib.sha256()
     with open(folder / "tokens.bin", "rb") as f:
@@ -90,6 +93,36 @@ def corpus_identity(corpus: str) -> dict:
             digest.update(block)
     keep = ("vocab_size", "eod_id", "num_documents", "num_tokens", "max_token_id")
     return {"name": name, **{k: meta[k] for k in keep if k in meta}, "tokens_sha256": digest.hexdigest()}
+
+
+def _files_sha256(files: list[pathlib.Path]) -> str:
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+_HASHES = ("tokens_sha256", "files_sha256")
+
+
+def same_corpus(theirs: dict, ours: dict) -> bool:
+    """Whether two corpus identities name the same data: by the hashes both have, else by name
+    (a record from before text corpora were hashed)."""
+    both = [key for key in _HASHES if key in theirs and key in ours]
+    if both:
+        return all(theirs[key] == ours[key] for key in both)
+    if any(key in theirs for key in _HASHES) and any(key in ours for key in _HASHES):
+        return False  # one a prepared corpus, the other not
+    return theirs.get("name") == ours.get("name")
+
+
+def describe_corpus(identity: dict) -> str:
+    """`name` (sha256 0123456789ab...) for the messages."""
+    digest = next((identity[key] for key in _HASHES if key in identity), None)
+    return f"{identity.get('name')!r}" + (f" (sha256 {digest[:12]}...)" if digest else "")
 
 
 def training_tokens(corpus: str, eval_fraction: float, seed: int) -> int | None:

@@ -149,15 +149,11 @@ def _check_existing(jobs: list[_Job], corpus: dict) -> None:
     report; stop instead, naming them."""
     for job in jobs:
         record = study_record.load_record(job.record, job.overrides)
-        theirs, ours = (record or {}).get("corpus", {}).get("tokens_sha256"), corpus.get("tokens_sha256")
-        if record is not None and theirs != ours:
-            raise StudyError(f"record {job.record} was trained on another corpus (tokens sha256 "
-                             f"{_short(theirs)}, --corpus has {_short(ours)}); pass the corpus its study "
-                             "was run on")
-
-
-def _short(sha256: str | None) -> str:
-    return f"{sha256[:12]}..." if sha256 else "none: not a prepared corpus"
+        theirs = (record or {}).get("corpus")  # every record the runner writes names one
+        if theirs is not None and not study_record.same_corpus(theirs, corpus):
+            raise StudyError(f"record {job.record} was trained on another corpus "
+                             f"({study_record.describe_corpus(theirs)}; --corpus gives "
+                             f"{study_record.describe_corpus(corpus)}); pass the corpus its study was run on")
 
 
 def _child_env(cores: int) -> dict[str, str]:
