@@ -435,15 +435,29 @@ def test_a_record_made_with_other_settings_stops_the_runner(setup):
     (("steps = 6", "steps = 6\nsteps = 7"), "not valid TOML"),
     (("train_loss@1-3", "train_loss@3-1"), "metric 'train_loss@3-1' is not one of"),
     (("decide_below = 0.05", "decide_below = \"low\""), "decide_below must be a number"),
+    (('heatmaps = ["base", "reuse"]', "heatmaps = 3"), "heatmaps must be a list of arm names"),
+    (('heatmaps = ["base", "reuse"]', 'heatmaps = "base"'), "heatmaps must be a list of arm names"),
+    (("limits = ", "# caf\xe9\nlimits = "), "is not UTF-8 text"),
 ])
 def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
     path = tmp_path / "bad.toml"
-    path.write_text(STUDY.format(steps=6).replace(*edit, 1))
+    text = STUDY.format(steps=6)
+    assert edit[0] in text
+    path.write_bytes(text.replace(*edit, 1).encode("latin-1"))  # latin-1: the one case of a non-UTF-8 file
     with pytest.raises(study.StudyError, match=message.replace("(", r"\(")):
         study.load_study(path)
     assert study_cli.main(["report", str(path), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: study file {path}: ") and "\n" not in err
+
+
+def test_an_empty_text_corpus_is_refused_before_any_training_starts(setup, tmp_path, capsys):
+    spec, _ = setup()
+    (tmp_path / "empty.txt").write_text("")
+    assert study_cli.main(["run", str(tmp_path / "unit.toml"), "--corpus", str(tmp_path / "empty.txt"),
+                           "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "results")]) == 2
+    assert "empty.txt': its 1 file(s) are empty" in one_error_line(capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_runner_needs_the_corpus_the_study_names(tmp_path, capsys):
@@ -556,6 +570,8 @@ def test_cores_past_the_machine_are_refused_before_anything_starts(setup, tmp_pa
     assert study_runner.parse_cores("0-2", usable=(0, 1, 2, 3)) == (0, 1, 2)
     with pytest.raises(study.StudyError, match="core 3 is not"):
         study_runner.parse_cores("2-3", usable=(0, 1, 2))
+    with pytest.raises(study.StudyError, match="--cores '1-0': expected core ids like"):
+        study_runner.parse_cores("1-0", usable=(0, 1, 2))
 
 
 def _alive(pid: int) -> bool:

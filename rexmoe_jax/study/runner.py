@@ -23,6 +23,7 @@ from rexmoe_jax import outputs
 from rexmoe_jax.data import PREPARED_META
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE
+from rexmoe_jax.sources import corpus_files
 from rexmoe_jax.study import record as study_record
 from rexmoe_jax.study.spec import ROOT, TRAIN_SCRIPT, Arm, Study, StudyError
 
@@ -48,7 +49,10 @@ def parse_cores(text: str, usable: tuple[int, ...] | None = None) -> tuple[int, 
     try:
         for part in text.split(","):
             first, _, last = part.partition("-")
-            cores += range(int(first), int(last or first) + 1)
+            span = range(int(first), int(last or first) + 1)
+            if not span:
+                raise ValueError(part)  # a range backwards, like 1-0
+            cores += span
     except ValueError:
         raise StudyError(f"--cores {text!r}: expected core ids like 1 or 0-3 or 0,2,4-5") from None
     unusable = sorted(set(cores) - set(usable))
@@ -77,6 +81,11 @@ class Options:
             raise StudyError(f"this study trains on a corpus built with: {study.corpus}; pass --corpus DIR")
         if args.corpus and not pathlib.Path(args.corpus).exists():
             raise StudyError(f"--corpus {args.corpus!r} does not exist")
+        if args.corpus and not (pathlib.Path(args.corpus) / PREPARED_META).is_file():
+            files = corpus_files(args.corpus, setting="--corpus")
+            if not any(path.stat().st_size for path in files):  # every training would fail on it
+                raise StudyError(f"--corpus {args.corpus!r}: its {len(files)} file(s) are empty; give a "
+                                 "corpus with text")
         if study.corpus and not (pathlib.Path(args.corpus) / PREPARED_META).is_file():
             # A build's top folder, say, would train on its raw files with another tokenizer.
             raise StudyError(f"--corpus {args.corpus!r} is not a prepared corpus (it has no "
@@ -387,7 +396,10 @@ def run(study: Study, options: Options) -> int:
         return 0
     signals = _Signals().install()
     failures = _loop(study, options, pending, recorder, signals)
-    left = sum(not job.record.is_file() for job in jobs)
-    _say(f"{len(jobs) - left} of {len(jobs)} runs recorded; {failures} failed this sitting"
-         + (f"; {left} left: run the same command to continue" if left else ""))
+    left = sum(not job.record.is_file() for job in jobs if options.selects(job))
+    _say(f"{sum(job.record.is_file() for job in jobs)} of {len(jobs)} runs recorded; {failures} failed this "
+         f"sitting" + (f"; {left} of this sitting's left: run the same command to continue" if left else ""))
+    if failures:
+        print(f"error: {failures} run(s) failed this sitting; each FAILED line above names its train.log",
+              file=sys.stderr, flush=True)
     return 1 if failures else 0

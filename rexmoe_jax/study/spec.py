@@ -201,9 +201,11 @@ def load_study(path: str | pathlib.Path) -> Study:
     """Reads and validates a study file; raises StudyError naming what is wrong."""
     path = pathlib.Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as err:
         raise StudyError(f"cannot read {str(path)!r} ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise StudyError(f"{str(path)!r} is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise StudyError(f"not valid TOML ({err})") from None
     _check_keys(raw, ("name", "title", "preset", "corpus", "baseline", "seeds", "budget", "base", "arm",
@@ -221,12 +223,15 @@ def load_study(path: str | pathlib.Path) -> Study:
     if len(set(names)) != len(names):
         raise StudyError(f"arm {next(n for n in names if names.count(n) > 1)!r} is defined twice")
     baseline = _required(raw, "baseline", str, "top level")
-    for arm_name in (baseline, *raw.get("heatmaps", [])):
+    heatmaps = raw.get("heatmaps", [])
+    if not isinstance(heatmaps, list) or not all(isinstance(h, str) for h in heatmaps):
+        raise StudyError(f"heatmaps must be a list of arm names, like [\"r1\"], got {heatmaps!r}")
+    for arm_name in (baseline, *heatmaps):
         if arm_name not in names:
             raise StudyError(f"baseline or heatmaps: no arm named {arm_name!r}")
     questions = tuple(_question(t, set(names), i) for i, t in enumerate(raw.get("question", [])))
     study = Study(name, str(raw.get("title", name)), path, ROOT / _required(raw, "preset", str, "top level"),
                   str(raw.get("corpus", "")), baseline, budget + _override_list(raw.get("base", {}), "[base]"),
-                  steps, arms, questions, tuple(raw.get("heatmaps", [])), str(raw.get("limits", "")).strip())
+                  steps, arms, questions, tuple(heatmaps), str(raw.get("limits", "")).strip())
     _check_configs(study)
     return study
