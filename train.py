@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
+    if args.simulate_devices < 0:
+        raise cli.BadInput(f"--simulate-devices {args.simulate_devices}: give a number of devices >= 1 "
+                           "(or 0: off)")
     if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
         os.environ["JAX_PLATFORMS"] = "cpu"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +

@@ -197,6 +197,10 @@ def _prepared_folder(path: pathlib.Path) -> tuple[TokenDocuments, dict]:
     if len(tokens) != meta["num_tokens"] or len(offsets) != meta["num_documents"] + 1:
         raise ConfigError(f"prepared corpus {str(path)!r} does not match its meta.json (truncated?); "
                           "prepare it again")
+    steps = np.diff(offsets)  # one pass over offsets (8 bytes a document), not over the tokens
+    if offsets.dtype.kind not in "iu" or offsets[0] != 0 or offsets[-1] != len(tokens) or (steps < 1).any():
+        raise ConfigError(f"prepared corpus {str(path)!r} has offsets.npy that do not cut tokens.bin into "
+                          "documents (damaged?); prepare it again")
     return TokenDocuments(tokens, offsets), meta
 
 

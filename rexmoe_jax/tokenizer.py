@@ -89,8 +89,14 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
                       ".model (SentencePiece) file")
 
 
+_BYTES = 256  # the byte-level alphabet every such tokenizer starts from
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, path: str | pathlib.Path) -> Tokenizer:
     """Trains a byte-level BPE tokenizer (GPT-2 style, no unknown tokens) and saves it as JSON."""
+    if vocab_size <= _BYTES + 1:
+        raise ConfigError(f"--vocab-size {vocab_size}: a byte-level BPE tokenizer holds the {_BYTES} bytes "
+                          f"and end-of-text before any merge; give more than {_BYTES + 1}")
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers
 

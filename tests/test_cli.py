@@ -79,6 +79,7 @@ def test_every_preset_loads():
     (["model.nonsense=1"], "unknown config key 'model.nonsense'"),
     (["train.steps=ten"], "expected an integer"),
     (["--config", "configs/nope.py"], "does not exist"),
+    (["--simulate-devices", "-2"], "--simulate-devices -2: give a number of devices >= 1"),
 ])
 def test_errors_are_one_line_and_nonzero(args, message):
     result = run_cli(*args, "--dry-run")

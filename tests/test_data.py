@@ -302,6 +302,22 @@ def test_prepared_corpus_with_a_broken_meta_json(tmp_path, tokenizer_file, damag
     assert str(meta_file) in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda o: o.__setitem__(2, o[2] + 10**9),  # past the tokens
+    lambda o: o.__setitem__(2, o[1]),  # an empty document
+    lambda o: o.__setitem__(0, 1),  # not starting at 0
+], ids=["past-the-end", "empty-document", "first-not-zero"])
+def test_prepared_corpus_with_damaged_offsets(tmp_path, tokenizer_file, edit):
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    data.prepare(str(tmp_path / "c.jsonl"), str(tokenizer_file), tmp_path / "prepared")
+    offsets = np.load(tmp_path / "prepared" / "offsets.npy")
+    assert len(offsets) > 3
+    edit(offsets)
+    np.save(tmp_path / "prepared" / "offsets.npy", offsets)
+    with pytest.raises(ConfigError, match="has offsets.npy that do not cut tokens.bin into documents"):
+        data.build_corpus(DataConfig(corpus=str(tmp_path / "prepared"), seq_len=8), seed=0, vocab_size=300)
+
+
 def test_tokens_outside_the_vocabulary_and_short_data(tmp_path, tokenizer_file):
     np.save(tmp_path / "t.npy", np.asarray([5, 6, 0, 7, 999, 0], np.int32))
     cfg = DataConfig(corpus=str(tmp_path / "t.npy"), tokenizer=str(tokenizer_file), seq_len=2)

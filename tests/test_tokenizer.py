@@ -42,3 +42,11 @@ def test_bad_tokenizer_files(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
     with pytest.raises(ConfigError, match="expected a .json"):
         tokenizer.load_tokenizer(tmp_path / "x.txt")
+
+
+@pytest.mark.parametrize("size", [5, 257])
+def test_a_vocabulary_no_larger_than_the_bytes_is_refused(tmp_path, size):
+    """256 bytes and end-of-text come before any merge: 257 or fewer tokens cannot be asked for."""
+    with pytest.raises(ConfigError, match=f"--vocab-size {size}: a byte-level BPE tokenizer holds the 256"):
+        tokenizer.train_bpe(["some text"], size, tmp_path / "tok.json")
+    assert not (tmp_path / "tok.json").exists()
