@@ -175,3 +175,25 @@ def test_bad_inputs_are_one_line_before_lm_eval_starts(workdir, tmp_path, capfd,
     assert rexmoe_lm_eval.main(argv) == 2
     assert message in one_error_line(capfd.readouterr().err)
     assert hashes(tmp_path) == before
+
+
+@pytest.mark.parametrize("model_args,message", [
+    ("dtyp=bfloat16", "--model_args dtyp=...: the rexmoe model takes workdir, stride, max_gen_toks, dtype"),
+    ("max_gen_toks=abc", "--model_args max_gen_toks=abc: expected a positive integer"),
+    ("stride=0", "--model_args stride=0: expected a positive integer"),
+])
+def test_a_mistyped_model_arg_is_one_line_not_ignored(tmp_path, capfd, model_args, message):
+    """Before any run is read or lm_eval starts (the workdir here does not even exist)."""
+    argv = ["--model", "rexmoe", "--model_args", f"workdir={tmp_path / 'run'},{model_args}", "--tasks", "x"]
+    assert rexmoe_lm_eval.main(argv) == 2
+    assert message in one_error_line(capfd.readouterr().err)
+
+
+@pytest.mark.e2e
+def test_a_task_lm_eval_does_not_know_is_one_line(workdir, tmp_path, capfd):
+    argv = ["--model", "rexmoe", "--model_args", f"workdir={workdir}", "--tasks", "nonexistent_task_xyz",
+            "--output_path", str(tmp_path / "results")]
+    assert rexmoe_lm_eval.main(argv) == 2
+    line = one_error_line(capfd.readouterr().err)
+    assert "Tasks not found" in line and "nonexistent_task_xyz" in line and "--tasks list" in line
+    assert not (tmp_path / "results").exists()

@@ -37,6 +37,23 @@ from rexmoe_jax.inference.restore import check_run
 _GENERATE_ROWS = 16  # prompts decoded together
 
 
+# The model_args the model takes besides mesh_AXIS=SIZE; lm_eval adds the last three itself.
+MODEL_ARGS = ("workdir", "stride", "max_gen_toks", "dtype", "batch_size", "max_batch_size", "device")
+
+
+def check_model_args(model_args: dict) -> None:
+    """Raises BadInput for a model_arg the model does not take (a typo would be ignored) or a
+    count that is not a positive integer."""
+    unknown = sorted(k for k in model_args if k not in MODEL_ARGS and not k.startswith("mesh_"))
+    if unknown:
+        takes = ", ".join(MODEL_ARGS[:4])
+        raise cli.BadInput(f"--model_args {unknown[0]}=...: the rexmoe model takes {takes} and mesh_AXIS=SIZE")
+    for key in ("stride", "max_gen_toks"):
+        value = model_args.get(key)
+        if value is not None and value != "" and not (str(value).isdigit() and int(value) > 0):
+            raise cli.BadInput(f"--model_args {key}={value}: expected a positive integer")
+
+
 class RexMoeLM(TemplateLM):
     """The newest checkpoint of a training run's --workdir, as an lm_eval model."""
 
@@ -45,6 +62,7 @@ class RexMoeLM(TemplateLM):
         """`dtype` as inference.load takes it; the mesh as mesh_AXIS=SIZE model_args
         (mesh_fsdp=4,mesh_expert=2 for train.py's mesh.fsdp=4 mesh.expert=2)."""
         super().__init__()
+        check_model_args({"stride": stride, "max_gen_toks": max_gen_toks, **others})
         mesh = [f"mesh.{key[len('mesh_'):]}={value}" for key, value in others.items() if key.startswith("mesh_")]
         self.run = load(workdir, mesh, dtype)
         self.stride = int(stride) if stride else None
@@ -155,6 +173,7 @@ def _check_model(argv: list[str]) -> None:
     model_args = dict(arg.partition("=")[::2] for arg in value.get("--model_args", "").split(",") if arg)
     if not model_args.get("workdir"):
         raise cli.BadInput("--model rexmoe needs --model_args workdir=DIR (a training run's --workdir)")
+    check_model_args(model_args)
     check_run(pathlib.Path(model_args["workdir"]))
 
 
@@ -169,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         saved, sys.argv = sys.argv, ["lm-eval", *args]  # lm_eval's parser reads sys.argv
         try:
             cli_evaluate()
+        except ValueError as err:
+            if str(err).startswith("Tasks not found"):  # lm_eval's own one-line reason
+                raise cli.BadInput(f"{err}; lm_eval --tasks list shows the tasks there are") from None
+            raise
         finally:
             sys.argv = saved
     return 0
