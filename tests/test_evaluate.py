@@ -163,6 +163,11 @@ def _label_true(path):
     (lambda t: ["--input-set", f"psalms={t / 'missing.txt'}"], "--input-set psalms="),
     (lambda t: ((t / "s.txt").write_bytes(b"\xff\xfe"), ["--input-set", f"s={t / 's.txt'}"])[1], "not UTF-8"),
     (lambda t: ["--batches", "0"], "--batches must be >= 1, got 0"),
+    (lambda t: ((t / "a.txt").write_text("In the beginning. " * 50),
+                ["--input-set", f"s={t / 'a.txt'}", "--input-set", f"s={t / 'a.txt'}"])[1],
+     "--input-set s is given twice"),
+    (lambda t: ["--tasks", "examples/tasks/kjv_cloze.jsonl", "examples/tasks/kjv_cloze.jsonl"],
+     "two task files are named 'kjv_cloze'"),
     (lambda t: ["--output", str(t / "no" / "such" / "eval.json")], "eval.json' cannot be written"),
 ])
 def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tmp_path, capsys, monkeypatch,
@@ -248,3 +253,11 @@ def test_routing_of_texts_counts_every_token(trained_run):
     report = model.routing(texts)
     assert report["tokens"] == positions
     np.testing.assert_allclose(np.sum(report["activation_ratio"], axis=1), model.config.model.top_k, rtol=1e-5)
+
+
+@pytest.mark.e2e
+def test_more_batches_than_the_held_out_split_holds_says_so(trained_run, tmp_path, capsys):
+    assert evaluate.main(["--workdir", str(trained_run), "--batches", "100000",
+                          "--output", str(tmp_path / "eval.json")]) == 0
+    err = capsys.readouterr().err
+    assert "note: the held-out split holds" in err and "(--batches 100000 asked for more)" in err

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 import tempfile
 
 import jax
@@ -117,8 +118,17 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     before the evaluation starts; the model runs on restore.inference_mesh."""
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {batches}")
-    questions = {pathlib.Path(path).stem: tasks_lib.read_task(path) for path in tasks}
+    stems = [pathlib.Path(path).stem for path in tasks]
+    twice = next((stem for stem in stems if stems.count(stem) > 1), None)
+    if twice is not None:  # one result per name: the second would replace the first
+        raise ConfigError(f"two task files are named {twice!r}; a report names each task by its file name: "
+                          "rename one")
+    questions = {stem: tasks_lib.read_task(path) for stem, path in zip(stems, tasks)}
     set_files = [_input_set_files(spec) for spec in input_sets]
+    names = [name for name, _ in set_files]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"--input-set {twice} is given twice; give each set its own name")
     if output is not None:
         _check_output(output)
     restore_lib.join_if_asked(distributed)
@@ -129,6 +139,9 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
+    if len(eval_batches) < batches:
+        print(f"note: the held-out split holds {len(eval_batches)} batches of {config.data.batch_size}; all of "
+              f"them are evaluated (--batches {batches} asked for more)", file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
         scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
