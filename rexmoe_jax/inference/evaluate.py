@@ -140,8 +140,8 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
     if len(eval_batches) < batches:
-        print(f"note: the held-out split holds {len(eval_batches)} batches of {config.data.batch_size}; all of "
-              f"them are evaluated (--batches {batches} asked for more)", file=sys.stderr, flush=True)
+        print(f"note: the held-out split holds {len(eval_batches)} batches of {config.data.batch_size}; "
+              f"all of them are evaluated (--batches {batches} asked for more)", file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
         scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
