@@ -73,6 +73,8 @@ class SentencePieceTokenizer:
 def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
     """Loads a tokenizer.json (Hugging Face) or a .model (SentencePiece) file."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(f"tokenizer file {str(path)!r} is a folder; give its tokenizer.json or .model file")
     if not path.is_file():
         raise ConfigError(f"tokenizer file {str(path)!r} does not exist")
     try:

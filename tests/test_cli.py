@@ -11,9 +11,12 @@ import pytest
 from files import one_error_line
 
 from rexmoe_jax import cli, data, plot
+from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.inference import evaluate, generate
+from rexmoe_jax.inference.restore import read_config
 from rexmoe_jax.runtime import launch
 from rexmoe_jax.study import __main__ as study
+from rexmoe_jax.tokenizer import load_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -100,6 +103,20 @@ def one_line_error(capsys, argv) -> str:
 def test_a_broken_preset_exits_2_naming_it(tmp_path, capsys, source):
     (tmp_path / "preset.py").write_text(source)
     assert str(tmp_path / "preset.py") in one_line_error(capsys, ["--config", str(tmp_path / "preset.py"), "--dry-run"])
+
+
+def test_messages_name_what_is_wrong(tmp_path, capsys):
+    """A README as --config, a folder as data.tokenizer, a run's config.json with a field of the
+    wrong type: each one line saying so (not an AttributeError, not "does not exist")."""
+    assert "is not a Python preset (.py)" in one_line_error(capsys, ["--config", "README.md", "--dry-run"])
+    with pytest.raises(ConfigError, match="is a folder; give its tokenizer.json or .model file"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "run").mkdir()
+    saved = json.loads(Config().to_json())
+    saved["model"]["d_model"] = "x"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"run/config.json': .*model.d_model"):
+        read_config(tmp_path / "run")
 
 
 def test_an_empty_sample_prompt_exits_2_before_training(capsys):

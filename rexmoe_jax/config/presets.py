@@ -21,6 +21,8 @@ def load_preset(path: str | pathlib.Path) -> Config:
     an exception, a field of the wrong type) is a ConfigError naming the file."""
     path = pathlib.Path(path)
     require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
+    require(path.suffix == ".py", f"config file {str(path)!r} is not a Python preset (.py); see configs/ for "
+                                  "presets")
     try:
         module = _import_preset(path)
     except SyntaxError as err:

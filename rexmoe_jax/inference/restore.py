@@ -43,7 +43,11 @@ class Run:
 
 
 def read_config(workdir: pathlib.Path) -> Config:
-    return from_dict(read_json_config(workdir, "a training run's --workdir", CONFIG_FILE))
+    saved = read_json_config(workdir, "a training run's --workdir", CONFIG_FILE)
+    try:
+        return from_dict(saved)
+    except ConfigError as err:  # a field of the wrong type, say: name the file it is in
+        raise ConfigError(f"{str(workdir / CONFIG_FILE)!r}: {err}") from None
 
 
 def check_run(workdir: pathlib.Path) -> Config:
