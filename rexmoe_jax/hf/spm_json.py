@@ -55,7 +55,8 @@ def _model(proto) -> models.Model:
     spec, pieces = proto.trainer_spec, proto.pieces
     unk_id = next((i for i, p in enumerate(pieces) if p.type == _PIECE.UNKNOWN), None)
     if spec.model_type == _UNIGRAM:
-        floor = min(p.score for p in pieces) - 100.0  # never chosen when text can be covered otherwise
+        # Below every text piece; still taken where text spells the piece (the module doc's difference).
+        floor = min(p.score for p in pieces) - 100.0
         vocab = [(p.piece, p.score if p.type in _TEXT_PIECES else floor) for p in pieces]
         return models.Unigram(vocab, unk_id, spec.byte_fallback)
     vocab = {p.piece: i for i, p in enumerate(pieces)}
