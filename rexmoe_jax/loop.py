@@ -26,7 +26,14 @@ from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, to_host
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, WriteError, check_fresh_start, failure_reason, locked
+from rexmoe_jax.runtime.workdir import (
+    CHECKPOINTS,
+    WriteError,
+    check_fresh_start,
+    failure_reason,
+    locked,
+    proof_step,
+)
 
 # Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
 TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
@@ -174,10 +181,11 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
     abstract = trainer.abstract_state(config, model, tx, shardings)
+    saved = workdir / CHECKPOINTS  # Looked at before the barrier: past it, process 0 may tidy it.
+    if not (saved.is_dir() and any(saved.iterdir())):  # a new run, or one whose checkpoints are gone
+        proven = proof_step(config.train.checkpoint_every, config.train.steps)
+        check_fresh_start(workdir, config.to_json(), proven, start_over)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
-    saved = workdir / CHECKPOINTS
-    if not start_over and not (saved.is_dir() and any(saved.iterdir())):  # before anything is made there
-        check_fresh_start(workdir, config.to_json(), min(config.train.checkpoint_every, config.train.steps))
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     _check_stop(stop)

@@ -118,21 +118,35 @@ def test_a_new_run_refuses_a_folder_whose_work_it_would_replace(tmp_path):
     """check_fresh_start, for a folder with no checkpoint: what it lets start and what not."""
     ours = json.dumps({"model": {"d_model": 32}, "train": {"steps": 10}, "data": {}})
     other = json.dumps({"model": {"d_model": 64}, "train": {"steps": 10}, "data": {}})
-    workdir.check_fresh_start(tmp_path, ours, 4)  # empty
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 32}))
-    with pytest.raises(ConfigError, match="holds a config.json that is not a training run's"):
-        workdir.check_fresh_start(tmp_path, ours, 4)
-    (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(ConfigError, match="not a training run's"):
-        workdir.check_fresh_start(tmp_path, ours, 4)
-    (tmp_path / "config.json").write_text(other)
-    with pytest.raises(ConfigError, match="another run's config.json and no checkpoint; .*--start-over"):
-        workdir.check_fresh_start(tmp_path, ours, 4)
-    # The same config, stopped before its first checkpoint (step 4): it starts again.
-    (tmp_path / "config.json").write_text(ours)
+    config, metrics = tmp_path / "config.json", tmp_path / "metrics.jsonl"
+    workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)  # empty
+    config.write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 32}))  # an export's
+    for start_over in (False, True):
+        with pytest.raises(ConfigError, match="holds a config.json that is not a training run's"):
+            workdir.check_fresh_start(tmp_path, ours, 4, start_over=start_over)
+    config.write_text('{"model": {"d_mod')  # torn
+    with pytest.raises(ConfigError, match="cannot be read \\(torn by a crash\\?\\).*--start-over"):
+        workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    workdir.check_fresh_start(tmp_path, ours, 4, start_over=True)
+    # Another config with no records (it stopped while compiling, say): it starts again.
+    config.write_text(other)
+    workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)
     lines = [json.dumps({"step": s, "loss": 5.0}) for s in (1, 2, 3)]
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 9, "lo')  # a torn last line
-    workdir.check_fresh_start(tmp_path, ours, 4)
-    (tmp_path / "metrics.jsonl").write_text("\n".join(lines + [json.dumps({"step": 4, "eval_loss": 5.0})]))
-    with pytest.raises(ConfigError, match=r"records up to step 4 but no checkpoint \(were they deleted\?\)"):
-        workdir.check_fresh_start(tmp_path, ours, 4)
+    metrics.write_text("\n".join(lines) + '\n{"step": 9, "lo')  # and a torn last line
+    with pytest.raises(ConfigError, match="another run's config.json and records but no checkpoint; "):
+        workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    workdir.check_fresh_start(tmp_path, ours, 4, start_over=True)
+    # The same config, stopped before step 4, by which a checkpoint must have been saved.
+    config.write_text(ours)
+    workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    metrics.write_text("\n".join(lines + [json.dumps({"step": 4, "eval_loss": 5.0})]))
+    with pytest.raises(ConfigError, match=r"records up to step 4 but no checkpoint \(deleted, or their"):
+        workdir.check_fresh_start(tmp_path, ours, 4, start_over=False)
+
+
+def test_the_step_that_proves_a_save():
+    """By hand: saves every 4 of 12 steps: the first (4) is waited for before the second (8)
+    starts; every 10 of 12: only the end proves it; 0 (only at the end) of 300: step 300."""
+    assert workdir.proof_step(4, 12) == 8
+    assert workdir.proof_step(10, 12) == 12
+    assert workdir.proof_step(0, 300) == 300
