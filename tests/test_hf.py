@@ -257,7 +257,8 @@ def test_import_keeps_the_exported_context_and_router_bias(tmp_path, capsys):
     pytest.param("bpe", {}, id="bpe", marks=pytest.mark.e2e),
     # as the LLaMA-2 tokenizer is trained
     pytest.param("bpe", dict(normalization_rule_name="identity", remove_extra_whitespaces=False,
-                             byte_fallback=True, split_digits=True), id="bpe-llama-like"),
+                             byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True),
+                 id="bpe-llama-like"),
 ])
 def test_a_sentencepiece_run_exports_a_tokenizer_json_that_encodes_as_sentencepiece(tmp_path, model_type,
                                                                                       options):
@@ -281,12 +282,17 @@ def test_a_sentencepiece_run_exports_a_tokenizer_json_that_encodes_as_sentencepi
     assert settings["tokenizer_class"] == "PreTrainedTokenizerFast" and settings["eos_token"] == "</s>"
 
 
-def test_a_sentencepiece_model_without_a_tokenizer_json_form_is_refused(tmp_path, capsys):
-    path = sentencepiece_model(tmp_path / "sp", "char", vocab_size=70)
+@pytest.mark.parametrize("model_type,options,message", [
+    ("char", dict(vocab_size=70), "a SentencePiece CHAR model has no tokenizer.json equivalent here"),
+    # A tokenizer.json normalises the text around an added token, SentencePiece around none.
+    ("unigram", dict(user_defined_symbols=["<sep>"]), "written as tokenizer.json it encodes '<sep>'"),
+], ids=["char", "user-defined-piece"])
+def test_a_sentencepiece_model_without_a_tokenizer_json_form_is_refused(tmp_path, capsys, model_type, options,
+                                                                        message):
+    path = sentencepiece_model(tmp_path / "sp", model_type, **options)
     config = tiny_config(vocab_size=600)
     write_run(tmp_path / "run", config, random_params(config), path)
-    _fails(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")], capsys,
-           "a SentencePiece CHAR model has no tokenizer.json equivalent here")
+    _fails(["export", "--workdir", str(tmp_path / "run"), "--output", str(tmp_path / "hf")], capsys, message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "sp"]  # no --output, no partial folder
 
 

@@ -9,6 +9,10 @@ character map, extra whitespace removed, the dummy "▁" prefix). `check_same_en
 encodes and decodes a probe text (spacing, digits, accents, other scripts, byte-fallback
 characters, markup) both ways and refuses the export at the first difference.
 
+A model with user-defined pieces is refused by that check (the probe holds each of them between
+letters and between spaces): a tokenizer.json normalises the text on either side of an added
+token on its own, adding a dummy prefix after it.
+
 One difference is known and left: text that spells a piece SentencePiece never produces from
 text (a control, unknown or byte piece: "</s>", "<unk>", "<0x41>") is that piece in the
 tokenizer.json (as in Hugging Face's own conversions, and transformers matches its eos_token
@@ -70,6 +74,11 @@ def _model(proto) -> models.Model:
     return models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
 
 
+def user_pieces(path: pathlib.Path) -> list[str]:
+    """The model's user-defined pieces, which SentencePiece keeps whole wherever they appear."""
+    return [p.piece for p in _proto(path).pieces if p.type == _PIECE.USER_DEFINED]
+
+
 def convert(path: pathlib.Path) -> tokenizers.Tokenizer:
     """The SentencePiece model at `path` as a tokenizers.Tokenizer."""
     proto = _proto(path)
@@ -84,23 +93,27 @@ def convert(path: pathlib.Path) -> tokenizers.Tokenizer:
         steps += [normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(Regex(r"\A | \z"), "")]
     steps += [normalizers.Prepend(_SPACE)] if norm.add_dummy_prefix else []
     tokenizer.normalizer = normalizers.Sequence(steps + [normalizers.Replace(" ", _SPACE)])
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(_SPACE, "never", split=spec.split_by_whitespace)
+    # No split at "▁": SentencePiece encodes the whole string (split_by_whitespace shapes training
+    # only), and a model trained with allow_whitespace_only_pieces (LLaMA-2's) has pieces like "▁▁".
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(_SPACE, "never", split=False)
     unknown = next((p.piece for p in proto.pieces if p.type == _PIECE.UNKNOWN), None)
     steps = [decoders.Replace(unknown, spec.unk_surface)] if unknown else []
     steps += [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     steps += [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []  # the dummy prefix's space
     tokenizer.decoder = decoders.Sequence(steps)
-    user = [p.piece for p in proto.pieces if p.type == _PIECE.USER_DEFINED]
+    user = user_pieces(path)
     if user:
         tokenizer.add_tokens([tokenizers.AddedToken(piece, normalized=False) for piece in user])
     return tokenizer
 
 
-def probe_texts() -> list[str]:
-    """PROBE and the first 200 lines of the embedded KJV text."""
+def probe_texts(user_pieces: list[str] = ()) -> list[str]:
+    """PROBE, the first 200 lines of the embedded KJV text, and each user-defined piece alone,
+    between letters and between spaces (the places a tokenizer.json treats it otherwise)."""
     kjv = pathlib.Path(__file__).resolve().parent.parent / "assets" / "kjv.txt.gz"
     with gzip.open(kjv, "rt", encoding="utf-8") as f:
-        return PROBE + [next(f) for _ in range(200)]
+        lines = [next(f) for _ in range(200)]
+    return PROBE + lines + [text for piece in user_pieces for text in (piece, f"x{piece}y", f"a {piece} b")]
 
 
 def check_same_encoding(ours: Tokenizer, exported: tokenizers.Tokenizer, source: pathlib.Path) -> None:
@@ -108,7 +121,7 @@ def check_same_encoding(ours: Tokenizer, exported: tokenizers.Tokenizer, source:
     `ours` (the run's tokenizer)."""
     problem = f"cannot export the tokenizer {str(source)!r}: written as tokenizer.json it"
     fix = "export a run whose data.tokenizer is a tokenizer.json"
-    for text in probe_texts():
+    for text in probe_texts(user_pieces(source)):
         want, got = ours.encode(text), exported.encode(text, add_special_tokens=False).ids
         if want != got:
             at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
