@@ -231,7 +231,7 @@ def test_command_export_then_import_gives_the_run_back(tmp_path, run_r1, capsys)
 def test_import_keeps_the_exported_context_and_router_bias(tmp_path, capsys):
     """data.seq_len travels as max_position_embeddings and model.router_bias (zero) as
     rexmoe_router_bias: the imported run evaluates on the same windows and trains on as the run
-    would; a folder without max_position_embeddings keeps the default."""
+    would; another model's max_position_embeddings (no rexmoe_reuse) leaves the default."""
     config = tiny_config(router_bias=True)
     config = dataclasses.replace(config, data=dataclasses.replace(config.data, seq_len=48))
     make_run(tmp_path / "run", config, random_params(config))
@@ -242,7 +242,7 @@ def test_import_keeps_the_exported_context_and_router_bias(tmp_path, capsys):
     back_params, run_params = restore(tmp_path / "back").params, restore(tmp_path / "run").params
     assert _same(jax.device_get(back_params), jax.device_get(run_params))
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
-    del hf["max_position_embeddings"]
+    del hf["rexmoe_reuse"]  # as another project's model: its max_position_embeddings is a context length
     (tmp_path / "hf" / "config.json").write_text(json.dumps(hf))
     assert cli.main(["import", "--model", str(tmp_path / "hf"), "--workdir", str(tmp_path / "again")]) == 0
     assert read_config(tmp_path / "again").data.seq_len == 128  # DataConfig's default, by hand

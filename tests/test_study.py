@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 from files import hashes, one_error_line
 
-from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.study import __main__ as study_cli
 from rexmoe_jax.study import record as study_record
@@ -320,7 +319,7 @@ def test_report_from_fake_records(setup, tmp_path):
     # A picture of the user's where the report draws one: refused with one line, left as it was.
     user_picture = tmp_path / "docs" / "reproduction" / "routing.png"
     user_picture.write_bytes(b"\x89PNG\r\n\x1a\n my own picture")
-    with pytest.raises(ConfigError, match="routing.png' exists and was not written by this command"):
+    with pytest.raises(study.StudyError, match="routing.png', in the report's figures folder, was not"):
         study_report.write_report([(spec, options.results)], output)
     assert user_picture.read_bytes() == b"\x89PNG\r\n\x1a\n my own picture"
 

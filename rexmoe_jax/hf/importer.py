@@ -162,10 +162,13 @@ def import_model(folder: pathlib.Path, workdir: pathlib.Path, overrides: list[st
     if tokenizer is None:
         raise ConfigError(f"{str(folder)!r} has no tokenizer.json or tokenizer.model")
     layers = imported_layers(TensorFiles(folder), hf, model)
-    # The context it was exported or trained with: evaluation windows and generation's warning read it.
+    # An export of this project's (rexmoe_reuse) records the run's data.seq_len here: evaluation
+    # windows and generation's warning read it. Another model's (32,768 for Mixtral) is its
+    # longest context, not a sequence length to evaluate the default corpus at.
     positions = hf.get("max_position_embeddings")
     data = Config().data
-    if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+    ours = "rexmoe_reuse" in hf
+    if ours and isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
         data = dataclasses.replace(data, seq_len=positions)
     config = apply_overrides(dataclasses.replace(Config(), model=model, data=data), overrides)
     if config.model != model:

@@ -18,6 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from rexmoe_jax.config import ConfigError
+from rexmoe_jax.runtime.workdir import failure_reason
 
 DTYPES = {
     "F64": np.dtype(np.float64),
@@ -39,16 +40,19 @@ _MAX_HEADER = 100 * 1024 * 1024  # what the reference implementation accepts
 
 def _header(path: pathlib.Path) -> tuple[dict, int]:
     """(tensor entries, byte offset of the data), every entry checked against the file's size."""
-    size = path.stat().st_size
-    with open(path, "rb") as file:
-        raw = file.read(8)
-        length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
-        if length < 2 or length > min(size - 8, _MAX_HEADER):
-            raise ConfigError(f"{str(path)!r} is not a safetensors file (bad header length; truncated?)")
-        try:
-            header = json.loads(file.read(length))
-        except ValueError:
-            raise ConfigError(f"{str(path)!r} has an unreadable safetensors header") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            raw = file.read(8)
+            length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if length < 2 or length > min(size - 8, _MAX_HEADER):
+                raise ConfigError(f"{str(path)!r} is not a safetensors file (bad header length; truncated?)")
+            try:
+                header = json.loads(file.read(length))
+            except ValueError:
+                raise ConfigError(f"{str(path)!r} has an unreadable safetensors header") from None
+    except OSError as err:  # an input that cannot be read is bad input (2), not a failed write (4)
+        raise ConfigError(f"{str(path)!r} cannot be read ({failure_reason(err)})") from None
     if not isinstance(header, dict):
         raise ConfigError(f"{str(path)!r} has an unreadable safetensors header")
     header.pop("__metadata__", None)

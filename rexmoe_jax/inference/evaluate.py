@@ -135,13 +135,15 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     devices = restore_lib.inference_mesh(restore_lib.read_config(pathlib.Path(workdir)), mesh)
     run = restore_lib.restore(workdir, mesh=devices, dtype=dtype)
     config = run.config
-    batches = batches or config.train.eval_batches
+    batches_asked, batches = batches is not None, batches or config.train.eval_batches
     set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
     if len(eval_batches) < batches:
-        print(f"note: the held-out split holds {len(eval_batches)} batches of {config.data.batch_size}; "
-              f"all of them are evaluated (--batches {batches} asked for more)", file=sys.stderr, flush=True)
+        asked = "--batches" if batches_asked else "train.eval_batches"
+        print(f"note: the held-out split holds {len(eval_batches)} batch(es) of up to "
+              f"{config.data.batch_size} sequences; all are evaluated ({asked} {batches} asked for more)",
+              file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
         scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)

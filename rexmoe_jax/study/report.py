@@ -352,6 +352,11 @@ def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path
     outputs.check_file(output, "--output", ours=lambda path: _MARK in path.read_text(errors="replace"))
     if figures.exists() and not figures.is_dir():
         raise StudyError(f"{str(figures)!r}, the folder for the report's figures, is a file; move it away")
+    if figures.is_dir():  # Before anything is drawn: the report replaces only pictures it drew.
+        foreign = sorted(p for p in figures.rglob("*.png") if not outputs.drawn_by_matplotlib(p))
+        if foreign:
+            raise StudyError(f"{str(foreign[0])!r}, in the report's figures folder, was not drawn by it; "
+                             "move it away first")
     root = output.parent.parent.resolve()
     command = " ".join(os.path.relpath(study.path.resolve(), root) for study, _ in studies)
     regenerate = (f"{_MARK} {command}"
