@@ -19,7 +19,7 @@ import numpy as np
 
 from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.data import tokenizer_path
-from rexmoe_jax.hf import qwen2_moe
+from rexmoe_jax.hf import qwen2_moe, spm_json
 from rexmoe_jax.hf.run_io import Leaves, check_new_folder
 from rexmoe_jax.hf.tensorfile import TensorWriter
 from rexmoe_jax.tokenizer import load_tokenizer
@@ -57,8 +57,6 @@ def export(
     tokenizer = load_tokenizer(tokenizer_file)  # checks it and finds its end-of-text id
     converted = None
     if tokenizer_file.suffix != ".json":  # SentencePiece: as a tokenizer.json, checked before any weight
-        from rexmoe_jax.hf import spm_json  # protobuf's generated code: only for SentencePiece runs
-
         converted = spm_json.convert(tokenizer_file)
         spm_json.check_same_encoding(tokenizer, converted, tokenizer_file)
     model = config.model
