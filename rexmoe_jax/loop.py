@@ -23,17 +23,10 @@ from rexmoe_jax.inference.evaluation import held_out
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.optimizer import make_optimizer
 from rexmoe_jax.reuse import layer_pool_sizes
-from rexmoe_jax.runlog import RunLog, to_host
+from rexmoe_jax.runlog import RunLog, check_fresh_start, proof_step, to_host
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import (
-    CHECKPOINTS,
-    WriteError,
-    check_fresh_start,
-    failure_reason,
-    locked,
-    proof_step,
-)
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, WriteError, failure_reason, locked
 
 # Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
 TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")

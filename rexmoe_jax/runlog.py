@@ -19,9 +19,9 @@ import jax
 import numpy as np
 
 from rexmoe_jax import trackers
-from rexmoe_jax.config import Config
+from rexmoe_jax.config import Config, ConfigError
 from rexmoe_jax.model.metrics import load_balance_violation
-from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
+from rexmoe_jax.runtime.workdir import CONFIG_FILE, METRICS_FILE, ROUTING_FILE, WriteError, failure_reason
 
 
 def read_records(path: pathlib.Path, *, warn: bool = True) -> list[dict]:
@@ -115,6 +115,52 @@ def _numbers(record: dict) -> dict[str, float]:
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             out.update({f"{name}/{i}": v for i, v in enumerate(value)})
     return out
+
+
+def proof_step(checkpoint_every: int, steps: int) -> int:
+    """The step whose records prove that a checkpoint was saved: a save is waited for before the
+    next one starts, so records at the second save's step (or the end) follow a finished first
+    save. checkpoint_every 0 saves only at the end."""
+    every = checkpoint_every or steps
+    return min(2 * every, steps)
+
+
+def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, start_over: bool) -> None:
+    """Before a run with no checkpoint trains from step 0 in `workdir`, which rewrites its
+    config.json and records: raises ConfigError where that would lose work. A config.json that
+    is valid JSON but not a training run's (an export's) is never replaced, even with
+    --start-over. Without --start-over, also refused: a config.json that cannot be read (torn?),
+    and records up to step `proven` or later (a checkpoint must have been saved by then: its
+    checkpoints were deleted, or their saves failed) or records under another config. A run
+    stopped before that, with no records or under the same config, starts again."""
+    saved = workdir / CONFIG_FILE
+    again = ("to train from step 0 there, replacing its config.json and records, run with --start-over; "
+             "or choose another --workdir")
+    ours = None
+    if saved.is_file():
+        try:
+            ours = json.loads(saved.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            if not start_over:
+                raise ConfigError(f"--workdir {str(workdir)!r} holds a config.json that cannot be read (torn "
+                                  "by a crash?) and no checkpoint; " + again) from None
+        else:
+            if not (isinstance(ours, dict) and {"model", "train", "data"} <= set(ours)):
+                raise ConfigError(f"--workdir {str(workdir)!r} holds a config.json that is not a training "
+                                  "run's (an export?); choose another --workdir")
+    if start_over:
+        return
+    try:  # a metrics file that cannot be read is left to RunLog, which rewrites it, to report
+        records = read_records(workdir / METRICS_FILE, warn=False)
+    except OSError:
+        records = []
+    last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
+    if last is not None and last >= proven:
+        raise ConfigError(f"--workdir {str(workdir)!r} holds records up to step {last} but no checkpoint "
+                          "(deleted, or their saves failed?); " + again)
+    if last is not None and ours is not None and ours != json.loads(config_json):
+        raise ConfigError(f"--workdir {str(workdir)!r} holds another run's config.json and records but no "
+                          "checkpoint; " + again)
 
 
 class RunLog:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from rexmoe_jax import runlog
+from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runtime.workdir import WriteError
 
 
@@ -77,3 +78,41 @@ def test_sync_flushes_to_disk(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
     log.sync()
     assert synced == [str(tmp_path / "metrics.jsonl"), str(tmp_path / "routing.jsonl")]
+
+
+def test_a_new_run_refuses_a_folder_whose_work_it_would_replace(tmp_path):
+    """check_fresh_start, for a folder with no checkpoint: what it lets start and what not."""
+    ours = json.dumps({"model": {"d_model": 32}, "train": {"steps": 10}, "data": {}})
+    other = json.dumps({"model": {"d_model": 64}, "train": {"steps": 10}, "data": {}})
+    config, metrics = tmp_path / "config.json", tmp_path / "metrics.jsonl"
+    runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)  # empty
+    config.write_text(json.dumps({"model_type": "qwen2_moe", "hidden_size": 32}))  # an export's
+    for start_over in (False, True):
+        with pytest.raises(ConfigError, match="holds a config.json that is not a training run's"):
+            runlog.check_fresh_start(tmp_path, ours, 4, start_over=start_over)
+    config.write_text('{"model": {"d_mod')  # torn
+    with pytest.raises(ConfigError, match="cannot be read \\(torn by a crash\\?\\).*--start-over"):
+        runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    runlog.check_fresh_start(tmp_path, ours, 4, start_over=True)
+    # Another config with no records (it stopped while compiling, say): it starts again.
+    config.write_text(other)
+    runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    lines = [json.dumps({"step": s, "loss": 5.0}) for s in (1, 2, 3)]
+    metrics.write_text("\n".join(lines) + '\n{"step": 9, "lo')  # and a torn last line
+    with pytest.raises(ConfigError, match="another run's config.json and records but no checkpoint; "):
+        runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    runlog.check_fresh_start(tmp_path, ours, 4, start_over=True)
+    # The same config, stopped before step 4, by which a checkpoint must have been saved.
+    config.write_text(ours)
+    runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)
+    metrics.write_text("\n".join(lines + [json.dumps({"step": 4, "eval_loss": 5.0})]))
+    with pytest.raises(ConfigError, match=r"records up to step 4 but no checkpoint \(deleted, or their"):
+        runlog.check_fresh_start(tmp_path, ours, 4, start_over=False)
+
+
+def test_the_step_that_proves_a_save():
+    """By hand: saves every 4 of 12 steps: the first (4) is waited for before the second (8)
+    starts; every 10 of 12: only the end proves it; 0 (only at the end) of 300: step 300."""
+    assert runlog.proof_step(4, 12) == 8
+    assert runlog.proof_step(10, 12) == 12
+    assert runlog.proof_step(0, 300) == 300

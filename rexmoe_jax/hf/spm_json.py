@@ -74,11 +74,6 @@ def _model(proto) -> models.Model:
     return models.BPE(vocab, merges, unk_token=unk, fuse_unk=True, byte_fallback=spec.byte_fallback)
 
 
-def user_pieces(path: pathlib.Path) -> list[str]:
-    """The model's user-defined pieces, which SentencePiece keeps whole wherever they appear."""
-    return [p.piece for p in _proto(path).pieces if p.type == _PIECE.USER_DEFINED]
-
-
 def convert(path: pathlib.Path) -> tokenizers.Tokenizer:
     """The SentencePiece model at `path` as a tokenizers.Tokenizer."""
     proto = _proto(path)
@@ -101,7 +96,7 @@ def convert(path: pathlib.Path) -> tokenizers.Tokenizer:
     steps += [decoders.Replace(_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     steps += [decoders.Strip(" ", 1, 0)] if norm.add_dummy_prefix else []  # the dummy prefix's space
     tokenizer.decoder = decoders.Sequence(steps)
-    user = user_pieces(path)
+    user = [p.piece for p in proto.pieces if p.type == _PIECE.USER_DEFINED]  # kept whole wherever they are
     if user:
         tokenizer.add_tokens([tokenizers.AddedToken(piece, normalized=False) for piece in user])
     return tokenizer
@@ -121,7 +116,8 @@ def check_same_encoding(ours: Tokenizer, exported: tokenizers.Tokenizer, source:
     `ours` (the run's tokenizer)."""
     problem = f"cannot export the tokenizer {str(source)!r}: written as tokenizer.json it"
     fix = "export a run whose data.tokenizer is a tokenizer.json"
-    for text in probe_texts(user_pieces(source)):
+    added = [token.content for token in exported.get_added_tokens_decoder().values()]  # the user pieces
+    for text in probe_texts(added):
         want, got = ours.encode(text), exported.encode(text, add_special_tokens=False).ids
         if want != got:
             at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))

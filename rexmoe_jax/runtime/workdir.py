@@ -71,63 +71,6 @@ def is_run(folder: pathlib.Path) -> bool:
     return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE, CHECKPOINTS))
 
 
-def proof_step(checkpoint_every: int, steps: int) -> int:
-    """The step whose records prove that a checkpoint was saved: a save is waited for before the
-    next one starts, so records at the second save's step (or the end) follow a finished first
-    save. checkpoint_every 0 saves only at the end."""
-    every = checkpoint_every or steps
-    return min(2 * every, steps)
-
-
-def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, start_over: bool) -> None:
-    """Before a run with no checkpoint trains from step 0 in `workdir`, which rewrites its
-    config.json and records: raises ConfigError where that would lose work. A config.json that
-    is valid JSON but not a training run's (an export's) is never replaced, even with
-    --start-over. Without --start-over, also refused: a config.json that cannot be read (torn?),
-    and records up to step `proven` or later (a checkpoint must have been saved by then: its
-    checkpoints were deleted, or their saves failed) or records under another config. A run
-    stopped before that, with no records or under the same config, starts again."""
-    saved = workdir / CONFIG_FILE
-    again = ("to train from step 0 there, replacing its config.json and records, run with --start-over; "
-             "or choose another --workdir")
-    ours = None
-    if saved.is_file():
-        try:
-            ours = json.loads(saved.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            if not start_over:
-                raise ConfigError(f"--workdir {str(workdir)!r} holds a config.json that cannot be read (torn "
-                                  "by a crash?) and no checkpoint; " + again) from None
-        else:
-            if not (isinstance(ours, dict) and {"model", "train", "data"} <= set(ours)):
-                raise ConfigError(f"--workdir {str(workdir)!r} holds a config.json that is not a training "
-                                  "run's (an export?); choose another --workdir")
-    if start_over:
-        return
-    last = _last_step(workdir / METRICS_FILE)
-    if last is not None and last >= proven:
-        raise ConfigError(f"--workdir {str(workdir)!r} holds records up to step {last} but no checkpoint "
-                          "(deleted, or their saves failed?); " + again)
-    if last is not None and ours is not None and ours != json.loads(config_json):
-        raise ConfigError(f"--workdir {str(workdir)!r} holds another run's config.json and records but no "
-                          "checkpoint; " + again)
-
-
-def _last_step(path: pathlib.Path) -> int | None:
-    """The largest step recorded in a metrics file (broken lines skipped), or None."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    steps = []
-    for line in lines:
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                steps.append(record["step"])
-    return max(steps, default=None)
-
-
 def check_writable(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)
