@@ -285,6 +285,30 @@ class Checkpointer:
             raise ValueError("its meta record holds no config")
         return meta
 
+    def _compatible_changes(self, step: int, meta: dict, config: Config) -> list[str]:
+        """The compatible differences of `config` from checkpoint `step`'s saved config; raises
+        ConfigError when any difference is incompatible."""
+        incompatible, other = config_changes(meta["config"], config)
+        if incompatible:
+            # A reader's config is the run's config.json, so that file no longer describes the run.
+            fix = ("the run's config.json has been changed: put back the one it was trained with" if self.read_only
+                   else "resume with its settings or use a new --workdir")
+            raise ConfigError(f"checkpoint {self.directory / str(step)} was written by an incompatible config "
+                              f"({'; '.join(incompatible)}); {fix}")
+        return other
+
+    def check_config(self, config: Config) -> None:
+        """What `restore` would raise about `config` for the newest checkpoint whose meta record
+        reads, without reading any array: for a command that checks its inputs before a slow
+        start. Unreadable checkpoints are passed over here and left to `restore`."""
+        for step in reversed(self.steps()):
+            try:
+                meta = self._meta(step)
+            except Exception:  # noqa: BLE001 - restore names and handles unreadable checkpoints.
+                continue
+            self._compatible_changes(step, meta, config)
+            return
+
     def restore(self, abstract_state, config: Config, *, start_over: bool = False,
                 part: str | None = None) -> tuple[object, dict] | None:
         """The newest readable checkpoint as (state, meta), or None when there is none. Arrays
@@ -306,11 +330,7 @@ class Checkpointer:
             except Exception as err:  # noqa: BLE001 - any failure to read means unusable.
                 failures.append(self._unusable(step, err))
                 continue
-            incompatible, other = config_changes(meta["config"], config)
-            if incompatible:
-                raise ConfigError(
-                    f"checkpoint {self.directory / str(step)} was written by an incompatible config "
-                    f"({'; '.join(incompatible)}); resume with its settings or use a new --workdir")
+            other = self._compatible_changes(step, meta, config)
             try:  # The configs agree, so arrays that do not fit mean missing or garbled files.
                 saved = self._manager.item_metadata(step)["state"]
                 saved = saved.tree if hasattr(saved, "tree") else saved

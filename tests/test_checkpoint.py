@@ -122,6 +122,30 @@ def test_incompatible_only_when_the_saved_config_differs(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["1.corrupt", "2.corrupt"]
 
 
+def test_check_config_reads_the_newest_readable_meta_and_no_array(tmp_path):
+    """check_config refuses another model as restore would, from the meta records alone: it
+    passes with every array file gone, and judges by checkpoint 1 when 2's meta is garbage."""
+    two_checkpoints(tmp_path)
+    folder = tmp_path / "checkpoints"
+    for step in ("1", "2"):
+        for arrays in [p for p in (folder / step / "state").rglob("d") if p.is_dir()]:
+            shutil.rmtree(arrays)
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    checkpointer = Checkpointer(tmp_path, keep=3, read_only=True)
+    checkpointer.check_config(Config())  # no array is read, so none is missed
+    with pytest.raises(ConfigError, match=r"checkpoint .*/2 was written by an incompatible config "
+                                          r"\(model.d_model: 128 -> 64\)"):
+        checkpointer.check_config(apply_overrides(Config(), ["model.d_model=64"]))
+    checkpointer.close()
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    for record in _files(folder / "2" / "meta", "metadata"):
+        record.write_bytes(b"\x00garbage")
+    checkpointer = Checkpointer(tmp_path, keep=3, read_only=True)
+    with pytest.raises(ConfigError, match=r"checkpoint .*/1 was written by an incompatible config"):
+        checkpointer.check_config(apply_overrides(Config(), ["model.d_model=64"]))
+    checkpointer.close()
+
+
 def test_read_only_skips_an_unreadable_checkpoint_and_changes_nothing(tmp_path, capsys, caplog):
     state = two_checkpoints(tmp_path)
     (tmp_path / "checkpoints" / "2" / "state" / "_METADATA").unlink()

@@ -4,6 +4,7 @@ the project's scorer agree per choice with lm_eval's requests scored one by one,
 import glob
 import json
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +175,28 @@ def test_bad_inputs_are_one_line_before_lm_eval_starts(workdir, tmp_path, capfd,
             "--tasks", str(task), "--output_path", str(tmp_path / "results")]
     assert rexmoe_lm_eval.main(argv) == 2
     assert message in one_error_line(capfd.readouterr().err)
+    assert hashes(tmp_path) == before
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_of_another_model_is_one_line_before_lm_eval_starts(workdir, tmp_path, capfd):
+    """config.json of one size over checkpoints of another: refused from the meta records, before
+    lm_eval prints anything of its own, and nothing in the run changes."""
+    run = tmp_path / "run"
+    shutil.copytree(workdir, run)
+    config = json.loads((run / "config.json").read_text())
+    d_model = config["model"]["d_model"]
+    config["model"]["d_model"] = 2 * d_model
+    (run / "config.json").write_text(json.dumps(config))
+    before = hashes(tmp_path)
+    argv = ["--model", "rexmoe", "--model_args", f"workdir={run}", "--tasks", "examples/tasks/kjv_cloze.jsonl",
+            "--output_path", str(tmp_path / "results")]
+    assert rexmoe_lm_eval.main(argv) == 2
+    err = capfd.readouterr().err
+    line = one_error_line(err)
+    assert "was written by an incompatible config" in line and f"model.d_model: {d_model} -> {2 * d_model}" in line
+    assert line.endswith("the run's config.json has been changed: put back the one it was trained with")
+    assert "INFO" not in err
     assert hashes(tmp_path) == before
 
 

@@ -51,12 +51,17 @@ def read_config(workdir: pathlib.Path) -> Config:
 
 
 def check_run(workdir: pathlib.Path) -> Config:
-    """The config of a run that has a checkpoint, read cheaply: for a command that checks its
-    inputs before a slow start."""
+    """The config of a run that has a checkpoint written by a compatible config (the same model),
+    read cheaply, without any array: for a command that checks its inputs before a slow start."""
     config = read_config(workdir)
     folder = workdir / CHECKPOINTS
     if not folder.is_dir() or not any(p.name.isdigit() for p in folder.iterdir()):
         raise ConfigError(f"{str(workdir)!r} has no checkpoint yet; train first")
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
+    try:
+        checkpointer.check_config(config)
+    finally:
+        checkpointer.close()
     return config
 
 
