@@ -291,10 +291,11 @@ class Checkpointer:
         incompatible, other = config_changes(meta["config"], config)
         if incompatible:
             # A reader's config is the run's config.json, so that file no longer describes the run.
-            fix = ("the run's config.json has been changed: put back the one it was trained with" if self.read_only
-                   else "resume with its settings or use a new --workdir")
-            raise ConfigError(f"checkpoint {self.directory / str(step)} was written by an incompatible config "
-                              f"({'; '.join(incompatible)}); {fix}")
+            fix = "resume with its settings or use a new --workdir"
+            if self.read_only:
+                fix = "the run's config.json has been changed: put back the one it was trained with"
+            raise ConfigError(f"checkpoint {self.directory / str(step)} was written by an incompatible "
+                              f"config ({'; '.join(incompatible)}); {fix}")
         return other
 
     def check_config(self, config: Config) -> None:

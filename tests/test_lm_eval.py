@@ -189,12 +189,13 @@ def test_a_checkpoint_of_another_model_is_one_line_before_lm_eval_starts(workdir
     config["model"]["d_model"] = 2 * d_model
     (run / "config.json").write_text(json.dumps(config))
     before = hashes(tmp_path)
-    argv = ["--model", "rexmoe", "--model_args", f"workdir={run}", "--tasks", "examples/tasks/kjv_cloze.jsonl",
-            "--output_path", str(tmp_path / "results")]
+    argv = ["--model", "rexmoe", "--model_args", f"workdir={run}",
+            "--tasks", "examples/tasks/kjv_cloze.jsonl", "--output_path", str(tmp_path / "results")]
     assert rexmoe_lm_eval.main(argv) == 2
     err = capfd.readouterr().err
     line = one_error_line(err)
-    assert "was written by an incompatible config" in line and f"model.d_model: {d_model} -> {2 * d_model}" in line
+    assert "was written by an incompatible config" in line
+    assert f"model.d_model: {d_model} -> {2 * d_model}" in line
     assert line.endswith("the run's config.json has been changed: put back the one it was trained with")
     assert "INFO" not in err
     assert hashes(tmp_path) == before
