@@ -323,11 +323,14 @@ def _stop_cause(stop: StopRequest, vote: distributed.StopVote) -> str:
     return f"a stop request on process {', '.join(others)}"
 
 
-def run(config: Config, workdir: pathlib.Path, stop: StopRequest | None = None, *, start_over: bool = False) -> dict:
-    """Trains `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's
-    lock throughout. Returns the final evaluation (with a generated sample), or {"stopped_at":
-    step} after a stop request (step None when it came during start-up). When every checkpoint
-    is unreadable it raises ConfigError, unless `start_over` (then it trains from step 0)."""
+def run(config: Config, workdir: str | pathlib.Path, stop: StopRequest | None = None, *,
+        start_over: bool = False) -> dict:
+    """Trains `config` in `workdir` (a path or a string), resuming from its newest checkpoint,
+    holding the workdir's lock throughout. Returns the final evaluation (with a generated
+    sample), or {"stopped_at": step} after a stop request (step None when it came during
+    start-up). When every checkpoint is unreadable it raises ConfigError, unless `start_over`
+    (then it trains from step 0)."""
+    workdir = pathlib.Path(workdir)
     with locked(workdir, writer=jax.process_index() == 0):
         return _run(config, workdir, stop or StopRequest(), start_over)
 

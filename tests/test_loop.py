@@ -109,7 +109,7 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
     assert loop.run(config(), tmp_path, stop=StopAt(stop_at)) == {"stopped_at": stop_at}
     assert saved_steps(tmp_path)[-1] == stop_at
     assert metrics(tmp_path)[-1]["step"] == stop_at
-    loop.run(config(), tmp_path)
+    loop.run(config(), str(tmp_path))  # a string names the folder too, as in the README's notebook lines
     assert_same_run(tmp_path, uninterrupted)
 
 

@@ -1,10 +1,12 @@
 """The package's shape (rexmoe_jax/__init__.py): its layers, read from the modules' import
 statements. A module imports only from its own layer or lower ones, no two modules import each
-other (directly or round a circle), and imports of the package sit at the top of a module. Every
-command a user types, `python -m rexmoe_jax.X`, still starts."""
+other (directly or round a circle), imports of the package sit at the top of a module, and each
+subpackage's docstring lists its modules. Every command a user types, `python -m rexmoe_jax.X`,
+still starts."""
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -103,6 +105,17 @@ def test_no_import_circles():
 def test_the_package_is_imported_at_the_top_of_modules():
     inside = [f"{name} imports {target}" for name in MODULES for target, at_top in _imports(name) if not at_top]
     assert inside == []
+
+
+def test_every_subpackage_docstring_lists_its_modules():
+    """README's reading order sends a reader to each subpackage's docstring for its modules."""
+    unlisted = []
+    for init in sorted(PACKAGE.glob("*/__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        named = set(re.findall(r"[\w]+\.py\b", doc))
+        unlisted += [f"{init.parent.name}/{m.name}" for m in sorted(init.parent.glob("*.py"))
+                     if m.name not in ("__init__.py", "__main__.py") and m.name not in named]
+    assert unlisted == []
 
 
 @pytest.mark.e2e
