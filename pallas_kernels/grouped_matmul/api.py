@@ -9,9 +9,9 @@ the sum give zeros. Implementations:
                 multiples of 64 as it needs (exact: zero columns add nothing); on TPU its Mosaic
                 TPU kernels (megablox gmm, and tgmm for the weight gradient), any widths
   "reference"   one masked dense matmul per group; the oracle
-  "auto"        per platform: "blocked" on CPU (5 to 12 times ragged_dot at small shapes:
-                benchmarks/RESULTS.md) and TPU, "tokamax" on GPU when installed (20 to 30 times ragged_dot on an
-                H100: benchmarks/RESULTS.md), else "ragged_dot". Not ragged_dot on TPU: XLA
+  "auto"        per platform: "blocked" on CPU (5 to 12 times ragged_dot at small shapes) and
+                TPU, "tokamax" on GPU when installed (20 to 30 times ragged_dot on an H100; both
+                in benchmarks/RESULTS.md), else "ragged_dot". Not ragged_dot on TPU: XLA
                 (libtpu 0.0.42.1) computes its weight gradient as one masked dense matmul per
                 group, G times the work (32 times at the 2.3B preset's 32 local experts). Not
                 tokamax on TPU: its Mosaic TPU kernels (gmm, and tgmm for the weight gradient)
