@@ -88,13 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
-    if args.simulate_devices < 0:
-        raise cli.BadInput(f"--simulate-devices {args.simulate_devices}: give a number of devices >= 1 "
-                           "(or 0: off)")
-    if args.simulate_devices:  # Before jax is imported: XLA reads the flag once.
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   f" --xla_force_host_platform_device_count={args.simulate_devices}")
+    distributed.simulate_devices(args.simulate_devices)  # before jax is imported
     if not args.distributed and int(os.environ.get("JAX_NUM_PROCESSES") or 1) > 1:
         raise cli.BadInput(f"JAX_NUM_PROCESSES={os.environ['JAX_NUM_PROCESSES']} is set: pass --distributed to "
                            "join the other processes")

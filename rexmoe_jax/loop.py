@@ -198,9 +198,10 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         except OSError as err:
             raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is not None:
-        if meta.get("data_fingerprint") != fingerprint:
-            print(f"note: the training data differ from the checkpoint's ({meta.get('data_fingerprint')} "
-                  f"-> {fingerprint}); batches after step {start} differ from the original run", flush=True)
+        saved = meta.get("data_fingerprint")  # None: written by an import or widen, not by training
+        if saved is not None and saved != fingerprint:
+            print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
+                  f"batches after step {start} differ from the original run", flush=True)
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
     block, blocks = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,

@@ -4,7 +4,8 @@ Writes loss.png (training and held-out loss), psr.png (the PSR pool size N_t and
 rate) and expert_load.png (per-layer expert loads over the candidate pool at the last
 evaluation, as LBV: 0 is perfect balance, -1 an idle expert); after python -m
 rexmoe_jax.evaluate, also activation_<set>.png: each layer's expert activation ratios over the
-pool on each input set (the paper's Figure 5). Needs matplotlib (pip install matplotlib).
+pool on each input set (the paper's Figure 5). A run not trained here yet (an import) but
+evaluated gets the activation pictures alone. Needs matplotlib (pip install matplotlib).
 """
 
 from __future__ import annotations
@@ -124,7 +125,6 @@ def _inputs(workdir: pathlib.Path) -> tuple[list[dict], dict | None, dict]:
     drawn: a picture is either drawn whole or the command stops first."""
     metrics_file, routing_file, eval_file = workdir / METRICS_FILE, workdir / ROUTING_FILE, workdir / EVAL_FILE
     records = [r for r in read_records(metrics_file) if isinstance(r.get("step"), int)]
-    _require(bool(records), metrics_file, "has no records with a step")
     train = [r for r in records if "loss" in r]
     missing = next((k for r in train for k in ("psr_pool_size", "lr") if k not in r), None)
     _require(missing is None, metrics_file, f"a training record without {missing!r}")
@@ -142,6 +142,9 @@ def _inputs(workdir: pathlib.Path) -> tuple[list[dict], dict | None, dict]:
                 _require(_is_matrix(analysis["activation_ratio"]), eval_file, f"routing {name!r} has no matrix")
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             _require(False, eval_file, "not an evaluate report (no 'routing' with 'activation_ratio')")
+    # A run not trained here yet (an import, a widened run) has only what evaluate wrote.
+    _require(bool(records) or bool(sets), metrics_file,
+             f"has no records with a step, and there is no {EVAL_FILE}")
     return records, last, sets
 
 
@@ -157,13 +160,17 @@ def main(argv: list[str] | None = None) -> int:
     if output.exists() and not output.is_dir():
         raise ConfigError(f"--output {str(output)!r} is a file; give a folder")
     activation = {name: "activation_" + "".join(c if c.isalnum() else "_" for c in name) + ".png" for name in sets}
-    names = ["loss.png", "psr.png", *["expert_load.png"] * (routing is not None), *activation.values()]
+    names = [*["loss.png", "psr.png"] * bool(records), *["expert_load.png"] * (routing is not None),
+             *activation.values()]
     for name in names:  # Before drawing anything.
         outputs.check_file(output / name, "--output", ours=outputs.drawn_by_matplotlib)
     pyplot()
     output.mkdir(parents=True, exist_ok=True)
-    plot_losses(records, output / "loss.png")
-    plot_psr(records, output / "psr.png")
+    if records:
+        plot_losses(records, output / "loss.png")
+        plot_psr(records, output / "psr.png")
+    else:
+        print(f"note: {workdir / METRICS_FILE} has no training records yet: only evaluate's routing is drawn")
     if routing is not None:
         plot_expert_load(routing, output / "expert_load.png")
     for name, analysis in sets.items():

@@ -3,7 +3,11 @@ evaluate / generate commands."""
 
 import dataclasses
 import json
+import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -20,6 +24,7 @@ from rexmoe_jax.inference import evaluate, evaluation, generate, scoring, tasks
 from rexmoe_jax.model.decoder import Decoder
 from rexmoe_jax.tokenizer import load_tokenizer
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 CFG = apply_overrides(Config(), ["model.vocab_size=4096", "model.d_model=32", "model.num_layers=2",
                                  "model.num_heads=2", "model.num_kv_heads=1", "model.expert_ffn=16",
                                  "model.num_experts=4", "model.top_k=2", "model.reuse=2", "data.seq_len=16"])
@@ -129,9 +134,10 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
     """The README's evaluate, generate and plot commands."""
     workdir = tmp_path / "run"
     shutil.copytree(trained_run, workdir)
-    (tmp_path / "psalm.txt").write_text("The LORD is my shepherd; I shall not want.\n\n" * 20)
     assert evaluate.main(["--workdir", str(workdir), "--tasks", "examples/tasks/kjv_cloze.jsonl",
-                          "--input-set", f"psalm={tmp_path / 'psalm.txt'}", "--batches", "1"]) == 0
+                          "--batches", "1",
+                          "--input-set", f"psalms={ROOT / 'examples/input_sets/psalms.txt'}",
+                          "--input-set", f"code={ROOT / 'examples/input_sets/code.txt'}"]) == 0
     report = json.loads((workdir / "eval.json").read_text())
     assert report["step"] == 6 and report["tasks"]["kjv_cloze"]["n"] == 20
     # One evaluation function: the command's numbers are training's last eval line's.
@@ -139,12 +145,39 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
     last_eval = [r for r in logged if "eval_loss" in r][-1]
     for name in ("eval_loss", "lbv_max", "underused_share", "foreign_share"):
         assert report[name] == pytest.approx(last_eval[name], rel=1e-5, abs=1e-6), name
-    assert set(report["routing"]) == {"held-out", "psalm"}
+    assert set(report["routing"]) == {"held-out", "psalms", "code"}
     assert generate.main(["--workdir", str(workdir), "--prompt", "And God said", "--max-new-tokens", "4"]) == 0
     assert plot.main(["--workdir", str(workdir)]) == 0
-    assert (workdir / "activation_psalm.png").is_file()
+    assert (workdir / "activation_psalms.png").is_file() and (workdir / "activation_code.png").is_file()
     out = capsys.readouterr().out
     assert "task kjv_cloze: 20 questions" in out and "And God said" in out
+
+
+@pytest.mark.e2e
+def test_simulated_devices_run_the_readme_mesh_and_agree_with_one_device(trained_run, tmp_path, capsys):
+    """--simulate-devices 8 with mesh.fsdp=4 mesh.expert=2 (the README's example, which a CPU
+    alone cannot run): generate prints the text and evaluate the held-out loss that one device
+    gives here."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    prompt = ["--prompt", "And God said", "--max-new-tokens", "6"]
+    assert generate.main(["--workdir", str(run), *prompt]) == 0
+    alone = capsys.readouterr().out
+    alone_json = tmp_path / "alone.json"
+    assert evaluate.main(["--workdir", str(run), "--batches", "1", "--output", str(alone_json)]) == 0
+    capsys.readouterr()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    placement = ["--simulate-devices", "8", "mesh.fsdp=4", "mesh.expert=2"]
+    evaluate_args = ["--batches", "1", "--output", str(tmp_path / "mesh.json")]
+    for command in (["generate", *prompt], ["evaluate", *evaluate_args]):
+        done = subprocess.run([sys.executable, "-m", f"rexmoe_jax.{command[0]}", "--workdir", str(run),
+                               *command[1:], *placement], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if command[0] == "generate":
+            assert done.stdout == alone
+    meshed, single = (json.loads((tmp_path / name).read_text()) for name in ("mesh.json", "alone.json"))
+    assert meshed["eval_loss"] == pytest.approx(single["eval_loss"], abs=1e-5)
 
 
 def _not_utf8(path):

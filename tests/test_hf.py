@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import ml_dtypes
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from hf_models import kjv_lines, logits, make_run, random_params, sentencepiece_model, tiny_config, tokens
 
-from rexmoe_jax import trainer
+from rexmoe_jax import loop, trainer
 from rexmoe_jax.config import ConfigError
 from rexmoe_jax.hf import __main__ as cli
 from rexmoe_jax.hf import export, in_memory
@@ -391,8 +392,6 @@ def test_command_line_mistakes_and_failed_writes_are_one_line(tmp_path, run_r1, 
 def test_export_skips_a_damaged_newest_checkpoint_as_evaluate_does(tmp_path, capsys):
     """Every array data file of checkpoint 4 cut to 10 bytes (its index and metadata intact):
     export says so in a note and exports checkpoint 2, the newest that restores."""
-    from rexmoe_jax import loop
-
     config = tiny_config()
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, checkpoint_every=2),
                                  mesh=dataclasses.replace(config.mesh, num_devices=1))
@@ -407,3 +406,17 @@ def test_export_skips_a_damaged_newest_checkpoint_as_evaluate_does(tmp_path, cap
     captured = capsys.readouterr()
     assert "exported step 2 of" in captured.out
     assert "checkpoint 4" in captured.err and "newest readable" in captured.err
+
+
+@pytest.mark.e2e
+def test_an_imported_run_trains_on_without_a_note_about_its_data(tmp_path, run_r1, capsys):
+    """A step-0 checkpoint written by import (or widen) records no training data: training on
+    says it resumed, and nothing about the data differing from a run that never trained."""
+    shutil.copytree(run_r1, tmp_path / "run")
+    config = read_config(tmp_path / "run")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=2),
+                                 mesh=dataclasses.replace(config.mesh, num_devices=1))
+    capsys.readouterr()
+    assert loop.run(config, tmp_path / "run")["step"] == 2
+    out = capsys.readouterr().out
+    assert "resumed from step 0" in out and "training data differ" not in out

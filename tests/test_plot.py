@@ -71,7 +71,18 @@ def test_the_pictures_draw_the_logged_values(tmp_path, monkeypatch):
 
 def test_plot_without_records(tmp_path, capsys):
     assert plot.main(["--workdir", str(tmp_path)]) == 2
-    assert "has no records" in capsys.readouterr().err
+    assert "has no records with a step, and there is no eval.json" in one_error_line(capsys.readouterr().err)
+
+
+def test_an_evaluated_run_not_trained_here_gets_its_activation_pictures(tmp_path, capsys):
+    """An imported run has only evaluate's report: its activation ratios are drawn, nothing else."""
+    ratios = [[0.5, 0.25, 0.25, 0.0], [0.0, 0.5, 0.5, 0.0]]
+    report = {"routing": {"psalms 1-41": {"activation_ratio": ratios}}}
+    (tmp_path / "eval.json").write_text(json.dumps(report))
+    assert plot.main(["--workdir", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["activation_psalms_1_41.png"]
+    out = capsys.readouterr().out
+    assert "has no training records yet" in out and "wrote activation_psalms_1_41.png to" in out
 
 
 def _no_expert_load(run):

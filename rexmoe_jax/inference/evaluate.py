@@ -1,7 +1,7 @@
 """Evaluation of a trained run: held-out perplexity, routing analysis, zero-shot multiple choice.
 
     python -m rexmoe_jax.evaluate --workdir DIR [--tasks arc.jsonl piqa.jsonl ...]
-        [--input-set bible=kjv.txt --input-set code=manpages.txt ...] [--batches N]
+        [--input-set psalms=examples/input_sets/psalms.txt ...] [--batches N]
 
 Held-out loss and routing come from `evaluation.held_out`, the function training's evaluations call,
 on the same held-out batches (the first --batches, by default train.eval_batches, as training
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="JSON results (default: WORKDIR/eval.json); a new file or an earlier one of these")
     restore_lib.add_placement_arguments(parser)
     args = parser.parse_args(argv)
+    distributed_lib.simulate_devices(args.simulate_devices)  # before anything asks JAX for its devices
     output = pathlib.Path(args.output or pathlib.Path(args.workdir) / EVAL_FILE)
     report = evaluate_run(args.workdir, args.tasks, args.input_set, args.batches, output=output,
                           mesh=args.mesh, dtype=args.dtype, distributed=args.distributed)

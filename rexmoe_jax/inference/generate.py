@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     add_placement_arguments(parser)
     args = parser.parse_args(argv)
+    distributed.simulate_devices(args.simulate_devices)  # before anything asks JAX for its devices
     # Every argument is checked before the checkpoint is read.
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -114,12 +114,15 @@ def restore(workdir: str | pathlib.Path, *, mesh: jax.sharding.Mesh | None = Non
 
 
 def add_placement_arguments(parser) -> None:
-    """--dtype, --distributed and the mesh.*= settings of the inference commands (evaluate,
-    generate)."""
+    """--dtype, --distributed, --simulate-devices and the mesh.*= settings of the inference
+    commands (evaluate, generate)."""
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-process run first, as train.py --distributed (JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or what JAX detects): the mesh spans the devices of "
                              "every process; process 0 prints and writes")
+    parser.add_argument("--simulate-devices", type=int, default=0, metavar="N",
+                        help="run on N simulated CPU devices, as train.py (to try a mesh without the "
+                             "hardware)")
     parser.add_argument("--dtype", choices=DTYPES, help="the parameters' dtype on the devices (default: as trained, "
                         "float32); computation runs in the run's compute.dtype either way")
     parser.add_argument("mesh", nargs="*", metavar="mesh.AXIS=SIZE",

@@ -85,6 +85,21 @@ def _join_arguments() -> dict:
     return {"coordinator_address": address, "num_processes": count, "process_id": index}
 
 
+def simulate_devices(count: int) -> None:
+    """--simulate-devices N: this process runs on N CPU devices (to try a mesh without the
+    hardware); 0 leaves the devices alone. Before anything asks JAX for its devices, and before
+    `initialize` (then every process has N)."""
+    if count < 0:
+        raise ConfigError(f"--simulate-devices {count}: give a number of devices >= 1 (or 0: off)")
+    if not count:
+        return
+    flag = f"--xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+    os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; one imported already is told
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
 def initialize(init_timeout: int, heartbeat_timeout: int, stop: StopRequest | None = None) -> None:
     """Joins the run described by the environment (or detected by JAX); see the module doc. A
     `stop` request while joining: see `_join_or_stop`."""
