@@ -283,10 +283,10 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
                 pending = None
-            if step % cfg.log_every == 0 or step == total:
+            if cfg.logs_at(step):
                 pending = (step, metrics)
             evaluation = None
-            if step % cfg.eval_every == 0 or step == total:
+            if cfg.evaluates_at(step):
                 evaluation, load = evaluate(s, s.state.params)
                 last_eval = evaluation = {"step": step, **evaluation}
                 bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None

@@ -1,8 +1,9 @@
 """The study runner, its records and its report, with a fake trainer (no training, no jax).
 
 The fake trainer is a small script that accepts train.py's command line, writes the files a run
-writes (config.json, metrics.jsonl, routing.jsonl), resumes from its own metrics, stops cleanly
-on SIGTERM, and ends at a held-out loss given by a formula the tests know:
+writes (config.json, metrics.jsonl, routing.jsonl, an empty folder per checkpoint), resumes
+from its newest checkpoint dropping the lines logged after it, stops cleanly on SIGTERM after
+a checkpoint, and ends at a held-out loss given by a formula the tests know:
 4 - 0.1 r + 0.01 seed^2 r.
 """
 
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import signal
 import threading
 import time
@@ -50,9 +52,12 @@ stop = []
 signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 workdir.mkdir(parents=True, exist_ok=True)
 (workdir / "config.json").write_text(config.to_json())
-metrics = workdir / "metrics.jsonl"
-done = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-start = max((r["step"] for r in done), default=0)
+metrics, checkpoints = workdir / "metrics.jsonl", workdir / "checkpoints"
+start = max((int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()), default=0)
+for log in (metrics, workdir / "routing.jsonl"):
+    if log.exists():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log.write_text("".join(line + "\\n" for line in kept))
 with open(workdir / "calls.jsonl", "a") as f:
     f.write(json.dumps({{"from_step": start, "env": {{k: os.environ.get(k) for k in ("XLA_FLAGS", "OMP_NUM_THREADS")}},
                         "cores": sorted(os.sched_getaffinity(0))}}) + "\\n")
@@ -70,6 +75,8 @@ for step in range(start + 1, t.steps + 1):
             f.write(json.dumps({{"step": step, "pool_sizes": [m.pool_size] * m.num_layers, "expert_load": load}}) + "\\n")
     with open(metrics, "a") as f:
         f.write("".join(json.dumps(line) + "\\n" for line in lines))
+    if stop or step == t.steps or (t.checkpoint_every and step % t.checkpoint_every == 0):
+        (checkpoints / str(step)).mkdir(parents=True, exist_ok=True)
     if stop:
         sys.exit(0)
 """
@@ -159,10 +166,11 @@ def test_skips_recorded_runs_resumes_unfinished_and_pins(setup, capsys):
     recorded = options.results / "base" / "seed0.json"
     recorded.parent.mkdir(parents=True)
     recorded.write_text(json.dumps({"overrides": spec.overrides(spec.arm("base"), 0), "marker": 1}))
-    # reuse seed 0 was interrupted after step 4 of 6.
+    # reuse seed 0 was interrupted at step 5 of 6, after its checkpoint of step 4: it resumes there.
     partial = options.runs / "reuse" / "seed0"
-    partial.mkdir(parents=True)
-    (partial / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 5)))
+    (partial / "checkpoints" / "4").mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 9.0}) + "\n" for s in range(1, 6)]
+    (partial / "metrics.jsonl").write_text("".join(lines))
 
     assert study_runner.run(spec, options) == 0
     assert json.loads(recorded.read_text())["marker"] == 1  # untouched
@@ -238,13 +246,14 @@ def test_sigterm_stops_children_cleanly_and_the_next_sitting_resumes(setup, monk
     try:
         thread = threading.Thread(target=interrupt)
         thread.start()
-        assert study_runner.run(spec, options) == 0
+        assert study_runner.run(spec, options) == 130  # the contract's Ctrl-C: stopped, runs left
         thread.join()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    stopped_at = study_record.last_step(metrics.parent)
+    stopped_at = study_record.resume_step(metrics.parent)
     assert 3 <= stopped_at < 40
+    assert max(r["step"] for r in read_records(metrics)) == stopped_at  # it checkpointed where it stopped
     assert not (options.results / "base" / "seed0.json").exists()
     assert not (options.runs / "reuse").exists()  # nothing new starts after a signal
     [attempt] = read_records(metrics.parent / study_record.ATTEMPTS_FILE)
@@ -338,7 +347,8 @@ def test_a_study_with_no_record_yet_reports_its_plan_without_empty_sections(setu
 def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
     """A gate (no PSR on either side) is read at the study's t_s and t_e too. Records by hand:
     6 steps, t_s = 2, t_e = 4; base's training loss is 5 at every step and its held-out loss 4;
-    reuse's training loss at step k is 5 + 0.1 k and its held-out loss 4 - 0.1 s on seed s."""
+    reuse's training loss at step k is 5 + 0.1 k and its held-out loss 4 - 0.1 s on seed s. The
+    training window of a 6-step study is one step (a tenth of the steps, at least one)."""
     spec, _ = setup()
 
     def record(train: list[float], held_out: float) -> dict:
@@ -352,12 +362,12 @@ def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
     text = "\n".join(study_report._gaps(spec, found))
     assert ("| arm | training at t_s (2) | training at t_e (4) | training at end (6) | held-out at t_s (2) | "
             "held-out at t_e (4) | held-out at end (6) |") in text
-    # Training: the mean over steps 1-2 is +0.15, over 1-4 +0.25, over 1-6 +0.35, on both seeds
-    # (no spread). Held-out: -0.05 at every point (+0.00 and -0.10), interval 12.7062 * 0.0707 / sqrt(2).
+    # Training: +0.2 at step 2, +0.4 at 4, +0.6 at 6, on both seeds (no spread). Held-out: -0.05
+    # at every point (+0.00 and -0.10), interval 12.7062 * 0.0707 / sqrt(2).
     half = 12.7062 * 0.1 / math.sqrt(2) / math.sqrt(2)
     held_out = f"-0.050 ({-0.05 - half:+.3f} to {-0.05 + half:+.3f}, n = 2)"
-    training = ["+0.150 (+0.150 to +0.150, n = 2)", "+0.250 (+0.250 to +0.250, n = 2)",
-                "+0.350 (+0.350 to +0.350, n = 2)"]
+    training = ["+0.200 (+0.200 to +0.200, n = 2)", "+0.400 (+0.400 to +0.400, n = 2)",
+                "+0.600 (+0.600 to +0.600, n = 2)"]
     assert text.splitlines()[-1] == f"| `reuse` | {' | '.join(training + [held_out] * 3)} |"
 
 
@@ -433,6 +443,11 @@ def test_a_record_made_with_other_settings_stops_the_runner(setup):
     (("name = \"reuse\"", "name = \"base\""), "arm 'base' is defined twice"),
     (("steps = 6", "steps = 6\nsteps = 7"), "not valid TOML"),
     (("train_loss@1-3", "train_loss@3-1"), "metric 'train_loss@3-1' is not one of"),
+    # Steps a run never logs or evaluates (every 3 steps and the last, 6; logged every step):
+    (("train_loss@1-3", "eval_loss@4"), "number 2: eval_loss@4 asks for a step that is never evaluated"),
+    (("train_loss@1-3", "eval_loss@9"), "number 2: eval_loss@9 asks for a step that is never evaluated"),
+    (("train_loss@1-3", "train_loss@7-9"), "number 2: train_loss@7-9 holds no logged step"),
+    (("train.sample_tokens = 0", "train.sample_tokenz = 0"), "[budget] or [base]: unknown config key"),
     (("decide_below = 0.05", "decide_below = \"low\""), "decide_below must be a number"),
     (('heatmaps = ["base", "reuse"]', "heatmaps = 3"), "heatmaps must be a list of arm names"),
     (('heatmaps = ["base", "reuse"]', 'heatmaps = "base"'), "heatmaps must be a list of arm names"),
@@ -443,7 +458,7 @@ def test_bad_study_files_are_one_line_errors(tmp_path, capsys, edit, message):
     text = STUDY.format(steps=6)
     assert edit[0] in text
     path.write_bytes(text.replace(*edit, 1).encode("latin-1"))  # latin-1: the one case of a non-UTF-8 file
-    with pytest.raises(study.StudyError, match=message.replace("(", r"\(")):
+    with pytest.raises(study.StudyError, match=re.escape(message)):
         study.load_study(path)
     assert study_cli.main(["report", str(path), "--results", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
@@ -617,6 +632,7 @@ def test_a_failing_runner_leaves_no_training_behind(setup, monkeypatch):
 
 def test_the_report_overwrites_only_a_report(setup, tmp_path, capsys):
     spec, options = setup()
+    options.results.mkdir()
     notes = tmp_path / "notes.md"
     notes.write_text("my own notes\n")
     before = hashes(tmp_path)
@@ -629,3 +645,59 @@ def test_the_report_overwrites_only_a_report(setup, tmp_path, capsys):
         assert study_cli.main(["report", str(tmp_path / "unit.toml"), "--results", str(options.results),
                            "--output", str(report)]) == 0
     assert report.read_text().startswith("# Reproduction study")
+
+
+def test_the_held_out_gap_reads_the_last_evaluation_at_or_before_each_point(setup):
+    """Evaluations at steps 3 and 6 only, t_s = 2 and t_e = 4: nothing is evaluated by step 2
+    ("-"), step 3 stands for t_e (the header says so), 6 for the end. Held-out by hand: base 4.0
+    then 3.0; reuse 4.2 then 3.1 on both seeds."""
+    spec, _ = setup()
+
+    def record(held_out: list[float]) -> dict:
+        config = {"psr": {"schedule": "none", "start_step": 2, "end_step": 4}, "train": {"steps": 6}}
+        return {"config": config, "train": {"step": list(range(1, 7)), "loss": [5.0] * 6},
+                "eval": {"step": [3, 6], "eval_loss": held_out}}
+
+    found = {"base": {s: record([4.0, 3.0]) for s in (0, 1)},
+             "reuse": {s: record([4.2, 3.1]) for s in (0, 1)}}
+    lines = study_report._gaps(spec, found)
+    assert "| held-out at t_s (2) | held-out at t_e (3) | held-out at end (6) |" in lines[4]
+    assert lines[-2].endswith("| - | +0.200 (+0.200 to +0.200, n = 2) | +0.100 (+0.100 to +0.100, n = 2) |")
+
+
+def test_a_report_of_other_studies_is_not_replaced_and_the_header_names_the_records(setup, tmp_path, capsys):
+    """The default --output is this project's report: another study's report stops with one line
+    naming the studies it reports, and nothing changes. A report made with --results says so in
+    the command that regenerates it; a --results folder that does not exist is one line."""
+    spec, options = setup()
+    assert study_runner.run(spec, options) == 0
+    capsys.readouterr()
+    (tmp_path / "studies").mkdir()
+    other = (tmp_path / "unit.toml").read_text().replace('"unit"', '"other"')
+    (tmp_path / "studies" / "other.toml").write_text(other)
+    output = tmp_path / "docs" / "reproduction.md"
+    argv = ["report", str(tmp_path / "unit.toml"), "--results", str(options.results), "--output", str(output)]
+    assert study_cli.main(argv) == 0
+    header = output.read_text().splitlines()[2]
+    assert header == ("Written by `python -m rexmoe_jax.study report unit.toml --results results`; "
+                      "regenerate it rather than edit it.")
+    before = hashes(tmp_path)
+    assert study_cli.main(["report", str(tmp_path / "studies" / "other.toml"), "--output", str(output)]) == 2
+    assert one_error_line(capsys.readouterr().err).endswith(
+        f"{str(output)!r} is the report of unit.toml, not of this study; give this one its own --output")
+    assert hashes(tmp_path) == before
+    assert study_cli.main(["report", str(tmp_path / "unit.toml"), "--results", str(tmp_path / "typo"),
+                           "--output", str(output)]) == 2
+    assert "--results '" in one_error_line(capsys.readouterr().err)
+    assert hashes(tmp_path) == before
+
+
+def test_a_run_resumes_from_its_newest_checkpoint_not_its_last_log_line(tmp_path):
+    """What the runner says and records as the resume step: the newest checkpoint folder train.py
+    would restore (a set-aside or half-written one is not), whatever metrics.jsonl holds."""
+    assert study_record.resume_step(tmp_path) == 0
+    for name in ("2", "4", "6.corrupt", "8.orbax-checkpoint-tmp-12"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    lines = [json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    assert study_record.resume_step(tmp_path) == 4

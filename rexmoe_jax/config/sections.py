@@ -372,6 +372,14 @@ class TrainConfig(_Section):
     def trackers(self) -> tuple[str, ...]:
         return tuple(name for name in self.tracker.split(",") if name)
 
+    def logs_at(self, step: int) -> bool:
+        """Whether training writes a metrics line at `step`: every log_every steps, and the last."""
+        return step % self.log_every == 0 or step == self.steps
+
+    def evaluates_at(self, step: int) -> bool:
+        """Whether training evaluates at `step`: every eval_every steps, and the last."""
+        return step % self.eval_every == 0 or step == self.steps
+
     @property
     def profile_window(self) -> tuple[int, int] | None:
         if not self.profile_steps:

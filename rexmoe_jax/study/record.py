@@ -23,7 +23,7 @@ import numpy as np
 from rexmoe_jax.data import EMBEDDED_CORPUS, PREPARED_META, held_out_documents, split_documents
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.runlog import read_records
-from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, METRICS_FILE, ROUTING_FILE
 from rexmoe_jax.sources import corpus_files
 from rexmoe_jax.study.spec import StudyError
 
@@ -34,9 +34,12 @@ _TRAIN_SERIES = ("loss", "psr_pool_size", "lbv_max", "lbv_min", "underused_share
 _EVAL_SERIES = ("eval_loss", "lbv_max", "underused_share", "foreign_share")
 
 
-def last_step(workdir: pathlib.Path) -> int:
-    """The last step the run logged (0 before its first log line)."""
-    return max((r.get("step", 0) for r in read_records(workdir / METRICS_FILE, warn=False)), default=0)
+def resume_step(workdir: pathlib.Path) -> int:
+    """The step train.py resumes the run from: its newest checkpoint's (0 before the first). The
+    last logged step may be later (it is dropped on resume) or earlier (log_every > 1)."""
+    folder = workdir / CHECKPOINTS
+    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return max(steps, default=0)
 
 
 def is_complete(workdir: pathlib.Path, steps: int) -> bool:

@@ -74,6 +74,13 @@ def _tokens(n: float | None) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k"
 
 
+def _duration(seconds: float) -> str:
+    """42 s, 17 min or 2.5 h."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
 def _status(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     planned = len(study.queue())
     done = sum(len(v) for v in found.values())
@@ -132,14 +139,15 @@ def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
              _corpus_line(corpus, tokens["corpus_train"], epochs),
              f"- Held-out evaluation: {_tokens(tokens['per_eval'])} tokens every {config['train']['eval_every']} steps.",
              (f"- Run time (steps x the run's median step time; start-up, compiling and evaluations not "
-              f"counted): {sum(walls) / 3600:.1f} h in all over {len(timed)} timed runs "
-              f"({min(walls) / 60:.0f} to {max(walls) / 60:.0f} min each) on {_machines(timed)}, "
+              f"counted): {_duration(sum(walls))} in all over {len(timed)} timed runs "
+              f"({_duration(min(walls))} to {_duration(max(walls))} each) on {_machines(timed)}, "
               f"{timed[0]['cores_per_run']} core(s) per run"
               + (f"; {len(records) - len(timed)} run(s) recorded without timing." if len(timed) < len(records)
                  else ".")),
              f"- Code: commit(s) {', '.join(sorted({c[:10] for r in records for c in r['commits']}))}"
              + (" (some with uncommitted changes)." if any(r["dirty"] for r in records) else "."), "",
-             "| arm | what | overrides | parameters (total / active / router) | seeds done | min per run (run time) | tokens/s |",
+             "| arm | what | overrides | parameters (total / active / router) | seeds done "
+             "| run time per run | tokens/s |",
              "|---|---|---|---|---|---|---|"]
     for arm in study.arms:
         runs = list(found[arm.name].values())
@@ -147,7 +155,7 @@ def _setup(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
         size = (f"{sizes['params_total'] / 1e6:.2f}M / {sizes['params_active'] / 1e6:.2f}M / "
                 f"{sizes['params_router'] / 1e3:.1f}k") if sizes else "-"
         walls = [_run_seconds(r, study.steps) for r in runs if r["time"]["attempts"]]
-        minutes = f"{np.mean(walls) / 60:.0f}" if walls else "-"
+        minutes = _duration(float(np.mean(walls))) if walls else "-"
         rate = f"{np.mean([r['time']['tokens_per_sec'] or 0 for r in runs]):,.0f}" if runs else "-"
         lines.append(f"| `{arm.name}` | {arm.about} | {' '.join(f'`{o}`' for o in arm.overrides) or '-'} | {size} "
                      f"| {len(runs)} of {len(arm.seeds)} | {minutes} | {rate} |")
@@ -182,24 +190,31 @@ def _gap_points(record: dict) -> list[tuple[str, int]]:
 
 def _gaps(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     """Paired differences to the baseline at t_s, t_e and the end: the training loss averaged
-    over the logged steps of the 200 before each point, and the held-out loss there."""
+    over the logged steps of a window before each point (200 steps, a tenth of a shorter
+    study), and the held-out loss at the last evaluation at or before it."""
     base = found[study.baseline]
     arms = [a for a in study.arms if a.name != study.baseline and found[a.name]]
     if not base or not arms:
         return []
     points = max((_gap_points(r) for arm in arms for r in found[arm.name].values()), key=len)
-    header = " | ".join(f"{kind} at {label} ({step:,})" for kind in ("training", "held-out") for label, step in points)
+    window = min(200, max(study.steps // 10, 1))
+    evaluated = sorted({s for r in base.values() for s in r["eval"]["step"]})
+    at = {step: max((s for s in evaluated if s <= step), default=step) for _, step in points}
+    header = " | ".join([f"training at {label} ({step:,})" for label, step in points]
+                        + [f"held-out at {label} ({at[step]:,})" for label, step in points])
     lines = ["## Gap to the baseline over training", "",
-             (f"Each arm minus `{study.baseline}` on the same seeds, mean with 95% interval: the training loss "
-              "averaged over the logged steps of the 200 before each point (single logged steps are noisy), and "
-              "the held-out loss at the evaluation there. Positive: the arm trails the baseline."), "",
+             (f"Each arm minus `{study.baseline}` on the same seeds, mean with 95% interval: the training "
+              f"loss averaged over the logged steps of the {window} before each point (single logged steps "
+              "are noisy), and the held-out loss at the last evaluation at or before it (the step in "
+              "brackets). Positive: the arm trails the baseline."), "",
              f"| arm | {header} |", "|---|" + "---|" * (2 * len(points))]
     base_values = {}
     for arm in arms:
         cells = []
         for kind in ("train", "eval"):
             for _, step in points:
-                metric = f"train_loss@{max(step - 199, 0)}-{step}" if kind == "train" else f"eval_loss@{step}"
+                metric = (f"train_loss@{max(step - window + 1, 0)}-{step}" if kind == "train"
+                          else f"eval_loss@{at[step]}")
                 if metric not in base_values:
                     base_values[metric] = _values(base, metric)
                 mine = {k: v for k, v in _values(found[arm.name], metric).items() if v is not None}
@@ -345,11 +360,32 @@ def _study_lines(study: Study, results: pathlib.Path, output: pathlib.Path, figu
     return lines + _limits(study) + _closing(study, found)
 
 
-def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path) -> int:
+def _reported_studies(path: pathlib.Path) -> set[str] | None:
+    """The study files named in the header of a report this wrote (resolved), or None when the
+    file is not such a report."""
+    text = path.read_text(errors="replace")
+    start = text.find(_MARK)
+    if start < 0:
+        return None
+    command = text[start + len(_MARK):].split("`", 1)[0].split(" --", 1)[0].split()
+    root = path.parent.parent.resolve()
+    return {str((root / name).resolve()) for name in command}
+
+
+def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path, *,
+                 results_given: bool = False) -> int:
     """Writes the report of (study, records folder) pairs and their figures; several studies
-    become one section each. Returns 0 (partial results are reported as such)."""
+    become one section each. Returns 0 (partial results are reported as such). An existing
+    report is replaced only when it reports one of these studies: another study's report (the
+    default --output is this project's) is refused. `results_given`: the header's command names
+    the one study's records folder."""
     figures = output.with_suffix("")
-    outputs.check_file(output, "--output", ours=lambda path: _MARK in path.read_text(errors="replace"))
+    outputs.check_file(output, "--output", ours=lambda path: _reported_studies(path) is not None)
+    reported = _reported_studies(output) if output.is_file() else None
+    if reported is not None and not reported & {str(study.path.resolve()) for study, _ in studies}:
+        names = ", ".join(sorted(os.path.relpath(name, output.parent.parent.resolve()) for name in reported))
+        raise StudyError(f"{str(output)!r} is the report of {names}, not of this study; give this one "
+                         "its own --output")
     if figures.exists() and not figures.is_dir():
         raise StudyError(f"{str(figures)!r}, the folder for the report's figures, is a file; move it away")
     if figures.is_dir():  # Before anything is drawn: the report replaces only pictures it drew.
@@ -359,9 +395,11 @@ def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path
                              "move it away first")
     root = output.parent.parent.resolve()
     command = " ".join(os.path.relpath(study.path.resolve(), root) for study, _ in studies)
-    regenerate = (f"{_MARK} {command}"
-                  + (f" --output {os.path.relpath(output.resolve(), root)}`" if output.name != "reproduction.md"
-                     or output.parent.name != "docs" else "`") + "; regenerate it rather than edit it.")
+    if results_given:
+        command += f" --results {os.path.relpath(studies[0][1].resolve(), root)}"
+    if output.name != "reproduction.md" or output.parent.name != "docs":
+        command += f" --output {os.path.relpath(output.resolve(), root)}"
+    regenerate = f"{_MARK} {command}`; regenerate it rather than edit it."
     if len(studies) == 1:
         study, results = studies[0]
         lines = _study_lines(study, results, output, figures)

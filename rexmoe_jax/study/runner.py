@@ -20,6 +20,7 @@ import sys
 import time
 
 from rexmoe_jax import outputs
+from rexmoe_jax.cli import INTERRUPTED
 from rexmoe_jax.data import PREPARED_META
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE
@@ -211,7 +212,8 @@ def _cpu_model() -> str:
 
 def _start(study: Study, options: Options, job: _Job, slot: int) -> None:
     job.workdir.mkdir(parents=True, exist_ok=True)
-    job.from_step, job.slot, job.started, job.signalled = study_record.last_step(job.workdir), slot, time.time(), 0
+    job.from_step, job.slot = study_record.resume_step(job.workdir), slot
+    job.started, job.signalled = time.time(), 0
     cores = options.slots[slot]
     with open(job.workdir / "train.log", "a") as log:
         job.process = subprocess.Popen(_command(study, options, job), stdout=log, stderr=subprocess.STDOUT,
@@ -229,7 +231,7 @@ def _start(study: Study, options: Options, job: _Job, slot: int) -> None:
 def _log_attempt(job: _Job, options: Options) -> None:
     attempt = {"started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(job.started)),
                "seconds": round(time.time() - job.started, 1), "exit": job.process.returncode,
-               "from_step": job.from_step, "to_step": study_record.last_step(job.workdir),
+               "from_step": job.from_step, "to_step": study_record.resume_step(job.workdir),
                "commit": _git("rev-parse", "HEAD").strip() or "unknown",
                "dirty": bool(_git("status", "--porcelain", "--untracked-files=no").strip()),
                "cpu": _cpu_model(), "cores": list(options.slots[job.slot])}
@@ -277,8 +279,8 @@ def _finish(job: _Job, study: Study, options: Options, recorder: _Recorder) -> b
              f"record {job.record}")
         return True
     if code == 0 or job.signalled:  # A second signal kills it: it resumes from its last checkpoint.
-        _say(f"stopped {job.label} after step {study_record.last_step(job.workdir)} ({minutes:.1f} min); "
-             "the same command resumes it")
+        _say(f"stopped {job.label} with its checkpoint of step {study_record.resume_step(job.workdir)} "
+             f"({minutes:.1f} min); the same command resumes it from there")
         return True
     tail = (job.workdir / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
     _say(f"FAILED {job.label} (exit {code}) after {minutes:.1f} min: {tail[0]} (see {job.workdir / 'train.log'})")
@@ -370,7 +372,9 @@ def _run_queue(study: Study, options: Options, pending: list[_Job], recorder: _R
 
 
 def run(study: Study, options: Options) -> int:
-    """Runs every (arm, seed) that has no record. Returns 0 when nothing failed."""
+    """Runs every (arm, seed) that has no record. Returns 0 when nothing failed and no signal cut
+    the sitting short, INTERRUPTED (130, the command contract's Ctrl-C) when a signal stopped
+    runs that are left, 1 when a run failed."""
     jobs = _plan(study, options)
     recorder = _Recorder(study, options)
     _check_existing(jobs, recorder.corpus)
@@ -391,7 +395,7 @@ def run(study: Study, options: Options) -> int:
         outputs.check_file(job.record, "--results", ours=lambda _: False)
     if options.dry_run:
         for job in pending:
-            step = study_record.last_step(job.workdir)
+            step = study_record.resume_step(job.workdir)
             print(f"  {job.label}: {'resume after step ' + str(step) if step else 'new'} -> {job.workdir}")
         return 0
     signals = _Signals().install()
@@ -402,4 +406,5 @@ def run(study: Study, options: Options) -> int:
     if failures:
         print(f"error: {failures} run(s) failed this sitting; each FAILED line above names its train.log",
               file=sys.stderr, flush=True)
-    return 1 if failures else 0
+        return 1
+    return INTERRUPTED if signals.count and left else 0

@@ -183,18 +183,45 @@ def _question(table: object, arms: set[str], index: int) -> Question:
 
 
 def _check_configs(study: Study) -> None:
-    """Builds every arm's config now, so a bad override stops the study before any training."""
+    """Builds every arm's config now, so a bad override stops the study before any training; and
+    checks that each question reads steps its arms log or evaluate."""
     try:
         preset = load_preset(study.preset)
     except ConfigError as err:
         raise StudyError(f"preset: {err}") from None
+    try:
+        apply_overrides(preset, list(study.base))
+    except ConfigError as err:
+        raise StudyError(f"[budget] or [base]: {err}") from None
+    configs = {}
     for arm in study.arms:
         try:
-            config = apply_overrides(preset, study.overrides(arm, arm.seeds[0]))
+            configs[arm.name] = apply_overrides(preset, study.overrides(arm, arm.seeds[0]))
         except ConfigError as err:
             raise StudyError(f"arm {arm.name!r}: {err}") from None
-        if config.train.steps != study.steps:
+        if configs[arm.name].train.steps != study.steps:
             raise StudyError(f"arm {arm.name!r} changes train.steps; the budget is the same for every arm")
+    for index, question in enumerate(study.questions):
+        for name in (question.arm, question.against):
+            problem = _unread_steps(question.metric, configs[name].train)
+            if problem:
+                raise StudyError(f"[[question]] number {index + 1}: {question.metric} {problem} "
+                                 f"in arm {name!r}")
+
+
+def _unread_steps(metric: str, train) -> str | None:
+    """Why the runs of an arm trained with `train` (a TrainConfig) would never give `metric` a
+    value, or None when they would."""
+    if metric.startswith("eval_loss@"):
+        step = int(metric.split("@")[1])
+        if not 1 <= step <= train.steps or not train.evaluates_at(step):
+            return (f"asks for a step that is never evaluated (every {train.eval_every} steps and the last, "
+                    f"{train.steps})")
+    elif metric.startswith("train_loss@"):
+        first, last = map(int, metric.split("@")[1].split("-"))
+        if not any(train.logs_at(step) for step in range(max(first, 1), min(last, train.steps) + 1)):
+            return (f"holds no logged step (every {train.log_every} steps and the last, {train.steps})")
+    return None
 
 
 def load_study(path: str | pathlib.Path) -> Study:
