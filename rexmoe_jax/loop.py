@@ -198,7 +198,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         except OSError as err:
             raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is not None:
-        saved = meta.get("data_fingerprint")  # None: written by an import or widen, not by training
+        saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
         if saved is not None and saved != fingerprint:
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
                   f"batches after step {start} differ from the original run", flush=True)

@@ -144,7 +144,7 @@ def _inputs(workdir: pathlib.Path) -> tuple[list[dict], dict | None, dict]:
             _require(False, eval_file, "not an evaluate report (no 'routing' with 'activation_ratio')")
     # A run not trained here yet (an import, a widened run) has only what evaluate wrote.
     _require(bool(records) or bool(sets), metrics_file,
-             f"has no records with a step, and there is no {EVAL_FILE}")
+             f"has no records with a step, and there is no {EVAL_FILE} with routing to draw")
     return records, last, sets
 
 

@@ -3,10 +3,12 @@ command keeps (rexmoe_jax/cli.py): one line and exit 2 for bad input, 4 for a fa
 130 quietly on Ctrl-C, no traceback unless REXMOE_DEBUG asks."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 from files import one_error_line
 
@@ -89,6 +91,16 @@ def test_errors_are_one_line_and_nonzero(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+
+
+def test_simulate_devices_after_jax_started_is_one_line_not_ignored(tmp_path, capsys, monkeypatch):
+    """In a process whose JAX runs already (a notebook, this test) the flag could change nothing:
+    generate says so instead of running on the devices it has."""
+    jax.devices()  # started
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # restored after the test
+    assert generate.main(["--workdir", str(tmp_path), "--prompt", "Hi", "--simulate-devices", "2"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "--simulate-devices 2: JAX has started on its devices already" in line
 
 
 def one_line_error(capsys, argv) -> str:

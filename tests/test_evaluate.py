@@ -154,10 +154,12 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_simulated_devices_run_the_readme_mesh_and_agree_with_one_device(trained_run, tmp_path, capsys):
+def test_simulated_devices_run_the_readme_mesh_and_agree_with_the_default_placement(trained_run, tmp_path,
+                                                                                     capsys):
     """--simulate-devices 8 with mesh.fsdp=4 mesh.expert=2 (the README's example, which a CPU
-    alone cannot run): generate prints the text and evaluate the held-out loss that one device
-    gives here."""
+    alone cannot run), in a fresh process: generate prints the text and evaluate the held-out
+    loss that this process gives on its default placement (the suite's 8 devices on the data
+    axis), a different mesh."""
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     prompt = ["--prompt", "And God said", "--max-new-tokens", "6"]

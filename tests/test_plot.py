@@ -71,7 +71,8 @@ def test_the_pictures_draw_the_logged_values(tmp_path, monkeypatch):
 
 def test_plot_without_records(tmp_path, capsys):
     assert plot.main(["--workdir", str(tmp_path)]) == 2
-    assert "has no records with a step, and there is no eval.json" in one_error_line(capsys.readouterr().err)
+    assert "has no records with a step, and there is no eval.json with routing to draw" in one_error_line(
+        capsys.readouterr().err)
 
 
 def test_an_evaluated_run_not_trained_here_gets_its_activation_pictures(tmp_path, capsys):

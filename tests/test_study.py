@@ -661,35 +661,60 @@ def test_the_held_out_gap_reads_the_last_evaluation_at_or_before_each_point(setu
     found = {"base": {s: record([4.0, 3.0]) for s in (0, 1)},
              "reuse": {s: record([4.2, 3.1]) for s in (0, 1)}}
     lines = study_report._gaps(spec, found)
-    assert "| held-out at t_s (2) | held-out at t_e (3) | held-out at end (6) |" in lines[4]
+    assert "| held-out at t_s | held-out at t_e (3) | held-out at end (6) |" in lines[4]
     assert lines[-2].endswith("| - | +0.200 (+0.200 to +0.200, n = 2) | +0.100 (+0.100 to +0.100, n = 2) |")
 
 
-def test_a_report_of_other_studies_is_not_replaced_and_the_header_names_the_records(setup, tmp_path, capsys):
-    """The default --output is this project's report: another study's report stops with one line
-    naming the studies it reports, and nothing changes. A report made with --results says so in
-    the command that regenerates it; a --results folder that does not exist is one line."""
+def test_a_report_is_replaced_only_by_one_of_at_least_its_studies(setup, tmp_path, capsys, monkeypatch):
+    """docs/reproduction.md under a folder with spaces, reporting `unit`: another study alone is
+    refused with one line naming what the report holds, and nothing changes; `unit` and the
+    other together replace it (a section is added), and then `unit` alone is refused (it would
+    drop one). The regenerate command quotes its paths and names --results; the report is the
+    same report whether --output is spelled relative or absolute."""
     spec, options = setup()
     assert study_runner.run(spec, options) == 0
+    project = tmp_path / "my project"
+    (project / "studies").mkdir(parents=True)
+    unit = project / "studies" / "unit.toml"
+    unit.write_text((tmp_path / "unit.toml").read_text())
+    other = project / "studies" / "other study.toml"
+    other.write_text((tmp_path / "unit.toml").read_text().replace('"unit"', '"other"'))
+    output = project / "docs" / "reproduction.md"
+    records = ["--results", str(options.results)]
+    assert study_cli.main(["report", str(unit), *records, "--output", str(output)]) == 0
     capsys.readouterr()
-    (tmp_path / "studies").mkdir()
-    other = (tmp_path / "unit.toml").read_text().replace('"unit"', '"other"')
-    (tmp_path / "studies" / "other.toml").write_text(other)
-    output = tmp_path / "docs" / "reproduction.md"
-    argv = ["report", str(tmp_path / "unit.toml"), "--results", str(options.results), "--output", str(output)]
-    assert study_cli.main(argv) == 0
-    header = output.read_text().splitlines()[2]
-    assert header == ("Written by `python -m rexmoe_jax.study report unit.toml --results results`; "
-                      "regenerate it rather than edit it.")
+    results = os.path.relpath(options.results, project)
+    assert output.read_text().splitlines()[2] == (
+        f"Written by `python -m rexmoe_jax.study report studies/unit.toml --results {results}`; "
+        "regenerate it rather than edit it.")
+    monkeypatch.chdir(project / "docs")  # the same file, spelled relative: still unit's report
+    assert study_cli.main(["report", str(unit), *records, "--output", "reproduction.md"]) == 0
     before = hashes(tmp_path)
-    assert study_cli.main(["report", str(tmp_path / "studies" / "other.toml"), "--output", str(output)]) == 2
+    assert study_cli.main(["report", str(other), "--output", str(output)]) == 2
     assert one_error_line(capsys.readouterr().err).endswith(
-        f"{str(output)!r} is the report of unit.toml, not of this study; give this one its own --output")
+        "is the report of studies/unit.toml; a report there must name each of them (this one leaves out "
+        "studies/unit.toml), or give --output another file")
     assert hashes(tmp_path) == before
-    assert study_cli.main(["report", str(tmp_path / "unit.toml"), "--results", str(tmp_path / "typo"),
-                           "--output", str(output)]) == 2
+    assert study_cli.main(["report", str(unit), str(other), "--output", str(output)]) == 0
+    assert "report studies/unit.toml 'studies/other study.toml'`" in output.read_text()
+    assert study_cli.main(["report", str(unit), "--output", str(output)]) == 2
+    assert "(this one leaves out studies/other study.toml)" in one_error_line(capsys.readouterr().err)
+    before = hashes(tmp_path)
+    typo = ["--results", str(tmp_path / "typo")]
+    assert study_cli.main(["report", str(unit), *typo, "--output", str(output)]) == 2
     assert "--results '" in one_error_line(capsys.readouterr().err)
     assert hashes(tmp_path) == before
+
+
+def test_base_settings_valid_only_with_each_arms_are_accepted(tmp_path):
+    """[base] model.num_layers = 1 is invalid with the preset's reuse = 2 but every arm sets
+    reuse = 1: the study loads, as each arm's whole config is valid."""
+    text = STUDY.format(steps=6).replace("train.sample_tokens = 0",
+                                         "train.sample_tokens = 0\nmodel.num_layers = 1")
+    text = text.replace("set = { model = { reuse = 2 } }", 'set = { "model.reuse" = 1 }')
+    (tmp_path / "one_layer.toml").write_text(text)
+    loaded = study.load_study(tmp_path / "one_layer.toml")
+    assert "model.num_layers=1" in loaded.base
 
 
 def test_a_run_resumes_from_its_newest_checkpoint_not_its_last_log_line(tmp_path):

@@ -65,8 +65,9 @@ def _replace(config: Config, changes: dict[str, dict[str, object]]) -> Config:
         for section, fields in changes.items()})
 
 
-def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
-    """Returns `config` with each "section.field=value" applied, validating the result."""
+def parse_overrides(overrides: typing.Sequence[str]) -> dict[str, dict[str, object]]:
+    """Each "section.field=value" read against the config's fields and types, by section;
+    raises ConfigError naming a malformed item, an unknown key or a value of the wrong type."""
     changes: dict[str, dict[str, object]] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -74,7 +75,12 @@ def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
         section, _, name = key.strip().partition(".")
         kind = _field_type(section, name)
         changes.setdefault(section, {})[name] = _parse_value(key.strip(), raw, kind)
-    return _replace(config, changes)
+    return changes
+
+
+def apply_overrides(config: Config, overrides: typing.Sequence[str]) -> Config:
+    """Returns `config` with each "section.field=value" applied, validating the result."""
+    return _replace(config, parse_overrides(overrides))
 
 
 def from_dict(data: dict) -> Config:

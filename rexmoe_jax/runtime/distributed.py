@@ -93,6 +93,12 @@ def simulate_devices(count: int) -> None:
         raise ConfigError(f"--simulate-devices {count}: give a number of devices >= 1 (or 0: off)")
     if not count:
         return
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge  # private, but the one way to ask without starting JAX
+
+        if xla_bridge.backends_are_initialized():
+            raise ConfigError(f"--simulate-devices {count}: JAX has started on its devices already in this "
+                              "process; give it to a new process (a command, not a notebook cell)")
     flag = f"--xla_force_host_platform_device_count={count}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
     os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; one imported already is told

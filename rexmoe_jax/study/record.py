@@ -35,8 +35,9 @@ _EVAL_SERIES = ("eval_loss", "lbv_max", "underused_share", "foreign_share")
 
 
 def resume_step(workdir: pathlib.Path) -> int:
-    """The step train.py resumes the run from: its newest checkpoint's (0 before the first). The
-    last logged step may be later (it is dropped on resume) or earlier (log_every > 1)."""
+    """The step train.py resumes the run from: its newest checkpoint's (0 before the first;
+    train.py sets an unreadable one aside and takes the one before). The last logged step may
+    be later (dropped on resume) or earlier (log_every > 1)."""
     folder = workdir / CHECKPOINTS
     steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
     return max(steps, default=0)

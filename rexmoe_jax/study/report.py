@@ -11,9 +11,11 @@ that there are not enough runs yet. Missing runs are listed, never silently drop
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import os
 import pathlib
+import shlex
 
 import numpy as np
 
@@ -188,38 +190,54 @@ def _gap_points(record: dict) -> list[tuple[str, int]]:
     return [(label, step) for label, step in points if 0 < step < steps] + [("end", steps)]
 
 
+def _last_evaluation(runs: list[dict], step: int) -> int | None:
+    """The last step at or before `step` that every run of `runs` evaluated."""
+    common = set.intersection(*(set(r["eval"]["step"]) for r in runs))
+    return max((s for s in common if s <= step), default=None)
+
+
 def _gaps(study: Study, found: dict[str, dict[int, dict]]) -> list[str]:
     """Paired differences to the baseline at t_s, t_e and the end: the training loss averaged
-    over the logged steps of a window before each point (200 steps, a tenth of a shorter
-    study), and the held-out loss at the last evaluation at or before it."""
+    over the logged steps in a window before each point (200 steps, a tenth of a shorter study,
+    never less than the logging interval), and the held-out loss at the last evaluation at or
+    before it (the step in the header; a cell names its own where an arm evaluates elsewhere)."""
     base = found[study.baseline]
     arms = [a for a in study.arms if a.name != study.baseline and found[a.name]]
     if not base or not arms:
         return []
     points = max((_gap_points(r) for arm in arms for r in found[arm.name].values()), key=len)
-    window = min(200, max(study.steps // 10, 1))
-    evaluated = sorted({s for r in base.values() for s in r["eval"]["step"]})
-    at = {step: max((s for s in evaluated if s <= step), default=step) for _, step in points}
-    header = " | ".join([f"training at {label} ({step:,})" for label, step in points]
-                        + [f"held-out at {label} ({at[step]:,})" for label, step in points])
+    log_every = max(r["config"]["train"].get("log_every", 1) for runs in found.values()
+                    for r in runs.values())
+    window = max(min(200, study.steps // 10), log_every, 1)
+    at = {step: _last_evaluation(list(base.values()), step) for _, step in points}
+    held_out = [f"held-out at {label}" + (f" ({at[step]:,})" if at[step] is not None else "")
+                for label, step in points]
+    header = " | ".join([f"training at {label} ({step:,})" for label, step in points] + held_out)
     lines = ["## Gap to the baseline over training", "",
              (f"Each arm minus `{study.baseline}` on the same seeds, mean with 95% interval: the training "
-              f"loss averaged over the logged steps of the {window} before each point (single logged steps "
-              "are noisy), and the held-out loss at the last evaluation at or before it (the step in "
-              "brackets). Positive: the arm trails the baseline."), "",
+              f"loss averaged over the logged steps within the {window} steps up to each point (single "
+              "logged steps are noisy), and the held-out loss at the last evaluation at or before it (the "
+              "step in brackets). Positive: the arm trails the baseline."), "",
              f"| arm | {header} |", "|---|" + "---|" * (2 * len(points))]
     base_values = {}
     for arm in arms:
+        runs = list(found[arm.name].values())
         cells = []
         for kind in ("train", "eval"):
             for _, step in points:
+                evaluated = _last_evaluation(runs + list(base.values()), step) if kind == "eval" else None
+                if kind == "eval" and evaluated is None:
+                    cells.append("-")
+                    continue
                 metric = (f"train_loss@{max(step - window + 1, 0)}-{step}" if kind == "train"
-                          else f"eval_loss@{at[step]}")
+                          else f"eval_loss@{evaluated}")
                 if metric not in base_values:
                     base_values[metric] = _values(base, metric)
                 mine = {k: v for k, v in _values(found[arm.name], metric).items() if v is not None}
                 diff = paired_difference(mine, {k: v for k, v in base_values[metric].items() if v is not None})
-                cells.append(diff.text(signed=True) if diff else "-")
+                cell = diff.text(signed=True) if diff else "-"
+                moved = kind == "eval" and diff is not None and evaluated != at[step]
+                cells.append(cell + (f" (at {evaluated:,})" if moved else ""))
         lines.append(f"| `{arm.name}` | {' | '.join(cells)} |")
     return lines + [""]
 
@@ -360,32 +378,43 @@ def _study_lines(study: Study, results: pathlib.Path, output: pathlib.Path, figu
     return lines + _limits(study) + _closing(study, found)
 
 
+def _root(output: pathlib.Path) -> pathlib.Path:
+    """The folder a report's regenerate command runs from: the one above the report's folder
+    (the repository for docs/reproduction.md)."""
+    return output.resolve().parent.parent
+
+
 def _reported_studies(path: pathlib.Path) -> set[str] | None:
-    """The study files named in the header of a report this wrote (resolved), or None when the
-    file is not such a report."""
+    """The study files named in the regenerate command of a report this wrote (resolved), or
+    None when the file is not such a report."""
     text = path.read_text(errors="replace")
     start = text.find(_MARK)
     if start < 0:
         return None
-    command = text[start + len(_MARK):].split("`", 1)[0].split(" --", 1)[0].split()
-    root = path.parent.parent.resolve()
-    return {str((root / name).resolve()) for name in command}
+    try:
+        words = shlex.split(text[start + len(_MARK):].split("`", 1)[0])
+    except ValueError:  # a header edited by hand: judge it by its mark alone
+        words = []
+    names = itertools.takewhile(lambda word: not word.startswith("--"), words)
+    return {str((_root(path) / name).resolve()) for name in names}
 
 
 def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path, *,
                  results_given: bool = False) -> int:
     """Writes the report of (study, records folder) pairs and their figures; several studies
     become one section each. Returns 0 (partial results are reported as such). An existing
-    report is replaced only when it reports one of these studies: another study's report (the
-    default --output is this project's) is refused. `results_given`: the header's command names
-    the one study's records folder."""
+    report is replaced only by one of at least the studies it reports: a study of one's own
+    cannot replace this project's report (the default --output), nor a shorter list drop a
+    section. `results_given`: the regenerate command names the one study's records folder."""
     figures = output.with_suffix("")
     outputs.check_file(output, "--output", ours=lambda path: _reported_studies(path) is not None)
     reported = _reported_studies(output) if output.is_file() else None
-    if reported is not None and not reported & {str(study.path.resolve()) for study, _ in studies}:
-        names = ", ".join(sorted(os.path.relpath(name, output.parent.parent.resolve()) for name in reported))
-        raise StudyError(f"{str(output)!r} is the report of {names}, not of this study; give this one "
-                         "its own --output")
+    missing = sorted((reported or set()) - {str(study.path.resolve()) for study, _ in studies})
+    if missing:
+        names = ", ".join(os.path.relpath(name, _root(output)) for name in sorted(reported))
+        raise StudyError(f"{str(output)!r} is the report of {names}; a report there must name each of them "
+                         f"(this one leaves out {os.path.relpath(missing[0], _root(output))}), or give "
+                         "--output another file")
     if figures.exists() and not figures.is_dir():
         raise StudyError(f"{str(figures)!r}, the folder for the report's figures, is a file; move it away")
     if figures.is_dir():  # Before anything is drawn: the report replaces only pictures it drew.
@@ -393,13 +422,13 @@ def write_report(studies: list[tuple[Study, pathlib.Path]], output: pathlib.Path
         if foreign:
             raise StudyError(f"{str(foreign[0])!r}, in the report's figures folder, was not drawn by it; "
                              "move it away first")
-    root = output.parent.parent.resolve()
-    command = " ".join(os.path.relpath(study.path.resolve(), root) for study, _ in studies)
+    root = _root(output)
+    words = [os.path.relpath(study.path.resolve(), root) for study, _ in studies]
     if results_given:
-        command += f" --results {os.path.relpath(studies[0][1].resolve(), root)}"
+        words += ["--results", os.path.relpath(studies[0][1].resolve(), root)]
     if output.name != "reproduction.md" or output.parent.name != "docs":
-        command += f" --output {os.path.relpath(output.resolve(), root)}"
-    regenerate = f"{_MARK} {command}`; regenerate it rather than edit it."
+        words += ["--output", os.path.relpath(output.resolve(), root)]
+    regenerate = f"{_MARK} {shlex.join(words)}`; regenerate it rather than edit it."
     if len(studies) == 1:
         study, results = studies[0]
         lines = _study_lines(study, results, output, figures)

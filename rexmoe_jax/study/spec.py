@@ -14,7 +14,7 @@ import re
 import tomllib
 
 from rexmoe_jax.cli import BadInput
-from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
+from rexmoe_jax.config import ConfigError, apply_overrides, load_preset, parse_overrides
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]  # the repository: rexmoe_jax/study/spec.py
 TRAIN_SCRIPT = ROOT / "train.py"
@@ -189,16 +189,19 @@ def _check_configs(study: Study) -> None:
         preset = load_preset(study.preset)
     except ConfigError as err:
         raise StudyError(f"preset: {err}") from None
-    try:
-        apply_overrides(preset, list(study.base))
-    except ConfigError as err:
-        raise StudyError(f"[budget] or [base]: {err}") from None
     configs = {}
     for arm in study.arms:
         try:
             configs[arm.name] = apply_overrides(preset, study.overrides(arm, arm.seeds[0]))
         except ConfigError as err:
-            raise StudyError(f"arm {arm.name!r}: {err}") from None
+            # Named after the shared overrides when those alone do not parse (a mistyped key or
+            # value); a combination of settings that is invalid names the arm.
+            where = f"arm {arm.name!r}"
+            try:
+                parse_overrides(study.base)
+            except ConfigError:
+                where = "[budget] or [base]"
+            raise StudyError(f"{where}: {err}") from None
         if configs[arm.name].train.steps != study.steps:
             raise StudyError(f"arm {arm.name!r} changes train.steps; the budget is the same for every arm")
     for index, question in enumerate(study.questions):
