@@ -33,7 +33,6 @@ from rexmoe_jax.tokenizer import Tokenizer, load_tokenizer, train_bpe
 ASSETS = pathlib.Path(__file__).parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "kjv.txt.gz"
 EMBEDDED_TOKENIZER = ASSETS / "tokenizer.json"
-PREPARED_META = "meta.json"
 
 
 def read_embedded_documents() -> list[str]:
@@ -110,10 +109,12 @@ class PackedSequences:
         return np.concatenate(pieces).astype(np.int32)
 
 
-def split_documents(num_documents: int, eval_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held_out) document indices: a seeded choice of whole documents, at least one each."""
+def split_documents(num_documents: int, eval_fraction: float, seed: int,
+                    corpus: str = "the corpus") -> tuple[np.ndarray, np.ndarray]:
+    """(train, held_out) document indices: a seeded choice of whole documents, at least one each;
+    `corpus` names it in the error."""
     if num_documents < 2:
-        raise ConfigError(f"the corpus has {num_documents} document(s); at least 2 are needed to hold "
+        raise ConfigError(f"{corpus} has {num_documents} document(s); at least 2 are needed to hold "
                           "one out for evaluation (for .txt files, see data.txt_documents)")
     order = np.random.default_rng([seed, 1]).permutation(num_documents)
     n_eval = min(num_documents - 1, max(1, round(eval_fraction * num_documents)))
@@ -174,7 +175,7 @@ _META_KEYS = {"tokenizer": str, "dtype": str, "num_tokens": int, "num_documents"
 
 def _prepared_meta(path: pathlib.Path) -> dict:
     """A prepared corpus's meta.json, with the keys training reads checked."""
-    file = path / PREPARED_META
+    file = path / sources.PREPARED_META
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -204,9 +205,14 @@ def _prepared_folder(path: pathlib.Path) -> tuple[TokenDocuments, dict]:
     return TokenDocuments(tokens, offsets), meta
 
 
+def _named(config: DataConfig) -> str:
+    """The corpus as an error message names it."""
+    return f"data.corpus={config.corpus!r}" if config.corpus else "the embedded corpus"
+
+
 def _prepared(config: DataConfig) -> pathlib.Path | None:
     folder = pathlib.Path(config.corpus) if config.corpus else None
-    return folder if folder is not None and (folder / PREPARED_META).is_file() else None
+    return folder if folder is not None and (folder / sources.PREPARED_META).is_file() else None
 
 
 def tokenizer_path(config: DataConfig) -> pathlib.Path:
@@ -254,15 +260,18 @@ def build_corpus(config: DataConfig, seed: int, vocab_size: int) -> Corpus:
     """Loads, splits and packs the configured corpus, checking it against the model's vocabulary."""
     documents, tokenizer, max_token = load_documents(config)
     if max_token >= vocab_size or tokenizer.vocab_size > vocab_size:
-        raise ConfigError(f"the corpus uses token ids up to {max(max_token, tokenizer.vocab_size - 1)} but "
+        largest = max(max_token, tokenizer.vocab_size - 1)
+        raise ConfigError(f"{_named(config)} uses token ids up to {largest} but "
                           f"model.vocab_size={vocab_size}; raise model.vocab_size or use another tokenizer")
-    train_idx, eval_idx = split_documents(len(documents), config.eval_fraction, seed)
+    train_idx, eval_idx = split_documents(len(documents), config.eval_fraction, seed, _named(config))
     corpus = Corpus(tokenizer, pack(documents, train_idx, config.seq_len, seed),
                     pack(documents, eval_idx, config.seq_len, None), seed)
     for name, packed in (("training", corpus.train), ("held-out", corpus.held_out)):
         if len(packed) == 0:
-            raise ConfigError(f"data.seq_len={config.seq_len} is longer than the {name} data "
-                              f"({packed.num_tokens} tokens); lower data.seq_len or add text")
+            more = " or raise data.eval_fraction" if name == "held-out" else ""
+            raise ConfigError(f"data.seq_len={config.seq_len} is longer than the {name} data of "
+                              f"{_named(config)} ({packed.num_tokens} tokens); lower data.seq_len{more}, "
+                              "or add text")
     return corpus
 
 
@@ -302,7 +311,6 @@ class BatchIterator:
 # python -m rexmoe_jax.data prepare | train-tokenizer
 
 
-_PREPARED_FILES = {"tokens.bin", "offsets.npy", PREPARED_META}
 
 
 def _is_prepared(folder: pathlib.Path) -> bool:
@@ -312,7 +320,7 @@ def _is_prepared(folder: pathlib.Path) -> bool:
     except ConfigError:
         return False
     files = {p.name for p in folder.iterdir()}
-    return files == _PREPARED_FILES and (folder / "tokens.bin").stat().st_size == (
+    return files == set(sources.PREPARED_FILES) and (folder / "tokens.bin").stat().st_size == (
         meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize)
 
 
@@ -331,7 +339,10 @@ def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_fiel
     if pathlib.Path(source).is_dir():
         inputs.append(pathlib.Path(source))
     outputs.check_folder(output, "--output", protected=inputs, ours=_is_prepared,
-                         looks_ours=lambda folder: (folder / PREPARED_META).is_file(), force=force)
+                         looks_ours=lambda folder: (folder / sources.PREPARED_META).is_file(), force=force)
+    if pathlib.Path(source).is_dir() and output.resolve().is_relative_to(pathlib.Path(source).resolve()):
+        raise ConfigError(f"--output {str(output)!r} is inside --source {source!r}, where every later read "
+                          "of that folder would find it; put it beside the source")
     if sources.is_tokenized(files):
         docs = sources.read_token_documents(files, tokenizer.eod_id)
     else:
@@ -351,7 +362,7 @@ def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_fiel
         meta = {"source": source, "tokenizer": str(pathlib.Path(tokenizer_path).resolve()),
                 "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "dtype": dtype.str,
                 "num_documents": len(offsets) - 1, "num_tokens": offsets[-1], "max_token_id": max_token}
-        (staging / PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
+        (staging / sources.PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
@@ -393,7 +404,7 @@ def _train_tokenizer(args) -> Tokenizer:
     output = pathlib.Path(args.output)
     if any(output.resolve() == f.resolve() for f in files):
         raise ConfigError(f"--output {args.output!r} is one of the --source files; give a new file")
-    outputs.check_file(output, "--output", ours=lambda _: args.force)
+    outputs.check_file(output, "--output", ours=lambda _: args.force, replace_flag="--force")
     output.parent.mkdir(parents=True, exist_ok=True)
     texts = sources.read_text_documents(files, args.text_field, args.txt_documents)
     with outputs.staged_file(output) as staging:

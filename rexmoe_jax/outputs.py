@@ -36,9 +36,10 @@ def run_file(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
-def check_file(path: pathlib.Path, option: str, ours: Ours) -> None:
+def check_file(path: pathlib.Path, option: str, ours: Ours, *, replace_flag: str | None = None) -> None:
     """Raises ConfigError unless `path` may be written: not a run's own file, not a folder, and
-    new or made by this command (`ours`)."""
+    new or made by this command (`ours`). `replace_flag`: the option that lets the command
+    replace any file there, which the message then names instead."""
     run = run_file(path)
     if run is not None:
         raise ConfigError(f"{option} {str(path)!r} is one of the files of the training run in {str(run)!r}; "
@@ -46,6 +47,9 @@ def check_file(path: pathlib.Path, option: str, ours: Ours) -> None:
     if path.is_dir():
         raise ConfigError(f"{option} {str(path)!r} is a folder; give a file name")
     if path.exists() and not ours(path):
+        if replace_flag:
+            raise ConfigError(f"{option} {str(path)!r} exists; give a new file name, or {replace_flag} to "
+                              "replace it")
         raise ConfigError(f"{option} {str(path)!r} exists and was not written by this command; "
                           "give a new file name, or move that file away first")
 

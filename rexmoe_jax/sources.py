@@ -18,6 +18,15 @@ from rexmoe_jax.config import ConfigError
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 TOKEN_SUFFIXES = (".npy", ".arrayrecord", ".array_record")
+# A folder `python -m rexmoe_jax.data prepare` wrote: its tokens, where each document starts, and
+# what made them. Its files are not corpus files (offsets.npy would read as a token stream).
+PREPARED_META = "meta.json"
+PREPARED_FILES = ("tokens.bin", "offsets.npy", PREPARED_META)
+
+
+def is_prepared(folder: pathlib.Path) -> bool:
+    """Whether `folder` looks like a prepared corpus (its meta.json and tokens.bin)."""
+    return (folder / PREPARED_META).is_file() and (folder / "tokens.bin").is_file()
 
 
 def corpus_files(pattern: str, setting: str = "data.corpus") -> list[pathlib.Path]:
@@ -25,6 +34,14 @@ def corpus_files(pattern: str, setting: str = "data.corpus") -> list[pathlib.Pat
     `setting` is the option the pattern came from, for the messages."""
     path = pathlib.Path(pattern)
     if path.is_dir():
+        if is_prepared(path):
+            raise ConfigError(f"{setting}={pattern!r} is a prepared corpus ({', '.join(PREPARED_FILES)}), "
+                              "not corpus files; train on it as data.corpus, or give the text it was made "
+                              "from")
+        inside = sorted(p.parent for p in path.rglob(PREPARED_META) if is_prepared(p.parent))
+        if inside:
+            raise ConfigError(f"{setting}={pattern!r} holds a prepared corpus, {str(inside[0])!r}, whose "
+                              "files would read as corpus files; move it out of that folder")
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES)
     elif path.is_file():
         files = [path]

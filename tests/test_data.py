@@ -321,10 +321,18 @@ def test_prepared_corpus_with_damaged_offsets(tmp_path, tokenizer_file, edit):
 def test_tokens_outside_the_vocabulary_and_short_data(tmp_path, tokenizer_file):
     np.save(tmp_path / "t.npy", np.asarray([5, 6, 0, 7, 999, 0], np.int32))
     cfg = DataConfig(corpus=str(tmp_path / "t.npy"), tokenizer=str(tokenizer_file), seq_len=2)
-    with pytest.raises(ConfigError, match="token ids up to 999 but model.vocab_size=300"):
+    with pytest.raises(ConfigError, match=f"^data.corpus='{tmp_path}/t.npy' uses token ids up to 999 but "
+                                          "model.vocab_size=300"):
         data.build_corpus(cfg, seed=0, vocab_size=300)
-    with pytest.raises(ConfigError, match="data.seq_len"):
+    with pytest.raises(ConfigError, match="data.seq_len=10000000 is longer than the training data of the "
+                                          "embedded corpus"):
         data.build_corpus(DataConfig(seq_len=10_000_000), seed=0, vocab_size=4096)
+    # 40 documents, one held out by eval_fraction 0.02: too short for a row of 64 tokens.
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    with pytest.raises(ConfigError, match="held-out data of data.corpus=.* lower data.seq_len or raise "
+                                          "data.eval_fraction, or add text"):
+        data.build_corpus(DataConfig(corpus=str(tmp_path / "c.jsonl"), tokenizer=str(tokenizer_file),
+                                     seq_len=64), seed=0, vocab_size=300)
     with pytest.raises(ConfigError, match="set data.tokenizer"):
         data.build_corpus(DataConfig(corpus=str(tmp_path / "t.npy")), seed=0, vocab_size=300)
 
@@ -400,6 +408,25 @@ def test_prepare_replaces_only_a_prepared_corpus(corpus_folder, tokenizer_file, 
     assert sorted(p.name for p in corpus_folder.parent.iterdir()) == ["beside.txt", "prepared", "src"]
 
 
+def test_a_prepared_corpus_is_never_read_as_corpus_files(corpus_folder, tokenizer_file, capsys):
+    """Its offsets.npy would read as a token stream: prepare refuses an --output inside its
+    --source folder, and a prepared folder, or a folder holding one, given as corpus files (a
+    --source, data.corpus) is one line naming it."""
+    before = hashes(corpus_folder.parent)
+    assert _prepare(corpus_folder, tokenizer_file, corpus_folder / "tokens") == 2
+    assert "/src/tokens' is inside --source" in one_error_line(capsys.readouterr().err)
+    assert hashes(corpus_folder.parent) == before
+    prepared = corpus_folder.parent / "prepared"
+    assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, prepared) == 0
+    assert _prepare(prepared, tokenizer_file, corpus_folder.parent / "again") == 2
+    assert "prepared' is a prepared corpus (tokens.bin, offsets.npy, meta.json)" in one_error_line(
+        capsys.readouterr().err)
+    holding = DataConfig(corpus=str(corpus_folder.parent), tokenizer=str(tokenizer_file), seq_len=8)
+    with pytest.raises(ConfigError, match="holds a prepared corpus, '.*prepared', whose files would read as"):
+        data.build_corpus(holding, seed=0, vocab_size=300)
+    assert not (corpus_folder.parent / "again").exists()
+
+
 def test_prepare_interrupted_leaves_no_partial_folder(corpus_folder, tokenizer_file, capsys, monkeypatch):
     output = corpus_folder.parent / "prepared"
     assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0
@@ -439,7 +466,8 @@ def test_prepare_write_failure_exits_4_and_leaves_nothing(corpus_folder, tokeniz
 def test_train_tokenizer_overwrites_nothing_unasked(corpus_folder, capsys):
     source, output = corpus_folder / "c.jsonl", corpus_folder.parent / "beside.txt"
     before = hashes(corpus_folder.parent)
-    for target, naming in ((source, "is one of the --source files"), (output, "was not written by this command")):
+    for target, naming in ((source, "is one of the --source files"),
+                           (output, "beside.txt' exists; give a new file name, or --force to replace it")):
         assert data.main(["train-tokenizer", "--source", str(source), "--vocab-size", "280",
                           "--output", str(target)]) == 2
         assert naming in one_error_line(capsys.readouterr().err)

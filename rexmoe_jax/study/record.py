@@ -20,11 +20,11 @@ import pathlib
 
 import numpy as np
 
-from rexmoe_jax.data import EMBEDDED_CORPUS, PREPARED_META, held_out_documents, split_documents
+from rexmoe_jax.data import EMBEDDED_CORPUS, held_out_documents, split_documents
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import CHECKPOINTS, METRICS_FILE, ROUTING_FILE
-from rexmoe_jax.sources import corpus_files
+from rexmoe_jax.sources import PREPARED_META, corpus_files
 from rexmoe_jax.study.spec import StudyError
 
 RECORD_VERSION = 1

@@ -21,10 +21,9 @@ import time
 
 from rexmoe_jax import outputs
 from rexmoe_jax.cli import INTERRUPTED
-from rexmoe_jax.data import PREPARED_META
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime.workdir import METRICS_FILE
-from rexmoe_jax.sources import corpus_files
+from rexmoe_jax.sources import PREPARED_META, corpus_files
 from rexmoe_jax.study import record as study_record
 from rexmoe_jax.study.spec import ROOT, TRAIN_SCRIPT, Arm, Study, StudyError
 
