@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import sys
 
 import numpy as np
 
@@ -170,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         plot_losses(records, output / "loss.png")
         plot_psr(records, output / "psr.png")
     else:
-        print(f"note: {workdir / METRICS_FILE} has no training records yet: only evaluate's routing is drawn")
+        print(f"note: {workdir / METRICS_FILE} has no training records yet: only evaluate's routing is drawn",
+              file=sys.stderr)
     if routing is not None:
         plot_expert_load(routing, output / "expert_load.png")
     for name, analysis in sets.items():

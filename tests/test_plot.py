@@ -82,8 +82,9 @@ def test_an_evaluated_run_not_trained_here_gets_its_activation_pictures(tmp_path
     (tmp_path / "eval.json").write_text(json.dumps(report))
     assert plot.main(["--workdir", str(tmp_path)]) == 0
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["activation_psalms_1_41.png"]
-    out = capsys.readouterr().out
-    assert "has no training records yet" in out and "wrote activation_psalms_1_41.png to" in out
+    captured = capsys.readouterr()
+    assert "has no training records yet" in captured.err
+    assert "wrote activation_psalms_1_41.png to" in captured.out
 
 
 def _no_expert_load(run):

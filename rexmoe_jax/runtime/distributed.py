@@ -25,6 +25,10 @@ When process 0 itself dies, the service goes with it and JAX ends the others at 
 naming the coordination service. Orbax writes checkpoints atomically, so those already written
 stay good and a re-run resumes from the newest.
 
+Simulated devices. `simulate_devices` (train.py's, evaluate's and generate's --simulate-devices)
+gives a process N CPU devices before JAX starts, so that a mesh can be tried without the
+hardware; once JAX has started in the process it refuses, as the flag could change nothing.
+
 The end. `finish` stops the watchdog (a process that finished first is not a lost one) and
 shuts the runtime down, which waits up to `heartbeat_timeout` for every process to get there.
 """
