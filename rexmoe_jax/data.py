@@ -311,8 +311,6 @@ class BatchIterator:
 # python -m rexmoe_jax.data prepare | train-tokenizer
 
 
-
-
 def _is_prepared(folder: pathlib.Path) -> bool:
     """A complete prepared corpus and nothing else: what `prepare` may replace."""
     try:
@@ -335,12 +333,11 @@ def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_fiel
     """
     tokenizer = load_tokenizer(tokenizer_path)
     files = sources.corpus_files(source, setting="--source")
-    inputs = [*files, pathlib.Path(tokenizer_path)]
-    if pathlib.Path(source).is_dir():
-        inputs.append(pathlib.Path(source))
+    source_dir = pathlib.Path(source) if pathlib.Path(source).is_dir() else None
+    inputs = [*files, pathlib.Path(tokenizer_path), *([source_dir] if source_dir else [])]
     outputs.check_folder(output, "--output", protected=inputs, ours=_is_prepared,
                          looks_ours=lambda folder: (folder / sources.PREPARED_META).is_file(), force=force)
-    if pathlib.Path(source).is_dir() and output.resolve().is_relative_to(pathlib.Path(source).resolve()):
+    if source_dir and output.resolve().is_relative_to(source_dir.resolve()):
         raise ConfigError(f"--output {str(output)!r} is inside --source {source!r}, where every later read "
                           "of that folder would find it; put it beside the source")
     if sources.is_tokenized(files):

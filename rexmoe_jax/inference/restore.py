@@ -27,7 +27,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, apply_overrides, from_dict, read_json_config
 from rexmoe_jax.data import resolve_tokenizer
 from rexmoe_jax.runtime import distributed
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE
+from rexmoe_jax.runtime.workdir import CONFIG_FILE, checkpoint_steps
 from rexmoe_jax.tokenizer import Tokenizer
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -54,8 +54,7 @@ def check_run(workdir: pathlib.Path) -> Config:
     """The config of a run that has a checkpoint written by a compatible config (the same model),
     read cheaply, without any array: for a command that checks its inputs before a slow start."""
     config = read_config(workdir)
-    folder = workdir / CHECKPOINTS
-    if not folder.is_dir() or not any(p.name.isdigit() for p in folder.iterdir()):
+    if not checkpoint_steps(workdir):
         raise ConfigError(f"{str(workdir)!r} has no checkpoint yet; train first")
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, read_only=True)
     try:

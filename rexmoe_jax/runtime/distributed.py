@@ -97,7 +97,8 @@ def simulate_devices(count: int) -> None:
         raise ConfigError(f"--simulate-devices {count}: give a number of devices >= 1 (or 0: off)")
     if not count:
         return
-    if "jax" in sys.modules:
+    imported = "jax" in sys.modules
+    if imported:
         from jax._src import xla_bridge  # private, but the one way to ask without starting JAX
 
         if xla_bridge.backends_are_initialized():
@@ -106,7 +107,7 @@ def simulate_devices(count: int) -> None:
     flag = f"--xla_force_host_platform_device_count={count}"
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
     os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; one imported already is told
-    if "jax" in sys.modules:
+    if imported:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 

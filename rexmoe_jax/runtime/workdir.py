@@ -71,6 +71,13 @@ def is_run(folder: pathlib.Path) -> bool:
     return any((folder / name).exists() for name in (CONFIG_FILE, METRICS_FILE, LOCK_FILE, CHECKPOINTS))
 
 
+def checkpoint_steps(workdir: pathlib.Path) -> list[int]:
+    """The steps of the checkpoint folders in a run's checkpoints/, sorted, read from their names
+    alone (no orbax): not a set-aside (N.corrupt) or half-written one."""
+    folder = workdir / CHECKPOINTS
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
 def check_writable(workdir: pathlib.Path) -> None:
     try:
         workdir.mkdir(parents=True, exist_ok=True)

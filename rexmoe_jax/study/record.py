@@ -23,7 +23,7 @@ import numpy as np
 from rexmoe_jax.data import EMBEDDED_CORPUS, held_out_documents, split_documents
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.runlog import read_records
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, METRICS_FILE, ROUTING_FILE
+from rexmoe_jax.runtime.workdir import METRICS_FILE, ROUTING_FILE, checkpoint_steps
 from rexmoe_jax.sources import PREPARED_META, corpus_files
 from rexmoe_jax.study.spec import StudyError
 
@@ -38,9 +38,7 @@ def resume_step(workdir: pathlib.Path) -> int:
     """The step train.py resumes the run from: its newest checkpoint's (0 before the first;
     train.py sets an unreadable one aside and takes the one before). The last logged step may
     be later (dropped on resume) or earlier (log_every > 1)."""
-    folder = workdir / CHECKPOINTS
-    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
-    return max(steps, default=0)
+    return max(checkpoint_steps(workdir), default=0)
 
 
 def is_complete(workdir: pathlib.Path, steps: int) -> bool:
