@@ -82,9 +82,9 @@ def _measure(args) -> None:
     shardings = trainer.state_shardings(config, model, tx, mesh)
     state = trainer.init_state(config, model, tx, shardings)
     train_step, _ = loop.jitted_steps(config, model, tx, mesh, shardings)
-    block, blocks = sharding.process_rows(mesh, config.data.batch_size)
-    shape = (config.data.batch_size // blocks, config.data.seq_len + 1)
-    rows = np.random.default_rng(block).integers(0, config.model.vocab_size, shape, dtype=np.int32)
+    blocks, count = sharding.process_rows(mesh, config.data.batch_size)
+    shape = (config.data.batch_size // count * len(blocks), config.data.seq_len + 1)
+    rows = np.random.default_rng(blocks[0]).integers(0, config.model.vocab_size, shape, dtype=np.int32)
     batch = sharding.put_batch(rows, mesh)
     # Everything compiled before the first collective, then a barrier, as the loop does: a
     # process that compiles (or reads the compilation cache) 30 s later than another would

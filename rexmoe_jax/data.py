@@ -22,7 +22,7 @@ import dataclasses
 import gzip
 import json
 import pathlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -278,18 +278,29 @@ def build_corpus(config: DataConfig, seed: int, vocab_size: int) -> Corpus:
 class BatchIterator:
     """This host's rows of consecutive global batches, prefetched by grain in background threads.
 
+    A global batch is cut into `block_count` equal blocks of rows; the host reads the blocks
+    numbered `blocks` (its devices' rows, sharding.process_rows) and returns them concatenated
+    in ascending order, which is how jax places them (make_array_from_process_local_data).
     `state()` is the position to save with a checkpoint; `BatchIterator(..., state=...)` resumes.
     """
 
-    def __init__(self, sequences: PackedSequences, batch_size: int, seed: int, *, host_index: int = 0,
-                 host_count: int = 1, state: dict | None = None, prefetch: int = 2):
+    def __init__(self, sequences: PackedSequences, batch_size: int, seed: int, *,
+                 blocks: Sequence[int] = (0,), block_count: int = 1, state: dict | None = None,
+                 prefetch: int = 2):
         import grain
 
-        if batch_size % host_count:
-            raise ConfigError(f"data.batch_size={batch_size} is not divisible by the {host_count} hosts")
-        host_batch = batch_size // host_count
-        dataset = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None)
-        dataset = dataset.batch(host_batch)[host_index::host_count]
+        if batch_size % block_count:
+            raise ConfigError(f"data.batch_size={batch_size} is not divisible into {block_count} blocks "
+                              "of rows, one per device holding its own rows")
+        blocks, run = sorted(blocks), len(blocks)
+        if blocks == list(range(blocks[0], blocks[0] + run)) and blocks[0] % run == block_count % run == 0:
+            blocks, block_count = [blocks[0] // run], block_count // run  # adjacent: one block
+        rows = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None).batch(batch_size // block_count)
+        if len(blocks) == 1:
+            dataset = rows[blocks[0]::block_count]
+        else:  # blocks apart on the batch (a TPU host's devices along the torus): read each, in order
+            dataset = grain.MapDataset.range(len(rows) // block_count).map(
+                lambda step: np.concatenate([rows[step * block_count + b] for b in blocks]))
         options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch)
         self._iterator = iter(dataset.to_iter_dataset(options))
         if state:

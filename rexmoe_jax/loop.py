@@ -138,7 +138,7 @@ class _Session:
     train_step: object
     eval_step: object
     fingerprint: dict
-    rows: slice  # this process's rows of a global batch
+    rows: np.ndarray  # this process's rows of a global batch, in the order put_batch takes them
     vote: distributed.StopVote
 
     def put_global(self, rows: np.ndarray) -> jax.Array:
@@ -203,17 +203,18 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
                   f"batches after step {start} differ from the original run", flush=True)
         print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
-    block, blocks = sharding.process_rows(mesh, config.data.batch_size)
+    blocks, count = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
-                                     host_index=block, host_count=blocks, state=data_state)
+                                     blocks=blocks, block_count=count, state=data_state)
     train_step, eval_step = jitted_steps(config, model, tx, mesh, shardings)
     vote = distributed.StopVote(mesh)
     if jax.process_count() > 1:
         train_step, eval_step = _compile_ahead(train_step, eval_step, abstract, mesh, (
             (config.data.batch_size, config.data.seq_len + 1), eval_batches[0].shape))
-    share = config.data.batch_size // blocks
+    share = config.data.batch_size // count
+    rows = np.concatenate([np.arange(block * share, (block + 1) * share) for block in blocks])
     return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
-                    train_step, eval_step, fingerprint, slice(block * share, (block + 1) * share), vote)
+                    train_step, eval_step, fingerprint, rows, vote)
 
 
 def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):

@@ -208,43 +208,51 @@ def using(mesh: jax.sharding.Mesh | None):
     return contextlib.nullcontext() if mesh is None else activate(mesh)
 
 
-def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[int, int]:
-    """(block, blocks): under the batch sharding, this process's devices hold rows block * n to
-    (block + 1) * n - 1 of a global batch, n = global_rows / blocks. The data pipeline reads
-    exactly those rows; a layout that gives a process scattered rows is an error."""
+def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[tuple[int, ...], int]:
+    """(blocks, count): the batch sharding cuts a global batch of `global_rows` into `count`
+    equal blocks of rows, one per distinct shard, and this process's devices hold the blocks
+    numbered `blocks` (ascending). They need not be adjacent: on a TPU slice the mesh follows
+    the torus, which interleaves the hosts along the data axis. The process reads those rows in
+    that order, and put_batch places them (jax maps its shards onto its rows in order)."""
     index_map = batch_sharding(mesh).devices_indices_map((global_rows, 1))
-    spans = {index_map[d][0].indices(global_rows)[:2] for d in mesh.devices.flat
-             if d.process_index == jax.process_index()}
-    start, stop = min(s for s, _ in spans), max(e for _, e in spans)
-    size = stop - start
-    if sum(e - s for s, e in spans) != size or global_rows % size or start % size:
-        raise ConfigError(f"the devices of process {jax.process_index()} hold rows {sorted(spans)} of each "
-                          "batch, not one block; put the mesh's data axes first over the processes")
-    return start // size, global_rows // size
+    starts = {d: index_map[d][0].indices(global_rows)[0] for d in mesh.devices.flat}
+    count = len(set(starts.values()))
+    own = {start // (global_rows // count) for d, start in starts.items() if d.process_index == jax.process_index()}
+    return tuple(sorted(own)), count
 
 
-_PLATFORM = contextvars.ContextVar("platform", default=None)
+_DEVICE = contextvars.ContextVar("device", default=None)
 
 
 def activate(mesh: jax.sharding.Mesh):
     """A context that makes `mesh` and the rules current (for logical constraints and the MoE
-    layer's shard_map), and its devices' platform the one `platform()` answers."""
+    layer's shard_map), and its devices the ones `platform()` and `device_kind()` describe."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(RULES))
     device = mesh.devices.flat[0]
-    token = _PLATFORM.set(device.platform)
-    stack.callback(_PLATFORM.reset, token)
+    token = _DEVICE.set(device)
+    stack.callback(_DEVICE.reset, token)
     if device.platform != jax.default_backend():  # compiling for a target (a TPU slice from a CPU):
         stack.enter_context(jax.default_device(device))  # libraries that ask (tokamax) see its chip
     return stack
+
+
+def _device():
+    return _DEVICE.get() or jax.devices()[0]
 
 
 def platform() -> str:
     """The platform ("cpu", "gpu", "tpu") of the devices of the mesh `activate` made current, or
     JAX's default backend outside one. Every per-platform choice (kernels, exchange) reads this,
     so a step compiled for TPU devices from a CPU machine compiles what a TPU would run."""
-    return _PLATFORM.get() or jax.default_backend()
+    return _device().platform
+
+
+def device_kind() -> str:
+    """What jax calls those devices ("TPU v4", "TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu"):
+    for the choices a chip generation decides."""
+    return _device().device_kind
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | jax.sharding.Mesh:

@@ -98,7 +98,10 @@ def handles_sigterm(pid: int) -> bool:
 def check_host_rows() -> None:
     """Run as each of 2 processes (python tests/processes.py): each process reads only its
     rows of every global batch (an instrumented source), and the global batch the mesh holds at
-    step t, gathered back, is the one-process batch of step t."""
+    step t, gathered back, is the one-process batch of step t. Twice: on train.py's mesh, where a
+    process's devices are adjacent on the data axis (rows 0-3 or 4-7), and on one that
+    interleaves the processes as a TPU slice's torus order does (process p holds rows 2p, 2p + 1,
+    2p + 4 and 2p + 5)."""
     os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     from rexmoe_jax import data, sharding
     from rexmoe_jax.config import MeshConfig
@@ -108,35 +111,46 @@ def check_host_rows() -> None:
     import jax
     import numpy as np
 
-    mesh = sharding.make_mesh(MeshConfig(data=2, expert=2))
-    block, blocks = sharding.process_rows(mesh, 8)
-    assert (block, blocks) == (jax.process_index(), 2)
+    me = jax.process_index()
+    by_process = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    interleaved = np.asarray([by_process[0], by_process[2], by_process[1], by_process[3]])
+    layouts = {
+        "adjacent": (sharding.make_mesh(MeshConfig(data=2, expert=2)), [4 * me + i for i in range(4)]),
+        "interleaved": (jax.sharding.Mesh(interleaved.reshape(4, 1, 1, 1), sharding.MESH_AXES),
+                        [2 * me, 2 * me + 1, 2 * me + 4, 2 * me + 5]),
+    }
     sequences = data.pack(data.TokenDocuments(np.arange(2000, dtype=np.int32), np.asarray([0, 2000])),
                           np.arange(1), 9, seed=None)  # sequence i starts with token 9 i
-    read = set()
 
     class Recording:
+        def __init__(self):
+            self.read = set()
+
         def __len__(self):
             return len(sequences)
 
         def __getitem__(self, index):
-            read.add(int(index))
+            self.read.add(int(index))
             return sequences[index]
 
-    mine = data.BatchIterator(Recording(), 8, seed=3, host_index=block, host_count=blocks, prefetch=1)
-    whole = data.BatchIterator(sequences, 8, seed=3, prefetch=1)
-    gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
-    own = set()
-    for _ in range(6):
-        batch = next(whole)
-        own |= set((batch[block * 4:(block + 1) * 4, 0] // 9).tolist())
-        with sharding.activate(mesh):
-            seen = gather(sharding.put_batch(next(mine), mesh))
-        np.testing.assert_array_equal(np.asarray(seen.addressable_data(0)), batch)
-    ahead = {int(i) for _ in range(4) for i in next(whole)[block * 4:(block + 1) * 4, 0] // 9}
-    assert own <= read <= own | ahead, (sorted(read - own - ahead), block)
-    print(f"process {jax.process_index()}: rows {block * 4}-{block * 4 + 3} of each batch, read only those",
-          flush=True)
+    for name, (mesh, mine) in layouts.items():
+        blocks, count = sharding.process_rows(mesh, 8)
+        held = [row for block in blocks for row in range(block * 8 // count, (block + 1) * 8 // count)]
+        assert held == mine, (name, blocks, count)
+        source = Recording()
+        own_rows = data.BatchIterator(source, 8, seed=3, blocks=blocks, block_count=count, prefetch=1)
+        whole = data.BatchIterator(sequences, 8, seed=3, prefetch=1)
+        gather = jax.jit(lambda x: x, out_shardings=sharding.replicated(mesh))
+        own = set()
+        for _ in range(6):
+            batch = next(whole)
+            own |= set((batch[mine, 0] // 9).tolist())
+            with sharding.activate(mesh):
+                seen = gather(sharding.put_batch(next(own_rows), mesh))
+            np.testing.assert_array_equal(np.asarray(seen.addressable_data(0)), batch)
+        ahead = {int(i) for _ in range(4) for i in next(whole)[mine, 0] // 9}
+        assert own <= source.read <= own | ahead, (name, sorted(source.read - own - ahead))
+        print(f"process {me}, {name} devices: rows {mine} of each batch, read only those", flush=True)
     distributed.finish()
 
 

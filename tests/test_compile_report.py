@@ -93,6 +93,16 @@ def test_fixed_exchange_on_v6e_is_all_to_all(tpu_devices):
 
 
 @pytest.mark.e2e
+def test_a_v4_slice_compiles_with_the_default_settings(tpu_devices, tmp_path):
+    """Mosaic has no sublane gather on v4 ("Sublane gather not supported by this TPU
+    generation"), which the Pallas permute kernels use: there "auto" takes XLA's gathers, and
+    the step compiles with no Mosaic kernel (at seq_len 16 flash attention does not apply)."""
+    _, report, _ = compiled(["mesh.data=2", "mesh.expert=2"], "v4-8", tpu_devices, tmp_path / "step.hlo")
+    assert report["hbm_headroom_bytes"] > 0 and "ragged-all-to-all" in report["collectives"]
+    assert 'custom_call_target="tpu_custom_call"' not in (tmp_path / "step.hlo").read_text()
+
+
+@pytest.mark.e2e
 def test_flash_attention_is_the_default_on_tpu_compiles_through_mosaic_and_keeps_scores_out_of_memory(tpu_devices, tmp_path):
     """The default attention on a v5p-8 over 1,024 tokens is flash: the splash kernels of the
     forward and of both gradients are Mosaic custom calls in every layer (not interpret-mode

@@ -35,6 +35,8 @@ from rexmoe_jax.config import (
     (["train.steps"], "train.steps"),
     (["optim.learning_rate=nan"], "optim.learning_rate"),
     (["train.sample_prompt="], "train.sample_prompt"),  # an empty prompt cannot be continued
+    # capacity on an expert axis is the fixed exchange's cap; the ragged one would ignore it
+    (["compute.dispatch=capacity", "compute.expert_exchange=ragged"], "compute.expert_exchange=fixed"),
 ])
 def test_invalid_overrides_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

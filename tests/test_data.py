@@ -136,13 +136,28 @@ def test_batches_are_a_function_of_seed_and_step():
 def test_hosts_read_disjoint_halves_of_each_global_batch():
     seqs = sequences()
     one = data.BatchIterator(seqs, batch_size=6, seed=1)
-    hosts = [data.BatchIterator(seqs, batch_size=6, seed=1, host_index=h, host_count=2) for h in range(2)]
+    hosts = [data.BatchIterator(seqs, batch_size=6, seed=1, blocks=[h], block_count=2) for h in range(2)]
     for _ in range(25):
         parts = [next(h) for h in hosts]
         assert parts[0].shape == (3, 10)
         np.testing.assert_array_equal(np.concatenate(parts), next(one))
     with pytest.raises(ConfigError, match="not divisible"):
-        data.BatchIterator(seqs, batch_size=5, seed=1, host_count=2)
+        data.BatchIterator(seqs, batch_size=5, seed=1, block_count=2)
+
+
+def test_a_host_reads_blocks_apart_on_the_batch_in_order():
+    """A TPU host's devices can hold blocks of rows apart on the batch (the torus order): blocks
+    [0, 2] of 4 are rows 0-1 and 4-5 of each global batch of 8; blocks [2, 3] of 4 are rows 4-7."""
+    seqs = sequences()
+    one = data.BatchIterator(seqs, batch_size=8, seed=2)
+    apart = data.BatchIterator(seqs, batch_size=8, seed=2, blocks=[2, 0], block_count=4)
+    adjacent = data.BatchIterator(seqs, batch_size=8, seed=2, blocks=[2, 3], block_count=4)
+    for _ in range(12):
+        batch = next(one)
+        np.testing.assert_array_equal(next(apart), batch[[0, 1, 4, 5]])
+        np.testing.assert_array_equal(next(adjacent), batch[4:])
+    resumed = data.BatchIterator(seqs, batch_size=8, seed=2, blocks=[0, 2], block_count=4, state=apart.state())
+    np.testing.assert_array_equal(next(resumed), next(one)[[0, 1, 4, 5]])
 
 
 class Recording:
@@ -167,7 +182,7 @@ def test_each_host_reads_only_its_own_rows():
     one = data.BatchIterator(whole, batch_size=batch, seed=1, prefetch=1)
     global_rows = [next(one)[:, 0] // 9 for _ in range(steps + 8)]  # sequence i starts with token 9 i
     hosts = [Recording(seqs), Recording(seqs)]
-    iterators = [data.BatchIterator(hosts[h], batch_size=batch, seed=1, host_index=h, host_count=2, prefetch=1)
+    iterators = [data.BatchIterator(hosts[h], batch_size=batch, seed=1, blocks=[h], block_count=2, prefetch=1)
                  for h in range(2)]
     for _ in range(steps):
         for iterator in iterators:
@@ -182,12 +197,12 @@ def test_a_position_saved_by_two_hosts_resumes_on_one_and_back():
     seqs = sequences()
     one = data.BatchIterator(seqs, batch_size=6, seed=1)
     reference = [next(one) for _ in range(10)]
-    host = data.BatchIterator(seqs, batch_size=6, seed=1, host_index=1, host_count=2)
+    host = data.BatchIterator(seqs, batch_size=6, seed=1, blocks=[1], block_count=2)
     for _ in range(4):
         next(host)
     resumed = data.BatchIterator(seqs, batch_size=6, seed=1, state=host.state())  # 2 hosts -> 1
     np.testing.assert_array_equal(next(resumed), reference[4])
-    halves = [data.BatchIterator(seqs, batch_size=6, seed=1, host_index=h, host_count=2, state=resumed.state())
+    halves = [data.BatchIterator(seqs, batch_size=6, seed=1, blocks=[h], block_count=2, state=resumed.state())
               for h in range(2)]  # 1 host -> 2
     np.testing.assert_array_equal(np.concatenate([next(h) for h in halves]), reference[5])
 

@@ -192,4 +192,24 @@ def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_
     with sharding.activate(mesh):
         assert sharding.platform() == "tpu"  # what a TPU would run, though this machine is a CPU
         assert dispatch.choose_path(ComputeConfig(), 1.0).exchange == "ragged"
+        assert dispatch.choose_path(ComputeConfig(dispatch="capacity"), 1.0).exchange == "fixed"
+        assert dispatch.choose_path(ComputeConfig(), 1.0).permute == "auto"  # the Pallas kernels on v5p
     assert dispatch.choose_path(ComputeConfig(), 1.0).exchange == "fixed"
+    with sharding.activate(sharding.make_mesh(MeshConfig(data=4), tpu_devices("v4-8"))):
+        assert sharding.device_kind() == "TPU v4"
+        assert dispatch.choose_path(ComputeConfig(), 1.0).permute == "xla"  # Mosaic: no sublane gather
+        assert dispatch.choose_path(ComputeConfig(permute="pallas"), 1.0).permute == "pallas"
+
+
+def test_each_host_of_a_target_slice_reads_the_rows_its_chips_hold(tpu_devices, monkeypatch):
+    """On a v5p-16 (two hosts of four chips) the mesh follows the torus, which interleaves the
+    hosts along the data axis: each host's blocks of rows are its chips' positions on the batch
+    axes, read from the mesh's device grid (row-major over data, fsdp, expert; tensor 1)."""
+    mesh = sharding.make_mesh(MeshConfig(data=-1), tpu_devices("v5p-16"))
+    hosts = [d.process_index for d in mesh.devices.flat]
+    assert sorted(set(hosts)) == [0, 1] and len(hosts) == 8
+    for host in (0, 1):
+        monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+        expected = tuple(i for i, owner in enumerate(hosts) if owner == host)
+        assert sharding.process_rows(mesh, 16) == (expected, 8)
+    assert hosts != sorted(hosts), "the torus order no longer interleaves the hosts here: pick a slice where it does"

@@ -16,7 +16,8 @@ float32 or the activations' dtype; combine accumulates in float32. Implementatio
                baseline a user would otherwise get.
   "auto"       "pallas" on GPU and TPU, where the kernels' gathers replace XLA's gather
                fusions (on GPU only for widths the Mosaic GPU kernels take, D % 128 == 0);
-               "xla" on CPU, where Pallas runs only in interpret mode (slow).
+               "xla" on CPU, where Pallas runs only in interpret mode (slow). A caller that
+               knows the chip takes "xla" on TPUS_WITHOUT_SUBLANE_GATHER (the model does).
 
 `interpret` picks, for "pallas" only, which kernels to run on the CPU whatever the backend:
 "tpu" (TPU interpret mode) or "gpu" (GPU interpret mode, which needs jax >= 0.12). Left None,
@@ -36,6 +37,10 @@ from pallas_kernels.token_permute import mosaic_gpu, pallas, reference, xla
 
 Implementation = Literal["auto", "xla", "pallas", "reference"]
 Interpret = Literal["tpu", "gpu"]
+
+# Device kinds (as jax names them) whose Mosaic TPU compiler has no sublane gather, the TPU
+# kernels' row gather ("Sublane gather not supported by this TPU generation"): use "xla" there.
+TPUS_WITHOUT_SUBLANE_GATHER = ("TPU v2", "TPU v3", "TPU v4")
 
 
 def inverse_permutation(order_A: jax.Array) -> jax.Array:

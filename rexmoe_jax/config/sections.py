@@ -180,14 +180,16 @@ class ComputeConfig(_Section):
     dispatch: Dispatch = "sort"
     grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
     # The token gathers around them (pallas_kernels/token_permute); auto: the Pallas kernels on
-    # GPU and TPU, XLA's gathers on CPU (where Pallas only interprets).
+    # GPU and TPU (v5e on; not v4), XLA's gathers on CPU (where Pallas only interprets).
     permute: Permute = "auto"
     # How tokens travel to their experts' devices when mesh.expert > 1: "ragged" sends each device
     # exactly its rows (dropless; ragged_all_to_all), "fixed" in equal buffers sized by
-    # capacity_factor; "auto" is ragged on GPU and TPU, fixed on CPU (which lacks the op).
+    # capacity_factor; "auto" is ragged on GPU and TPU, fixed on CPU (which lacks the op) and
+    # with the "capacity" dispatch, whose cap on an expert axis is the fixed exchange's.
     expert_exchange: ExpertExchange = "auto"
-    # Slots per expert ("capacity" dispatch) or per destination device (the "fixed" exchange), as
-    # a multiple of the even share of the T*K assignments; 0 sizes them so nothing can be dropped.
+    # Slots per expert ("capacity" dispatch, one expert device) or per destination device (the
+    # "fixed" exchange, mesh.expert > 1), as a multiple of the even share of the T*K assignments;
+    # 0 sizes them so nothing can be dropped.
     capacity_factor: float = 0.0
     # Causal self-attention: "xla" writes each layer's S x S scores to memory (any length, KV
     # cache, packed segments); "flash" is the blockwise Pallas TPU kernel (pallas_kernels/attention:
@@ -199,6 +201,9 @@ class ComputeConfig(_Section):
     def __post_init__(self):
         self._check_types()
         require(self.capacity_factor >= 0, "compute.capacity_factor must be >= 0")
+        require(self.dispatch != "capacity" or self.expert_exchange != "ragged",
+                "compute.dispatch=capacity caps what each expert device receives, which the ragged exchange "
+                "does not (it sends every row); use compute.expert_exchange=fixed or auto")
 
 
 PSRSchedule = Literal["none", "linear", "stepwise"]

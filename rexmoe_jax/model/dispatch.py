@@ -208,6 +208,7 @@ class Choice(NamedTuple):
     path: Path
     sharded: bool  # runs on each device's own tokens inside shard_map (else on the whole arrays)
     exchange: str  # with an expert axis: "ragged" (exact rows) or "fixed" (equal buffers)
+    permute: str  # the token permute's implementation (compute.permute, "auto" as the chip allows)
 
 
 Purpose = Literal["train", "score", "decode"]
@@ -233,20 +234,25 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
     """Where `compute.dispatch` and `compute.expert_exchange` are read (with `compute_for`): the
     path, whether it runs on each device's own tokens inside shard_map ("sort", "capacity": on
     every mesh, a one-device one included) or on the whole arrays ("dense", "gather": they read
-    every expert's weights), and how tokens travel between devices of an expert axis."""
+    every expert's weights), how tokens travel between devices of an expert axis, and how they
+    are permuted. "capacity" on an expert axis caps what each expert device receives, which is
+    the "fixed" exchange's cap (the "ragged" one sends every row; ComputeConfig refuses both)."""
     exchange = compute.expert_exchange
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
-        exchange = "fixed" if sharding.platform() == "cpu" else "ragged"
+        exchange = "fixed" if sharding.platform() == "cpu" or compute.dispatch == "capacity" else "ragged"
+    permute = compute.permute
+    if permute == "auto" and sharding.device_kind().startswith(token_permute.TPUS_WITHOUT_SUBLANE_GATHER):
+        permute = "xla"
     if compute.dispatch == "capacity":
         def path(x_TxD, routing, weights, reduce_rows):
             y_TxD, dropped = capacity_experts(x_TxD, routing, weights, compute.capacity_factor, live_share)
             return reduce_rows(y_TxD), dropped
-        return Choice(path, True, exchange)
+        return Choice(path, True, exchange, permute)
     if compute.dispatch == "sort":
         def path(x_TxD, routing, weights, reduce_rows):
-            return sorted_experts(x_TxD, routing, weights, compute.grouped_matmul, compute.permute,
+            return sorted_experts(x_TxD, routing, weights, compute.grouped_matmul, permute,
                                   reduce_rows), jnp.zeros((), jnp.float32)
-        return Choice(path, True, exchange)
+        return Choice(path, True, exchange, permute)
     whole = {"dense": dense_experts, "gather": gathered_experts}[compute.dispatch]
     return Choice(lambda x_TxD, routing, weights, reduce_rows: (whole(x_TxD, routing, weights),
-                                                                jnp.zeros((), jnp.float32)), False, exchange)
+                                                                jnp.zeros((), jnp.float32)), False, exchange, permute)

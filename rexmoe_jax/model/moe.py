@@ -65,7 +65,7 @@ class MoEFFN(nn.Module):
             y_TxD, dropped = expert_parallel.sharded_experts(
                 x_TxD, routing, weights, choice.path, exchange=choice.exchange,
                 implementation=self.compute.grouped_matmul, capacity_factor=self.compute.capacity_factor,
-                permute=self.compute.permute, live_share=live_share)
+                permute=choice.permute, live_share=live_share)
         else:
             y_TxD, dropped = choice.path(x_TxD, routing, weights, lambda y: y)
         # `weights` arrive in the compute dtype: LayerGroup casts the pool once.
