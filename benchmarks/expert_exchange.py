@@ -98,8 +98,7 @@ def _compiled_check() -> None:
                 mesh = sharding.make_mesh(cfg.mesh)
                 model, tx = trainer.build_model(cfg), make_optimizer(cfg.optim, 10)
                 shardings = trainer.state_shardings(cfg, model, tx, mesh)
-                state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                     jax.eval_shape(trainer.init_state, cfg, model, tx), shardings)
+                state = trainer.abstract_state(cfg, model, tx, shardings)
                 batch = jax.ShapeDtypeStruct((8, 9), jnp.int32, sharding=sharding.batch_sharding(mesh))
                 step, _ = loop.jitted_steps(cfg, model, tx, mesh, shardings)
                 with sharding.activate(mesh):

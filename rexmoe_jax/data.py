@@ -295,7 +295,8 @@ class BatchIterator:
         blocks, run = sorted(blocks), len(blocks)
         if blocks == list(range(blocks[0], blocks[0] + run)) and blocks[0] % run == block_count % run == 0:
             blocks, block_count = [blocks[0] // run], block_count // run  # adjacent: one block
-        rows = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None).batch(batch_size // block_count)
+        shuffled = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None)
+        rows = shuffled.batch(batch_size // block_count)
         if len(blocks) == 1:
             dataset = rows[blocks[0]::block_count]
         else:  # blocks apart on the batch (a TPU host's devices along the torus): read each, in order

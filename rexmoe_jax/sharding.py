@@ -153,9 +153,9 @@ def validate_model(m: ModelConfig, mesh: jax.sharding.Mesh) -> None:
     pools = sorted({size * m.num_experts for size in m.group_sizes})
     if any(pool % shape["expert"] for pool in pools):
         raise ConfigError(f"every group's pool ({pools} experts) must divide over mesh.expert={shape['expert']}")
-    if m.expert_ffn % shape["tensor"] or m.num_kv_heads % shape["tensor"]:
-        raise ConfigError(f"model.expert_ffn={m.expert_ffn} and model.num_kv_heads={m.num_kv_heads} must "
-                          f"divide over mesh.tensor={shape['tensor']}")
+    if m.expert_ffn % shape["tensor"] or m.num_kv_heads % shape["tensor"] or m.vocab_size % shape["tensor"]:
+        raise ConfigError(f"model.expert_ffn={m.expert_ffn}, model.num_kv_heads={m.num_kv_heads} and "
+                          f"model.vocab_size={m.vocab_size} must divide over mesh.tensor={shape['tensor']}")
     if m.d_model % shape["fsdp"]:
         raise ConfigError(f"model.d_model={m.d_model} must divide over mesh.fsdp={shape['fsdp']}")
 
@@ -217,7 +217,8 @@ def process_rows(mesh: jax.sharding.Mesh, global_rows: int) -> tuple[tuple[int, 
     index_map = batch_sharding(mesh).devices_indices_map((global_rows, 1))
     starts = {d: index_map[d][0].indices(global_rows)[0] for d in mesh.devices.flat}
     count = len(set(starts.values()))
-    own = {start // (global_rows // count) for d, start in starts.items() if d.process_index == jax.process_index()}
+    size, me = global_rows // count, jax.process_index()
+    own = {start // size for d, start in starts.items() if d.process_index == me}
     return tuple(sorted(own)), count
 
 

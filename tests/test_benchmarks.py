@@ -36,6 +36,7 @@ pytestmark = pytest.mark.e2e
     (scoring.main, ["--small", "--questions", "20"], "| speed-up |"),
     (profile_step.main, ["--layers", "4", "--batch", "2", "--seq", "16", "--steps", "1"], "| r=4 - r=1 |"),
     (expert_exchange.main, [], "| drops tokens |"),
+    (expert_exchange.main, ["--check"], "| formula bytes |"),
     (expert_ffn.main, ["--presets", "moe_0p5b_a0p07b", "--reuse", "1", "4", "--layers", "4", "--batch", "2",
                        "--seq", "16", "--steps", "1", "--iters", "1"], "| speed-up |"),
     (output_head.main, ["--steps", "1", "--widths", "16"], "| speed-up |"),

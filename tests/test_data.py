@@ -156,7 +156,8 @@ def test_a_host_reads_blocks_apart_on_the_batch_in_order():
         batch = next(one)
         np.testing.assert_array_equal(next(apart), batch[[0, 1, 4, 5]])
         np.testing.assert_array_equal(next(adjacent), batch[4:])
-    resumed = data.BatchIterator(seqs, batch_size=8, seed=2, blocks=[0, 2], block_count=4, state=apart.state())
+    resumed = data.BatchIterator(seqs, batch_size=8, seed=2, blocks=[0, 2], block_count=4,
+                                 state=apart.state())
     np.testing.assert_array_equal(next(resumed), next(one)[[0, 1, 4, 5]])
 
 

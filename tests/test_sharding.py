@@ -136,6 +136,10 @@ def test_mesh_errors_name_the_fix():
     cfg = apply_overrides(Config(), MODEL + ["model.num_experts=3", "model.reuse=1"] + mesh_overrides((2, 1, 4, 1)))
     with pytest.raises(ConfigError, match="mesh.expert=4"):
         sharding.validate(cfg, sharding.make_mesh(cfg.mesh))
+    # The output head splits the vocabulary over the tensor axis.
+    cfg = apply_overrides(Config(), MODEL + ["model.vocab_size=65"] + mesh_overrides((4, 1, 1, 2)))
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=65 must divide over mesh\.tensor=2"):
+        sharding.validate(cfg, sharding.make_mesh(cfg.mesh))
 
 
 TRAIN = MODEL + ["model.vocab_size=4096", "model.reuse=2", "psr.schedule=linear", "psr.start_step=2",
@@ -212,4 +216,16 @@ def test_each_host_of_a_target_slice_reads_the_rows_its_chips_hold(tpu_devices, 
         monkeypatch.setattr(jax, "process_index", lambda host=host: host)
         expected = tuple(i for i, owner in enumerate(hosts) if owner == host)
         assert sharding.process_rows(mesh, 16) == (expected, 8)
-    assert hosts != sorted(hosts), "the torus order no longer interleaves the hosts here: pick a slice where it does"
+    assert hosts != sorted(hosts), "the hosts no longer interleave here: pick a slice where they do"
+
+
+def test_tokamax_inside_the_moe_layer_on_tpu_is_one_line(tpu_devices):
+    """tokamax's TPU kernels do not compile inside the MoE layer's shard_map (an error from jax
+    about manual axes, which would read as a crash): the dispatch choice refuses it by name."""
+    from rexmoe_jax.config import ComputeConfig
+    from rexmoe_jax.model import dispatch
+
+    with sharding.activate(sharding.make_mesh(MeshConfig(data=4), tpu_devices("v5e-4"))):
+        with pytest.raises(ConfigError, match="compute.grouped_matmul=tokamax does not compile on TPU"):
+            dispatch.choose_path(ComputeConfig(grouped_matmul="tokamax"), 1.0)
+        assert not dispatch.choose_path(ComputeConfig(grouped_matmul="tokamax", dispatch="gather"), 1.0).sharded

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from pallas_kernels import token_permute
 from pallas_kernels.grouped_matmul import alignment, blocked, grouped_matmul, resolve
 from rexmoe_jax import sharding
-from rexmoe_jax.config import ComputeConfig
+from rexmoe_jax.config import ComputeConfig, ConfigError
 from rexmoe_jax.model.layers import swiglu
 
 
@@ -237,6 +237,10 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
     every expert's weights), how tokens travel between devices of an expert axis, and how they
     are permuted. "capacity" on an expert axis caps what each expert device receives, which is
     the "fixed" exchange's cap (the "ragged" one sends every row; ComputeConfig refuses both)."""
+    grouped = compute.dispatch in ("sort", "capacity")  # the paths that run grouped matmuls
+    if grouped and compute.grouped_matmul == "tokamax" and sharding.platform() == "tpu":
+        raise ConfigError("compute.grouped_matmul=tokamax does not compile on TPU inside the MoE layer's "
+                          "shard_map (tokamax leaves its outputs' manual axes unset); use auto (blocked) or ragged_dot")
     exchange = compute.expert_exchange
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
         exchange = "fixed" if sharding.platform() == "cpu" or compute.dispatch == "capacity" else "ragged"
@@ -254,5 +258,6 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
                                   reduce_rows), jnp.zeros((), jnp.float32)
         return Choice(path, True, exchange, permute)
     whole = {"dense": dense_experts, "gather": gathered_experts}[compute.dispatch]
-    return Choice(lambda x_TxD, routing, weights, reduce_rows: (whole(x_TxD, routing, weights),
-                                                                jnp.zeros((), jnp.float32)), False, exchange, permute)
+    def path(x_TxD, routing, weights, reduce_rows):
+        return whole(x_TxD, routing, weights), jnp.zeros((), jnp.float32)
+    return Choice(path, False, exchange, permute)
