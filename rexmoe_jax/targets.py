@@ -29,13 +29,15 @@ class Chip:
     source: str
 
 
-_GIB, _GB = 1024 ** 3, 1000 ** 3
+# Google's pages give HBM in "GB" that are GiB: libtpu plans a v6e chip's 32 with 31.25 of them
+# available, a v5e chip's 16 with 15.75 ("exceeds available HBM (31.25G)").
+_GIB = 1024 ** 3
 
 CHIPS = {
     "v4": Chip("v4", "TPU v4", 275e12, 32 * _GIB, 1200e9, None, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GB, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GIB, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GB, 1640e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GIB, 1640e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 
 

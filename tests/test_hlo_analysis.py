@@ -120,3 +120,53 @@ def test_hbm_bytes_count_slices_of_stacked_weights_and_in_place_updates(tpu_devi
 ])
 def test_replica_group_sizes_in_each_form_xla_writes(attrs, size):
     assert hlo_analysis._group_size(attrs) == size
+
+
+# XLA:TPU's form of a reduce-scatter inside the model's loops (written here after the fusions
+# it emitted for the fsdp gradients of the expert pool): an all-reduce, sliced to the device's
+# share by its partition id.
+FUSED_REDUCE_SCATTER = """
+%region_add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add = f32[] add(%a, %b)
+}
+
+%all-reduce-scatter.1 (input.1: f32[128,256]) -> f32[32,256] {
+  %input.1 = f32[128,256]{1,0} parameter(0)
+  %all-reduce.1 = f32[128,256]{1,0} all-reduce(%input.1), channel_id=1, replica_groups={{0,1,2,3}}, to_apply=%region_add
+  %constant.1 = u32[] constant(0)
+  %partition-id.1 = u32[] partition-id()
+  %constant.2 = u32[] constant(32)
+  %multiply.1 = u32[] multiply(%partition-id.1, %constant.2)
+  ROOT %dynamic-slice.1 = f32[32,256]{1,0} dynamic-slice(%all-reduce.1, %multiply.1, %constant.1), dynamic_slice_sizes={32,256}
+}
+
+ENTRY %main (p: f32[128,256]) -> f32[32,256] {
+  %p = f32[128,256]{1,0} parameter(0)
+  ROOT %fusion.1 = f32[32,256]{1,0} fusion(%p), kind=kCustom, calls=%all-reduce-scatter.1
+}
+"""
+
+
+def test_a_fused_reduce_scatter_counts_as_one_not_as_its_all_reduce():
+    """Its result is the device's 32 x 256 share; it sends 3 / 4 of its 128 x 256 operand (a
+    reduce-scatter in 4), where an all-reduce would send twice that."""
+    c = hlo_analysis.analyse(FUSED_REDUCE_SCATTER)["collectives"]
+    assert set(c) == {"reduce-scatter"}
+    assert (c["reduce-scatter"]["count"], c["reduce-scatter"]["bytes"]) == (1, 32 * 256 * 4)
+    assert c["reduce-scatter"]["sent_bytes"] == 128 * 256 * 4 * 3 // 4
+
+
+def test_traffic_between_slices_is_counted_apart(tpu_devices):
+    """A reduce-scatter over the 16 chips of two v5e-8 slices: each chip's 1,024 x 256 floats
+    are reduced within its slice, and its eighth of them (128 KiB) crosses to the other slice
+    through the data-centre network's runtime, counted under CROSS_SLICE, not as ICI traffic."""
+    devices = tpu_devices("2xv5e-8")
+    compiled = compile_on(devices, jax.shard_map(
+        lambda x: jax.lax.psum_scatter(x, "x", tiled=True), mesh=jax.sharding.Mesh(np.array(devices), ("x",)),
+        in_specs=P(None), out_specs=P("x")), (16 * 64, 256), dtype=jnp.float32)
+    c = hlo_analysis.analyse(compiled.as_text())["collectives"]
+    crossing = c[hlo_analysis.CROSS_SLICE]
+    assert crossing["count"] >= 1 and crossing["sent_bytes"] == 16 * 64 * 256 * 4 // 8
+    assert hlo_analysis.CROSS_SLICE not in hlo_analysis.KINDS

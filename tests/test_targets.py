@@ -20,6 +20,9 @@ def test_names_count_what_cloud_tpu_counts():
 
 def test_chip_peaks_cite_their_source():
     assert targets.CHIPS["v5p"].peak_bf16_flops == 459e12 and targets.CHIPS["v5p"].hbm_bytes == 95 * 2 ** 30
+    # In GiB, as libtpu counts them: a v6e plan of 31.0 GiB compiles, one of 31.4 is "more than
+    # the available HBM (31.25G)"; a v5e chip has 15.75G available. 32e9 bytes would be 29.8 GiB.
+    assert (targets.CHIPS["v6e"].hbm_bytes, targets.CHIPS["v5e"].hbm_bytes) == (32 * 2 ** 30, 16 * 2 ** 30)
     assert all(chip.source.startswith("https://cloud.google.com/tpu/docs/") for chip in targets.CHIPS.values())
 
 

@@ -30,6 +30,13 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   once, so a device sends on average its own rows, which the smaller buffer holds (the dispatch
   sends A rows into E x A-row buffers, and the return sends them back from those); a
   collective-permute's operands.
+- XLA:TPU writes a reduce-scatter as a fusion of an all-reduce whose result (or results, for
+  several arrays at once) is dynamic-sliced to the device's share: it counts as one
+  reduce-scatter (its sliced results; (n - 1) / n of its operands sent), not as the all-reduce
+  inside.
+- Traffic between the slices of a multi-slice target leaves the ICI: XLA:TPU writes it as
+  sends to the data-centre network's runtime (megascale). Each send's array counts under
+  CROSS_SLICE, apart from the ICI kinds.
 """
 
 from __future__ import annotations
@@ -41,7 +48,8 @@ import re
 import numpy as np
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
-         "collective-permute")
+         "collective-permute")  # over the chips' interconnect (ICI)
+CROSS_SLICE = "cross-slice"  # between slices, over the data-centre network
 
 _HEADER = re.compile(r"^(?:ENTRY )?%(\S+) \((.*)\) -> .*\{$")
 _OP = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.*?) ([a-z][a-z0-9-]*)\(([^)]*)\)")
@@ -251,6 +259,26 @@ def _sent(kind: str, result: int, operands: list[str], symbols: dict, attrs: str
     return int((2 if kind == "all-reduce" else 1) * operand * share)
 
 
+def _reduce_scatter(computations: dict, name: str) -> str | None:
+    """The attributes of the all-reduce in a fused computation that is a reduce-scatter (each
+    result a dynamic slice of that all-reduce's result, or of one of its results when several
+    arrays are reduced at once), or None for any other fusion."""
+    _, _, ops, root = _parse_fused(computations.get(name, ([], {}))[0])
+    kind, args, _ = ops.get(root, ("", [], ""))
+    sources = set()
+    for result in args if kind == "tuple" else [root]:
+        kind, args, _ = ops.get(result, ("", [], ""))
+        source = args[0] if kind == "dynamic-slice" and args else ""
+        if ops.get(source, ("",))[0] == "get-tuple-element":
+            source = ops[source][1][0]
+        sources.add(source if ops.get(source, ("",))[0] == "all-reduce" else None)
+    if len(sources) != 1 or None in sources:
+        return None
+    reduce = sources.pop()
+    line = next(line for line in computations[name][0] if f"%{reduce} = " in line)
+    return line[_OP.match(line).end():]
+
+
 def _trip_count(condition: list[str]) -> int | None:
     """N for a loop condition `counter < N` with N a constant; None when the bound is not one."""
     constants = {int(m.group(1)) for line in condition for m in [_CONSTANT.search(line)] if m}
@@ -301,11 +329,20 @@ def analyse(hlo: str) -> dict:
                 t.flops += _dot_flops(shape, lhs, attrs)
             elif kind == "custom-call" and (stated := _KERNEL_FLOPS.search(attrs)):
                 t.flops += int(stated.group(1))
+            scatter = None
             if kind == "fusion" and (fused := _CALLED.search(attrs)):
                 t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols,
                                              shape)
+                if (scatter := _reduce_scatter(computations, fused.group(2))) is not None:
+                    size = _bytes(shape)
+                    t.add_collective("reduce-scatter", 1, size, size, 0,
+                                     _sent("reduce-scatter", size, _operands(operands), symbols, scatter))
+                    continue  # its insides are the collective just counted, and touch no HBM
             elif kind not in _NO_MEMORY and not kind.endswith("-done"):
                 t.hbm_bytes += _op_bytes(kind, shape, _operands(operands), symbols)
+            if kind == "send" and "_xla_megascale_transfer_type" in attrs:
+                size = next((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), 0)  # (array, u32, token)
+                t.add_collective(CROSS_SLICE, 1, size, size, 0, size)
             collective = kind.removesuffix("-start")
             if collective in KINDS and not kind.endswith("-done"):
                 size = max((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), default=0) \
@@ -328,4 +365,4 @@ def analyse(hlo: str) -> dict:
     return {"flops": t.flops, "hbm_bytes": t.hbm_bytes, "loops_of_unknown_length": t.unknown_loops,
             "collectives": {kind: dict(zip(("count", "bytes", "largest", "dynamic_loops", "sent_bytes"),
                                            t.collectives[kind]))
-                            for kind in KINDS if kind in t.collectives}}
+                            for kind in (*KINDS, CROSS_SLICE) if kind in t.collectives}}

@@ -63,7 +63,7 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
         needed, available = found.groups()
         plan = f"the compiler plans {needed}B of memory per device and {where} has {available}B"
     else:  # Words this module does not know: the compiler's own, cut to a line.
-        capacity = f" ({target.chip.hbm_bytes / 1e9:.2f}GB)" if target else ""
+        capacity = f" ({target.chip.hbm_bytes / 2 ** 30:.2f} GiB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
     return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices, platform)}")
@@ -112,7 +112,8 @@ def roofline(report: dict, config: Config, chip: Chip) -> dict:
     the chip's peak FLOP/s, its HBM bytes at the peak bandwidth, or the bytes its collectives send
     at the chip's whole interconnect bandwidth, whichever binds (all three counted through the
     step's loops; overlap, elementwise work and kernels that state no cost are not modelled,
-    and a multi-slice data axis is taken at ICI speed), and the MFU that time would give for the
+    nor is the traffic between slices, hlo.CROSS_SLICE: no per-chip figure for the data-centre
+    network is published), and the MFU that time would give for the
     model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). The compute
     term takes the model's FLOPs where the count is smaller: the flash attention kernels state
     no cost, so their work is missing from the count. It reads only the report and the config,
@@ -122,7 +123,8 @@ def roofline(report: dict, config: Config, chip: Chip) -> dict:
     flops = max(report["flops_per_device"], model_flops / report["devices"])
     times = {"compute": flops / chip.peak_bf16_flops,
              "memory": report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second}
-    sent = sum(c.get("sent_bytes", 0) for c in report["collectives"].values())
+    ici = {kind: c for kind, c in report["collectives"].items() if kind != hlo.CROSS_SLICE}
+    sent = sum(c.get("sent_bytes", 0) for c in ici.values())
     if chip.ici_bytes_per_second:  # a chip sends on half its bidirectional bandwidth
         times["interconnect"] = sent / (chip.ici_bytes_per_second / 2)
     bound = max(times, key=times.get)
@@ -213,6 +215,7 @@ def describe(report: dict) -> str:
                      f"{roof['bound']}-bound, MFU {high}{100 * roof['mfu']:.1f}%")
     for kind, c in r["collectives"].items():
         dynamic = c["dynamic_loops"] and f" (+{c['dynamic_loops']} loops of unknown length counted once)"
+        where = " over the data-centre network, not in the estimate" if kind == hlo.CROSS_SLICE else ""
         lines.append(f"  {kind}: {c['count']} per step, {c['bytes'] / gib:.2f} GiB, "
-                     f"{c['sent_bytes'] / gib:.2f} GiB sent{dynamic or ''}")
+                     f"{c['sent_bytes'] / gib:.2f} GiB sent{where}{dynamic or ''}")
     return "\n".join(lines)
