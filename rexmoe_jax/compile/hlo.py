@@ -341,7 +341,8 @@ def analyse(hlo: str) -> dict:
             elif kind not in _NO_MEMORY and not kind.endswith("-done"):
                 t.hbm_bytes += _op_bytes(kind, shape, _operands(operands), symbols)
             if kind == "send" and "_xla_megascale_transfer_type" in attrs:
-                size = next((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), 0)  # (array, u32, token)
+                # Its shape is (the array sent, a u32, a token).
+                size = next((bits * math.prod(d) // 8 for bits, d in _arrays(shape)), 0)
                 t.add_collective(CROSS_SLICE, 1, size, size, 0, size)
             collective = kind.removesuffix("-start")
             if collective in KINDS and not kind.endswith("-done"):
