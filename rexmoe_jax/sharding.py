@@ -227,7 +227,7 @@ _DEVICE = contextvars.ContextVar("device", default=None)
 
 def activate(mesh: jax.sharding.Mesh):
     """A context that makes `mesh` and the rules current (for logical constraints and the MoE
-    layer's shard_map), and its devices the ones `platform()` and `device_kind()` describe."""
+    layer's shard_map), and its first device the one `device()` and `platform()` answer."""
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(mesh))
     stack.enter_context(nn.logical_axis_rules(RULES))
@@ -239,7 +239,9 @@ def activate(mesh: jax.sharding.Mesh):
     return stack
 
 
-def _device():
+def device():
+    """A device of the mesh `activate` made current (the first), or JAX's first device outside
+    one: for the choices a chip's generation decides (kernels a TPU v4 or an A100 cannot run)."""
     return _DEVICE.get() or jax.devices()[0]
 
 
@@ -247,13 +249,7 @@ def platform() -> str:
     """The platform ("cpu", "gpu", "tpu") of the devices of the mesh `activate` made current, or
     JAX's default backend outside one. Every per-platform choice (kernels, exchange) reads this,
     so a step compiled for TPU devices from a CPU machine compiles what a TPU would run."""
-    return _device().platform
-
-
-def device_kind() -> str:
-    """What jax calls those devices ("TPU v4", "TPU v5 lite", "NVIDIA H100 80GB HBM3", "cpu"):
-    for the choices a chip generation decides."""
-    return _device().device_kind
+    return device().platform
 
 
 def current_mesh() -> jax.sharding.AbstractMesh | jax.sharding.Mesh:

@@ -200,7 +200,7 @@ def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_
         assert dispatch.choose_path(ComputeConfig(), 1.0).permute == "auto"  # the Pallas kernels on v5p
     assert dispatch.choose_path(ComputeConfig(), 1.0).exchange == "fixed"
     with sharding.activate(sharding.make_mesh(MeshConfig(data=4), tpu_devices("v4-8"))):
-        assert sharding.device_kind() == "TPU v4"
+        assert sharding.device().device_kind == "TPU v4"
         assert dispatch.choose_path(ComputeConfig(), 1.0).permute == "xla"  # Mosaic: no sublane gather
         assert dispatch.choose_path(ComputeConfig(permute="pallas"), 1.0).permute == "pallas"
 

@@ -223,3 +223,19 @@ def test_more_indices_than_smem_holds_compile_for_tpu(tpu_devices):
     assert tokens * k * 4 == 2 ** 20 and tokens * k == 2 * token_permute.pallas.PREFETCH_INDICES
     hlo = compiled_for_tpu(tpu_devices("v5p-8"), tokens, 512, k)
     assert hlo.count('custom_call_target="tpu_custom_call"') == 5 * 2  # five kernels, two runs each
+
+
+def test_the_kernels_are_supported_from_tpu_v5e_and_hopper_on(tpu_devices):
+    """v4's Mosaic has no sublane gather (the TPU kernels' row gather); the GPU kernels need TMA,
+    which begins with Hopper (compute capability 9.0). GPU devices are stand-ins here."""
+    import types
+
+    assert not token_permute.pallas_supported(tpu_devices("v4-8")[0])
+    assert token_permute.pallas_supported(tpu_devices("v5e-4")[0])
+    assert token_permute.pallas_supported(tpu_devices("v5p-8")[0])
+
+    def gpu(capability):
+        return types.SimpleNamespace(platform="gpu", device_kind="NVIDIA", compute_capability=capability)
+    capabilities = ("8.0", "8.9", "9.0", "10.0")  # A100, L40S, H100, B200
+    assert [token_permute.pallas_supported(gpu(c)) for c in capabilities] == [False, False, True, True]
+    assert token_permute.pallas_supported(jax.devices()[0])  # a CPU: interpret mode

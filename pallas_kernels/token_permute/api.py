@@ -17,7 +17,7 @@ float32 or the activations' dtype; combine accumulates in float32. Implementatio
   "auto"       "pallas" on GPU and TPU, where the kernels' gathers replace XLA's gather
                fusions (on GPU only for widths the Mosaic GPU kernels take, D % 128 == 0);
                "xla" on CPU, where Pallas runs only in interpret mode (slow). A caller that
-               knows the chip takes "xla" on TPUS_WITHOUT_SUBLANE_GATHER (the model does).
+               knows the device takes "xla" where not pallas_supported (the model does).
 
 `interpret` picks, for "pallas" only, which kernels to run on the CPU whatever the backend:
 "tpu" (TPU interpret mode) or "gpu" (GPU interpret mode, which needs jax >= 0.12). Left None,
@@ -38,9 +38,20 @@ from pallas_kernels.token_permute import mosaic_gpu, pallas, reference, xla
 Implementation = Literal["auto", "xla", "pallas", "reference"]
 Interpret = Literal["tpu", "gpu"]
 
-# Device kinds (as jax names them) whose Mosaic TPU compiler has no sublane gather, the TPU
-# kernels' row gather ("Sublane gather not supported by this TPU generation"): use "xla" there.
-TPUS_WITHOUT_SUBLANE_GATHER = ("TPU v2", "TPU v3", "TPU v4")
+# TPUs (as jax names their devices) whose Mosaic compiler has no sublane gather, the TPU
+# kernels' row gather ("Sublane gather not supported by this TPU generation").
+_TPUS_WITHOUT_SUBLANE_GATHER = ("TPU v2", "TPU v3", "TPU v4")
+
+
+def pallas_supported(device) -> bool:
+    """Whether the Pallas kernels compile for `device` (a jax device, or a TPU slice's as libtpu
+    describes it): TPUs from v5e on; GPUs from Hopper on (TMA: compute capability 9.0); CPUs,
+    where they run in interpret mode."""
+    if device.platform == "tpu":
+        return not device.device_kind.startswith(_TPUS_WITHOUT_SUBLANE_GATHER)
+    if device.platform == "gpu":
+        return float(getattr(device, "compute_capability", "9.0")) >= 9.0
+    return True
 
 
 def inverse_permutation(order_A: jax.Array) -> jax.Array:

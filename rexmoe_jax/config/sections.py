@@ -180,7 +180,7 @@ class ComputeConfig(_Section):
     dispatch: Dispatch = "sort"
     grouped_matmul: GroupedMatmul = "auto"  # The "sort" dispatch's expert matmuls (auto: per backend).
     # The token gathers around them (pallas_kernels/token_permute); auto: the Pallas kernels on
-    # GPU and TPU (v5e on; not v4), XLA's gathers on CPU (where Pallas only interprets).
+    # GPU and TPU (Hopper and v5e on), XLA's gathers on CPU (where Pallas only interprets).
     permute: Permute = "auto"
     # How tokens travel to their experts' devices when mesh.expert > 1: "ragged" sends each device
     # exactly its rows (dropless; ragged_all_to_all), "fixed" in equal buffers sized by

@@ -245,8 +245,8 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
         exchange = "fixed" if sharding.platform() == "cpu" or compute.dispatch == "capacity" else "ragged"
     permute = compute.permute
-    if permute == "auto" and sharding.device_kind().startswith(token_permute.TPUS_WITHOUT_SUBLANE_GATHER):
-        permute = "xla"
+    if permute == "auto" and not token_permute.pallas_supported(sharding.device()):
+        permute = "xla"  # a TPU before v5e or a GPU before Hopper
     if compute.dispatch == "capacity":
         def path(x_TxD, routing, weights, reduce_rows):
             y_TxD, dropped = capacity_experts(x_TxD, routing, weights, compute.capacity_factor, live_share)
