@@ -71,8 +71,12 @@ def target_devices(target: Target) -> list:
     with libtpu installed: enough to lower and compile for them, never to run. Before libtpu
     first loads it is told not to ask a TPU VM's metadata server (there is none), and not to
     take its one-process-per-machine lock (/tmp/libtpu_lockfile), which guards chips that are
-    not here and would fail every compile but the first of several processes (test workers)."""
+    not here and would fail every compile but the first of several processes (test workers).
+    Told the accelerator type, it does not warn that it cannot find this host's bounds (the
+    plan is the same either way; one process's first target names it)."""
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", target.name.split("x", 1)[-1] if target.num_slices > 1
+                          else target.name)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
