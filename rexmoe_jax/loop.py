@@ -3,6 +3,7 @@ logging and checkpoints at their cadences, resume, preemption and non-finite ste
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import pathlib
@@ -333,7 +334,9 @@ def run(config: Config, workdir: str | pathlib.Path, stop: StopRequest | None = 
     start-up). When every checkpoint is unreadable it raises ConfigError, unless `start_over`
     (then it trains from step 0)."""
     workdir = pathlib.Path(workdir)
-    with locked(workdir, writer=jax.process_index() == 0):
+    with contextlib.ExitStack() as stack:
+        with distributed.refused_together("lock"):  # only process 0 takes it
+            stack.enter_context(locked(workdir, writer=jax.process_index() == 0))
         return _run(config, workdir, stop or StopRequest(), start_over)
 
 

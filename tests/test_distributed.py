@@ -225,6 +225,27 @@ def test_processes_that_disagree_stop_at_start_naming_the_groups(tmp_path, diffe
             assert said == [line], group.describe()
 
 
+@pytest.mark.e2e
+def test_a_lock_left_by_another_host_stops_every_process_with_its_line(tmp_path, args):
+    """The restart after a host crashed: the workdir's lock names that host. Only process 0
+    takes the lock, so only it sees the refusal; every process must still end at once, with
+    status 2 and a line naming the file to delete, not wait for process 0 until JAX aborts."""
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lock = workdir / "run.lock"
+    lock.write_text(json.dumps({"pid": 4242, "host": "node7-gone", "since": "2026-12-06T09:00:00"}))
+    started = time.monotonic()
+    with Processes(tmp_path, 2, train(["--workdir", str(workdir), *args])) as group:
+        assert group.wait(RUN_LIMIT) == [2, 2], group.describe()
+    took = time.monotonic() - started
+    for process, prefix in ((0, "error: "), (1, "error: process 0: ")):
+        said = [text for text in group.output(process).splitlines() if text.startswith("error:")]
+        assert said == [f"{prefix}--workdir {str(workdir)!r} is locked by process 4242 on host node7-gone "
+                        f"(since 2026-12-06T09:00:00); if that run has ended, delete {lock}"], group.describe()
+    assert lock.exists() and sorted(p.name for p in workdir.iterdir()) == ["run.lock"]
+    print(f"both processes ended {took:.1f}s after starting")
+
+
 def test_disagreement_names_every_value_that_differs():
     values = {0: np.asarray([7, 1]), 1: np.asarray([8, 1]), 2: np.asarray([7, 2]), 3: np.asarray([8, 2])}
     with pytest.raises(ConfigError) as err:
@@ -351,3 +372,21 @@ def test_several_processes_need_distributed():
     done = subprocess.run([sys.executable, "train.py", "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120, check=False)
     assert done.returncode == 2 and "pass --distributed" in done.stderr
+
+
+def test_a_coordinator_port_taken_on_this_host_is_one_line(monkeypatch):
+    """Process 0 hosts the coordinator: with its port taken (here by a listening socket) gRPC
+    would end the process with a segmentation fault; the check before joining says why."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", f"127.0.0.1:{port}")
+        monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+        monkeypatch.setenv("JAX_PROCESS_ID", "0")
+        with pytest.raises(distributed.StartupError) as err:
+            distributed.initialize(init_timeout=10, heartbeat_timeout=10)
+    assert str(err.value) == (f"process 0 of 2 hosts the coordinator at 127.0.0.1:{port}, but port {port} is "
+                              "taken on this host (Address already in use); choose a free port (launch --port, "
+                              "or JAX_COORDINATOR_ADDRESS)")
+    assert err.value.exit_status == 5

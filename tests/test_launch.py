@@ -85,6 +85,11 @@ def test_a_command_that_cannot_start_is_one_line_and_starts_nothing(tmp_path):
         out, err = finish(proc)
         assert proc.returncode == 2 and out == ""
         assert one_error_line(err) == f"error: cannot start {command!r}: it {why} (and no such command is on PATH)"
+    script = str(tmp_path / "nosuch.py")
+    proc = launch("-n", "2", "--", script)
+    out, err = finish(proc)
+    assert proc.returncode == 2 and out == ""
+    assert one_error_line(err) == f"error: cannot start {script!r}: that Python script does not exist"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not-executable"]
 
 

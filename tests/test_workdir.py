@@ -111,3 +111,18 @@ def test_failure_reason_follows_the_cause():
             raise ValueError("wrapped") from inner
     except ValueError as outer:
         assert workdir.failure_reason(outer) == "no space left on device"
+
+
+def test_a_refused_start_removes_the_empty_folders_it_made_and_keeps_written_files(tmp_path):
+    """The processes of a run refused after the checkpoints folder was made (they disagreed on
+    the config) leave no folder behind; a file written before the refusal keeps its folders."""
+    run = tmp_path / "new-run"
+    with pytest.raises(ConfigError), workdir.locked(run):
+        (run / "checkpoints" / "tmp").mkdir(parents=True)
+        raise ConfigError("the processes disagree")
+    assert not run.exists()
+    with pytest.raises(ConfigError), workdir.locked(run):
+        (run / "checkpoints" / "empty").mkdir(parents=True)
+        (run / "metrics.jsonl").write_text("{}\n")
+        raise ConfigError("refused after writing")
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]

@@ -35,6 +35,7 @@ shuts the runtime down, which waits up to `heartbeat_timeout` for every process 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -111,6 +112,22 @@ def simulate_devices(count: int) -> None:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
+def _check_port_free(address: str, who: str) -> None:
+    """Process 0 hosts the coordinator on the address's port: one taken on this host would end
+    it inside gRPC (a segmentation fault, no line), and its partners would wait for it."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise StartupError(f"JAX_COORDINATOR_ADDRESS={address!r}: give host:port")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a port a past run left waiting is free
+        try:
+            probe.bind(("", int(port)))
+        except OSError as err:
+            raise StartupError(f"{who} hosts the coordinator at {address}, but port {port} is taken on this "
+                               f"host ({err.strerror}); choose a free port (launch --port, or "
+                               "JAX_COORDINATOR_ADDRESS)") from None
+
+
 def initialize(init_timeout: int, heartbeat_timeout: int, stop: StopRequest | None = None) -> None:
     """Joins the run described by the environment (or detected by JAX); see the module doc. A
     `stop` request while joining: see `_join_or_stop`."""
@@ -120,6 +137,8 @@ def initialize(init_timeout: int, heartbeat_timeout: int, stop: StopRequest | No
     who = (f"process {where['process_id']} of {where['num_processes']}" if where["num_processes"] is not None
            else "this process")
     address = where["coordinator_address"] or "(auto-detected)"
+    if where["process_id"] == 0 and where["coordinator_address"]:
+        _check_port_free(where["coordinator_address"], who)
     # Gloo carries the cross-process collectives of CPU devices; other backends ignore it.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_preemption_service", False)  # see the module doc: StopVote
@@ -160,6 +179,35 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
         return
     client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
+
+
+@contextlib.contextmanager
+def refused_together(name: str):
+    """A block that every process runs but only process 0's outcome decides (taking the
+    workdir's lock, which only process 0 holds): when process 0 refuses with a one-line error,
+    every process raises it (process 0's own, the others a ConfigError quoting it), so that all
+    leave together, each with the line and exit status 2. Otherwise the others would wait for
+    process 0 at the next barrier, and process 0 in the runtime's shutdown for them, until
+    both timed out and JAX aborted them without the line. Each name is used once."""
+    import jax
+
+    client = _runtime_client()
+    if jax.process_count() == 1 or client is None:
+        yield
+        return
+    key = f"rexmoe:refused:{name}"
+    if jax.process_index() == 0:
+        try:
+            yield
+        except CommandError as err:
+            client.key_value_set(key, f"refused: {err}")
+            raise
+        client.key_value_set(key, "ok")
+        return
+    yield
+    outcome = client.blocking_key_value_get(key, _barrier_seconds * 1000)
+    if outcome != "ok":
+        raise ConfigError(f"process 0: {outcome.removeprefix('refused: ')}")
 
 
 class CompiledTogether:

@@ -99,7 +99,11 @@ class Lines:
 def resolve(command: list[str]) -> list[str]:
     """The command line to start: a script or module with this Python; anything else must name
     an executable file (checked here, so that a typo is one line and nothing starts)."""
-    if command[0].endswith(".py") or command[0] == "-m":
+    if command[0] == "-m":
+        return [sys.executable, *command]
+    if command[0].endswith(".py"):
+        if not pathlib.Path(command[0]).is_file():
+            raise cli.BadInput(f"cannot start {command[0]!r}: that Python script does not exist")
         return [sys.executable, *command]
     found = shutil.which(command[0])
     if found is None:

@@ -93,7 +93,7 @@ def locked(workdir: pathlib.Path, *, writer: bool = True):
     """Holds the workdir's lock while the block runs. `writer` is False on the processes of a
     multi-host run that write nothing: only the writing process takes the lock. A workdir this
     made is removed again when the block fails before writing anything into it (a bad input
-    leaves no empty folder behind)."""
+    leaves no empty folder behind, nor the empty checkpoints folder of a start refused later)."""
     made = not workdir.exists()
     check_writable(workdir)
     try:
@@ -101,8 +101,9 @@ def locked(workdir: pathlib.Path, *, writer: bool = True):
             yield
     except BaseException:
         if made:
-            with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
-                workdir.rmdir()
+            for folder in sorted((p for p in workdir.rglob("*") if p.is_dir()), reverse=True) + [workdir]:
+                with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+                    folder.rmdir()
         raise
 
 
