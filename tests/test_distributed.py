@@ -240,8 +240,9 @@ def test_a_lock_left_by_another_host_stops_every_process_with_its_line(tmp_path,
     took = time.monotonic() - started
     for process, prefix in ((0, "error: "), (1, "error: process 0: ")):
         said = [text for text in group.output(process).splitlines() if text.startswith("error:")]
-        assert said == [f"{prefix}--workdir {str(workdir)!r} is locked by process 4242 on host node7-gone "
-                        f"(since 2026-12-06T09:00:00); if that run has ended, delete {lock}"], group.describe()
+        line = (f"{prefix}--workdir {str(workdir)!r} is locked by process 4242 on host node7-gone "
+                f"(since 2026-12-06T09:00:00); if that run has ended, delete {lock}")
+        assert said == [line], group.describe()
     assert lock.exists() and sorted(p.name for p in workdir.iterdir()) == ["run.lock"]
     print(f"both processes ended {took:.1f}s after starting")
 
@@ -386,7 +387,7 @@ def test_a_coordinator_port_taken_on_this_host_is_one_line(monkeypatch):
         monkeypatch.setenv("JAX_PROCESS_ID", "0")
         with pytest.raises(distributed.StartupError) as err:
             distributed.initialize(init_timeout=10, heartbeat_timeout=10)
-    assert str(err.value) == (f"process 0 of 2 hosts the coordinator at 127.0.0.1:{port}, but port {port} is "
-                              "taken on this host (Address already in use); choose a free port (launch --port, "
-                              "or JAX_COORDINATOR_ADDRESS)")
+    assert str(err.value) == (f"process 0 of 2 hosts the coordinator at 127.0.0.1:{port}, but port {port} "
+                              "is taken on this host (Address already in use); choose a free port (launch "
+                              "--port, or JAX_COORDINATOR_ADDRESS)")
     assert err.value.exit_status == 5
