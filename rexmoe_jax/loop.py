@@ -27,7 +27,7 @@ from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, check_fresh_start, proof_step, to_host
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, WriteError, failure_reason, locked
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, LOCK_FILE, WriteError, failure_reason, locked
 
 # Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
 TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
@@ -337,6 +337,7 @@ def run(config: Config, workdir: str | pathlib.Path, stop: StopRequest | None = 
     with contextlib.ExitStack() as stack:
         with distributed.refused_together("lock"):  # only process 0 takes it
             stack.enter_context(locked(workdir, writer=jax.process_index() == 0))
+        distributed.check_shared(workdir / LOCK_FILE)
         return _run(config, workdir, stop or StopRequest(), start_over)
 
 

@@ -181,7 +181,19 @@ def check_agreement(differing: str) -> int:
     return start()
 
 
+def train_unshared(folder: str, overrides: list[str]) -> int:
+    """Run as each of 2 processes (python tests/processes.py unshared DIR OVERRIDES...): train.py
+    with its own --workdir DIR/host<i>, as on a host that has not mounted the shared folder."""
+    import train
+
+    workdir = f"{folder}/host{os.environ['JAX_PROCESS_ID']}"
+    return train.main(["--distributed", "--simulate-devices", "2", "--init-timeout", "120", "--workdir", workdir,
+                       *overrides])
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agree"]:
         sys.exit(check_agreement(sys.argv[2]))
+    if sys.argv[1:2] == ["unshared"]:
+        sys.exit(train_unshared(sys.argv[2], sys.argv[3:]))
     check_host_rows()

@@ -247,6 +247,23 @@ def test_a_lock_left_by_another_host_stops_every_process_with_its_line(tmp_path,
     print(f"both processes ended {took:.1f}s after starting")
 
 
+@pytest.mark.e2e
+def test_a_workdir_that_is_not_shared_stops_every_process_at_start(tmp_path, args):
+    """Each process given a folder of its own (a host that did not mount the shared one): they
+    would wait for each other at the first checkpoint for ever; at start each says which
+    process does not see the workdir's lock that process 0 wrote, and nothing is left behind."""
+    folder = tmp_path / "hosts"
+    with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]) as group:
+        assert group.wait(RUN_LIMIT) == [2, 2], group.describe()
+    for process in range(2):
+        said = [text for text in group.output(process).splitlines() if text.startswith("error:")]
+        workdir = str(folder / f"host{process}")
+        assert said == [f"error: --workdir {workdir!r} is not one folder that every host shares: process 1 "
+                        "does not see the run.lock that process 0 wrote in it; give a folder all hosts mount "
+                        "(NFS, Filestore, gcsfuse)"], group.describe()
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
 def test_disagreement_names_every_value_that_differs():
     values = {0: np.asarray([7, 1]), 1: np.asarray([8, 1]), 2: np.asarray([7, 2]), 3: np.asarray([8, 2])}
     with pytest.raises(ConfigError) as err:

@@ -126,8 +126,8 @@ def test_the_default_mesh_is_the_runs_own_or_every_device_on_data():
 
 @pytest.mark.parametrize("overrides,message", [
     (["model.d_model=64"], "'model.d_model=64': only mesh.*= settings choose where a trained model runs"),
-    (["mesh.tensor=4"], "model.expert_ffn=16, model.num_kv_heads=2 and model.vocab_size=4096 must divide over "
-                        "mesh.tensor=4"),
+    (["mesh.tensor=4"], "model.expert_ffn=16, model.num_kv_heads=2 and model.vocab_size=4096 must "
+                        "divide over mesh.tensor=4"),
 ])
 def test_a_mesh_that_cannot_hold_the_model_is_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:

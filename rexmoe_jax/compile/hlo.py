@@ -329,7 +329,6 @@ def analyse(hlo: str) -> dict:
                 t.flops += _dot_flops(shape, lhs, attrs)
             elif kind == "custom-call" and (stated := _KERNEL_FLOPS.search(attrs)):
                 t.flops += int(stated.group(1))
-            scatter = None
             if kind == "fusion" and (fused := _CALLED.search(attrs)):
                 t.hbm_bytes += _fusion_bytes(computations, fused.group(2), _operands(operands), symbols,
                                              shape)

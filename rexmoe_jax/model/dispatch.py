@@ -240,7 +240,8 @@ def choose_path(compute: ComputeConfig, live_share: float) -> Choice:
     grouped = compute.dispatch in ("sort", "capacity")  # the paths that run grouped matmuls
     if grouped and compute.grouped_matmul == "tokamax" and sharding.platform() == "tpu":
         raise ConfigError("compute.grouped_matmul=tokamax does not compile on TPU inside the MoE layer's "
-                          "shard_map (tokamax leaves its outputs' manual axes unset); use auto (blocked) or ragged_dot")
+                          "shard_map (tokamax leaves its outputs' manual axes unset); use auto (blocked) "
+                          "or ragged_dot")
     exchange = compute.expert_exchange
     if exchange == "auto":  # the CPU's ragged_all_to_all is an emulation that moves E times more
         exchange = "fixed" if sharding.platform() == "cpu" or compute.dispatch == "capacity" else "ragged"

@@ -39,6 +39,7 @@ import contextlib
 import functools
 import json
 import os
+import pathlib
 import signal
 import socket
 import sys
@@ -208,6 +209,33 @@ def refused_together(name: str):
     outcome = client.blocking_key_value_get(key, _barrier_seconds * 1000)
     if outcome != "ok":
         raise ConfigError(f"process 0: {outcome.removeprefix('refused: ')}")
+
+
+def check_shared(path: pathlib.Path) -> None:
+    """Raises ConfigError, on every process, unless every process reads at `path` what process
+    0 wrote there (the workdir's lock: its pid, host and time), i.e. the workdir is one folder
+    that all hosts share, as orbax's checkpoints need. A host that mounts another folder there
+    (or none) would otherwise wait at the first checkpoint for ever."""
+    import jax
+
+    client = _runtime_client()
+    if jax.process_count() == 1 or client is None:
+        return
+    me, wait = jax.process_index(), _barrier_seconds * 1000
+    if me == 0:
+        client.key_value_set("rexmoe:shared:written", path.read_text())
+    written = client.blocking_key_value_get("rexmoe:shared:written", wait)
+    try:
+        seen = path.read_text() == written
+    except OSError:
+        seen = False
+    client.key_value_set(f"rexmoe:shared:{me}", "seen" if seen else "not seen")
+    blind = [str(i) for i in range(jax.process_count())
+             if client.blocking_key_value_get(f"rexmoe:shared:{i}", wait) != "seen"]
+    if blind:
+        raise ConfigError(f"--workdir {str(path.parent)!r} is not one folder that every host shares: process "
+                          f"{', '.join(blind)} does not see the {path.name} that process 0 wrote in it; give a "
+                          "folder all hosts mount (NFS, Filestore, gcsfuse)")
 
 
 class CompiledTogether:
