@@ -206,16 +206,17 @@ def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_
 
 
 def test_each_host_of_a_target_slice_reads_the_rows_its_chips_hold(tpu_devices, monkeypatch):
-    """On a v5p-16 (two hosts of four chips) the mesh follows the torus, which interleaves the
-    hosts along the data axis: each host's blocks of rows are its chips' positions on the batch
-    axes, read from the mesh's device grid (row-major over data, fsdp, expert; tensor 1)."""
-    mesh = sharding.make_mesh(MeshConfig(data=-1), tpu_devices("v5p-16"))
+    """The README's pod mesh, fsdp 4 x expert 8 on a v5p-64 (eight hosts of four chips): the mesh
+    follows the torus, which interleaves the hosts along the batch axes. Each host's blocks of
+    rows are its chips' positions on them, read from the mesh's device grid (row-major over
+    data, fsdp, expert; tensor 1)."""
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, expert=8), tpu_devices("v5p-64"))
     hosts = [d.process_index for d in mesh.devices.flat]
-    assert sorted(set(hosts)) == [0, 1] and len(hosts) == 8
-    for host in (0, 1):
+    assert sorted(set(hosts)) == list(range(8)) and len(hosts) == 32
+    for host in range(8):
         monkeypatch.setattr(jax, "process_index", lambda host=host: host)
         expected = tuple(i for i, owner in enumerate(hosts) if owner == host)
-        assert sharding.process_rows(mesh, 16) == (expected, 8)
+        assert sharding.process_rows(mesh, 64) == (expected, 32)
     assert hosts != sorted(hosts), "the hosts no longer interleave here: pick a slice where they do"
 
 
