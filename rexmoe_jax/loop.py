@@ -335,7 +335,7 @@ def run(config: Config, workdir: str | pathlib.Path, stop: StopRequest | None = 
     (then it trains from step 0)."""
     workdir = pathlib.Path(workdir)
     with contextlib.ExitStack() as stack:
-        with distributed.refused_together("lock"):  # only process 0 takes it
+        with distributed.refused_together("lock"):  # only process 0 takes it; each checks it can write
             stack.enter_context(locked(workdir, writer=jax.process_index() == 0))
         distributed.check_shared(workdir / LOCK_FILE)
         return _run(config, workdir, stop or StopRequest(), start_over)

@@ -264,6 +264,22 @@ def test_a_workdir_that_is_not_shared_stops_every_process_at_start(tmp_path, arg
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
+@pytest.mark.e2e
+def test_a_refusal_on_another_process_than_0_stops_every_process(tmp_path, args):
+    """Process 1 cannot write its --workdir (a file stands there): it refuses, and process 0,
+    which could go on, ends too, with the line naming process 1, not waiting for it."""
+    folder = tmp_path / "hosts"
+    folder.mkdir()
+    (folder / "host1").write_text("a file, not a folder")
+    with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]) as group:
+        assert group.wait(RUN_LIMIT) == [2, 2], group.describe()
+    refusal = f"--workdir {str(folder / 'host1')!r} is not writable ("
+    for process, prefix in ((0, "error: process 1: "), (1, "error: ")):
+        said = [text for text in group.output(process).splitlines() if text.startswith("error:")]
+        assert len(said) == 1 and said[0].startswith(prefix + refusal), group.describe()
+    assert sorted(p.name for p in folder.iterdir()) == ["host1"]
+
+
 def test_disagreement_names_every_value_that_differs():
     values = {0: np.asarray([7, 1]), 1: np.asarray([8, 1]), 2: np.asarray([7, 2]), 3: np.asarray([8, 2])}
     with pytest.raises(ConfigError) as err:

@@ -184,12 +184,12 @@ def barrier(name: str) -> None:
 
 @contextlib.contextmanager
 def refused_together(name: str):
-    """A block that every process runs but only process 0's outcome decides (taking the
-    workdir's lock, which only process 0 holds): when process 0 refuses with a one-line error,
-    every process raises it (process 0's own, the others a ConfigError quoting it), so that all
-    leave together, each with the line and exit status 2. Otherwise the others would wait for
-    process 0 at the next barrier, and process 0 in the runtime's shutdown for them, until
-    both timed out and JAX aborted them without the line. Each name is used once."""
+    """A block every process runs (taking the workdir's lock, which only process 0 holds, and
+    checking that each can write there): when any process refuses with a one-line error, every
+    process raises it (its own, the others a ConfigError naming the process), so that all leave
+    together, each with the line and exit status 2. Otherwise the others would wait for it at
+    the next barrier, and it in the runtime's shutdown for them, until both timed out and JAX
+    aborted them without the line. Each name is used once."""
     import jax
 
     client = _runtime_client()
@@ -197,18 +197,16 @@ def refused_together(name: str):
         yield
         return
     key = f"rexmoe:refused:{name}"
-    if jax.process_index() == 0:
-        try:
-            yield
-        except CommandError as err:
-            client.key_value_set(key, f"refused: {err}")
-            raise
-        client.key_value_set(key, "ok")
-        return
-    yield
-    outcome = client.blocking_key_value_get(key, _barrier_seconds * 1000)
-    if outcome != "ok":
-        raise ConfigError(f"process 0: {outcome.removeprefix('refused: ')}")
+    try:
+        yield
+    except CommandError as err:
+        client.key_value_set(f"{key}:{jax.process_index()}", f"refused: {err}")
+        raise
+    client.key_value_set(f"{key}:{jax.process_index()}", "ok")
+    for process in range(jax.process_count()):
+        outcome = client.blocking_key_value_get(f"{key}:{process}", _barrier_seconds * 1000)
+        if outcome != "ok":
+            raise ConfigError(f"process {process}: {outcome.removeprefix('refused: ')}")
 
 
 def check_shared(path: pathlib.Path) -> None:
