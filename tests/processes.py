@@ -187,8 +187,8 @@ def train_unshared(folder: str, overrides: list[str]) -> int:
     import train
 
     workdir = f"{folder}/host{os.environ['JAX_PROCESS_ID']}"
-    return train.main(["--distributed", "--simulate-devices", "2", "--init-timeout", "120", "--workdir", workdir,
-                       *overrides])
+    return train.main(["--distributed", "--simulate-devices", "2", "--init-timeout", "120",
+                       "--workdir", workdir, *overrides])
 
 
 if __name__ == "__main__":

@@ -253,7 +253,8 @@ def test_a_workdir_that_is_not_shared_stops_every_process_at_start(tmp_path, arg
     would wait for each other at the first checkpoint for ever; at start each says which
     process does not see the workdir's lock that process 0 wrote, and nothing is left behind."""
     folder = tmp_path / "hosts"
-    with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]) as group:
+    command = [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]
+    with Processes(tmp_path, 2, command) as group:
         assert group.wait(RUN_LIMIT) == [2, 2], group.describe()
     for process in range(2):
         said = [text for text in group.output(process).splitlines() if text.startswith("error:")]
@@ -271,7 +272,8 @@ def test_a_refusal_on_another_process_than_0_stops_every_process(tmp_path, args)
     folder = tmp_path / "hosts"
     folder.mkdir()
     (folder / "host1").write_text("a file, not a folder")
-    with Processes(tmp_path, 2, [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]) as group:
+    command = [str(ROOT / "tests" / "processes.py"), "unshared", str(folder), *args]
+    with Processes(tmp_path, 2, command) as group:
         assert group.wait(RUN_LIMIT) == [2, 2], group.describe()
     refusal = f"--workdir {str(folder / 'host1')!r} is not writable ("
     for process, prefix in ((0, "error: process 1: "), (1, "error: ")):

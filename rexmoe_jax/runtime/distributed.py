@@ -231,9 +231,9 @@ def check_shared(path: pathlib.Path) -> None:
     blind = [str(i) for i in range(jax.process_count())
              if client.blocking_key_value_get(f"rexmoe:shared:{i}", wait) != "seen"]
     if blind:
-        raise ConfigError(f"--workdir {str(path.parent)!r} is not one folder that every host shares: process "
-                          f"{', '.join(blind)} does not see the {path.name} that process 0 wrote in it; give a "
-                          "folder all hosts mount (NFS, Filestore, gcsfuse)")
+        raise ConfigError(f"--workdir {str(path.parent)!r} is not one folder that every host shares: "
+                          f"process {', '.join(blind)} does not see the {path.name} that process 0 wrote in "
+                          "it; give a folder all hosts mount (NFS, Filestore, gcsfuse)")
 
 
 class CompiledTogether:
