@@ -182,6 +182,16 @@ def barrier(name: str) -> None:
     client.wait_at_barrier(f"rexmoe:{name}", _barrier_seconds * 1000)
 
 
+def _from_every_process(client, key: str, mine: str) -> list[str]:
+    """Each process's `mine` for `key`, in process order, through the coordination service's
+    key-value store: what every process knows once each has said its own."""
+    import jax
+
+    client.key_value_set(f"{key}:{jax.process_index()}", mine)
+    return [client.blocking_key_value_get(f"{key}:{process}", _barrier_seconds * 1000)
+            for process in range(jax.process_count())]
+
+
 @contextlib.contextmanager
 def refused_together(name: str):
     """A block every process runs (taking the workdir's lock, which only process 0 holds, and
@@ -202,9 +212,7 @@ def refused_together(name: str):
     except CommandError as err:
         client.key_value_set(f"{key}:{jax.process_index()}", f"refused: {err}")
         raise
-    client.key_value_set(f"{key}:{jax.process_index()}", "ok")
-    for process in range(jax.process_count()):
-        outcome = client.blocking_key_value_get(f"{key}:{process}", _barrier_seconds * 1000)
+    for process, outcome in enumerate(_from_every_process(client, key, "ok")):
         if outcome != "ok":
             raise ConfigError(f"process {process}: {outcome.removeprefix('refused: ')}")
 
@@ -219,17 +227,15 @@ def check_shared(path: pathlib.Path) -> None:
     client = _runtime_client()
     if jax.process_count() == 1 or client is None:
         return
-    me, wait = jax.process_index(), _barrier_seconds * 1000
-    if me == 0:
+    if jax.process_index() == 0:
         client.key_value_set("rexmoe:shared:written", path.read_text())
-    written = client.blocking_key_value_get("rexmoe:shared:written", wait)
+    written = client.blocking_key_value_get("rexmoe:shared:written", _barrier_seconds * 1000)
     try:
         seen = path.read_text() == written
     except OSError:
         seen = False
-    client.key_value_set(f"rexmoe:shared:{me}", "seen" if seen else "not seen")
-    blind = [str(i) for i in range(jax.process_count())
-             if client.blocking_key_value_get(f"rexmoe:shared:{i}", wait) != "seen"]
+    views = _from_every_process(client, "rexmoe:shared", "seen" if seen else "not seen")
+    blind = [str(process) for process, view in enumerate(views) if view != "seen"]
     if blind:
         raise ConfigError(f"--workdir {str(path.parent)!r} is not one folder that every host shares: "
                           f"process {', '.join(blind)} does not see the {path.name} that process 0 wrote in "
