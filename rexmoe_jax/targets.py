@@ -2,9 +2,10 @@
 chips' peak figures the compile report's roofline estimate uses. No jax here: sharding.py
 turns a target into devices.
 
-A name is `<generation>-<n>`, with n counted as Cloud TPU counts it: TensorCores for v4 and
-v5p (two per chip, driven as one "megacore" device), chips for v5e (also `v5litepod-<n>`) and
-v6e; `<s>x<name>` is s such slices joined over the data-centre network (multi-slice).
+A name is `<generation>-<n>`, with n counted as Cloud TPU counts it: TensorCores for v4, v5p
+(two per chip, driven as one "megacore" device) and tpu7x (two per chip, each its own device:
+a chip is two chiplets), chips for v5e (also `v5litepod-<n>`) and v6e; `<s>x<name>` is s such
+slices joined over the data-centre network (multi-slice).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from rexmoe_jax.config import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip's peak figures, as Google's Cloud TPU pages give them (source)."""
+    """One TPU chip's peak figures, as Google's Cloud TPU pages give them (source), and how many
+    jax devices it is; `share()` gives one device's part."""
 
     name: str
     device_kind: str  # what jax calls its devices
@@ -27,6 +29,25 @@ class Chip:
     hbm_bytes_per_second: float
     ici_bytes_per_second: float | None  # inter-chip interconnect, bidirectional, all links; None: unpublished
     source: str
+    devices: int = 1  # jax devices per chip: a TPU7x chip's two chiplets are two
+
+    def share(self) -> Chip:
+        """One device's part of the chip: its FLOP/s, HBM, HBM and ICI bandwidth divided evenly
+        among the chip's devices (the chip itself where it is one device)."""
+        n = self.devices
+        return dataclasses.replace(
+            self, peak_bf16_flops=self.peak_bf16_flops / n, hbm_bytes=self.hbm_bytes // n,
+            hbm_bytes_per_second=self.hbm_bytes_per_second / n,
+            ici_bytes_per_second=None if self.ici_bytes_per_second is None else self.ici_bytes_per_second / n,
+            devices=1)
+
+    @property
+    def one_device(self) -> str:
+        """What one jax device of this chip is, in words: "a v5p chip", "a tpu7x device (one of
+        a chip's 2)"."""
+        if self.devices == 1:
+            return f"a {self.name} chip"
+        return f"a {self.name} device (one of a chip's {self.devices})"
 
 
 # Google's pages give HBM in "GB" that are GiB: libtpu plans a v6e chip's 32 with 31.25 of them
@@ -38,6 +59,8 @@ CHIPS = {
     "v5e": Chip("v5e", "TPU v5 lite", 197e12, 16 * _GIB, 819e9, 400e9, "https://cloud.google.com/tpu/docs/v5e"),
     "v5p": Chip("v5p", "TPU v5", 459e12, 95 * _GIB, 2765e9, 1200e9, "https://cloud.google.com/tpu/docs/v5p"),
     "v6e": Chip("v6e", "TPU v6 lite", 918e12, 32 * _GIB, 1640e9, 800e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "tpu7x": Chip("tpu7x", "TPU7x", 2307e12, 192 * _GIB, 7380e9, 1200e9, "https://cloud.google.com/tpu/docs/tpu7x",
+                  devices=2),
 }
 
 
@@ -45,7 +68,7 @@ CHIPS = {
 class _Generation:
     topology_prefix: str  # what get_topology_desc calls the generation
     chip_config: str  # "megacore": a chip's two TensorCores are one device
-    cores_in_name: int  # what one chip counts for in a slice name
+    cores_in_name: int  # what one chip counts for in a slice name (its TensorCores, or 1)
     shapes: tuple[str, ...]  # the chip grids of the single-slice sizes offered
 
 
@@ -56,6 +79,7 @@ GENERATIONS = {
     "v5p": _Generation("v5p", "megacore", 2, _3D),
     "v5e": _Generation("v5e", "default", 1, _2D),
     "v6e": _Generation("v6e", "default", 1, _2D),
+    "tpu7x": _Generation("tpu7x", "default", 2, _3D),
 }
 _ALIASES = {"v5litepod": "v5e"}
 
@@ -111,15 +135,16 @@ def same_slice(a: Target, b: Target) -> bool:
 
 
 def slice_of(devices) -> Target | None:
-    """The target that a list of jax devices forms (TPU devices, one per chip, read by their
-    `device_kind` and `slice_index`), or None where they are not a whole slice of the table
-    (another platform, a slice size not offered, a part of a slice)."""
+    """The target that a list of jax devices forms (TPU devices, read by their `device_kind` and
+    `slice_index`), or None where they are not a whole slice of the table (another platform, a
+    slice size not offered, a part of a slice)."""
     kind = getattr(devices[0], "device_kind", "") if devices else ""
     generation = next((name for name, chip in CHIPS.items() if chip.device_kind == kind), None)
     slices = len({getattr(d, "slice_index", 0) for d in devices})
-    if generation is None or len(devices) % slices:
+    per_chip = CHIPS[generation].devices if generation else 1
+    if generation is None or len(devices) % (slices * per_chip):
         return None
-    name = f"{generation}-{len(devices) // slices * GENERATIONS[generation].cores_in_name}"
+    name = f"{generation}-{len(devices) // slices // per_chip * GENERATIONS[generation].cores_in_name}"
     if name not in SLICES:
         return None
     return parse(name if slices == 1 else f"{slices}x{name}")

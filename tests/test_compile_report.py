@@ -107,6 +107,23 @@ def test_a_v4_slice_compiles_with_the_default_settings(tpu_devices, tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_tpu7x_chip_is_two_devices_each_with_half_its_figures(tpu_devices, tmp_path):
+    """A tpu7x-8 is 4 chips of two chiplets, 8 devices: the state divides over all 8, each
+    device has half a chip's 192 GiB and 2,307 TFLOP/s, and the Pallas permute kernels compile
+    for it through Mosaic."""
+    config, report, devices = compiled(["mesh.data=2", "mesh.expert=4"], "tpu7x-8", tpu_devices,
+                                       tmp_path / "step.hlo")
+    assert len(devices) == report["devices"] == 8 and {d.device_kind for d in devices} == {"TPU7x"}
+    hand = by_hand(config, devices)
+    assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024
+    assert report["hbm_capacity_per_device"] == 96 * 2 ** 30
+    roof = report["roofline_estimate"]
+    assert (roof["chip"], roof["devices_per_chip"], roof["peak_bf16_flops"]) == ("tpu7x", 2, 2307e12 / 2)
+    assert roof["hbm_bytes_per_second"] == 7380e9 / 2 and roof["ici_bytes_per_second"] == 1200e9 / 2
+    assert 'custom_call_target="tpu_custom_call"' in (tmp_path / "step.hlo").read_text()
+
+
+@pytest.mark.e2e
 def test_flash_attention_is_the_default_on_tpu_compiles_through_mosaic_and_keeps_scores_out_of_memory(tpu_devices, tmp_path):
     """The default attention on a v5p-8 over 1,024 tokens is flash: the splash kernels of the
     forward and of both gradients are Mosaic custom calls in every layer (not interpret-mode
@@ -137,6 +154,16 @@ def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     assert "optim.grad_accum=2" in message
     needed, available = (float(x) for x in re.findall(r"([\d.]+)[KMGT]?B", message)[:2])
     assert needed > available
+
+
+def test_part_of_a_target_slice_is_one_line(tpu_devices, capsys):
+    """mesh.num_devices would take the first devices of the slice, not a slice: refused before
+    compiling, naming the fix."""
+    tpu_devices("v5p-16")
+    assert train.main(["--compile-only", "--target", "v5p-16", *MODEL, "mesh.num_devices=4"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message == ("error: mesh.num_devices=4 would compile part of v5p-16 (8 devices), outside its "
+                       "torus order: drop it and name a slice of that size as --target")
 
 
 def test_words_of_the_compiler_not_known_here_are_quoted_in_the_one_line():
@@ -177,6 +204,9 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
     # 34,769,004,064 / 2^30 = 32.38; 32e9 / 2^30 = 29.80; 2,769,004,064 / 2^30 = 2.58
     assert str(err.value).startswith("the train step does not fit: the compiler plans 32.38 GiB per device and "
                                      "a v6e chip has 29.80 GiB (2.58 GiB short); try optim.grad_accum=2")
+    # On a TPU7x the HBM is a device's: half a chip's.
+    with pytest.raises(report.DoesNotFit, match=r"and a tpu7x device \(one of a chip's 2\) has 29.80"):
+        report.check_fits({**planned, "roofline_estimate": {"chip": "tpu7x"}}, Config())
     report.check_fits({**planned, "hbm_headroom_bytes": 1}, Config())  # fits: nothing raised
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
 
@@ -248,7 +278,7 @@ def test_a_presets_mesh_for_the_target_slice_unless_the_command_line_gives_one(t
     assert report["mesh"] == {"data": 4, "fsdp": 1, "expert": 1, "tensor": 1} and report["micro_batches"] == 2
 
 
-@pytest.mark.parametrize("name", ["v5p-16", "v6e-8", "v5e-4", "v4-8", "2xv5p-16"])
+@pytest.mark.parametrize("name", ["v5p-16", "v6e-8", "v5e-4", "v4-8", "2xv5p-16", "tpu7x-16"])
 def test_the_devices_of_a_slice_name_it(tpu_devices, name):
     """What train.py reads on a real slice (jax's device kind and count, and the slice index of
     each device) names the slice the TPU compiler describes."""

@@ -76,6 +76,7 @@ def test_device_peaks_by_kind_and_dtype():
     wins; an unknown kind (a CPU) has none."""
     assert metrics.device_peak_flops(_Device("TPU v5 lite")) == 197e12
     assert metrics.device_peak_flops(_Device("TPU v5"), "float32") == 459e12
+    assert metrics.device_peak_flops(_Device("TPU7x")) == 2307e12 / 2  # a device is half a chip
     assert metrics.device_peak_flops(_Device("NVIDIA H100 80GB HBM3")) == 989e12
     assert metrics.device_peak_flops(_Device("NVIDIA H100 80GB HBM3"), "float32") == 495e12
     assert metrics.device_peak_flops(_Device("NVIDIA H100 PCIe")) == 756e12

@@ -16,6 +16,11 @@ def test_names_count_what_cloud_tpu_counts():
     assert targets.parse("v5e-1").chips_per_host == (1, 1, 1)
     two = targets.parse("2xv5p-128")
     assert (two.topology, two.num_slices, two.chips) == ("v5p:4x4x4", 2, 128)
+    # TensorCores, two per chip, each chiplet its own device: tpu7x-8 is one host's 4 chips.
+    tpu7x = targets.parse("tpu7x-8")
+    assert (tpu7x.topology, tpu7x.chip_config, tpu7x.chips) == ("tpu7x:2x2x1", "default", 4)
+    assert tpu7x.chips_per_host == (2, 2, 1)
+    assert targets.parse("tpu7x-128").topology == "tpu7x:4x4x4"
 
 
 def test_chip_peaks_cite_their_source():
@@ -24,6 +29,19 @@ def test_chip_peaks_cite_their_source():
     # the available HBM (31.25G)"; a v5e chip has 15.75G available. 32e9 bytes would be 29.8 GiB.
     assert (targets.CHIPS["v6e"].hbm_bytes, targets.CHIPS["v5e"].hbm_bytes) == (32 * 2 ** 30, 16 * 2 ** 30)
     assert all(chip.source.startswith("https://cloud.google.com/tpu/docs/") for chip in targets.CHIPS.values())
+
+
+def test_a_device_has_its_share_of_the_chip():
+    """A TPU7x chip (2,307 TFLOP/s, 192 GiB at 7,380 GB/s, 1,200 GB/s ICI) is two devices: each
+    has half of every figure; a one-device chip's share is the chip."""
+    half = targets.CHIPS["tpu7x"].share()
+    assert (half.peak_bf16_flops, half.hbm_bytes, half.hbm_bytes_per_second, half.ici_bytes_per_second) == \
+        (1153.5e12, 96 * 2 ** 30, 3690e9, 600e9)
+    assert half.devices == 1 and half.source == "https://cloud.google.com/tpu/docs/tpu7x"
+    assert targets.CHIPS["v5p"].share() == targets.CHIPS["v5p"]
+    assert targets.CHIPS["v4"].share().ici_bytes_per_second is None
+    assert targets.CHIPS["tpu7x"].one_device == "a tpu7x device (one of a chip's 2)"
+    assert targets.CHIPS["v6e"].one_device == "a v6e chip"
 
 
 @pytest.mark.parametrize("name", ["v5p-63", "v7-8", "v5p64", "0xv5p-64"])
@@ -43,10 +61,14 @@ def test_the_slice_real_devices_form():
     assert targets.slice_of(chips("TPU v5", 16)).name == "v5p-32"
     assert targets.slice_of(chips("TPU v6 lite", 64)).name == "v6e-64"
     assert targets.slice_of(chips("TPU v5", 64, slices=2)).name == "2xv5p-64"
+    # A TPU7x device is one TensorCore of a chip: 8 devices are 4 chips, a tpu7x-8.
+    assert targets.slice_of(chips("TPU7x", 8)).name == "tpu7x-8"
+    assert targets.slice_of(chips("TPU7x", 32, slices=2)).name == "2xtpu7x-16"
     # Not a slice of the table: GPUs, 6 chips, 3 devices over 2 slices.
     assert targets.slice_of(chips("NVIDIA H100 80GB HBM3", 8)) is None
     assert targets.slice_of(chips("TPU v6 lite", 6)) is None
     assert targets.slice_of(chips("TPU v5", 3, slices=2)) is None
+    assert targets.slice_of(chips("TPU7x", 7)) is None  # half a chip
 
 
 SLICES = {"v5litepod-8": ["mesh.fsdp=2", "mesh.expert=4", "optim.grad_accum=2"], "v5p-16": ["mesh.expert=8"]}

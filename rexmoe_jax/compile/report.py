@@ -25,7 +25,7 @@ from rexmoe_jax.loop import jitted_steps
 from rexmoe_jax.model.layers import flash_applies
 from rexmoe_jax.model.metrics import flops_per_token
 from rexmoe_jax.optimizer import make_optimizer
-from rexmoe_jax.targets import Chip, Target
+from rexmoe_jax.targets import CHIPS, Chip, Target
 
 _MEMORY_FIELDS = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
                   "alias_size_in_bytes", "generated_code_size_in_bytes")
@@ -51,7 +51,7 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
     if "RESOURCE_EXHAUSTED" not in text:
         return None
     found = next((m for m in (p.search(text) for p in _TOO_BIG) if m), None)
-    where = f"a {target.chip.name} chip" if target else "a device"
+    where = target.chip.one_device if target else "a device"
     core = _CORE_MEMORY.search(text)
     if core:  # a kernel's on-chip scratch, not HBM: batch and mesh knobs do not reach it
         space, used, capacity = core.group(1).upper(), core.group(2), core.group(3)
@@ -63,7 +63,7 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
         needed, available = found.groups()
         plan = f"the compiler plans {needed}B of memory per device and {where} has {available}B"
     else:  # Words this module does not know: the compiler's own, cut to a line.
-        capacity = f" ({target.chip.hbm_bytes / 2 ** 30:.2f} GiB)" if target else ""
+        capacity = f" ({target.chip.share().hbm_bytes / 2 ** 30:.2f} GiB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
     return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices, platform)}")
@@ -84,7 +84,7 @@ def _knobs(config: Config, batch_devices: int, platform: str) -> str:
 
 
 def check_fits(report: dict, config: Config) -> None:
-    """Raises DoesNotFit with one line when the compiled plan is larger than the target chip's
+    """Raises DoesNotFit with one line when the compiled plan is larger than the target device's
     HBM: the TPU compiler does not always refuse such a step itself (7B on a v6e-32 compiled to
     32.4 GiB per chip of 29.8)."""
     short = -report.get("hbm_headroom_bytes", 0)
@@ -93,7 +93,7 @@ def check_fits(report: dict, config: Config) -> None:
         gib = 1024 ** 3
         raise DoesNotFit(
             f"the train step does not fit: the compiler plans {report['total_bytes_per_device'] / gib:.2f} GiB per "
-            f"device and a {report['roofline_estimate']['chip']} chip has "
+            f"device and {CHIPS[report['roofline_estimate']['chip']].one_device} has "
             f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); "
             f"{_knobs(config, batch_devices, report.get('platform', 'cpu'))}")
 
@@ -109,30 +109,32 @@ def _cost(compiled) -> tuple[float, float]:
 def roofline(report: dict, config: Config, chip: Chip) -> dict:
     """An estimate, not a measurement (and a lower bound where loops of unknown length, such as
     the blocked grouped matmul's, were counted once): the step's time if its matmul FLOPs ran at
-    the chip's peak FLOP/s, its HBM bytes at the peak bandwidth, or the bytes its collectives send
-    at the chip's whole interconnect bandwidth, whichever binds (all three counted through the
-    step's loops; overlap, elementwise work and kernels that state no cost are not modelled,
-    nor is the traffic between slices, hlo.CROSS_SLICE: no per-chip figure for the data-centre
-    network is published), and the MFU that time would give for the
-    model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). The compute
+    a device's peak FLOP/s, its HBM bytes at the peak bandwidth, or the bytes its collectives send
+    at the device's whole interconnect bandwidth, whichever binds. A device's figures are its
+    chip's, or an even share where a chip is several devices (Chip.share(): TPU7x). All three
+    are counted through the step's loops; overlap, elementwise work and kernels that state no
+    cost are not modelled, nor is the traffic between slices (hlo.CROSS_SLICE: no per-chip
+    figure for the data-centre network is published). With it, the MFU that time would give for
+    the model's FLOPs (metrics.flops_per_token: no remat recompute, no padded rows). The compute
     term takes the model's FLOPs where the count is smaller: the flash attention kernels state
     no cost, so their work is missing from the count. It reads only the report and the config,
     so a saved report can be estimated again."""
     model_flops = flops_per_token(config.model, config.data.seq_len,
                                   trainer.summary(config)["params_active"]) * config.tokens_per_step
+    device = chip.share()
     flops = max(report["flops_per_device"], model_flops / report["devices"])
-    times = {"compute": flops / chip.peak_bf16_flops,
-             "memory": report["hbm_bytes_per_device"] / chip.hbm_bytes_per_second}
+    times = {"compute": flops / device.peak_bf16_flops,
+             "memory": report["hbm_bytes_per_device"] / device.hbm_bytes_per_second}
     ici = {kind: c for kind, c in report["collectives"].items() if kind != hlo.CROSS_SLICE}
     sent = sum(c.get("sent_bytes", 0) for c in ici.values())
-    if chip.ici_bytes_per_second:  # a chip sends on half its bidirectional bandwidth
-        times["interconnect"] = sent / (chip.ici_bytes_per_second / 2)
+    if device.ici_bytes_per_second:  # a device sends on half its bidirectional bandwidth
+        times["interconnect"] = sent / (device.ici_bytes_per_second / 2)
     bound = max(times, key=times.get)
-    return {"chip": chip.name, "peak_bf16_flops": chip.peak_bf16_flops,
-            "hbm_bytes_per_second": chip.hbm_bytes_per_second,
-            "ici_bytes_per_second": chip.ici_bytes_per_second, "source": chip.source,
+    return {"chip": chip.name, "devices_per_chip": chip.devices, "peak_bf16_flops": device.peak_bf16_flops,
+            "hbm_bytes_per_second": device.hbm_bytes_per_second,
+            "ici_bytes_per_second": device.ici_bytes_per_second, "source": chip.source,
             "seconds": times, "step_seconds": times[bound], "bound": bound,
-            "mfu": model_flops / (report["devices"] * chip.peak_bf16_flops * times[bound]),
+            "mfu": model_flops / (report["devices"] * device.peak_bf16_flops * times[bound]),
             "model_flops_per_device": model_flops / report["devices"]}
 
 
@@ -141,7 +143,12 @@ def compile_report(config: Config, target: Target | None = None,
     """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
     given) and returns what the compiler plans, per device (and writes the compiled HLO to
     `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
-    mesh = sharding.make_mesh(config.mesh, sharding.target_devices(target) if target else None)
+    devices = sharding.target_devices(target) if target else None
+    if devices and config.mesh.num_devices not in (0, len(devices)):
+        raise ConfigError(f"mesh.num_devices={config.mesh.num_devices} would compile part of {target.name} "
+                          f"({len(devices)} devices), outside its torus order: drop it and name a slice "
+                          "of that size as --target")
+    mesh = sharding.make_mesh(config.mesh, devices)
     sharding.validate(config, mesh)
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)
@@ -175,8 +182,8 @@ def compile_report(config: Config, target: Target | None = None,
     report["loops_of_unknown_length"] = step["loops_of_unknown_length"]
     report["collectives"] = step["collectives"]
     if target:
-        report["hbm_capacity_per_device"] = target.chip.hbm_bytes
-        report["hbm_headroom_bytes"] = target.chip.hbm_bytes - report["total_bytes_per_device"]
+        report["hbm_capacity_per_device"] = target.chip.share().hbm_bytes
+        report["hbm_headroom_bytes"] = report["hbm_capacity_per_device"] - report["total_bytes_per_device"]
         report["roofline_estimate"] = roofline(report, config, target.chip)
     return report
 
@@ -184,7 +191,7 @@ def compile_report(config: Config, target: Target | None = None,
 def describe(report: dict) -> str:
     """The report for a person, a few lines; the JSON line after it has everything."""
     r, gib = report, 1024 ** 3
-    where = f"{r['target']} ({r['devices']} chips)" if r["target"] else f"{r['devices']} devices"
+    where = f"{r['target']} ({r['devices']} devices)" if r["target"] else f"{r['devices']} devices"
     outputs = (r["output_size_in_bytes"] - r["alias_size_in_bytes"]) / gib
     lines = [f"compiled the train step in {r['compile_seconds']}s for {where}, mesh {r['mesh']}",
              f"per device: parameters and optimizer state {r['argument_size_in_bytes'] / gib:.2f} GiB, "
@@ -208,7 +215,9 @@ def describe(report: dict) -> str:
         links = f", {ici / 1e9:.0f} GB/s ICI" if ici else ", no published ICI figure: collectives not counted"
         terms = ", ".join(f"{name} {t * 1e3:.1f}" for name, t in roof["seconds"].items())
         low, high = ("at least ", "at most ") if unknown else ("", "")  # loops counted once
-        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks "
+        shared = roof.get("devices_per_chip", 1)
+        per = f" per device ({shared} to a chip)" if shared > 1 else ""
+        lines.append(f"estimate (roofline, not measured; {roof['chip']} peaks{per} "
                      f"{roof['peak_bf16_flops'] / 1e12:.0f} TFLOP/s bf16, "
                      f"{roof['hbm_bytes_per_second'] / 1e9:.0f} GB/s HBM{links} from {roof['source']}): "
                      f"{low}{roof['step_seconds'] * 1e3:.1f} ms per step ({terms} ms), "

@@ -98,7 +98,7 @@ def device_peak_flops(device: jax.Device, dtype: str = "bfloat16") -> float | No
     kind = getattr(device, "device_kind", "")
     tpu = next((chip for chip in CHIPS.values() if chip.device_kind == kind), None)
     if tpu is not None:  # XLA's default precision runs a TPU's f32 matmuls as one bf16 pass.
-        return tpu.peak_bf16_flops
+        return tpu.share().peak_bf16_flops  # one device's (a TPU7x chip is two)
     names = sorted((k for k in _GPU_PEAK_FLOPS if kind.startswith(k)), key=len, reverse=True)
     if not names:
         return None
