@@ -110,9 +110,9 @@ def test_a_v4_slice_compiles_with_the_default_settings(tpu_devices, tmp_path):
 def test_a_tpu7x_chip_is_two_devices_each_with_half_its_figures(tpu_devices, tmp_path):
     """A tpu7x-8 is 4 chips of two chiplets, 8 devices: the state divides over all 8, each
     device has half a chip's 192 GiB and 2,307 TFLOP/s, and the Pallas permute kernels compile
-    for it through Mosaic."""
-    config, report, devices = compiled(["mesh.data=2", "mesh.expert=4"], "tpu7x-8", tpu_devices,
-                                       tmp_path / "step.hlo")
+    for it through Mosaic on bf16 rows (which TPU7x tiles 16 to a block, where 8 were taken)."""
+    config, report, devices = compiled(["mesh.data=2", "mesh.expert=4", "compute.dtype=bfloat16"], "tpu7x-8",
+                                       tpu_devices, tmp_path / "step.hlo")
     assert len(devices) == report["devices"] == 8 and {d.device_kind for d in devices} == {"TPU7x"}
     hand = by_hand(config, devices)
     assert hand <= report["argument_size_in_bytes"] <= hand + 8 * 1024

@@ -90,12 +90,27 @@ def test_values_and_gradients_match_numpy(implementation, interpret, case, dtype
         np.testing.assert_allclose(np.asarray(got.astype(jnp.float32)), want, err_msg=name, **TOLERANCE[dtype])
 
 
-def test_pallas_kernels_in_runs_of_rows_match_numpy(monkeypatch):
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_pallas_kernels_in_runs_of_rows_match_numpy(monkeypatch, dtype):
     """A call with more indices than one kernel prefetches into SMEM runs as several kernels over
-    runs of rows: with runs of 16 indices (8 tokens at K = 4 for combine and its gradients), 21
-    tokens split unevenly and the results are still numpy's."""
-    monkeypatch.setattr(token_permute.pallas, "PREFETCH_INDICES", 16)
-    test_values_and_gradients_match_numpy("pallas", None, (21, 4, 16, 8), jnp.float32)
+    runs of rows (a multiple of the largest block, 32 rows): with at most 128 indices a kernel,
+    70 tokens at K = 4 run as 32 + 32 + 6 tokens for combine and its gradients, and their 280
+    rows as 128 + 128 + 24 for permute; the results are still numpy's."""
+    monkeypatch.setattr(token_permute.pallas, "PREFETCH_INDICES", 128)
+    calls = []
+    real = token_permute.pallas._call
+    monkeypatch.setattr(token_permute.pallas, "_call", lambda *a: calls.append(a[1]) or real(*a))
+    test_values_and_gradients_match_numpy("pallas", None, (70, 4, 16, 8), dtype)
+    # Each run's grid in blocks of 8 rows (float32) or 16 (bf16), the last run padded to a
+    # whole block: 128 rows are 16 or 8 blocks, 32 tokens 4 or 2, 24 rows 3 or 2, 6 tokens 1.
+    grids = sorted({grid[0] for grid in calls})
+    assert grids == {jnp.float32: [1, 3, 4, 16], jnp.bfloat16: [1, 2, 8]}[dtype]
+
+
+def test_a_block_is_a_tiles_sublanes_of_the_rows_dtype():
+    """A TPU tile is 8 sublanes of 32 bits: 8 rows of float32, 16 of bf16, 32 of int8."""
+    assert [token_permute.pallas.block_rows(t) for t in (jnp.float32, jnp.int32, jnp.bfloat16, jnp.int8)] == \
+        [8, 8, 16, 32]
 
 
 def test_inverse_permutation_and_input_checks():
@@ -203,12 +218,12 @@ def compiled_for_tpu(devices, tokens: int, d: int, k: int) -> str:
     return jax.jit(step).lower(*(jax.ShapeDtypeStruct(s, t) for s, t in shapes)).compile().as_text()
 
 
-@pytest.mark.parametrize("target", ["v5e-8", "v6e-8"])
-def test_pallas_kernels_compile_through_mosaic_for_two_tpu_generations(tpu_devices, target):
+@pytest.mark.parametrize("target", ["v5e-8", "v6e-8", "tpu7x-8"])
+def test_pallas_kernels_compile_through_mosaic_for_three_tpu_generations(tpu_devices, target):
     """The TPU kernels, not their interpret mode, at the 2.3B preset's per-device shape (4,096
     tokens, D = 512, K = 8 on a v5p-64 with fsdp 4 x expert 8 and grad_accum 16): forward and
     backward are five kernels (permute; combine; combine's dy and d gates; permute's dx), each
-    one Mosaic custom call."""
+    one Mosaic custom call. TPU7x tiles the bf16 rows (16, 128) and refused blocks of 8 rows."""
     hlo = compiled_for_tpu(tpu_devices(target), 4096, 512, 8)
     assert hlo.count('custom_call_target="tpu_custom_call"') == 5
     assert "callback" not in hlo  # interpret mode would run the kernels as host callbacks
@@ -233,6 +248,7 @@ def test_the_kernels_are_supported_from_tpu_v5e_and_hopper_on(tpu_devices):
     assert not token_permute.pallas_supported(tpu_devices("v4-8")[0])
     assert token_permute.pallas_supported(tpu_devices("v5e-4")[0])
     assert token_permute.pallas_supported(tpu_devices("v5p-8")[0])
+    assert token_permute.pallas_supported(tpu_devices("tpu7x-8")[0])
 
     def gpu(capability):
         return types.SimpleNamespace(platform="gpu", device_kind="NVIDIA", compute_capability=capability)

@@ -10,7 +10,9 @@ waits for all of them and finishes the block in VMEM:
 
 so forward and backward are gathers by a permutation or its inverse: no scatter, no atomics.
 Row counts that are not a multiple of the block are padded (index 0, weight 0) and cut off.
-TPU wants blocks of 8 rows and widths that are multiples of 128 for full speed. A call with
+A block of rows covers whole tiles of the (rows, D) arrays it reads or writes: 8 rows of 32-bit
+values, 16 of 16-bit ones (TPU7x tiles a bf16 array in HBM (16, 128) and rejects 8-row blocks
+of it), 32 of 8-bit ones; widths that are multiples of 128 run at full speed. A call with
 more indices than PREFETCH_INDICES runs as several kernels over runs of rows: a core's SMEM is
 1 MiB (v5p), and 262,144 int32 indices (the 2.3B preset's 32,768 tokens x K = 8 on one chip)
 fill it, which Mosaic rejects ("Ran out of memory in memory space smem").
@@ -27,13 +29,21 @@ from pallas_kernels.token_permute.gather_vjp import RowGathers, permute_and_comb
 
 # The most indices one kernel scalar-prefetches into SMEM: 512 KiB of int32.
 PREFETCH_INDICES = 1 << 17
+# The most rows a block takes (8-bit values), which every run of rows is a multiple of.
+_MOST_BLOCK_ROWS = 32
+
+
+def block_rows(dtype) -> int:
+    """The rows of a block of a (rows, D) array of `dtype`: a TPU tile's sublanes, where values
+    narrower than 32 bits pack two or four to a sublane."""
+    return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
 
 
 def _in_runs(call, per_row: int, *row_major):
     """call(*pieces) over runs of leading rows of the `row_major` arrays, each run holding at
     most PREFETCH_INDICES indices (`per_row` a row), concatenated; one call when all fit."""
     rows = row_major[0].shape[0]
-    run = max(PREFETCH_INDICES // per_row // 8 * 8, 8)
+    run = max(PREFETCH_INDICES // per_row // _MOST_BLOCK_ROWS * _MOST_BLOCK_ROWS, _MOST_BLOCK_ROWS)
     if rows <= run:
         return call(*row_major)
     pieces = [call(*(a[start:start + run] for a in row_major)) for start in range(0, rows, run)]
@@ -79,8 +89,10 @@ def _call(kernel, grid, idx, operands, in_specs, out_spec, out_shape, scratch, i
                           interpret=pltpu.InterpretParams() if interpret else False)(idx, *operands)
 
 
-def gather_rows(src_MxD, idx_A, scale_A, *, block: int = 8, interpret: bool = False):
-    """out[i] = scale[i] * src[idx[i]] (scale in float32), shape (N, D)."""
+def gather_rows(src_MxD, idx_A, scale_A, *, block: int | None = None, interpret: bool = False):
+    """out[i] = scale[i] * src[idx[i]] (scale in float32), shape (N, D); `block` rows a grid
+    step (default: block_rows of src's dtype)."""
+    block = block or block_rows(src_MxD.dtype)
     return _in_runs(lambda idx, scale: _gather_rows(src_MxD, idx, scale, block, interpret), 1, idx_A, scale_A)
 
 
@@ -102,9 +114,11 @@ def _gather_rows(src_MxD, idx_A, scale_A, block, interpret):
     return out[:n]
 
 
-def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int = 8, interpret: bool = False):
-    """out[t] = sum_k w[t, k] * src[idx[t K + k]], accumulated in float32, shape (T, D)."""
+def gather_combine(src_AxD, idx_A, weights_TxK, *, block: int | None = None, interpret: bool = False):
+    """out[t] = sum_k w[t, k] * src[idx[t K + k]], accumulated in float32, shape (T, D); `block`
+    rows a grid step (default: block_rows of src's dtype)."""
     t, k = weights_TxK.shape
+    block = block or block_rows(src_AxD.dtype)
     return _in_runs(lambda idx, w: _gather_combine(src_AxD, idx.reshape(-1), w, block, interpret), k,
                     idx_A.reshape(t, k), weights_TxK)
 
@@ -128,9 +142,11 @@ def _gather_combine(src_AxD, idx_A, weights_TxK, block, interpret):
     return out[:t]
 
 
-def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int = 8, interpret: bool = False):
-    """out[t, k] = <dy[t], src[idx[t K + k]]> in float32, shape (T, K)."""
+def gather_dot(src_AxD, idx_A, dy_TxD, top_k: int, *, block: int | None = None, interpret: bool = False):
+    """out[t, k] = <dy[t], src[idx[t K + k]]> in float32, shape (T, K); `block` rows a grid
+    step (default: block_rows of dy's dtype)."""
     t = dy_TxD.shape[0]
+    block = block or block_rows(dy_TxD.dtype)
     return _in_runs(lambda idx, dy: _gather_dot(src_AxD, idx.reshape(-1), dy, top_k, block, interpret), top_k,
                     idx_A.reshape(t, top_k), dy_TxD)
 
