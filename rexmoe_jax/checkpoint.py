@@ -321,6 +321,8 @@ class Checkpointer:
 
         Raises ConfigError, touching nothing, when the newest readable checkpoint's saved config
         is incompatible with `config`; and when no checkpoint is readable (`_none_readable`).
+        The meta record comes with "changed_settings": the compatible changes from the saved
+        config, in words, for a trainer to note once its own checks have passed.
         """
         if part is not None and not self.read_only:
             raise ValueError("restoring one part of a checkpoint is for read-only users")
@@ -348,9 +350,7 @@ class Checkpointer:
                 where = f"moved it to {self.directory / failure.moved_to}" if failure.moved_to else "left it as it is"
                 print(f"warning: checkpoint {failure.step} in {self.directory} is unreadable ({failure.reason}); "
                       f"{where} and restored checkpoint {step}", file=sys.stderr, flush=True)
-            if other and not self.read_only:  # A reader resumes nothing; its output may be piped.
-                print(f"note: resuming step {step} with changed settings: {'; '.join(other)}", flush=True)
-            return restored, meta
+            return restored, {**meta, "changed_settings": other}
         self._none_readable(failures, start_over)
         return None
 

@@ -189,7 +189,9 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         state, meta = restored
         start, data_state = int(state.step), meta["data"]
     # Every process must take the same steps: same config, same resumed step (a shared workdir).
-    distributed.check_same(mesh, {"config": config.to_dict(), "resumed step": start})
+    fields = {f"config's {section}.{name}": value
+              for section, values in config.to_dict().items() for name, value in values.items()}
+    distributed.check_same(mesh, {**fields, "resumed step": start})
     if start > config.train.steps:
         raise ConfigError(f"checkpoint {start} in {checkpointer.directory} is past train.steps="
                           f"{config.train.steps}: nothing to train; give train.steps >= {start} or another --workdir")
@@ -199,6 +201,9 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         except OSError as err:
             raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is not None:
+        if meta["changed_settings"]:  # after the checks: a refused start notes nothing
+            print(f"note: resuming step {start} with changed settings: {'; '.join(meta['changed_settings'])}",
+                  flush=True)
         saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
         if saved is not None and saved != fingerprint:
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
@@ -348,7 +353,10 @@ def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: b
         print(f"stopped by {stop.signal_name or 'request'} during start-up, before compiling; nothing new "
               "to save", flush=True)
         return {"stopped_at": None}
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and session.start == config.train.steps:
+        print(f"the run is already complete at step {session.start} (train.steps): evaluating its last "
+              "checkpoint; a larger train.steps trains on", flush=True)
+    elif jax.process_index() == 0:
         print(f"training steps {session.start + 1}-{config.train.steps} of {config.tokens_per_step:,} tokens "
               f"({len(session.corpus.train):,} training sequences, {len(session.eval_batches)} eval batches) "
               f"on {session.mesh.devices.size} device(s), mesh {dict(session.mesh.shape)}, in {workdir}", flush=True)
@@ -359,7 +367,6 @@ def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: b
         return {"stopped_at": step}
     if last_eval is None:  # The run was already complete: evaluate what it left.
         last_eval, _ = evaluate(session, session.state.params)
-        print(f"the run was already complete at step {step}", flush=True)
     result = dict(last_eval, step=step)
     train = config.train
     if train.sample_tokens:

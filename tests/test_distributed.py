@@ -290,6 +290,12 @@ def test_disagreement_names_every_value_that_differs():
                                      "[[0, 2], [1, 3]]) and on the resumed step (groups of processes that agree: "
                                      "[[0, 1], [2, 3]]); ")
     distributed.raise_if_different(["config"], {0: np.asarray([5]), 1: np.asarray([5])})
+    # Past three, the rest are counted: five values differ between two processes.
+    with pytest.raises(ConfigError) as err:
+        distributed.raise_if_different(list("abcdef"), {0: np.arange(6), 1: np.asarray([0, 9, 9, 9, 9, 9])})
+    agree = "(groups of processes that agree: [[0], [1]])"
+    assert str(err.value).startswith(f"the processes disagree on the b {agree} and on the c {agree} and on "
+                                     f"the d {agree} and on 2 more; start every ")
 
 
 def test_compiled_together_compiles_then_waits_for_all_before_each_new_signature(monkeypatch):
@@ -325,6 +331,7 @@ def test_compiled_together_with_one_process_is_the_call_itself(monkeypatch):
     step = distributed.CompiledTogether(jax.jit(lambda x: x + 1))
     np.testing.assert_array_equal(step(jnp.zeros(2)), np.ones(2))
 
+
 @pytest.mark.e2e
 def test_train_processes_with_different_configs_exit_2(args, tmp_path):
     """train.py as two processes of one run, started with different train.steps: both stop at
@@ -345,8 +352,9 @@ def test_train_processes_with_different_configs_exit_2(args, tmp_path):
               for i in range(2)]
     assert codes == [2, 2], errors
     for found in errors:
-        assert found == ["error: the processes disagree on the config (groups of processes that agree: [[0], [1]]); "
-                         "start every process with the same command on the same --workdir"]
+        assert found == ["error: the processes disagree on the config's train.steps (groups of processes "
+                         "that agree: [[0], [1]]); start every process with the same command on the same "
+                         "--workdir"]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 

@@ -453,16 +453,37 @@ def test_short_training_run_logs_and_learns(tmp_path, capsys):
 
 
 @pytest.mark.e2e
-def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterrupted):
+def test_a_complete_run_run_again_says_so_and_changes_no_checkpoint(tmp_path, uninterrupted, capsys):
+    """The same command after the run's 12 of 12 steps: no "training steps 13-12"; one line says
+    it is complete, and it evaluates the last checkpoint, which stays as it was."""
+    workdir = tmp_path / "run"
+    shutil.copytree(uninterrupted, workdir)
+    checkpoints = hashes(workdir / "checkpoints")
+    capsys.readouterr()
+    result = loop.run(config(), workdir)
+    out = capsys.readouterr().out
+    assert "training steps" not in out
+    assert "the run is already complete at step 12 (train.steps): evaluating its last checkpoint" in out
+    assert result["step"] == 12 and math.isfinite(result["eval_loss"])
+    assert hashes(workdir / "checkpoints") == checkpoints
+
+
+@pytest.mark.e2e
+def test_a_run_past_train_steps_is_refused_and_left_as_it_was(tmp_path, uninterrupted, capsys):
     """Resumed with train.steps=8 after 12 steps: no "training steps 13-8", no config.json
-    rewritten to 8; one error naming both numbers."""
+    rewritten to 8, no note of resuming with changed settings; one error naming both numbers.
+    With train.steps=14 it resumes, noting the change."""
     workdir = tmp_path / "run"
     shutil.copytree(uninterrupted, workdir)
     before = hashes(workdir)
+    capsys.readouterr()
     with pytest.raises(ConfigError, match=r"checkpoint 12 in .* is past train.steps=8: nothing to train; give "
                                           r"train.steps >= 12 or another --workdir"):
         loop.run(config("train.steps=8"), workdir)
     assert hashes(workdir) == before
+    assert "note:" not in capsys.readouterr().out
+    loop.run(config("train.steps=14"), workdir)
+    assert "note: resuming step 12 with changed settings: train.steps: 12 -> 14" in capsys.readouterr().out
 
 
 @pytest.mark.e2e

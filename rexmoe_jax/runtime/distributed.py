@@ -461,8 +461,9 @@ class StopVote:
 
 def check_same(mesh, what: dict) -> None:
     """Raises ConfigError, on every process, unless all processes hold the same `what` (JSON-
-    like values: the config, the step to resume): their control flow would differ. The message
-    names each value that differs and the groups of processes that agree on it."""
+    like values: each field of the config, the step to resume): their control flow would
+    differ. The message names the values that differ and the groups of processes that agree on
+    each."""
     import jax
 
     if jax.process_count() == 1:
@@ -474,9 +475,10 @@ def check_same(mesh, what: dict) -> None:
     raise_if_different(list(what), gather.by_process(gather(digests)))
 
 
-def raise_if_different(names: list[str], values: dict[int, np.ndarray]) -> None:
-    """`values`: each process's row of digests, one per name. Raises ConfigError naming every
-    name whose digests differ, with the groups of processes that agree on it."""
+def raise_if_different(names: list[str], values: dict[int, np.ndarray], most: int = 3) -> None:
+    """`values`: each process's row of digests, one per name. Raises ConfigError naming the
+    names whose digests differ (the first `most` of them, then how many more), each with the
+    groups of processes that agree on it."""
     differences = []
     for column, name in enumerate(names):
         groups: dict[int, list[int]] = {}
@@ -485,5 +487,7 @@ def raise_if_different(names: list[str], values: dict[int, np.ndarray]) -> None:
         if len(groups) > 1:
             differences.append(f"the {name} (groups of processes that agree: {sorted(groups.values())})")
     if differences:
-        raise ConfigError(f"the processes disagree on {' and on '.join(differences)}; start every process "
-                          "with the same command on the same --workdir")
+        more = f" and on {len(differences) - most} more" if len(differences) > most else ""
+        named = " and on ".join(differences[:most])
+        raise ConfigError(f"the processes disagree on {named}{more}; start every process with the same "
+                          "command on the same --workdir")
