@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import resource
 import shutil
 import signal
@@ -116,7 +117,8 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, uninterrupted, stop_at):
 @pytest.mark.e2e
 def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
     """Auxiliary-loss-free balancing: the biases are in the checkpoint, a run stopped mid-ramp
-    resumes to the same biases and weights bit for bit, and routing.jsonl has them at evals."""
+    resumes to the same biases and weights bit for bit, and routing.jsonl has them at evals.
+    Every field metrics.jsonl then holds (the bias's among them) is one operations.md lists."""
     cfg = config("model.router_bias=true", "loss.router_bias_rate=0.01")
     loop.run(cfg, tmp_path / "whole")
     assert loop.run(cfg, tmp_path / "resumed", stop=StopAt(5)) == {"stopped_at": 5}
@@ -130,6 +132,10 @@ def test_router_bias_is_saved_resumed_bitwise_and_logged(tmp_path):
     last = read_records(tmp_path / "whole" / "routing.jsonl")[-1]
     assert last["step"] == 12
     np.testing.assert_allclose(last["router_bias"], bias, atol=1e-6)
+    section = (ROOT / "docs" / "operations.md").read_text().split("## What a run writes: metrics.jsonl")[1]
+    documented = set(re.findall(r"`(\w+)`", section.split("\n## ")[0]))
+    logged = {key for record in read_records(tmp_path / "whole" / "metrics.jsonl") for key in record}
+    assert "router_bias_absmax" in logged and logged <= documented, logged - documented
 
 
 @pytest.mark.e2e
