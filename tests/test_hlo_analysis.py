@@ -158,6 +158,21 @@ def test_a_fused_reduce_scatter_counts_as_one_not_as_its_all_reduce():
     assert c["reduce-scatter"]["sent_bytes"] == 128 * 256 * 4 * 3 // 4
 
 
+def test_an_all_reduce_on_tpu7x_sparsecores_is_counted(tpu_devices):
+    """XLA:TPU runs a TPU7x psum on the SparseCores, as an asynchronous call of a computation
+    whose root is the all-reduce: it counts as one all-reduce of the 1,024 x 256 floats, which
+    each of the 8 devices sends twice over, times 7 / 8."""
+    devices = tpu_devices("tpu7x-8")
+    compiled = compile_on(devices, jax.shard_map(
+        lambda x: jax.lax.psum(x, "x"), mesh=jax.sharding.Mesh(np.array(devices), ("x",)),
+        in_specs=P(), out_specs=P(), check_vma=False), (1024, 256), dtype=jnp.float32)
+    text = compiled.as_text()
+    assert "call-start(" in text and 'async_execution_thread="sparsecore"' in text  # the form read here
+    c = hlo_analysis.analyse(text)["collectives"]
+    assert (c["all-reduce"]["count"], c["all-reduce"]["bytes"]) == (1, 1024 * 256 * 4)
+    assert c["all-reduce"]["sent_bytes"] == 2 * 1024 * 256 * 4 * 7 // 8
+
+
 def test_traffic_between_slices_is_counted_apart(tpu_devices):
     """A reduce-scatter over the 16 chips of two v5e-8 slices: each chip's 1,024 x 256 floats
     are reduced within its slice, and its eighth of them (128 KiB) crosses to the other slice

@@ -34,6 +34,9 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   several arrays at once) is dynamic-sliced to the device's share: it counts as one
   reduce-scatter (its sliced results; (n - 1) / n of its operands sent), not as the all-reduce
   inside.
+- XLA:TPU for TPU7x runs most all-reduces on the SparseCores, as an asynchronous call
+  (`call-start` / `call-done`, `async_execution_thread="sparsecore"`) of a computation whose
+  root is the all-reduce: a call's computation (`to_apply`) is counted where it is called.
 - Traffic between the slices of a multi-slice target leaves the ICI: XLA:TPU writes it as
   sends to the data-centre network's runtime (megascale). Each send's array counts under
   CROSS_SLICE, apart from the ICI kinds.
@@ -57,6 +60,8 @@ _PARAM = re.compile(r"([\w.-]+): ((?:\([^()]*\))|[^,]+)")
 _ARRAY = re.compile(r"\b(pred|[su](?:4|8|16|32|64)|bf16|f16|f32|f64|f8e4m3fn|f8e5m2)\[([\d,]*)\]")
 _BITS = {"pred": 8, "bf16": 16, "f16": 16, "f32": 32, "f64": 64, "f8e4m3fn": 8, "f8e5m2": 8}
 _CALLED = re.compile(r"\b(body|calls|true_computation|false_computation)=%([^\s,)]+)")
+_CALL_TARGET = re.compile(r"\bto_apply=%([^\s,)]+)")  # of a call (elsewhere to_apply is a reducer)
+_CALLS = {"call", "call-start"}
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _CONDITION = re.compile(r"\bcondition=%([^\s,)]+)")
 _CONSTANT = re.compile(r"= [su]32\[\]\S* constant\((\d+)\)")
@@ -67,7 +72,7 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # `replica_groups=mesh['x'=2,'y'=4] {'y'}` (over y: 4); collective-permute has pairs instead.
 _GROUPS = re.compile(r"replica_groups=(?:\{\{([\d,]*)\}|\[([\d,]+)\]<=|mesh\[([^\]]*)\] \{([^}]*)\})")
 _NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
-              "conditional",
+              "call-start", "conditional",
               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
 
 
@@ -354,6 +359,8 @@ def analyse(hlo: str) -> dict:
             counted = int(known.group(1)) if known else (
                 _trip_count(computations.get(condition.group(1), ([], {}))[0]) if condition else None)
             called = [m.group(2) for m in _CALLED.finditer(attrs)]
+            if kind in _CALLS and (target := _CALL_TARGET.search(attrs)):
+                called.append(target.group(1))
             if branches := _BRANCHES.search(attrs):
                 called += [b.strip().lstrip("%") for b in branches.group(1).split(",")]
             for callee in called:  # a fusion's insides touch no HBM: the fusion op's own operands do
