@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="compile the train step for the mesh and print what the compiler plans: "
                              "per-device memory, FLOPs and bytes, collectives")
     parser.add_argument("--target", default=None, metavar="SLICE",
-                        help="with --compile-only: compile for a TPU slice (v5p-64, v6e-8, v4-32, "
+                        help="with --compile-only: compile for a TPU slice (v5p-64, v6e-8, v4-32, tpu7x-8, "
                              "v5e-16 / v5litepod-16, 2xv5p-64 for two slices) from this machine, with libtpu")
     parser.add_argument("--hlo-out", default=None, metavar="FILE",
                         help="with --compile-only: also write the compiled step's HLO text there")

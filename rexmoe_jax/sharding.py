@@ -107,14 +107,14 @@ def _device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
 
 def make_mesh(config: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(devices if devices is not None else jax.devices())
-    if config.num_devices:
-        if config.num_devices > len(devices):
-            raise ConfigError(f"mesh.num_devices={config.num_devices} but only {len(devices)} devices exist")
-        devices = devices[:config.num_devices]
+    if config.num_devices > len(devices):
+        raise ConfigError(f"mesh.num_devices={config.num_devices} but only {len(devices)} devices exist")
+    part = 0 < config.num_devices < len(devices)  # the first devices, in jax's order
+    devices = devices[:config.num_devices] if part else devices
     shape = mesh_shape(config, len(devices))
     # Auto axes: the compiler places the work the rules table does not pin down.
     types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    if devices[0].platform == "tpu" and not config.num_devices:
+    if devices[0].platform == "tpu" and not part:
         return jax.sharding.Mesh(_device_grid(shape, devices), MESH_AXES, axis_types=types)
     return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
 

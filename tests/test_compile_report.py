@@ -157,13 +157,21 @@ def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
 
 
 def test_part_of_a_target_slice_is_one_line(tpu_devices, capsys):
-    """mesh.num_devices would take the first devices of the slice, not a slice: refused before
-    compiling, naming the fix."""
+    """mesh.num_devices below the slice's count would take its first devices, not a slice:
+    refused before compiling, naming the fix; above it, more devices than the slice has."""
     tpu_devices("v5p-16")
     assert train.main(["--compile-only", "--target", "v5p-16", *MODEL, "mesh.num_devices=4"]) == 2
     message = capsys.readouterr().err.strip()
     assert message == ("error: mesh.num_devices=4 would compile part of v5p-16 (8 devices), outside its "
                        "torus order: drop it and name a slice of that size as --target")
+    assert train.main(["--compile-only", "--target", "v5p-16", *MODEL, "mesh.num_devices=32"]) == 2
+    assert capsys.readouterr().err.strip() == "error: mesh.num_devices=32 but only 8 devices exist"
+    # All of them is the whole slice, in its torus order (over two slices: one per data block).
+    from rexmoe_jax.config import MeshConfig
+
+    devices = tpu_devices("2xv5p-16")
+    whole = sharding.make_mesh(MeshConfig(), devices).devices
+    assert (sharding.make_mesh(MeshConfig(num_devices=16), devices).devices == whole).all()
 
 
 def test_words_of_the_compiler_not_known_here_are_quoted_in_the_one_line():

@@ -161,16 +161,20 @@ def test_a_fused_reduce_scatter_counts_as_one_not_as_its_all_reduce():
 def test_an_all_reduce_on_tpu7x_sparsecores_is_counted(tpu_devices):
     """XLA:TPU runs a TPU7x psum on the SparseCores, as an asynchronous call of a computation
     whose root is the all-reduce: it counts as one all-reduce of the 1,024 x 256 floats, which
-    each of the 8 devices sends twice over, times 7 / 8."""
+    each of the 8 devices sends twice over, times 7 / 8. HBM: the all-reduce reads and writes
+    its 1 MiB, and a copy of the result does the same; the call's own ops add nothing (libtpu
+    0.0.50's call-update, whose tuple holds the operand and the result, read as 3 MiB more)."""
     devices = tpu_devices("tpu7x-8")
     compiled = compile_on(devices, jax.shard_map(
         lambda x: jax.lax.psum(x, "x"), mesh=jax.sharding.Mesh(np.array(devices), ("x",)),
         in_specs=P(), out_specs=P(), check_vma=False), (1024, 256), dtype=jnp.float32)
     text = compiled.as_text()
     assert "call-start(" in text and 'async_execution_thread="sparsecore"' in text  # the form read here
-    c = hlo_analysis.analyse(text)["collectives"]
+    step = hlo_analysis.analyse(text)
+    c = step["collectives"]
     assert (c["all-reduce"]["count"], c["all-reduce"]["bytes"]) == (1, 1024 * 256 * 4)
     assert c["all-reduce"]["sent_bytes"] == 2 * 1024 * 256 * 4 * 7 // 8
+    assert 4 * 2 ** 20 <= step["hbm_bytes"] <= 4 * 2 ** 20 + 64  # a few scalars besides
 
 
 def test_traffic_between_slices_is_counted_apart(tpu_devices):

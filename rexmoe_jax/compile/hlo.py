@@ -35,8 +35,10 @@ loops hold collectives. Each branch of a conditional counts as if it ran.
   reduce-scatter (its sliced results; (n - 1) / n of its operands sent), not as the all-reduce
   inside.
 - XLA:TPU for TPU7x runs most all-reduces on the SparseCores, as an asynchronous call
-  (`call-start` / `call-done`, `async_execution_thread="sparsecore"`) of a computation whose
-  root is the all-reduce: a call's computation (`to_apply`) is counted where it is called.
+  (`call-start`, `call-update` with the operands in libtpu 0.0.50, `call-done`;
+  `async_execution_thread="sparsecore"`) of a computation whose root is the all-reduce: a
+  call's computation (`to_apply`) is counted where it is called, and the call's own ops touch
+  no HBM.
 - Traffic between the slices of a multi-slice target leaves the ICI: XLA:TPU writes it as
   sends to the data-centre network's runtime (megascale). Each send's array counts under
   CROSS_SLICE, apart from the ICI kinds.
@@ -72,7 +74,7 @@ _KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 # `replica_groups=mesh['x'=2,'y'=4] {'y'}` (over y: 4); collective-permute has pairs instead.
 _GROUPS = re.compile(r"replica_groups=(?:\{\{([\d,]*)\}|\[([\d,]+)\]<=|mesh\[([^\]]*)\] \{([^}]*)\})")
 _NO_MEMORY = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "while", "call",
-              "call-start", "conditional",
+              "call-start", "call-update", "conditional",
               "after-all", "partition-id", "replica-id", "iota", "opt-barrier"}
 
 

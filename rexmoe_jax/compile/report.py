@@ -144,7 +144,7 @@ def compile_report(config: Config, target: Target | None = None,
     given) and returns what the compiler plans, per device (and writes the compiled HLO to
     `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
     devices = sharding.target_devices(target) if target else None
-    if devices and config.mesh.num_devices not in (0, len(devices)):
+    if devices and 0 < config.mesh.num_devices < len(devices):
         raise ConfigError(f"mesh.num_devices={config.mesh.num_devices} would compile part of {target.name} "
                           f"({len(devices)} devices), outside its torus order: drop it and name a slice "
                           "of that size as --target")
