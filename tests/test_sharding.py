@@ -205,19 +205,23 @@ def test_target_meshes_split_physical_axes_span_slices_and_set_the_platform(tpu_
         assert dispatch.choose_path(ComputeConfig(permute="pallas"), 1.0).permute == "pallas"
 
 
-def test_each_host_of_a_target_slice_reads_the_rows_its_chips_hold(tpu_devices, monkeypatch):
-    """The README's pod mesh, fsdp 4 x expert 8 on a v5p-64 (eight hosts of four chips): the mesh
-    follows the torus, which interleaves the hosts along the batch axes. Each host's blocks of
-    rows are its chips' positions on them, read from the mesh's device grid (row-major over
-    data, fsdp, expert; tensor 1)."""
-    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, expert=8), tpu_devices("v5p-64"))
+@pytest.mark.parametrize("target,hosts_of_slice,per_host", [("v5p-64", 8, 4), ("tpu7x-32", 4, 8)])
+def test_each_host_of_a_target_slice_reads_the_rows_its_chips_hold(tpu_devices, monkeypatch, target,
+                                                                    hosts_of_slice, per_host):
+    """The README's pod mesh, fsdp 4 x expert 8, on a v5p-64 (eight hosts of four chips) and a
+    tpu7x-32 (four hosts of four chips, two devices each): on the v5p the mesh follows the
+    torus, which interleaves the hosts along the batch axes. Each host's blocks of rows are its
+    devices' positions on them, read from the mesh's device grid (row-major over data, fsdp,
+    expert; tensor 1)."""
+    mesh = sharding.make_mesh(MeshConfig(data=1, fsdp=4, expert=8), tpu_devices(target))
     hosts = [d.process_index for d in mesh.devices.flat]
-    assert sorted(set(hosts)) == list(range(8)) and len(hosts) == 32
-    for host in range(8):
+    assert sorted(set(hosts)) == list(range(hosts_of_slice)) and len(hosts) == 32
+    for host in range(hosts_of_slice):
         monkeypatch.setattr(jax, "process_index", lambda host=host: host)
         expected = tuple(i for i, owner in enumerate(hosts) if owner == host)
-        assert sharding.process_rows(mesh, 64) == (expected, 32)
-    assert hosts != sorted(hosts), "the hosts no longer interleave here: pick a slice where they do"
+        assert len(expected) == per_host and sharding.process_rows(mesh, 64) == (expected, 32)
+    if target == "v5p-64":
+        assert hosts != sorted(hosts), "the hosts no longer interleave here: pick a slice where they do"
 
 
 def test_tokamax_inside_the_moe_layer_on_tpu_is_one_line(tpu_devices):
