@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args, preset, slices, config, stop)
     finally:
         distributed.finish()
+        stop.release()
 
 
 def for_slice(args: argparse.Namespace, preset, slices: dict, target: targets.Target | None):

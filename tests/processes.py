@@ -85,14 +85,24 @@ def wait_until(predicate, timeout: float, what: str, group: Processes) -> None:
         time.sleep(0.01)
 
 
-def handles_sigterm(pid: int) -> bool:
-    """Whether the process has installed a SIGTERM handler (Linux: /proc/<pid>/status SigCgt)."""
+def _sigterm_in(pid: int, mask: str) -> bool:
+    """Whether SIGTERM is in the process's signal mask `mask` (Linux: /proc/<pid>/status)."""
     try:
         status = pathlib.Path(f"/proc/{pid}/status").read_text()
     except FileNotFoundError:
         return False
-    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
-    return bool(caught >> (signal.SIGTERM - 1) & 1)
+    bits = int(next(line.split()[1] for line in status.splitlines() if line.startswith(f"{mask}:")), 16)
+    return bool(bits >> (signal.SIGTERM - 1) & 1)
+
+
+def handles_sigterm(pid: int) -> bool:
+    """Whether the process has installed a SIGTERM handler."""
+    return _sigterm_in(pid, "SigCgt")
+
+
+def ignores_sigterm(pid: int) -> bool:
+    """Whether the process ignores SIGTERM."""
+    return _sigterm_in(pid, "SigIgn")
 
 
 def check_host_rows() -> None:

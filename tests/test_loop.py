@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 from files import hashes
+from processes import ignores_sigterm
 
 import train
 from rexmoe_jax import loop, runlog
@@ -393,6 +394,29 @@ def test_sigterm_during_start_up_exits_within_seconds(tmp_path):
     assert time.perf_counter() - start < 60  # seconds on an idle machine; generous under load
     assert not (tmp_path / "checkpoints").exists() or saved_steps(tmp_path) == []
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.e2e
+def test_sigterm_after_the_run_ends_leaves_its_exit_status_zero(tmp_path):
+    """Once train.py has finished (its result printed), a SIGTERM while it exits is ignored:
+    Python's teardown, a second or more with jax loaded, used to give the signal its default
+    action back, and the finished run then exited with 143 (-15 here)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *SMALL, "train.steps=4"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    said = []
+    for line in proc.stdout:
+        said.append(line)
+        if "held-out perplexity" in line:
+            break
+    deadline = time.monotonic() + 60
+    while not ignores_sigterm(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(said)
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, "".join(said) + out
+    assert "received SIGTERM" not in out
 
 
 @pytest.mark.e2e
