@@ -1,5 +1,5 @@
 """The paper presets compiled for TPU slices from this machine (libtpu; nothing runs): per row,
-`train.py --compile-only --target` in its own process, and a Markdown table of memory per chip,
+`train.py --compile-only --target` in its own process, and a Markdown table of memory per device,
 compile time, the roofline estimate and the bytes each kind of collective sends per step (the
 pod table of the README; the meshes compared in docs/tpu.md).
 
@@ -60,6 +60,9 @@ MESHES = (
     ("moe_7b_a3b_se", "v6e-32", [["mesh.fsdp=4", "mesh.expert=8", "optim.grad_accum=16"],
                                  ["mesh.fsdp=2", "mesh.expert=8", "mesh.tensor=2", "optim.grad_accum=32"],
                                  ["mesh.fsdp=2", "mesh.expert=4", "mesh.tensor=4", "optim.grad_accum=64"]]),
+    # TPU7x (two devices a chip), with the defaults (flash attention): docs/tpu.md, "TPU7x".
+    ("moe_2p3b_a0p3b", "tpu7x-8", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
+                                   ["mesh.data=2", "mesh.expert=4"]]),
 )
 
 
@@ -80,13 +83,13 @@ def settings(report: dict) -> str:
     return f"{axes}, {report['micro_batches']} micro-batches"
 
 
-HEADER = ("| preset | slice, mesh | GiB per chip (state + temporaries) | compile | step, estimate "
+HEADER = ("| preset | slice, mesh | GiB per device (state + temporaries) | compile | step, estimate "
           "| MFU, estimate | " + " | ".join(KINDS) + " |\n|" + "---|" * (6 + len(KINDS)))
 
 
 def table_row(preset: str, target: str, overrides: list[str], report: dict) -> str:
     """One row of HEADER: the step estimate's longest term named, the collectives as GiB sent
-    per chip and step."""
+    per device and step (a device is a chip, or half a TPU7x chip)."""
     given = f" `{' '.join(overrides)}`" if overrides else ""
     if "error" in report:
         return f"| `{preset}` | {target}{given} | does not fit: {report['error']} |" + " |" * (4 + len(KINDS))

@@ -18,6 +18,7 @@ SLICES = {
     "v5p-64": ["mesh.data=1", "mesh.fsdp=4", "mesh.expert=8"],
     "v6e-4": ["mesh.data=1", "mesh.fsdp=4", "optim.grad_accum=32"],
     "v6e-8": ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"],
+    "tpu7x-8": ["mesh.data=1", "mesh.fsdp=8"],
 }
 
 

@@ -4,6 +4,7 @@ of a step too big for the chip. Small models: each compile takes 15 to 30 s on t
 
 import json
 import math
+import pathlib
 import re
 
 import jax
@@ -12,8 +13,10 @@ import pytest
 import train
 from rexmoe_jax import sharding, targets, trainer
 from rexmoe_jax.compile import report as compile_report
-from rexmoe_jax.config import Config, apply_overrides
+from rexmoe_jax.config import Config, apply_overrides, load_preset, load_slices
 from rexmoe_jax.optimizer import make_optimizer
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # Widths of 128 per device, so the TPU's (8, 128) tiles pad nothing but the 1-D norms.
 MODEL = ["model.vocab_size=512", "model.d_model=256", "model.num_layers=2", "model.num_heads=2",
@@ -306,6 +309,20 @@ def test_running_on_a_slice_its_presets_mesh_applies(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert f"settings for v5p-8 from {preset}: mesh.expert=4" in out
     assert "mesh: data=-1 fsdp=1 expert=4 tensor=1" in out
+
+
+def test_every_presets_mesh_for_each_of_its_slices_is_valid_there(tpu_devices):
+    """Each paper preset's SLICES entry, applied, builds a mesh on that slice's devices (libtpu's
+    description: 8 devices for a tpu7x-8, 4 for a v5p-8) that the batch and the model divide
+    over; a wrong count in an entry would only show when compiling or running there."""
+    checked = []
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        for name, items in load_slices(path).items():
+            config = apply_overrides(load_preset(path), list(items))
+            mesh = sharding.make_mesh(config.mesh, tpu_devices(name))
+            sharding.validate(config, mesh)
+            checked.append((path.stem, name))
+    assert ("moe_2p3b_a0p3b_r4", "tpu7x-8") in checked and len(checked) >= 20, checked
 
 
 def test_a_preset_naming_no_slice_is_one_line_anywhere(tmp_path, capsys):
