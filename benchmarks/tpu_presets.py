@@ -63,6 +63,8 @@ MESHES = (
     # TPU7x (two devices a chip), with the defaults (flash attention): docs/tpu.md, "TPU7x".
     ("moe_2p3b_a0p3b", "tpu7x-8", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
                                    ["mesh.data=2", "mesh.expert=4"]]),
+    ("moe_0p5b_a0p07b", "tpu7x-8", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
+                                    ["mesh.data=2", "mesh.expert=4"]]),
 )
 
 

@@ -17,6 +17,7 @@ SLICES = {
     "v6e-1": ["optim.grad_accum=64"],
     "v6e-4": ["mesh.data=1", "mesh.fsdp=4", "optim.grad_accum=32"],
     "v6e-8": ["mesh.data=1", "mesh.fsdp=8"],
+    "tpu7x-8": ["mesh.data=-1"],
 }
 
 
