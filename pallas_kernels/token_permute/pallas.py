@@ -29,14 +29,16 @@ from pallas_kernels.token_permute.gather_vjp import RowGathers, permute_and_comb
 
 # The most indices one kernel scalar-prefetches into SMEM: 512 KiB of int32.
 PREFETCH_INDICES = 1 << 17
-# The most rows a block takes (8-bit values), which every run of rows is a multiple of.
-_MOST_BLOCK_ROWS = 32
 
 
 def block_rows(dtype) -> int:
     """The rows of a block of a (rows, D) array of `dtype`: a TPU tile's sublanes, where values
     narrower than 32 bits pack two or four to a sublane."""
     return 8 * max(1, 4 // jnp.dtype(dtype).itemsize)
+
+
+# The most rows a block takes (8-bit values), which every run of rows is a multiple of.
+_MOST_BLOCK_ROWS = block_rows(jnp.int8)
 
 
 def _in_runs(call, per_row: int, *row_major):
