@@ -51,6 +51,29 @@ def test_each_process_gets_its_place_in_the_run(tmp_path):
     assert err.splitlines()[-1] == "launch: exit codes [0, 0, 0]"
 
 
+def test_gloo_connection_reports_are_left_out_unless_short(tmp_path):
+    """gloo's line for a group whose peers all connected is dropped; one short of its peers, and
+    lines that only look alike, are passed on."""
+    script = tmp_path / "gloo.py"
+    script.write_text(
+        "import sys\n"
+        "print('[Gloo] Rank 0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3',"
+        " file=sys.stderr)\n"
+        "print('[Gloo] Rank 1 is connected to 2 peer ranks. Expected number of connected peer ranks is : 3',"
+        " file=sys.stderr)\n"
+        "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1!')\n"
+        "print('step 1')\n")
+    proc = launch("-n", "2", "--", str(script))
+    out, err = finish(proc)
+    assert proc.returncode == 0, err
+    for i in range(2):
+        assert [line for line in err.splitlines() if line.startswith(f"[{i}] ")] == [
+            f"[{i}] [Gloo] Rank 1 is connected to 2 peer ranks. Expected number of connected peer ranks is : 3"]
+        assert [line for line in out.splitlines() if line.startswith(f"[{i}] ")] == [
+            f"[{i}] [Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1!",
+            f"[{i}] step 1"]
+
+
 def test_a_failure_stops_the_others_and_sets_the_status():
     code = ("import os, sys, time\n"
             "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"

@@ -7,7 +7,9 @@ multi-host training on a laptop, and for the multi-process tests.
 Process i gets JAX_COORDINATOR_ADDRESS (127.0.0.1 and a free port), JAX_NUM_PROCESSES=N and
 JAX_PROCESS_ID=i. A command that starts with a .py file or -m runs with this Python. Each line a
 process prints comes out whole, on the launcher's stdout or stderr as the process wrote it,
-after "[i] " (process i), so that lines of different processes never mix. SIGTERM or
+after "[i] " (process i), so that lines of different processes never mix; gloo's report that
+a process reached all the peers it expected (CPU collectives, a few lines per process at each
+new group of devices) is left out, and kept when the counts differ. SIGTERM or
 SIGINT to the launcher is passed on to every process (each in its own session, so that a Ctrl-C
 in the terminal reaches them once, through the launcher); they stop together after a step and
 save it. When a process fails, the others get SIGTERM and, --grace seconds later, SIGKILL; if
@@ -21,6 +23,7 @@ import argparse
 import ctypes
 import os
 import pathlib
+import re
 import selectors
 import shutil
 import signal
@@ -55,6 +58,17 @@ def _status(code: int) -> str:
     return f"signal {signal.Signals(-code).name}" if code < 0 else f"code {code}"
 
 
+# gloo (CPU collectives) reports every group it joins; only a shortfall is news.
+_GLOO_CONNECTED = re.compile(rb"\[Gloo\] Rank \d+ is connected to (\d+) peer ranks\. "
+                             rb"Expected number of connected peer ranks is : (\d+)")
+
+
+def _news(line: bytes) -> bool:
+    """Whether a process's line is passed on: all but gloo's complete-connection reports."""
+    connected = _GLOO_CONNECTED.fullmatch(line.rstrip(b"\r"))
+    return connected is None or connected[1] != connected[2]
+
+
 class Lines:
     """The processes' output, passed on a whole line at a time with "[i] " in front."""
 
@@ -81,7 +95,7 @@ class Lines:
                 self._write(sink, [prefix + rest + b"\n"] if rest else [])
                 continue
             *lines, self.partial[key.fd] = (self.partial.get(key.fd, b"") + chunk).split(b"\n")
-            self._write(sink, [prefix + line + b"\n" for line in lines])
+            self._write(sink, [prefix + line + b"\n" for line in lines if _news(line)])
         return True
 
     @staticmethod
