@@ -65,6 +65,8 @@ MESHES = (
                                    ["mesh.data=2", "mesh.expert=4"]]),
     ("moe_0p5b_a0p07b", "tpu7x-8", [["mesh.expert=8"], ["mesh.data=-1"], ["mesh.data=1", "mesh.fsdp=8"],
                                     ["mesh.data=2", "mesh.expert=4"]]),
+    ("moe_7b_a3b_se", "tpu7x-8", [["mesh.data=1", "mesh.fsdp=8", "optim.grad_accum=32"],
+                                  ["mesh.fsdp=2", "mesh.expert=4", "optim.grad_accum=32"]]),
 )
 
 

@@ -16,6 +16,7 @@ SLICES = {
     "v5p-32": ["mesh.fsdp=2", "mesh.expert=8"],
     "v6e-32": ["mesh.fsdp=2", "mesh.expert=4", "mesh.tensor=4", "optim.grad_accum=64"],
     "v6e-64": ["mesh.fsdp=8", "mesh.expert=8", "optim.grad_accum=8"],
+    "tpu7x-8": ["mesh.fsdp=8", "optim.grad_accum=32"],
 }
 
 
