@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import math
 import pathlib
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -152,12 +153,15 @@ class Corpus:
     seed: int  # Chose the held-out documents, shuffles training, and draws the eval rows.
 
     def eval_batches(self, batch_size: int, count: int) -> list[np.ndarray]:
-        """count * batch_size held-out sequences drawn by the seed from all of them (eval_rows;
-        fewer if the set is small)."""
+        """count * batch_size held-out sequences drawn by the seed from all of them (eval_rows),
+        in whole batches: fewer if the set is small, and a set smaller than one batch repeated
+        whole until its copies fill whole batches (each sequence as often, so the mean over
+        the batches is the set's)."""
         chosen = eval_rows(len(self.held_out), batch_size * count, self.seed)
+        if len(chosen) < batch_size:
+            chosen = np.tile(chosen, batch_size // math.gcd(len(chosen), batch_size))
         n, rows = len(chosen), [self.held_out[i] for i in chosen]
-        return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)] or [
-            np.stack(rows)]
+        return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)]
 
 
 def _encode_all(tokenizer: Tokenizer, texts: Iterator[str], chunk: int = 1024) -> Iterator[np.ndarray]:

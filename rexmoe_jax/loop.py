@@ -292,11 +292,6 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                 pending = None
             if cfg.logs_at(step):
                 pending = (step, metrics)
-            evaluation = None
-            if cfg.evaluates_at(step):
-                evaluation, load = evaluate(s, s.state.params)
-                last_eval = evaluation = {"step": step, **evaluation}
-                bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
             bar.update(1)
             stopping = s.vote(stop.requested(step))  # the same on every process
             saving = stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
@@ -305,6 +300,11 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
                 s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
                                                     "data": s.batches.state(), "data_fingerprint": s.fingerprint})
+            evaluation = None
+            if cfg.evaluates_at(step):  # After the save: an evaluation that fails loses no step.
+                evaluation, load = evaluate(s, s.state.params)
+                last_eval = evaluation = {"step": step, **evaluation}
+                bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
             if evaluation is not None:  # After the save: a log that cannot be written loses no step.
                 _write_evaluation(log, bar, evaluation, load, pool_sizes, bias)
             if saving:
@@ -316,6 +316,9 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
         s.checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
     except WriteError as err:
         raise WriteError(f"{err}; {_intact(s.checkpointer.settle())}") from None
+    except BaseException:  # anything else (an evaluation that failed): a save under way lands first
+        s.checkpointer.settle()
+        raise
     finally:
         profiler.stop()
         bar.close()

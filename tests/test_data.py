@@ -84,6 +84,20 @@ def test_documents_of_a_window_by_hand():
     np.testing.assert_array_equal(packed.documents_of(2), [0, 1])
 
 
+def test_a_held_out_set_smaller_than_a_batch_fills_whole_batches(monkeypatch):
+    """3 held-out sequences and batches of 4: the 3 are repeated whole into 3 full batches, each
+    sequence 4 times, so every batch has the compiled shape and the mean is the set's."""
+    d = data.TokenDocuments.from_documents([np.full(9, i + 1) for i in range(40)], eod_id=0)
+    monkeypatch.setattr(data, "load_documents", lambda config: (d, types.SimpleNamespace(vocab_size=50), 40))
+    corpus = data.build_corpus(DataConfig(seq_len=9, eval_fraction=0.075), seed=0, vocab_size=50)
+    assert len(corpus.held_out) == 3  # 3 documents of 9 tokens and their end: one sequence each
+    batches = corpus.eval_batches(batch_size=4, count=2)
+    assert len(batches) == 3 and all(b.shape == (4, 10) for b in batches)
+    rows = [r.tobytes() for r in np.concatenate(batches)]
+    assert sorted(set(rows)) == sorted(corpus.held_out[i].tobytes() for i in range(3))
+    assert all(rows.count(r) == 4 for r in set(rows))
+
+
 def test_eval_rows_sample_the_whole_held_out_set_by_seed(monkeypatch):
     """Evaluations read sequences from across the held-out documents, not the first rows in
     corpus order; the same for a seed (whatever else a run changes), others for another seed.

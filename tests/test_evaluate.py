@@ -220,6 +220,14 @@ def test_evaluate_checks_its_inputs_and_output_before_evaluating(trained_run, tm
     assert not (trained_run / "eval.json").exists()
 
 
+def test_a_workdir_that_is_not_a_run_is_named_before_the_output(tmp_path, capsys):
+    """A --workdir that does not exist is the line, not the default --output inside it."""
+    assert evaluate.main(["--workdir", str(tmp_path / "nosuch")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"error: {str(tmp_path / 'nosuch')!r} has no config.json; is it a training run's --workdir?"]
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.e2e
 @pytest.mark.parametrize("output,message", [
     (lambda run, t: run / "metrics.jsonl", "is one of the files of the training run"),

@@ -345,6 +345,24 @@ def test_a_failed_background_save_stops_at_the_next_step_and_keeps_the_rest(tmp_
 
 
 @pytest.mark.e2e
+def test_an_evaluation_that_fails_loses_no_step(tmp_path, monkeypatch):
+    """The evaluation at step 8 raises: the error reaches the caller, with step 8's checkpoint,
+    started before the evaluation, on disk beside step 4's."""
+    evaluate, calls = loop.evaluate, []
+
+    def failing_second(session, params):
+        calls.append(int(session.state.step))
+        if len(calls) == 2:
+            raise RuntimeError("evaluation failed")
+        return evaluate(session, params)
+
+    monkeypatch.setattr(loop, "evaluate", failing_second)
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        loop.run(config("train.eval_every=4"), tmp_path)
+    assert calls == [4, 8] and saved_steps(tmp_path) == [4, 8]
+
+
+@pytest.mark.e2e
 def test_an_unwritable_log_loses_no_step(tmp_path, monkeypatch):
     """metrics.jsonl becomes unwritable at step 8, whose evaluation line comes after its
     checkpoint was started: the run stops with checkpoints 4 and 8 on disk."""

@@ -119,6 +119,7 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     before the evaluation starts; the model runs on restore.inference_mesh."""
     if batches is not None and batches < 1:
         raise ConfigError(f"--batches must be >= 1, got {batches}")
+    saved = restore_lib.read_config(pathlib.Path(workdir))  # first: a wrong --workdir is named as such
     stems = [pathlib.Path(path).stem for path in tasks]
     twice = next((stem for stem in stems if stems.count(stem) > 1), None)
     if twice is not None:  # one result per name: the second would replace the first
@@ -133,7 +134,7 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     if output is not None:
         _check_output(output)
     restore_lib.join_if_asked(distributed)
-    devices = restore_lib.inference_mesh(restore_lib.read_config(pathlib.Path(workdir)), mesh)
+    devices = restore_lib.inference_mesh(saved, mesh)
     run = restore_lib.restore(workdir, mesh=devices, dtype=dtype)
     config = run.config
     batches_asked, batches = batches is not None, batches or config.train.eval_batches
@@ -142,7 +143,7 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
     if len(eval_batches) < batches:
         asked = "--batches" if batches_asked else "train.eval_batches"
-        print(f"note: the held-out split holds {len(eval_batches)} batch(es) of up to "
+        print(f"note: the held-out split holds {len(eval_batches)} batch(es) of "
               f"{config.data.batch_size} sequences; all are evaluated ({asked} {batches} asked for more)",
               file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
