@@ -224,7 +224,8 @@ def test_a_workdir_that_is_not_a_run_is_named_before_the_output(tmp_path, capsys
     """A --workdir that does not exist is the line, not the default --output inside it."""
     assert evaluate.main(["--workdir", str(tmp_path / "nosuch")]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == [f"error: {str(tmp_path / 'nosuch')!r} has no config.json; is it a training run's --workdir?"]
+    assert lines == [f"error: {str(tmp_path / 'nosuch')!r} has no config.json; "
+                     "is it a training run's --workdir?"]
     assert list(tmp_path.iterdir()) == []
 
 

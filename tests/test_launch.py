@@ -54,24 +54,24 @@ def test_each_process_gets_its_place_in_the_run(tmp_path):
 def test_gloo_connection_reports_are_left_out_unless_short(tmp_path):
     """gloo's line for a group whose peers all connected is dropped; one short of its peers, and
     lines that only look alike, are passed on."""
+    def report(rank, connected, expected, tail=""):
+        return (f"[Gloo] Rank {rank} is connected to {connected} peer ranks. "
+                f"Expected number of connected peer ranks is : {expected}{tail}")
+
     script = tmp_path / "gloo.py"
-    script.write_text(
-        "import sys\n"
-        "print('[Gloo] Rank 0 is connected to 3 peer ranks. Expected number of connected peer ranks is : 3',"
-        " file=sys.stderr)\n"
-        "print('[Gloo] Rank 1 is connected to 2 peer ranks. Expected number of connected peer ranks is : 3',"
-        " file=sys.stderr)\n"
-        "print('[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1!')\n"
-        "print('step 1')\n")
+    script.write_text(f"import sys\n"
+                      f"print({report(0, 3, 3)!r}, file=sys.stderr)\n"
+                      f"print({report(1, 2, 3)!r}, file=sys.stderr)\n"
+                      f"print({report(0, 1, 1, '!')!r})\n"
+                      f"print('step 1')\n")
     proc = launch("-n", "2", "--", str(script))
     out, err = finish(proc)
     assert proc.returncode == 0, err
     for i in range(2):
-        assert [line for line in err.splitlines() if line.startswith(f"[{i}] ")] == [
-            f"[{i}] [Gloo] Rank 1 is connected to 2 peer ranks. Expected number of connected peer ranks is : 3"]
+        mine = [line for line in err.splitlines() if line.startswith(f"[{i}] ")]
+        assert mine == [f"[{i}] {report(1, 2, 3)}"]
         assert [line for line in out.splitlines() if line.startswith(f"[{i}] ")] == [
-            f"[{i}] [Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1!",
-            f"[{i}] step 1"]
+            f"[{i}] {report(0, 1, 1, '!')}", f"[{i}] step 1"]
 
 
 def test_a_failure_stops_the_others_and_sets_the_status():
