@@ -143,8 +143,8 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
     if len(eval_batches) < batches:
         asked = "--batches" if batches_asked else "train.eval_batches"
-        print(f"note: the held-out split holds {len(eval_batches)} batch(es) of "
-              f"{config.data.batch_size} sequences; all are evaluated ({asked} {batches} asked for more)",
+        print(f"note: the held-out split holds {len(corpus.held_out)} sequence(s), {len(eval_batches)} "
+              f"batch(es) of {config.data.batch_size}; all are evaluated ({asked} {batches} asked for more)",
               file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
         scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
