@@ -300,12 +300,10 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
                 s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
                                                     "data": s.batches.state(), "data_fingerprint": s.fingerprint})
-            evaluation = None
-            if cfg.evaluates_at(step):  # After the save: an evaluation that fails loses no step.
+            if cfg.evaluates_at(step):  # After the save: a failed evaluation or log line loses no step.
                 evaluation, load = evaluate(s, s.state.params)
                 last_eval = evaluation = {"step": step, **evaluation}
                 bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
-            if evaluation is not None:  # After the save: a log that cannot be written loses no step.
                 _write_evaluation(log, bar, evaluation, load, pool_sizes, bias)
             if saving:
                 log.sync()
