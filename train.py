@@ -3,6 +3,8 @@
     python train.py                                   # the default small ReXMoE on the embedded corpus
     python train.py --config configs/NAME.py --workdir DIR key=value ...
     python train.py --config configs/NAME.py --dry-run     # sizes only; last line is JSON
+    python train.py --workdir DIR2 --from DIR/checkpoints/STEP optim.schedule=wsd ...
+                                                         # a new run from another's checkpoint
     python train.py --config configs/NAME.py --compile-only mesh.data=8 mesh.expert=8 \
         --simulate-devices 64                            # per-device memory of a mesh, on a CPU
     python train.py --config configs/NAME.py --compile-only --target v5p-64 mesh.fsdp=4 mesh.expert=8
@@ -27,6 +29,7 @@ from rexmoe_jax import cli, targets
 from rexmoe_jax.config import apply_overrides, load_preset, load_slices
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
+from rexmoe_jax.runtime.workdir import checkpoint_source
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
@@ -59,6 +62,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--heartbeat-timeout", type=int, default=100, metavar="SECONDS",
                         help="--distributed: a process silent this long is dead and the others exit "
                              "(default 100)")
+    parser.add_argument("--from", dest="source", default=None, metavar="RUN[/checkpoints/STEP]",
+                        help="start a new --workdir from another run's checkpoint (its newest, or STEP): "
+                             "weights, optimizer state, step and place in the data, under this command's "
+                             "config; the other run is only read")
     parser.add_argument("--start-over", action="store_true",
                         help="train again from step 0 in --workdir when every checkpoint there is unreadable "
                              "(set aside as *.corrupt), or when it holds another run's config.json or "
@@ -86,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.target and not args.compile_only:
         print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
         return 2
+    if args.source is not None:
+        if args.dry_run or args.compile_only:
+            raise cli.BadInput("--from starts a training run; leave it out with --dry-run and --compile-only")
+        checkpoint_source(pathlib.Path(args.source))  # a wrong path: one line before jax is imported
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
     distributed.simulate_devices(args.simulate_devices)  # before jax is imported
@@ -144,7 +155,7 @@ def _run(args: argparse.Namespace, preset, slices: dict, config, stop: StopReque
     workdir = pathlib.Path(args.workdir) if args.workdir else (
         HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
-        result = loop.run(config, workdir, stop=stop, start_over=args.start_over)
+        result = loop.run(config, workdir, stop=stop, start_over=args.start_over, source=args.source)
     except jax.errors.JaxRuntimeError as err:
         if jax.process_count() == 1:
             raise

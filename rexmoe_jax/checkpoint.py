@@ -145,13 +145,16 @@ def _quiet_orbax() -> None:
 
 
 class Checkpointer:
-    """`read_only` opens the checkpoints of a run without creating, renaming or deleting anything."""
+    """`read_only` opens the checkpoints of a run without creating, renaming or deleting anything;
+    `fix` is what its errors about an incompatible config tell a reader to do."""
 
-    def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False):
+    def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False, fix: str | None = None):
         _quiet_orbax()
         _drop_closed_loop_reports()
         self.directory = (workdir / "checkpoints").resolve()
         self.read_only = read_only
+        self._fix = fix or ("the run's config.json has been changed: put back the one it was trained with"
+                            if read_only else "resume with its settings or use a new --workdir")
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:  # Temporary folders left by a killed save are removed first: a save would trip on them.
@@ -291,11 +294,8 @@ class Checkpointer:
         incompatible, other = config_changes(meta["config"], config)
         if incompatible:
             # A reader's config is the run's config.json, so that file no longer describes the run.
-            fix = "resume with its settings or use a new --workdir"
-            if self.read_only:
-                fix = "the run's config.json has been changed: put back the one it was trained with"
             raise ConfigError(f"checkpoint {self.directory / str(step)} was written by an incompatible "
-                              f"config ({'; '.join(incompatible)}); {fix}")
+                              f"config ({'; '.join(incompatible)}); {self._fix}")
         return other
 
     def check_config(self, config: Config) -> None:
@@ -311,9 +311,10 @@ class Checkpointer:
             return
 
     def restore(self, abstract_state, config: Config, *, start_over: bool = False,
-                part: str | None = None) -> tuple[object, dict] | None:
+                part: str | None = None, step: int | None = None) -> tuple[object, dict] | None:
         """The newest readable checkpoint as (state, meta), or None when there is none. Arrays
-        come with the shardings and dtypes of `abstract_state` (cast while reading).
+        come with the shardings and dtypes of `abstract_state` (cast while reading). `step`
+        (read-only): that checkpoint alone, a ConfigError naming the steps there when it is not.
 
         `part` (read-only): the name of one top-level field of the saved state, "params", which
         `abstract_state` then describes alone; nothing else of the checkpoint (the optimizer
@@ -324,10 +325,14 @@ class Checkpointer:
         The meta record comes with "changed_settings": the compatible changes from the saved
         config, in words, for a trainer to note once its own checks have passed.
         """
-        if part is not None and not self.read_only:
-            raise ValueError("restoring one part of a checkpoint is for read-only users")
+        if (part is not None or step is not None) and not self.read_only:
+            raise ValueError("restoring one part or one step of a checkpoint is for read-only users")
+        steps = self.steps()
+        if step is not None and step not in steps:
+            raise ConfigError(f"{self.directory} has no checkpoint {step}; its checkpoints are "
+                              f"{_names([str(s) for s in steps]) if steps else 'none'}")
         failures = []
-        for step in reversed(self.steps()):
+        for step in reversed(steps if step is None else [step]):
             try:
                 meta = self._meta(step)
             except Exception as err:  # noqa: BLE001 - any failure to read means unusable.

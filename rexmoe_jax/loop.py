@@ -18,16 +18,23 @@ from rexmoe_jax import data as data_lib
 from rexmoe_jax import sharding, trackers, trainer
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.cli import NONFINITE, CommandError
-from rexmoe_jax.config import Config, ConfigError, MeshConfig
+from rexmoe_jax.config import Config, ConfigError, MeshConfig, from_dict
 from rexmoe_jax.inference import generate as generate_lib
 from rexmoe_jax.inference.evaluation import held_out
 from rexmoe_jax.model import metrics as metrics_lib
-from rexmoe_jax.optimizer import make_optimizer
+from rexmoe_jax.optimizer import learning_rate_schedule, make_optimizer
 from rexmoe_jax.reuse import layer_pool_sizes
 from rexmoe_jax.runlog import RunLog, check_fresh_start, proof_step, to_host
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, LOCK_FILE, WriteError, failure_reason, locked
+from rexmoe_jax.runtime.workdir import (
+    CHECKPOINTS,
+    LOCK_FILE,
+    WriteError,
+    checkpoint_source,
+    failure_reason,
+    locked,
+)
 
 # Fields of a log line that depend on the machine's speed, not on the run (tests leave them out).
 TIMED = ("tokens_per_sec", "tflops_per_device", "mfu")
@@ -158,10 +165,12 @@ def jitted_steps(config: Config, model, tx, mesh, shardings):
     return train_step, eval_step
 
 
-def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> _Session:
+def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool,
+          source: pathlib.Path | None) -> _Session:
     """Checks the inputs, then builds or restores the state; raises ConfigError on bad input.
     A stop request is honoured between the slow parts, before anything is compiled or written.
-    `start_over`: train from step 0 when every checkpoint is unreadable (checkpoint.py)."""
+    `start_over`: train from step 0 when every checkpoint is unreadable (checkpoint.py).
+    `source` (train.py --from): where a run with no checkpoint of its own starts (`run`)."""
     _check_stop(stop)
     trackers.check_installed(config.train)
     mesh = sharding.make_mesh(config.mesh)
@@ -176,12 +185,31 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     shardings = trainer.state_shardings(config, model, tx, mesh)
     abstract = trainer.abstract_state(config, model, tx, shardings)
     saved = workdir / CHECKPOINTS  # Looked at before the barrier: past it, process 0 may tidy it.
-    if not (saved.is_dir() and any(saved.iterdir())):  # a new run, or one whose checkpoints are gone
-        proven = proof_step(config.train.checkpoint_every, config.train.steps)
-        check_fresh_start(workdir, config.to_json(), proven, start_over)
+    fresh = not (saved.is_dir() and any(saved.iterdir()))  # a new run, or one whose checkpoints are gone
+    if source is not None:
+        source_run, source_step = checkpoint_source(source)
+    elif fresh:
+        check_fresh_start(workdir, config.to_json(), proof_step(config.train.checkpoint_every,
+                                                                config.train.steps), start_over)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
+    branched = restored is None and source is not None
+    if branched:
+        reader = Checkpointer(source_run, config.train.keep_checkpoints, read_only=True,
+                              fix="give --from a run of this model, or leave --from out")
+        try:
+            restored = reader.restore(abstract, config, step=source_step)
+        finally:
+            reader.close()
+        if restored is None:
+            raise ConfigError(f"--from {str(source)!r}: {reader.directory} holds no checkpoint")
+        if fresh:
+            check_fresh_start(workdir, config.to_json(), proof_step(
+                config.train.checkpoint_every, config.train.steps, int(restored[0].step)), start_over)
+    elif source is not None and jax.process_index() == 0:
+        print(f"note: {workdir} has checkpoints of its own: resuming it (--from {source} only starts "
+              "a new run)", flush=True)
     _check_stop(stop)
     if restored is None:
         state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
@@ -201,14 +229,23 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         except OSError as err:
             raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is not None:
+        resuming = f"starting from step {start} of {source_run}" if branched else f"resuming step {start}"
         if meta["changed_settings"]:  # after the checks: a refused start notes nothing
-            print(f"note: resuming step {start} with changed settings: {'; '.join(meta['changed_settings'])}",
+            print(f"note: {resuming} with changed settings: {'; '.join(meta['changed_settings'])}",
                   flush=True)
+            rates = _rates_at(meta["config"], config, start)
+            if rates is not None:
+                print(f"note: the learning rate for step {start + 1} is {rates[1]:.4g}; the checkpoint's "
+                      f"optim and train.steps gave {rates[0]:.4g} (docs/operations.md)", flush=True)
         saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
         if saved is not None and saved != fingerprint:
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
                   f"batches after step {start} differ from the original run", flush=True)
-        print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
+        if branched:
+            print(f"started from checkpoint {start} in {reader.directory}, which is left as it was",
+                  flush=True)
+        else:
+            print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
     blocks, count = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
                                      blocks=blocks, block_count=count, state=data_state)
@@ -221,6 +258,15 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     rows = np.concatenate([np.arange(block * share, (block + 1) * share) for block in blocks])
     return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
                     train_step, eval_step, fingerprint, rows, vote)
+
+
+def _rates_at(saved: dict, config: Config, step: int) -> tuple[float, float] | None:
+    """(the saved config's, `config`'s) learning rate for optax's count `step`, when they differ."""
+    if not saved:  # an import's or widen's checkpoint: no schedule to continue
+        return None
+    before = from_dict(saved)
+    rates = tuple(float(learning_rate_schedule(c.optim, c.train.steps)(step)) for c in (before, config))
+    return None if math.isclose(*rates, rel_tol=1e-6) else rates
 
 
 def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):
@@ -333,23 +379,31 @@ def _stop_cause(stop: StopRequest, vote: distributed.StopVote) -> str:
 
 
 def run(config: Config, workdir: str | pathlib.Path, stop: StopRequest | None = None, *,
-        start_over: bool = False) -> dict:
+        start_over: bool = False, source: str | pathlib.Path | None = None) -> dict:
     """Trains `config` in `workdir` (a path or a string), resuming from its newest checkpoint,
     holding the workdir's lock throughout. Returns the final evaluation (with a generated
     sample), or {"stopped_at": step} after a stop request (step None when it came during
     start-up). When every checkpoint is unreadable it raises ConfigError, unless `start_over`
-    (then it trains from step 0)."""
+    (then it trains from step 0).
+
+    `source` (train.py --from), a run folder or one of its checkpoints (RUN/checkpoints/STEP):
+    a workdir with no checkpoint starts from that checkpoint (the newest readable one of a
+    folder) instead of step 0: its weights, optimizer state, step and place in the data, under
+    `config`, which must be compatible with the source's as on resuming. The source is only
+    read. Once the workdir has checkpoints of its own, it resumes from those."""
     workdir = pathlib.Path(workdir)
     with contextlib.ExitStack() as stack:
         with distributed.refused_together("lock"):  # only process 0 takes it; each checks it can write
             stack.enter_context(locked(workdir, writer=jax.process_index() == 0))
         distributed.check_shared(workdir / LOCK_FILE)
-        return _run(config, workdir, stop or StopRequest(), start_over)
+        return _run(config, workdir, stop or StopRequest(), start_over,
+                    None if source is None else pathlib.Path(source))
 
 
-def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool) -> dict:
+def _run(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: bool,
+         source: pathlib.Path | None) -> dict:
     try:
-        session = _open(config, workdir, stop, start_over)
+        session = _open(config, workdir, stop, start_over, source)
     except _StoppedDuringStartup:
         print(f"stopped by {stop.signal_name or 'request'} during start-up, before compiling; nothing new "
               "to save", flush=True)

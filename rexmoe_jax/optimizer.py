@@ -1,4 +1,5 @@
-"""AdamW with global-norm clipping, linear warm-up and cosine decay: the paper's recipe (Sec. 5)."""
+"""AdamW with global-norm clipping and a learning-rate schedule: linear warm-up, then cosine
+decay (the paper's recipe, Sec. 5), linear decay, a constant rate, or warm-up-stable-decay."""
 
 from __future__ import annotations
 
@@ -9,12 +10,25 @@ from rexmoe_jax.config import OptimConfig
 
 
 def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up from 0 to the peak over `warmup_steps`, then cosine to min_lr_ratio * peak
-    at `total_steps`."""
+    """The rate for optax's update count (the train state's step): linear warm-up from 0 to the
+    peak over `warmup_steps`, then `optim.schedule` (config.OptimConfig) ending at `total_steps`.
+
+    wsd's decay takes the last round(decay_fraction * total_steps) steps (at least one), and
+    starts no earlier than the end of the warm-up."""
     warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=optim.learning_rate, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=optim.learning_rate * optim.min_lr_ratio)
+    peak, floor = optim.learning_rate, optim.learning_rate * optim.min_lr_ratio
+    if optim.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0, peak_value=peak, warmup_steps=warmup,
+            decay_steps=max(total_steps, warmup + 1), end_value=floor)
+    warm, stable = optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)
+    if optim.schedule == "constant":
+        return optax.join_schedules([warm, stable], [warmup])
+    decay_start = warmup  # linear: the decay follows the warm-up
+    if optim.schedule == "wsd":
+        decay_start = max(warmup, total_steps - max(1, round(optim.decay_fraction * total_steps)))
+    decay = optax.linear_schedule(peak, floor, max(total_steps - decay_start, 1))
+    return optax.join_schedules([warm, stable, decay], [warmup, decay_start])
 
 
 def weight_decay_mask(params):

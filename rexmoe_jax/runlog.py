@@ -117,12 +117,12 @@ def _numbers(record: dict) -> dict[str, float]:
     return out
 
 
-def proof_step(checkpoint_every: int, steps: int) -> int:
-    """The step whose records prove that a checkpoint was saved: a save is waited for before the
-    next one starts, so records at the second save's step (or the end) follow a finished first
-    save. checkpoint_every 0 saves only at the end."""
+def proof_step(checkpoint_every: int, steps: int, start: int = 0) -> int:
+    """The step whose records prove that a checkpoint was saved by a run that began at `start`:
+    a save is waited for before the next one starts, so records at the second save's step (or
+    the end) follow a finished first save. checkpoint_every 0 saves only at the end."""
     every = checkpoint_every or steps
-    return min(2 * every, steps)
+    return min((start // every + 2) * every, steps)
 
 
 def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, start_over: bool) -> None:

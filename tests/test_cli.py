@@ -117,6 +117,15 @@ def test_a_broken_preset_exits_2_naming_it(tmp_path, capsys, source):
     assert str(tmp_path / "preset.py") in one_line_error(capsys, ["--config", str(tmp_path / "preset.py"), "--dry-run"])
 
 
+def test_a_wrong_from_is_one_line_before_training(tmp_path, capsys):
+    """--from a folder that is not a run, or with --dry-run: exit 2, one line, nothing written."""
+    workdir = tmp_path / "new"
+    line = one_line_error(capsys, ["--workdir", str(workdir), "--from", str(tmp_path)])
+    assert f"--from {str(tmp_path)!r} is neither a training run's folder" in line
+    assert "--from starts a training run" in one_line_error(capsys, ["--dry-run", "--from", str(tmp_path)])
+    assert not workdir.exists()
+
+
 def test_messages_name_what_is_wrong(tmp_path, capsys):
     """A README as --config, a folder as data.tokenizer, a run's config.json with a field of the
     wrong type: each one line saying so (not an AttributeError, not "does not exist")."""

@@ -34,6 +34,8 @@ from rexmoe_jax.config import (
     (["model.renormalize_gates=maybe"], "model.renormalize_gates"),
     (["train.steps"], "train.steps"),
     (["optim.learning_rate=nan"], "optim.learning_rate"),
+    (["optim.schedule=step"], "optim.schedule"),
+    (["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction"),
     (["train.sample_prompt="], "train.sample_prompt"),  # an empty prompt cannot be continued
     # capacity on an expert axis is the fixed exchange's cap; the ragged one would ignore it
     (["compute.dispatch=capacity", "compute.expert_exchange=ragged"], "compute.expert_exchange=fixed"),

@@ -259,9 +259,67 @@ def test_incompatible_config_names_the_fields_and_touches_nothing(tmp_path):
 
 @pytest.mark.e2e
 def test_allowed_changes_resume_with_a_note(tmp_path, capsys):
+    """Shortened from 12 steps to 6 after step 4, the warm-up (100 steps, cut to steps - 1) is
+    5 steps, not 11: step 5's rate is 3e-4 * 4/5, where the checkpoint's run had 3e-4 * 4/11."""
     loop.run(config(), tmp_path, stop=StopAt(4))
     result = loop.run(config("train.steps=6", "compute.dispatch=dense"), tmp_path)
-    assert "train.steps: 12 -> 6" in capsys.readouterr().out and result["step"] == 6
+    out = capsys.readouterr().out
+    assert "train.steps: 12 -> 6" in out and result["step"] == 6
+    assert ("note: the learning rate for step 5 is 0.00024; the checkpoint's optim and train.steps gave "
+            "0.0001091") in out
+    assert [r["lr"] for r in metrics(tmp_path) if r["step"] == 5] == [pytest.approx(3e-4 * 4 / 5)]
+
+
+@pytest.mark.e2e
+def test_a_run_from_another_runs_checkpoint_continues_it_exactly(tmp_path, uninterrupted, capsys):
+    """--from checkpoint 4 of the 12-step run, same config: the new run's records from step 5 on
+    and its final state are the old run's, bit for bit, and the old run is left as it was. The
+    same command again resumes the new run's own checkpoint."""
+    before = hashes(uninterrupted)
+    workdir = tmp_path / "branch"
+    capsys.readouterr()
+    loop.run(config(), workdir, source=uninterrupted / "checkpoints" / "4")
+    assert f"started from checkpoint 4 in {uninterrupted / 'checkpoints'}" in capsys.readouterr().out
+    assert metrics(workdir) == [r for r in metrics(uninterrupted) if r["step"] > 4]
+    assert saved_steps(workdir) == [8, 12]
+    ours, theirs = final_params(workdir, config()), final_params(uninterrupted, config())
+    for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert hashes(uninterrupted) == before
+    loop.run(config(), workdir, source=uninterrupted / "checkpoints" / "4")
+    out = capsys.readouterr().out
+    assert "has checkpoints of its own: resuming it" in out and "already complete at step 12" in out
+
+
+@pytest.mark.e2e
+def test_a_run_from_a_checkpoint_takes_its_own_schedule(tmp_path, uninterrupted, capsys):
+    """From the newest checkpoint of a folder whose checkpoint 12 is removed (so 8) with wsd,
+    warm-up 2 and decay_fraction 0.5 of 12 steps: steps 9-12 use the decay from count 6, 3e-4
+    down to 3e-5 at count 12, noted beside the 12-step cosine's rate."""
+    source = tmp_path / "source"
+    shutil.copytree(uninterrupted, source)
+    shutil.rmtree(source / "checkpoints" / "12")
+    capsys.readouterr()
+    wsd = ["optim.schedule=wsd", "optim.warmup_steps=2", "optim.decay_fraction=0.5"]
+    loop.run(config(*wsd), tmp_path / "branch", source=source)
+    out = capsys.readouterr().out
+    assert (f"note: starting from step 8 of {source} with changed settings: "
+            "optim.schedule: 'cosine' -> 'wsd'") in out
+    # The source's warm-up is min(100, 12 - 1) = 11 steps: count 8 is 3e-4 * 8 / 11.
+    assert ("the learning rate for step 9 is 0.00021; the checkpoint's optim and train.steps "
+            "gave 0.0002182") in out
+    rates = [r["lr"] for r in metrics(tmp_path / "branch") if "lr" in r]
+    assert rates == pytest.approx([3e-4 - 2.7e-4 * (count - 6) / 6 for count in (8, 9, 10, 11)])
+
+
+@pytest.mark.e2e
+def test_a_wrong_checkpoint_to_start_from_is_one_line_and_writes_nothing(tmp_path, uninterrupted):
+    with pytest.raises(ConfigError, match=r"has no checkpoint 5; its checkpoints are 4, 8 and 12$"):
+        loop.run(config(), tmp_path / "a", source=uninterrupted / "checkpoints" / "5")
+    with pytest.raises(ConfigError, match=r"incompatible config \(model.reuse: 2 -> 1.*give --from a run of "
+                                          r"this model, or leave --from out"):
+        loop.run(config("model.reuse=1", "psr.schedule=none"), tmp_path / "b", source=uninterrupted)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_unwritable_workdir(tmp_path):

@@ -112,7 +112,12 @@ def test_a_new_run_refuses_a_folder_whose_work_it_would_replace(tmp_path):
 
 def test_the_step_that_proves_a_save():
     """By hand: saves every 4 of 12 steps: the first (4) is waited for before the second (8)
-    starts; every 10 of 12: only the end proves it; 0 (only at the end) of 300: step 300."""
+    starts; every 10 of 12: only the end proves it; 0 (only at the end) of 300: step 300. A run
+    started from step 5 (train.py --from) saves at 8 and 12 first, so 12 proves it; from step 8,
+    at 12 and 16."""
     assert runlog.proof_step(4, 12) == 8
     assert runlog.proof_step(10, 12) == 12
     assert runlog.proof_step(0, 300) == 300
+    assert runlog.proof_step(4, 20, start=5) == 12
+    assert runlog.proof_step(4, 20, start=8) == 16
+    assert runlog.proof_step(0, 300, start=200) == 300

@@ -260,14 +260,22 @@ class LossConfig(_Section):
         require(self.router_bias_rate >= 0, "loss.router_bias_rate must be >= 0")
 
 
+LRSchedule = Literal["cosine", "wsd", "linear", "constant"]
+
+
 @dataclasses.dataclass(frozen=True)
 class OptimConfig(_Section):
-    """AdamW with warm-up and cosine decay, the paper's recipe (Sec. 5)."""
+    """AdamW with a linear warm-up and then, by default, cosine decay: the paper's recipe (Sec. 5)."""
 
     name: ClassVar[str] = "optim"
 
-    learning_rate: float = 3e-4
-    min_lr_ratio: float = 0.1  # Cosine decays to this fraction of the peak.
+    learning_rate: float = 3e-4  # The peak, reached at the end of the warm-up.
+    # After the warm-up: cosine or linear decay to min_lr_ratio * peak at train.steps; constant
+    # at the peak; or wsd (warm-up, stable, decay): the peak until the last decay_fraction of
+    # train.steps, then linear decay to min_lr_ratio * peak.
+    schedule: LRSchedule = "cosine"
+    min_lr_ratio: float = 0.1  # The decay ends at this fraction of the peak.
+    decay_fraction: float = 0.2  # schedule=wsd: the share of train.steps spent decaying.
     warmup_steps: int = 100
     b1: float = 0.9
     b2: float = 0.95
@@ -280,6 +288,7 @@ class OptimConfig(_Section):
         self._check_types()
         require(self.learning_rate > 0, "optim.learning_rate must be > 0")
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio must be in [0, 1]")
+        require(0 < self.decay_fraction <= 1, "optim.decay_fraction must be in (0, 1]")
         require(self.warmup_steps >= 0, "optim.warmup_steps must be >= 0")
         require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1 and optim.b2 must be in [0, 1)")
         require(self.weight_decay >= 0, "optim.weight_decay must be >= 0")

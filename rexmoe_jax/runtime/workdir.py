@@ -192,3 +192,15 @@ def _write_holder(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
     os.fsync(fd)
+
+
+def checkpoint_source(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
+    """(run folder, step) of train.py's --from: a run folder (its newest readable checkpoint,
+    step None) or one of its checkpoints, RUN/checkpoints/STEP; a ConfigError otherwise."""
+    # A STEP that is not there is left to Checkpointer.restore, which names the steps there are.
+    if path.name.isdigit() and path.parent.name == CHECKPOINTS and path.parent.is_dir():
+        return path.parent.parent, int(path.name)
+    if (path / CHECKPOINTS).is_dir():
+        return path, None
+    raise ConfigError(f"--from {str(path)!r} is neither a training run's folder (with {CHECKPOINTS}/) "
+                      f"nor one of its checkpoints ({CHECKPOINTS}/STEP); give one of those")
