@@ -183,14 +183,18 @@ def test_a_failed_mesh_check_leaves_no_workdir(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["new"] and not (tmp_path / "new" / "run").exists()
 
 
-def test_start_over_reaches_the_loop(tmp_path, monkeypatch):
+def test_start_over_and_from_reach_the_loop(tmp_path, monkeypatch):
     from rexmoe_jax import loop
 
     seen = []
-    monkeypatch.setattr(loop, "run", lambda config, workdir, stop, start_over: seen.append(start_over) or {})
+    monkeypatch.setattr(loop, "run", lambda config, workdir, stop, start_over, source:
+                        seen.append((start_over, source)) or {})
+    (tmp_path / "other" / "checkpoints" / "7").mkdir(parents=True)
+    source = str(tmp_path / "other" / "checkpoints" / "7")
     assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1", "--start-over"]) == 0
     assert train.main(["--workdir", str(tmp_path), "mesh.num_devices=1"]) == 0
-    assert seen == [True, False]
+    assert train.main(["--workdir", str(tmp_path / "new"), "mesh.num_devices=1", "--from", source]) == 0
+    assert seen == [(True, None), (False, None), (False, source)]
 
 
 # The contract (rexmoe_jax/cli.py) ------------------------------------------------------------
