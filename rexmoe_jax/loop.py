@@ -146,11 +146,11 @@ class _Session:
     train_step: object
     eval_step: object
     fingerprint: dict
-    rows: np.ndarray  # this process's rows of a global batch, in the order put_batch takes them
+    rows: np.ndarray  # this process's rows of a global micro-batch, in the order put_batch takes them
     vote: distributed.StopVote
 
     def put_global(self, rows: np.ndarray) -> jax.Array:
-        """A global batch that every process holds (the eval batches) -> the sharded batch."""
+        """A global micro-batch that every process holds (of the eval batches) -> the sharded one."""
         return sharding.put_batch(rows[self.rows], self.mesh)
 
 
@@ -253,8 +253,9 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     vote = distributed.StopVote(mesh)
     if jax.process_count() > 1:
         train_step, eval_step = _compile_ahead(train_step, eval_step, abstract, mesh, (
-            (config.data.batch_size, config.data.seq_len + 1), eval_batches[0].shape))
-    share = config.data.batch_size // count
+            (config.data.batch_size, config.data.seq_len + 1),
+            (config.micro_batch_rows, config.data.seq_len + 1)))
+    share = config.micro_batch_rows // count
     rows = np.concatenate([np.arange(block * share, (block + 1) * share) for block in blocks])
     return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
                     train_step, eval_step, fingerprint, rows, vote)
@@ -286,7 +287,7 @@ def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     evaluation.held_out, the function the evaluate command uses too."""
     with sharding.activate(session.mesh):
         return held_out(session.eval_step, params, session.eval_batches, session.config.model,
-                        session.put_global)
+                        session.put_global, session.config.micro_batch_rows)
 
 
 def _progress(total: int, initial: int):

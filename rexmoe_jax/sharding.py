@@ -144,7 +144,7 @@ def pad_rows(rows: np.ndarray, mesh: jax.sharding.Mesh | None) -> np.ndarray:
 
 def validate(config: Config, mesh: jax.sharding.Mesh) -> None:
     """Divisibility the mesh needs from the model and the batch, with the field to change."""
-    micro_batch = config.data.batch_size // config.optim.grad_accum
+    micro_batch = config.micro_batch_rows
     if micro_batch % batch_devices(mesh):
         raise ConfigError(f"data.batch_size / optim.grad_accum = {micro_batch} is not divisible by the "
                           f"{batch_devices(mesh)} devices of mesh.data x mesh.fsdp x mesh.expert")

@@ -24,9 +24,10 @@ MODEL = ["model.vocab_size=512", "model.d_model=256", "model.num_layers=2", "mod
          "model.reuse=2", "data.seq_len=16", "data.batch_size=8"]
 
 
-def by_hand(config, devices) -> int:
-    """Bytes per device of the train state and the batch: every array's elements divided by the
-    sizes of the mesh axes its sharding splits each dimension over, times its item size."""
+def by_hand(config, devices, part=None, rows=None) -> int:
+    """Bytes per device of the train state (or its `part`, "params") and a batch of `rows`
+    sequences (data.batch_size): every array's elements divided by the sizes of the mesh axes
+    its sharding splits each dimension over, times its item size."""
     mesh = sharding.make_mesh(config.mesh, devices)
     model = trainer.build_model(config)
     tx = make_optimizer(config.optim, config.train.steps)
@@ -37,10 +38,10 @@ def by_hand(config, devices) -> int:
         splits = [math.prod(axes[a] for a in ((s,) if isinstance(s, str) else s or ())) for s in spec]
         return math.prod(d // n for d, n in zip(shape, list(splits) + [1] * len(shape))) * itemsize
 
-    leaves = jax.tree.leaves(state)
+    leaves = jax.tree.leaves(getattr(state, part) if part else state)
     total = sum(per_device(a.shape, a.sharding.spec, a.dtype.itemsize) for a in leaves)
     batch_devices = math.prod(axes[a] for a in sharding.BATCH_AXES)
-    batch = config.data.batch_size * (config.data.seq_len + 1) * 4 // batch_devices
+    batch = (rows or config.data.batch_size) * (config.data.seq_len + 1) * 4 // batch_devices
     return total + batch
 
 
@@ -83,6 +84,21 @@ def test_fsdp_x_expert_on_v5p_state_and_collectives(tpu_devices, tmp_path):
     fused = len(re.findall(r"calls=%all-reduce-scatter", hlo))
     assert fused and c["reduce-scatter"]["count"] >= fused
     assert report["roofline_estimate"]["chip"] == "v5p" and report["roofline_estimate"]["step_seconds"] > 0
+
+
+@pytest.mark.e2e
+def test_the_eval_step_is_compiled_for_one_micro_batch(tpu_devices):
+    """With 4 micro-batches of a batch of 32, the eval step takes the parameters and 32 / 4 = 8
+    rows of 1,024 tokens (one per device, all 8 hold rows: 4 KiB each; the whole batch would be
+    16 KiB), by hand; a forward of one micro-batch plans fewer temporaries than the train step's
+    forward and backward, and the headroom is the train's."""
+    config, report, devices = compiled(["mesh.data=2", "mesh.fsdp=2", "mesh.expert=2", "data.batch_size=32",
+                                        "data.seq_len=1023", "optim.grad_accum=4"], "v5p-16", tpu_devices)
+    evaluation, hand = report["eval_step"], by_hand(config, devices, "params", rows=8)
+    assert hand <= evaluation["argument_size_in_bytes"] <= hand + 8 * 1024
+    assert 0 < evaluation["temp_size_in_bytes"] < report["temp_size_in_bytes"]
+    capacity, train = report["hbm_capacity_per_device"], report["total_bytes_per_device"]
+    assert report["hbm_headroom_bytes"] == capacity - train
 
 
 @pytest.mark.e2e
@@ -218,6 +234,9 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
     # On a TPU7x the HBM is a device's: half a chip's.
     with pytest.raises(report.DoesNotFit, match=r"and a tpu7x device \(one of a chip's 2\) has 29.80"):
         report.check_fits({**planned, "roofline_estimate": {"chip": "tpu7x"}}, Config())
+    # The eval step planned larger than the train step is the one named.
+    with pytest.raises(report.DoesNotFit, match=r"^the eval step does not fit: the compiler plans 33.00 GiB"):
+        report.check_fits({**planned, "eval_step": {"total_bytes_per_device": 33 * 2 ** 30}}, Config())
     report.check_fits({**planned, "hbm_headroom_bytes": 1}, Config())  # fits: nothing raised
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
 

@@ -28,7 +28,7 @@ SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.n
          "psr.schedule=linear", "psr.start_step=3", "psr.end_step=9", "data.seq_len=16",
          "data.batch_size=8", f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=6",
          "train.eval_batches=1", "train.checkpoint_every=4", "train.sample_tokens=0",
-         "mesh.data=2", "mesh.expert=2"]
+         "mesh.data=2", "mesh.expert=2", "optim.grad_accum=2"]  # micro-batches of 4: one row per device
 RUN_LIMIT = 300  # seconds for one multi-process run on a busy 2-core machine
 HEARTBEAT = 10
 
@@ -164,8 +164,17 @@ class StopAt(StopRequest):
 
 @pytest.mark.e2e
 def test_one_process_checkpoint_resumes_on_two(args, reference, tmp_path):
+    """Stopped at step 5 on one process: a new run on two processes started from that checkpoint
+    (--from) and the run itself resumed on two both continue the one-process curve."""
     workdir = tmp_path / "run"
     assert loop.run(one_process(args), workdir, stop=StopAt()) == {"stopped_at": 5}
+    branch = tmp_path / "branch"
+    source = workdir / "checkpoints" / "5"
+    command = train(["--workdir", str(branch), "--from", str(source), *args])
+    with Processes(tmp_path / "branch-logs", 2, command) as group:
+        assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
+        assert f"started from checkpoint 5 in {workdir.resolve() / 'checkpoints'}" in group.output(0)
+    assert_same_curve(branch, [r for r in reference if r["step"] > 5])
     with Processes(tmp_path / "logs", 2, train(["--workdir", str(workdir), *args])) as group:
         assert group.wait(RUN_LIMIT) == [0, 0], group.describe()
         assert "resumed from step 5" in group.output(0)

@@ -42,6 +42,25 @@ def test_uniform_model_perplexity_is_the_vocabulary_size():
     assert result["eval_ppl"] == pytest.approx(4096, rel=1e-4)
 
 
+def test_held_out_in_micro_batches_is_the_whole_batch_at_once():
+    """Two batches of 6 rows evaluated 4 rows at a time (pieces of 4 and 2): no call gets more
+    than 4 rows, and the loss, perplexity and loads are those of the whole batches at once."""
+    params, step = params_for(), evaluation.eval_step_for(CFG)
+    shapes = []
+
+    def recording(params, rows):
+        shapes.append(rows.shape)
+        return step(params, rows)
+
+    rng = np.random.default_rng(0)
+    batches = [rng.integers(0, 4096, (6, 17)).astype(np.int32) for _ in range(2)]
+    whole, whole_load = evaluation.held_out(step, params, batches, CFG.model)
+    pieces, pieces_load = evaluation.held_out(recording, params, batches, CFG.model, rows_per_call=4)
+    assert shapes == [(4, 17), (2, 17)] * 2
+    assert pieces == pytest.approx(whole, rel=1e-6)
+    np.testing.assert_allclose(pieces_load, whole_load, rtol=1e-6)
+
+
 def planted_model(token: int):
     """Every position's hidden state is the same vector v (identical embeddings, attention and
     experts silenced), so every position predicts logits l = rms_norm(v) @ W, with W planted

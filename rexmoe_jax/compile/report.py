@@ -46,7 +46,7 @@ class DoesNotFit(ConfigError):
 
 
 def _too_big(err: Exception, config: Config, target: Target | None, batch_devices: int = 1,
-             platform: str = "cpu") -> DoesNotFit | None:
+             platform: str = "cpu", step: str = "train") -> DoesNotFit | None:
     text = str(err)
     if "RESOURCE_EXHAUSTED" not in text:
         return None
@@ -55,7 +55,7 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
     core = _CORE_MEMORY.search(text)
     if core:  # a kernel's on-chip scratch, not HBM: batch and mesh knobs do not reach it
         space, used, capacity = core.group(1).upper(), core.group(2), core.group(3)
-        return DoesNotFit(f"the train step does not fit: a kernel needs more {space} (a core's on-chip "
+        return DoesNotFit(f"the {step} step does not fit: a kernel needs more {space} (a core's on-chip "
                           f"memory) than {where} has: {used}B of {capacity}B; try compute.permute=xla "
                           "(the Pallas kernels' scratch) or fewer tokens per device (optim.grad_accum, "
                           "a wider mesh)")
@@ -66,7 +66,7 @@ def _too_big(err: Exception, config: Config, target: Target | None, batch_device
         capacity = f" ({target.chip.share().hbm_bytes / 2 ** 30:.2f} GiB)" if target else ""
         reason = " ".join(text.split("RESOURCE_EXHAUSTED:", 1)[1].split())[:200]
         plan = f"the compiler ran out of memory on {where}{capacity}: {reason}"
-    return DoesNotFit(f"the train step does not fit: {plan}; {_knobs(config, batch_devices, platform)}")
+    return DoesNotFit(f"the {step} step does not fit: {plan}; {_knobs(config, batch_devices, platform)}")
 
 
 def _knobs(config: Config, batch_devices: int, platform: str) -> str:
@@ -84,15 +84,18 @@ def _knobs(config: Config, batch_devices: int, platform: str) -> str:
 
 
 def check_fits(report: dict, config: Config) -> None:
-    """Raises DoesNotFit with one line when the compiled plan is larger than the target device's
-    HBM: the TPU compiler does not always refuse such a step itself (7B on a v6e-32 compiled to
-    32.4 GiB per chip of 29.8)."""
+    """Raises DoesNotFit with one line when the compiled plan of the train or the eval step is
+    larger than the target device's HBM: the TPU compiler does not always refuse such a step
+    itself (7B on a v6e-32 compiled to 32.4 GiB per chip of 29.8)."""
     short = -report.get("hbm_headroom_bytes", 0)
     batch_devices = math.prod(report.get("mesh", {}).get(axis, 1) for axis in sharding.BATCH_AXES)
     if short > 0:
         gib = 1024 ** 3
+        step, total = max([("train", report["total_bytes_per_device"]),
+                           ("eval", report.get("eval_step", {}).get("total_bytes_per_device", 0))],
+                          key=lambda pair: pair[1])
         raise DoesNotFit(
-            f"the train step does not fit: the compiler plans {report['total_bytes_per_device'] / gib:.2f} GiB per "
+            f"the {step} step does not fit: the compiler plans {total / gib:.2f} GiB per "
             f"device and {CHIPS[report['roofline_estimate']['chip']].one_device} has "
             f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); "
             f"{_knobs(config, batch_devices, report.get('platform', 'cpu'))}")
@@ -142,7 +145,9 @@ def compile_report(config: Config, target: Target | None = None,
                    hlo_path: pathlib.Path | None = None) -> dict:
     """Lowers and compiles the train step for the configured mesh (on `target`'s devices when
     given) and returns what the compiler plans, per device (and writes the compiled HLO to
-    `hlo_path` when given); raises DoesNotFit with one line when the step is too big."""
+    `hlo_path` when given); raises DoesNotFit with one line when the step is too big. The eval
+    step (one micro-batch of held-out rows at a time) is compiled too, for its memory alone:
+    `eval_step`, and the headroom left by the larger of the two."""
     devices = sharding.target_devices(target) if target else None
     if devices and 0 < config.mesh.num_devices < len(devices):
         raise ConfigError(f"mesh.num_devices={config.mesh.num_devices} would compile part of {target.name} "
@@ -156,7 +161,7 @@ def compile_report(config: Config, target: Target | None = None,
     state = trainer.abstract_state(config, model, tx, shardings)
     batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jnp.int32,
                                  sharding=sharding.batch_sharding(mesh))
-    train_step, _ = jitted_steps(config, model, tx, mesh, shardings)
+    train_step, eval_step = jitted_steps(config, model, tx, mesh, shardings)
     start = time.perf_counter()
     try:
         with sharding.activate(mesh):
@@ -164,10 +169,12 @@ def compile_report(config: Config, target: Target | None = None,
     except jax.errors.JaxRuntimeError as err:
         raise _too_big(err, config, target, sharding.batch_devices(mesh), mesh.devices.flat[0].platform) \
             or err from None
+    train_seconds = round(time.perf_counter() - start, 1)
+    eval_report = _eval_memory(eval_step, state.params, config, mesh, target)
     report = {"target": target.name if target else None, "platform": mesh.devices.flat[0].platform,
               "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
               "micro_batches": config.optim.grad_accum,
-              "compile_seconds": round(time.perf_counter() - start, 1)}
+              "compile_seconds": train_seconds, "eval_step": eval_report}
     memory = compiled.memory_analysis()
     report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})
     # Donated state is both argument and output; count it once.
@@ -183,8 +190,29 @@ def compile_report(config: Config, target: Target | None = None,
     report["collectives"] = step["collectives"]
     if target:
         report["hbm_capacity_per_device"] = target.chip.share().hbm_bytes
-        report["hbm_headroom_bytes"] = report["hbm_capacity_per_device"] - report["total_bytes_per_device"]
+        report["hbm_headroom_bytes"] = report["hbm_capacity_per_device"] - max(
+            report["total_bytes_per_device"], eval_report["total_bytes_per_device"])
         report["roofline_estimate"] = roofline(report, config, target.chip)
+    return report
+
+
+def _eval_memory(eval_step, params, config: Config, mesh, target: Target | None) -> dict:
+    """What the compiler plans for the eval step on one micro-batch of held-out rows (the most
+    the loop and the evaluate command give it at once): its memory per device and compile time."""
+    rows = jax.ShapeDtypeStruct((config.micro_batch_rows, config.data.seq_len + 1), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh))
+    start = time.perf_counter()
+    try:
+        with sharding.activate(mesh):
+            compiled = eval_step.lower(params, rows).compile()
+    except jax.errors.JaxRuntimeError as err:
+        raise _too_big(err, config, target, sharding.batch_devices(mesh), mesh.devices.flat[0].platform,
+                       "eval") or err from None
+    memory = compiled.memory_analysis()
+    report = {name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS}
+    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
+                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
+    report["compile_seconds"] = round(time.perf_counter() - start, 1)
     return report
 
 
@@ -198,9 +226,16 @@ def describe(report: dict) -> str:
              f"temporaries {r['temp_size_in_bytes'] / gib:.2f} GiB, outputs not aliased {outputs:.2f} GiB, "
              f"code {r['generated_code_size_in_bytes'] / 2 ** 20:.1f} MiB, "
              f"total {r['total_bytes_per_device'] / gib:.2f} GiB"]
+    evaluation = r.get("eval_step")  # absent from reports saved before it was compiled
+    if evaluation:
+        lines.append(f"the eval step, one micro-batch at a time, compiled in "
+                     f"{evaluation['compile_seconds']}s: "
+                     f"{evaluation['total_bytes_per_device'] / gib:.2f} GiB per device (temporaries "
+                     f"{evaluation['temp_size_in_bytes'] / gib:.2f} GiB)")
     if "hbm_capacity_per_device" in r:
         fits = r["hbm_headroom_bytes"] >= 0
-        lines.append(f"{'fits' if fits else 'does not fit'}: {r['total_bytes_per_device'] / gib:.2f} of "
+        needed = max(r["total_bytes_per_device"], (evaluation or {}).get("total_bytes_per_device", 0))
+        lines.append(f"{'fits' if fits else 'does not fit'}: {needed / gib:.2f} of "
                      f"{r['hbm_capacity_per_device'] / gib:.2f} GiB of HBM "
                      f"({abs(r['hbm_headroom_bytes']) / gib:.2f} GiB {'to spare' if fits else 'short'})")
     xla, unknown = r["xla_cost_analysis"], r["loops_of_unknown_length"]

@@ -456,6 +456,11 @@ class Config:
     def tokens_per_step(self) -> int:
         return self.data.batch_size * self.data.seq_len
 
+    @property
+    def micro_batch_rows(self) -> int:
+        """The sequences one micro-batch holds: the most a step (train or eval) computes at once."""
+        return self.data.batch_size // self.optim.grad_accum
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -147,7 +147,8 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
               f"batch(es) of {config.data.batch_size}; all are evaluated ({asked} {batches} asked for more)",
               file=sys.stderr, flush=True)
     with sharding.using(run.mesh):
-        scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model, placed(run.mesh))
+        scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model,
+                                 placed(run.mesh), config.micro_batch_rows)
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
     report = {"step": run.step, **scalars, "tokens": tokens,
               "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}

@@ -23,13 +23,18 @@ from rexmoe_jax.runtime import distributed
 
 
 def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
-             put=jnp.asarray) -> tuple[dict, np.ndarray]:
+             put=jnp.asarray, rows_per_call: int | None = None) -> tuple[dict, np.ndarray]:
     """Mean next-token loss over `batches` (rows of S + 1 tokens), its perplexity, and routing
     on the full pool: the scalars of an eval line, and the (L, pool) expert loads.
 
     `eval_step` is trainer.make_eval_step jitted (training passes its sharded one, and `put`
-    to place its host's rows); batches are weighted by their tokens.
+    to place its host's rows); batches are weighted by their tokens, so evaluating each in
+    pieces of `rows_per_call` rows (a training micro-batch, Config.micro_batch_rows: the logits
+    of a whole batch at once need not fit a device) changes no result.
     """
+    if rows_per_call is not None:
+        batches = [batch[i:i + rows_per_call] for batch in batches
+                   for i in range(0, len(batch), rows_per_call)]
     losses, loads, tokens = [], [], []
     for batch in batches:
         result = eval_step(params, put(batch))
@@ -81,7 +86,8 @@ def routing_of(config: Config, params, batches: list[np.ndarray], mesh: jax.shar
     default the one they are placed on, if any)."""
     mesh = mesh if mesh is not None else sharding.mesh_of(params)
     with sharding.using(mesh):
-        _, load = held_out(eval_step_for(config), params, batches, config.model, placed(mesh))
+        _, load = held_out(eval_step_for(config), params, batches, config.model, placed(mesh),
+                           config.micro_batch_rows)
     return routing_report(load, sum(b.shape[0] * (b.shape[1] - 1) for b in batches), config.model)
 
 
