@@ -145,10 +145,12 @@ def _quiet_orbax() -> None:
 
 
 class Checkpointer:
-    """`read_only` opens the checkpoints of a run without creating, renaming or deleting anything;
+    """Keeps the newest `keep` checkpoints, and those at multiples of `keep_every` (when > 0).
+    `read_only` opens the checkpoints of a run without creating, renaming or deleting anything;
     `fix` is what its errors about an incompatible config tell a reader to do."""
 
-    def __init__(self, workdir: pathlib.Path, keep: int, *, read_only: bool = False, fix: str | None = None):
+    def __init__(self, workdir: pathlib.Path, keep: int, *, keep_every: int = 0, read_only: bool = False,
+                 fix: str | None = None):
         _quiet_orbax()
         _drop_closed_loop_reports()
         self.directory = (workdir / "checkpoints").resolve()
@@ -158,7 +160,8 @@ class Checkpointer:
         if read_only:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:  # Temporary folders left by a killed save are removed first: a save would trip on them.
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every or None,
+                                                   enable_async_checkpointing=True, create=True,
                                                    cleanup_tmp_directories=True)
         # Handlers named up front, so metadata and single items can be read before any save. A
         # reader opens the state with the general PyTree handler, which can read one part alone.

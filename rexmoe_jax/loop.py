@@ -192,7 +192,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         check_fresh_start(workdir, config.to_json(), proof_step(config.train.checkpoint_every,
                                                                 config.train.steps), start_over)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
-    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, keep_every=config.train.keep_every)
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     branched = restored is None and source is not None
     if branched:

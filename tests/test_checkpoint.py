@@ -51,6 +51,19 @@ def two_checkpoints(workdir, arrays=2, size=6):
     return state
 
 
+def test_checkpoints_at_multiples_of_keep_every_outlive_the_newest_kept(tmp_path):
+    """Saved every 2 steps to step 10, the newest one kept: 10, and 4 and 8 (multiples of 4);
+    without keep_every only 10."""
+    state = {"a": jnp.arange(4, dtype=jnp.float32)}
+    for keep_every, expected in ((4, [4, 8, 10]), (0, [10])):
+        checkpointer = Checkpointer(tmp_path / str(keep_every), keep=1, keep_every=keep_every)
+        for step in range(2, 11, 2):
+            checkpointer.save(step, state, {"step": step, "config": Config().to_dict()})
+            checkpointer.settle()
+        checkpointer.close()
+        assert Checkpointer(tmp_path / str(keep_every), keep=1, read_only=True).steps() == expected
+
+
 def _halve(path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 

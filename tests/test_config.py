@@ -35,6 +35,8 @@ from rexmoe_jax.config import (
     (["train.steps"], "train.steps"),
     (["optim.learning_rate=nan"], "optim.learning_rate"),
     (["optim.schedule=step"], "optim.schedule"),
+    (["train.checkpoint_every=10", "train.keep_every=25"], "train.keep_every=25 keeps checkpoints at its"),
+    (["train.keep_every=100"], "saved only at the end: give a multiple of train.checkpoint_every"),
     (["optim.schedule=wsd", "optim.decay_fraction=0"], "optim.decay_fraction"),
     (["train.sample_prompt="], "train.sample_prompt"),  # an empty prompt cannot be continued
     # capacity on an expert axis is the fixed exchange's cap; the ragged one would ignore it

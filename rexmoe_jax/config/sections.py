@@ -368,7 +368,8 @@ class TrainConfig(_Section):
     eval_every: int = 100
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0: only at the end.
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # The newest ones kept; older ones are deleted, except:
+    keep_every: int = 0  # checkpoints at multiples of this step are kept too (0: none).
     nonfinite: NonFinite = "stop"  # A non-finite loss or gradient: stop, or skip that update.
     sample_tokens: int = 48  # Tokens generated at the end of training; 0 skips the sample.
     sample_prompt: str = "And God said"
@@ -417,6 +418,12 @@ class TrainConfig(_Section):
         require(self.eval_batches >= 1, "train.eval_batches must be >= 1")
         require(self.checkpoint_every >= 0, "train.checkpoint_every must be >= 0")
         require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+        require(self.keep_every >= 0, "train.keep_every must be >= 0")
+        saved = f"every {self.checkpoint_every} steps" if self.checkpoint_every else "only at the end"
+        multiple = self.checkpoint_every > 0 and self.keep_every % self.checkpoint_every == 0
+        require(self.keep_every == 0 or multiple,
+                 f"train.keep_every={self.keep_every} keeps checkpoints at its multiples, but they are saved "
+                 f"{saved}: give a multiple of train.checkpoint_every (> 0)")
         require(self.sample_tokens >= 0, "train.sample_tokens must be >= 0")
         require(self.sample_tokens == 0 or self.sample_prompt != "",
                  "train.sample_prompt is empty; give the sample a prompt or set train.sample_tokens=0")
