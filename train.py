@@ -39,7 +39,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="preset file defining get_config() (default: configs/tiny.py)")
+                        help="preset file defining get_config() (default: configs/tiny.py), or a run's "
+                             "config.json")
     parser.add_argument("--workdir", default=None,
                         help="run folder for metrics and checkpoints (default: runs/<preset>-<time>)")
     parser.add_argument("--dry-run", action="store_true",

@@ -117,6 +117,22 @@ def test_a_broken_preset_exits_2_naming_it(tmp_path, capsys, source):
     assert str(tmp_path / "preset.py") in one_line_error(capsys, ["--config", str(tmp_path / "preset.py"), "--dry-run"])
 
 
+def test_a_runs_config_json_is_a_config(tmp_path, capsys):
+    """A run's config.json (train.steps=7, model.reuse=4, and no field added since: an older
+    run's) as --config, with an override on top: the config printed holds all three."""
+    from rexmoe_jax.config import Config, apply_overrides
+
+    saved = apply_overrides(Config(), ["train.steps=7", "model.reuse=4", "psr.schedule=linear"]).to_dict()
+    del saved["train"]["keep_every"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert train.main(["--config", str(tmp_path / "config.json"), "--dry-run", "train.seed=5"]) == 0
+    train_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("  train:"))
+    assert "steps=7 seed=5" in train_line and "keep_every=0" in train_line
+    (tmp_path / "other.json").write_text('{"architectures": ["MixtralForCausalLM"]}')
+    line = one_line_error(capsys, ["--config", str(tmp_path / "other.json"), "--dry-run"])
+    assert f"config file {str(tmp_path / 'other.json')!r} is not a training run's config.json" in line
+
+
 def test_a_wrong_from_is_one_line_before_training(tmp_path, capsys):
     """--from a folder that is not a run, or with --dry-run: exit 2, one line, nothing written."""
     workdir = tmp_path / "new"

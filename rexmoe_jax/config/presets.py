@@ -1,4 +1,5 @@
-"""Presets: Python files (see `configs/`) defining `get_config() -> Config`, loaded by path.
+"""Presets: Python files (see `configs/`) defining `get_config() -> Config`, loaded by path, or
+a run's own config.json (what a training run writes in its --workdir).
 
 The presets of a folder with an `__init__.py` build on each other (`from configs.recipe import
 ...`): the folder is loaded by path as a package of its name, so the file's own imports find its
@@ -12,17 +13,23 @@ import importlib.util
 import pathlib
 import sys
 
-from rexmoe_jax.config.overrides import from_dict
+from rexmoe_jax.config.overrides import from_dict, read_json_config
 from rexmoe_jax.config.sections import Config, ConfigError, require
 
 
 def load_preset(path: str | pathlib.Path) -> Config:
-    """Loads `get_config()` from a preset file. Whatever goes wrong in the file (a syntax error,
-    an exception, a field of the wrong type) is a ConfigError naming the file."""
+    """Loads `get_config()` from a preset file, or the config a run saved (a .json file: its
+    config.json). Whatever goes wrong in the file (a syntax error, an exception, a field of the
+    wrong type) is a ConfigError naming the file."""
     path = pathlib.Path(path)
     require(path.is_file(), f"config file {str(path)!r} does not exist; see configs/ for presets")
-    require(path.suffix == ".py", f"config file {str(path)!r} is not a Python preset (.py); see configs/ for "
-                                  "presets")
+    if path.suffix == ".json":
+        try:
+            return from_dict(read_json_config(path.parent, "a training run's --workdir", path.name))
+        except ConfigError as err:
+            raise ConfigError(f"config file {str(path)!r} is not a training run's config.json: {err}") from None
+    require(path.suffix == ".py", f"config file {str(path)!r} is neither a Python preset (.py) nor a run's "
+                                  "config.json; see configs/ for presets")
     try:
         module = _import_preset(path)
     except SyntaxError as err:
@@ -46,8 +53,10 @@ def load_slices(path: str | pathlib.Path) -> dict[str, tuple[str, ...]]:
     """A preset's settings per TPU slice: its module's `SLICES`, slice name -> overrides (the
     mesh and micro-batches that fit that slice; docs/tpu.md), or {} where it has none. Applied
     by train.py on that slice (`--target`, or the devices it runs on) under the command line's
-    overrides (targets.slice_settings)."""
+    overrides (targets.slice_settings). A run's config.json has none: it holds its mesh."""
     path = pathlib.Path(path)
+    if path.suffix == ".json":
+        return {}
     try:
         found = getattr(_import_preset(path), "SLICES", {})
     except Exception as err:  # noqa: BLE001 - load_preset has reported the file's own failures
