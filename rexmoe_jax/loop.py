@@ -312,17 +312,29 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     throughput, profiler = _Throughput(s.start, s.config, s.mesh), _Profiler(s.config, workdir)
     pool_sizes = layer_pool_sizes(s.config.model)
 
+    flags = []  # (step, its device-side "finite" flag) of the steps not yet looked at
+
+    def nonfinite_steps(step: int) -> list[int]:
+        """The steps up to `step` not looked at before whose update was not finite."""
+        seen = [(k, flag) for k, flag in flags if k <= step]
+        flags[:] = flags[len(seen):]
+        return [k for k, flag in seen if not bool(flag)]
+
     def write_train(step, metrics):
         record = to_host({k: v for k, v in metrics.items() if k not in _NOT_LOGGED})
         record = {"step": step, **record, **throughput(step)}
-        finite = bool(metrics["finite"]) and all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+        bad = nonfinite_steps(step)  # every step's flag, not the logged steps' alone
+        if step not in bad and not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+            bad.append(step)
         log.write(record)
-        if not finite:
-            message = f"step {step}: non-finite values ({_first_nonfinite(record)})"
+        if bad:
+            seen = f"at step {step}: " if bad[0] != step else ""
+            message = f"step {bad[0]}: non-finite values ({seen}{_first_nonfinite(record)})"
             if cfg.nonfinite == "stop":
                 raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
                                      f"(steps {s.checkpointer.settle() or 'none'})")
-            bar.write(f"{message}; the update was skipped")
+            skipped = f"steps {', '.join(map(str, bad))}" if len(bad) > 1 else f"step {bad[0]}"
+            bar.write(f"{message}; the update of {skipped} was skipped")
         bar.set_postfix(loss=f"{record['loss']:.3f}", n_t=record["psr_pool_size"],
                         tok_s=f"{record['tokens_per_sec']:.0f}")
 
@@ -333,6 +345,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             with sharding.activate(s.mesh):
                 s.state, metrics = s.train_step(s.state, sharding.put_batch(next(s.batches), s.mesh))
             profiler.after(step, s.state)
+            flags.append((step, metrics["finite"]))
             s.checkpointer.check()  # A save that failed in the background stops the run here.
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
@@ -343,7 +356,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             stopping = s.vote(stop.requested(step))  # the same on every process
             saving = stopping or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if saving:
-                if not bool(metrics["finite"]) and cfg.nonfinite == "stop":
+                if cfg.nonfinite == "stop" and not all(bool(flag) for _, flag in flags):
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
                 s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
                                                     "data": s.batches.state(), "data_fingerprint": s.fingerprint})

@@ -343,6 +343,20 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_nonfinite_step_between_log_lines_is_named(tmp_path):
+    """Logging every 5 steps: the first step whose update is not finite is named, not the log
+    step where it shows (the same run logging every step finds it)."""
+    bad = ["optim.learning_rate=1e30", "optim.clip_norm=0", "psr.schedule=none", "train.checkpoint_every=0"]
+    with pytest.raises(loop.NonFiniteError) as every_step:
+        loop.run(config(*bad), tmp_path / "every")
+    first = int(str(every_step.value).split()[1].rstrip(":"))
+    assert first % 5, "the run must blow up between two log lines of the second run"
+    logged = -(-first // 5) * 5  # the next multiple of 5
+    with pytest.raises(loop.NonFiniteError, match=rf"^step {first}: non-finite values \(at step {logged}: "):
+        loop.run(config(*bad, "train.log_every=5"), tmp_path / "fifth")
+
+
+@pytest.mark.e2e
 def test_nonfinite_skip_keeps_training(tmp_path):
     bad = ["optim.learning_rate=1e30", "optim.clip_norm=0", "psr.schedule=none", "train.nonfinite=skip"]
     result = loop.run(config(*bad), tmp_path)
