@@ -81,22 +81,43 @@ def _first_nonfinite(record: dict) -> str:
 
 
 class _Throughput:
-    """Tokens per second since the last log line, and the model FLOPs that makes per device:
-    TFLOP/s and MFU against the device's peak for the compute dtype (metrics.device_peak_flops,
-    or train.peak_flops; MFU is null where neither knows it, as on a CPU)."""
+    """Tokens per second of the steps since the last log line, and the model FLOPs that makes
+    per device: TFLOP/s and MFU against the device's peak for the compute dtype
+    (metrics.device_peak_flops, or train.peak_flops; MFU is null where neither knows it, as on
+    a CPU). Training alone is timed: the clock starts once the session's first step (and its
+    compilation) is done, so a line of that step alone has null figures, and the time spent
+    evaluating, saving and syncing logs (`paused`, once the device has caught up) is left out."""
 
-    def __init__(self, step: int, config: Config, mesh):
-        self.step, self.time, self.tokens_per_step = step, time.perf_counter(), config.tokens_per_step
+    def __init__(self, config: Config, mesh):
+        self.step, self.time, self.paused, self.tokens_per_step = None, None, 0.0, config.tokens_per_step
         active = trainer.summary(config)["params_active"]
         self.flops_per_token = metrics_lib.flops_per_token(config.model, config.data.seq_len, active)
         self.devices = int(mesh.devices.size)
         self.peak = config.train.peak_flops or metrics_lib.device_peak_flops(mesh.devices.flat[0],
                                                                              config.compute.dtype)
 
+    def start(self, step: int, state) -> None:
+        """The clock starts once `step` (the session's first, with its compilation) is done."""
+        jax.block_until_ready(state)
+        self.step, self.time, self.paused = step, time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused_for(self, state):
+        """Leaves out what runs inside (an evaluation, a save) from the training time, once the
+        steps already queued (`state`) are done."""
+        jax.block_until_ready(state)
+        begun = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - begun
+
     def __call__(self, step: int) -> dict[str, float | None]:
+        if self.time is None or step <= self.step:
+            return {"tokens_per_sec": None, "tflops_per_device": None, "mfu": None}
         now = time.perf_counter()
-        rate = (step - self.step) * self.tokens_per_step / max(now - self.time, 1e-9)
-        self.step, self.time = step, now
+        rate = (step - self.step) * self.tokens_per_step / max(now - self.time - self.paused, 1e-9)
+        self.step, self.time, self.paused = step, now, 0.0
         tflops, mfu = metrics_lib.utilisation(self.flops_per_token, rate, self.devices, self.peak)
         return {"tokens_per_sec": rate, "tflops_per_device": tflops, "mfu": mfu}
 
@@ -309,7 +330,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
     """Steps from s.start to the end or a stop request; returns (last step, last evaluation)."""
     cfg, total = s.config.train, s.config.train.steps
     log, bar = RunLog(workdir, s.start, s.config), _progress(total, s.start)
-    throughput, profiler = _Throughput(s.start, s.config, s.mesh), _Profiler(s.config, workdir)
+    throughput, profiler = _Throughput(s.config, s.mesh), _Profiler(s.config, workdir)
     pool_sizes = layer_pool_sizes(s.config.model)
 
     flags = []  # (step, its device-side "finite" flag) of the steps not yet looked at
@@ -336,7 +357,7 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             skipped = f"steps {', '.join(map(str, bad))}" if len(bad) > 1 else f"step {bad[0]}"
             bar.write(f"{message}; the update of {skipped} was skipped")
         bar.set_postfix(loss=f"{record['loss']:.3f}", n_t=record["psr_pool_size"],
-                        tok_s=f"{record['tokens_per_sec']:.0f}")
+                        tok_s=f"{record['tokens_per_sec'] or 0:.0f}")
 
     pending, last_eval, step = None, None, s.start
     try:
@@ -346,6 +367,8 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                 s.state, metrics = s.train_step(s.state, sharding.put_batch(next(s.batches), s.mesh))
             profiler.after(step, s.state)
             flags.append((step, metrics["finite"]))
+            if step == s.start + 1:
+                throughput.start(step, s.state)
             s.checkpointer.check()  # A save that failed in the background stops the run here.
             if pending is not None:  # The previous log step's metrics: ready, as the device is ahead.
                 write_train(*pending)
@@ -358,15 +381,19 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
             if saving:
                 if cfg.nonfinite == "stop" and not all(bool(flag) for _, flag in flags):
                     write_train(step, metrics)  # Raises: a non-finite state is never saved.
-                s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
-                                                    "data": s.batches.state(), "data_fingerprint": s.fingerprint})
+                with throughput.paused_for(s.state):
+                    s.checkpointer.save(step, s.state, {"step": step, "config": s.config.to_dict(),
+                                                        "data": s.batches.state(),
+                                                        "data_fingerprint": s.fingerprint})
             if cfg.evaluates_at(step):  # After the save: a failed evaluation or log line loses no step.
-                evaluation, load = evaluate(s, s.state.params)
-                last_eval = evaluation = {"step": step, **evaluation}
-                bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
-                _write_evaluation(log, bar, evaluation, load, pool_sizes, bias)
+                with throughput.paused_for(s.state):
+                    evaluation, load = evaluate(s, s.state.params)
+                    last_eval = evaluation = {"step": step, **evaluation}
+                    bias = np.asarray(metrics["router_bias"]) if "router_bias" in metrics else None
+                    _write_evaluation(log, bar, evaluation, load, pool_sizes, bias)
             if saving:
-                log.sync()
+                with throughput.paused_for(s.state):
+                    log.sync()
             if stopping:
                 break
         if pending is not None:

@@ -21,7 +21,7 @@ from files import hashes
 from processes import ignores_sigterm
 
 import train
-from rexmoe_jax import loop, runlog
+from rexmoe_jax import loop, runlog, sharding
 from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.config import Config, ConfigError, apply_overrides, load_preset
 from rexmoe_jax.runlog import read_records
@@ -152,9 +152,39 @@ def test_mfu_from_the_flops_per_token_and_a_given_peak(tmp_path):
     m = cfg.model
     flops = 6 * (active + m.d_model * m.vocab_size) + 12 * m.num_layers * m.num_heads * (m.d_model // m.num_heads) * 16
     lines = [r for r in read_records(tmp_path / "metrics.jsonl") if "loss" in r]
-    for r in lines:
+    # Step 1's line (log_every=1) is its compilation: no figures.
+    assert lines[0]["step"] == 1 and lines[0]["tokens_per_sec"] is None and lines[0]["mfu"] is None
+    for r in lines[1:]:
         assert r["tflops_per_device"] == pytest.approx(flops * r["tokens_per_sec"] / 1e12, rel=1e-9)
         assert r["mfu"] == pytest.approx(r["tflops_per_device"] * 1e12 / 2e9, rel=1e-9)
+
+
+class _Clock:
+    """time.perf_counter for loop._Throughput: the times it is told to give, in order."""
+
+    def __init__(self, *times):
+        self.times = list(times)
+
+    def perf_counter(self):
+        return self.times.pop(0)
+
+
+def test_throughput_times_training_alone(monkeypatch):
+    """1,000 tokens a step. The clock starts after step 1 (t = 10), a save and an evaluation
+    inside take 3 + 4 s of t = 10..30, so steps 2-5 ran in 13 s: 4,000 / 13 tokens/s; a line
+    at step 1 itself has none, and the next interval starts afresh (steps 6-7 in 2 s)."""
+    cfg = config("data.batch_size=4", "data.seq_len=250")
+    throughput = loop._Throughput(cfg, sharding.make_mesh(cfg.mesh))
+    state = jax.numpy.zeros(2)
+    monkeypatch.setattr(loop, "time", _Clock(10.0, 12.0, 15.0, 20.0, 24.0, 30.0, 32.0))
+    assert throughput(1)["tokens_per_sec"] is None  # before the clock started
+    throughput.start(1, state)
+    assert throughput(1)["tokens_per_sec"] is None  # the first step alone
+    for _ in range(2):
+        with throughput.paused_for(state):
+            pass
+    assert throughput(5)["tokens_per_sec"] == pytest.approx(4000 / 13)
+    assert throughput(7)["tokens_per_sec"] == pytest.approx(2000 / 2)
 
 
 @pytest.mark.e2e
