@@ -9,8 +9,9 @@ seed (eval_rows), so that a few thousand tokens sample the whole held-out set.
 
 Batches come from a grain `MapDataset`: sequences shuffled anew each epoch, repeated, cut into
 host-sized batches of which host h takes every H-th. Global batch t is therefore a pure
-function of (seed, t), each host reads only its own rows, and the iterator's position (its
-`get_state()`) is saved in every checkpoint.
+function of (seed, t), each host reads only its own rows, and the iterator's position (the
+sequences of the stream read so far, so that a new batch size resumes where the old one
+stopped) is saved in every checkpoint.
 
 Large corpora are tokenized once by `python -m rexmoe_jax.data prepare` into a folder that
 training memory-maps (tokens.bin, offsets.npy, meta.json).
@@ -285,7 +286,9 @@ class BatchIterator:
     A global batch is cut into `block_count` equal blocks of rows; the host reads the blocks
     numbered `blocks` (its devices' rows, sharding.process_rows) and returns them concatenated
     in ascending order, which is how jax places them (make_array_from_process_local_data).
-    `state()` is the position to save with a checkpoint; `BatchIterator(..., state=...)` resumes.
+    `state()` is the position to save with a checkpoint, the sequences of the shuffled stream
+    read so far: `BatchIterator(..., state=...)` resumes there whatever the batch size, and
+    `position` turns an older checkpoint's batch count into it.
     """
 
     def __init__(self, sequences: PackedSequences, batch_size: int, seed: int, *,
@@ -299,7 +302,10 @@ class BatchIterator:
         blocks, run = sorted(blocks), len(blocks)
         if blocks == list(range(blocks[0], blocks[0] + run)) and blocks[0] % run == block_count % run == 0:
             blocks, block_count = [blocks[0] // run], block_count // run  # adjacent: one block
+        self._read, self._batch_size = position(state or {}, batch_size), batch_size
         shuffled = grain.MapDataset.source(sequences).shuffle(seed=seed).repeat(None)
+        if self._read:
+            shuffled = shuffled[self._read:]  # grain slices lazily: no sequence before it is read
         rows = shuffled.batch(batch_size // block_count)
         if len(blocks) == 1:
             dataset = rows[blocks[0]::block_count]
@@ -308,19 +314,27 @@ class BatchIterator:
                 lambda step: np.concatenate([rows[step * block_count + b] for b in blocks]))
         options = grain.ReadOptions(num_threads=max(1, prefetch), prefetch_buffer_size=prefetch)
         self._iterator = iter(dataset.to_iter_dataset(options))
-        if state:
-            self._iterator.set_state(state)
 
     def __next__(self) -> np.ndarray:
-        return np.asarray(next(self._iterator), np.int32)
+        batch = np.asarray(next(self._iterator), np.int32)
+        self._read += self._batch_size
+        return batch
 
     def state(self) -> dict:
-        return self._iterator.get_state()
+        return self.state_at(self._read)
 
     @staticmethod
-    def state_at(step: int) -> dict:
-        """The position of an iterator that has produced `step` batches."""
-        return {"next_index": step}
+    def state_at(sequences: int) -> dict:
+        """The position of an iterator whose global batches have held `sequences` rows."""
+        return {"sequences": sequences}
+
+
+def position(state: dict, batch_size: int) -> int:
+    """The sequences read at a saved `state` (BatchIterator.state); a checkpoint written before
+    the count was kept holds grain's count of batches (of `batch_size`, its run's) instead."""
+    if "sequences" in state:
+        return int(state["sequences"])
+    return int(state.get("next_index", 0)) * batch_size
 
 
 # --------------------------------------------------------------------------------------------

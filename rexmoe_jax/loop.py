@@ -236,7 +236,10 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         state, start, data_state = trainer.init_state(config, model, tx, shardings), 0, None
     else:
         state, meta = restored
-        start, data_state = int(state.step), meta["data"]
+        start = int(state.step)
+        # Where the data stream stands: sequences read, whatever the batch size was and is now.
+        saved_batch = (meta.get("config") or {}).get("data", {}).get("batch_size", config.data.batch_size)
+        data_state = data_lib.BatchIterator.state_at(data_lib.position(meta["data"], saved_batch))
     # Every process must take the same steps: same config, same resumed step (a shared workdir).
     fields = {f"config's {section}.{name}": value
               for section, values in config.to_dict().items() for name, value in values.items()}
@@ -258,10 +261,15 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
             if rates is not None:
                 print(f"note: the learning rate for step {start + 1} is {rates[1]:.4g}; the checkpoint's "
                       f"optim and train.steps gave {rates[0]:.4g} (docs/operations.md)", flush=True)
+        seed = (meta.get("config") or {}).get("train", {}).get("seed", config.train.seed)
+        if seed != config.train.seed:
+            print(f"note: train.seed {seed} -> {config.train.seed} draws another held-out set: documents held "
+                  "out until now may be trained on, and the evaluations are not comparable", flush=True)
         saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
-        if saved is not None and saved != fingerprint:
+        if saved is not None and saved != fingerprint:  # its place in other data means nothing here
+            data_state = None
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
-                  f"batches after step {start} differ from the original run", flush=True)
+                  f"they are read from their start after step {start}", flush=True)
         if branched:
             print(f"started from checkpoint {start} in {reader.directory}, which is left as it was",
                   flush=True)

@@ -138,13 +138,29 @@ def test_batches_are_a_function_of_seed_and_step():
     # The first len(seqs) rows visit every sequence once (sequence i starts with token 9 i).
     rows = np.concatenate(first)[:len(seqs)]
     assert sorted(rows[:, 0].tolist()) == [9 * i for i in range(len(seqs))]
-    # Resuming from a saved position continues exactly.
-    resumed = data.BatchIterator(seqs, batch_size=4, seed=0, state=data.BatchIterator.state_at(17))
+    # Resuming from a saved position (17 batches of 4 = 68 sequences read) continues exactly.
+    resumed = data.BatchIterator(seqs, batch_size=4, seed=0, state=data.BatchIterator.state_at(68))
     np.testing.assert_array_equal(next(resumed), first[17])
     c = data.BatchIterator(seqs, batch_size=4, seed=0)
     for _ in range(5):
         next(c)
-    assert c.state() == data.BatchIterator.state_at(5)
+    assert c.state() == data.BatchIterator.state_at(20)
+
+
+def test_a_new_batch_size_resumes_at_the_same_sequence_of_the_stream():
+    """3 batches of 4 read (12 sequences), then batches of 6: rows 12-17, 18-23 of the stream of
+    batches of 4, across the epoch boundary too; a checkpoint from before the count was kept
+    (grain's 3 batches of its run's 4) is the same position."""
+    seqs = sequences()
+    batches = data.BatchIterator(seqs, batch_size=4, seed=0)
+    stream = np.concatenate([next(batches) for _ in range(30)])
+    four = data.BatchIterator(seqs, batch_size=4, seed=0)
+    for _ in range(3):
+        next(four)
+    six = data.BatchIterator(seqs, batch_size=6, seed=0, state=four.state())
+    for start in range(12, 108, 6):
+        np.testing.assert_array_equal(next(six), stream[start:start + 6])
+    assert data.position({"next_index": 3}, 4) == 12 == data.position(four.state(), 6)
 
 
 def test_hosts_read_disjoint_halves_of_each_global_batch():

@@ -352,6 +352,34 @@ def test_a_wrong_checkpoint_to_start_from_is_one_line_and_writes_nothing(tmp_pat
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.e2e
+def test_the_data_stream_continues_at_its_sequence_through_a_new_batch_size(tmp_path, capsys):
+    """4 steps of 4 sequences, then 2 of 8 (data.batch_size changed on resume): checkpoint 6
+    holds 16 + 16 = 32 sequences read. Started (--from) on a shorter corpus, whose packing
+    differs, the new data are read from their start: 2 steps of 4 later, 8."""
+    loop.run(config(), tmp_path / "run", stop=StopAt(4))
+    loop.run(config("data.batch_size=8", "train.steps=6"), tmp_path / "run")
+
+    def sequences_read(workdir, step):
+        checkpointer = Checkpointer(workdir, 3, read_only=True)
+        try:
+            return checkpointer._meta(step)["data"]
+        finally:
+            checkpointer.close()
+
+    assert sequences_read(tmp_path / "run", 6) == {"sequences": 32}
+    corpus = next(o.split("=", 1)[1] for o in SMALL if o.startswith("data.corpus="))
+    shorter = tmp_path / "shorter.jsonl"
+    shorter.write_text("".join(pathlib.Path(corpus).read_text().splitlines(keepends=True)[:150]))
+    capsys.readouterr()
+    loop.run(config("train.steps=6", f"data.corpus={shorter}", "train.seed=1"), tmp_path / "branch",
+             source=tmp_path / "run" / "checkpoints" / "4")
+    out = capsys.readouterr().out
+    assert "they are read from their start after step 4" in out
+    assert "note: train.seed 0 -> 1 draws another held-out set" in out
+    assert sequences_read(tmp_path / "branch", 6) == {"sequences": 8}
+
+
 def test_unwritable_workdir(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigError, match="is not writable"):
