@@ -263,8 +263,8 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
                       f"optim and train.steps gave {rates[0]:.4g} (docs/operations.md)", flush=True)
         seed = (meta.get("config") or {}).get("train", {}).get("seed", config.train.seed)
         if seed != config.train.seed:
-            print(f"note: train.seed {seed} -> {config.train.seed} draws another held-out set: documents held "
-                  "out until now may be trained on, and the evaluations are not comparable", flush=True)
+            print(f"note: train.seed {seed} -> {config.train.seed} draws another held-out set: documents "
+                  "held out until now may be trained on, and the evaluations are not comparable", flush=True)
         saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
         if saved is not None and saved != fingerprint:  # its place in other data means nothing here
             data_state = None
