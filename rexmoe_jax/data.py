@@ -154,15 +154,44 @@ class Corpus:
     seed: int  # Chose the held-out documents, shuffles training, and draws the eval rows.
 
     def eval_batches(self, batch_size: int, count: int) -> list[np.ndarray]:
-        """count * batch_size held-out sequences drawn by the seed from all of them (eval_rows),
-        in whole batches: fewer if the set is small, and a set smaller than one batch repeated
-        whole until its copies fill whole batches (each sequence as often, so the mean over
-        the batches is the set's)."""
-        chosen = eval_rows(len(self.held_out), batch_size * count, self.seed)
-        if len(chosen) < batch_size:
-            chosen = np.tile(chosen, batch_size // math.gcd(len(chosen), batch_size))
-        n, rows = len(chosen), [self.held_out[i] for i in chosen]
-        return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)]
+        """The held-out split's evaluation batches (`eval_batches`)."""
+        return eval_batches(self.held_out, batch_size, count, self.seed)
+
+
+def eval_batches(sequences: PackedSequences, batch_size: int, count: int, seed: int) -> list[np.ndarray]:
+    """count * batch_size of `sequences` drawn by the seed from all of them (eval_rows), in
+    whole batches: fewer if the set is small, and a set smaller than one batch repeated whole
+    until its copies fill whole batches (each sequence as often, so the mean over the batches
+    is the set's)."""
+    chosen = eval_rows(len(sequences), batch_size * count, seed)
+    if len(chosen) < batch_size:
+        chosen = np.tile(chosen, batch_size // math.gcd(len(chosen), batch_size))
+    n, rows = len(chosen), [sequences[i] for i in chosen]
+    return [np.stack(rows[i:i + batch_size]) for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def eval_set(name: str, path: str, config: DataConfig, tokenizer: Tokenizer, vocab_size: int,
+             count: int, seed: int) -> list[np.ndarray]:
+    """The evaluation batches of one of data.eval_sets: its documents (text tokenized with the
+    run's `tokenizer`, or token files it made) packed whole, in order, into sequences of
+    data.seq_len + 1, of which `count` batches are drawn as the held-out split's are."""
+    setting = f"data.eval_sets {name}"
+    files = sources.corpus_files(path, setting=setting)
+    if sources.is_tokenized(files):
+        docs = sources.read_token_documents(files, tokenizer.eod_id)
+    else:
+        texts = sources.read_text_documents(files, config.text_field, config.txt_documents)
+        docs = _encode_all(tokenizer, texts)
+    documents = TokenDocuments.from_documents(docs, tokenizer.eod_id)
+    largest = int(documents.tokens.max()) if documents.tokens.size else 0
+    if largest >= vocab_size:
+        raise ConfigError(f"{setting}={path!r} uses token ids up to {largest} but model.vocab_size="
+                          f"{vocab_size}; give token files made with the run's tokenizer, or text")
+    packed = pack(documents, np.arange(len(documents)), config.seq_len, None)
+    if len(packed) == 0:
+        raise ConfigError(f"{setting}={path!r} holds {packed.num_tokens} tokens, less than one sequence of "
+                          f"data.seq_len={config.seq_len}; give more text")
+    return eval_batches(packed, config.batch_size, count, seed)
 
 
 def _encode_all(tokenizer: Tokenizer, texts: Iterator[str], chunk: int = 1024) -> Iterator[np.ndarray]:

@@ -20,7 +20,7 @@ from rexmoe_jax.checkpoint import Checkpointer
 from rexmoe_jax.cli import NONFINITE, CommandError
 from rexmoe_jax.config import Config, ConfigError, MeshConfig, from_dict
 from rexmoe_jax.inference import generate as generate_lib
-from rexmoe_jax.inference.evaluation import held_out
+from rexmoe_jax.inference.evaluation import eval_set_scalars, held_out
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.optimizer import learning_rate_schedule, make_optimizer
 from rexmoe_jax.reuse import layer_pool_sizes
@@ -158,6 +158,7 @@ class _Session:
     config: Config
     corpus: data_lib.Corpus
     eval_batches: list[np.ndarray]
+    eval_sets: dict[str, list[np.ndarray]]  # data.eval_sets: name -> its batches
     mesh: jax.sharding.Mesh
     model: object
     checkpointer: Checkpointer
@@ -199,6 +200,9 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     _check_stop(stop)
     eval_batches = corpus.eval_batches(config.data.batch_size, config.train.eval_batches)
+    eval_sets = {name: data_lib.eval_set(name, path, config.data, corpus.tokenizer, config.model.vocab_size,
+                                         config.train.eval_batches, config.train.seed)
+                 for name, path in config.data.eval_set_paths.items()}
     fingerprint = {"train_sequences": len(corpus.train), "train_tokens": corpus.train.num_tokens}
 
     model = trainer.build_model(config)
@@ -286,7 +290,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
             (config.micro_batch_rows, config.data.seq_len + 1)))
     share = config.micro_batch_rows // count
     rows = np.concatenate([np.arange(block * share, (block + 1) * share) for block in blocks])
-    return _Session(config, corpus, eval_batches, mesh, model, checkpointer, state, start, batches,
+    return _Session(config, corpus, eval_batches, eval_sets, mesh, model, checkpointer, state, start, batches,
                     train_step, eval_step, fingerprint, rows, vote)
 
 
@@ -313,10 +317,14 @@ def _compile_ahead(train_step, eval_step, abstract, mesh, batch_shapes):
 
 def evaluate(session: _Session, params) -> tuple[dict, np.ndarray]:
     """Held-out loss over the fixed eval batches, its perplexity, routing metrics, and loads:
-    evaluation.held_out, the function the evaluate command uses too."""
+    evaluation.held_out, the function the evaluate command uses too; and the loss and
+    perplexity of each of data.eval_sets, as eval_loss/NAME and eval_ppl/NAME."""
     with sharding.activate(session.mesh):
-        return held_out(session.eval_step, params, session.eval_batches, session.config.model,
-                        session.put_global, session.config.micro_batch_rows)
+        scalars, load = held_out(session.eval_step, params, session.eval_batches, session.config.model,
+                                 session.put_global, session.config.micro_batch_rows)
+        scalars.update(eval_set_scalars(session.eval_step, params, session.eval_sets, session.config.model,
+                                        session.put_global, session.config.micro_batch_rows))
+    return scalars, load
 
 
 def _progress(total: int, initial: int):
@@ -330,8 +338,10 @@ def _write_evaluation(log: RunLog, bar, evaluation: dict, load: np.ndarray, pool
                       bias: np.ndarray | None) -> None:
     log.write(evaluation)
     log.write_routing(evaluation["step"], load, pool_sizes, bias)
+    others = "".join(f"; {key.split('/', 1)[1]} {evaluation[key]:.4f}" for key in evaluation
+                     if key.startswith("eval_loss/"))
     bar.write(f"step {evaluation['step']}: eval loss {evaluation['eval_loss']:.4f}, "
-              f"perplexity {evaluation['eval_ppl']:.2f}")
+              f"perplexity {evaluation['eval_ppl']:.2f}{others}")
 
 
 def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, dict | None]:

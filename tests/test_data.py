@@ -543,3 +543,21 @@ def test_prepare_stopped_by_ctrl_c_exits_130_quietly(tmp_path, tokenizer_file):
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and err == "" and out == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kjv.txt"]  # no output, no temporary folder
+
+
+def test_an_eval_set_is_its_documents_packed_in_order(tmp_path):
+    """Token documents 1 2 3 | 4 5 | 6 7 8 9 (end-of-document 0): the stream 1 2 3 0 4 5 0 6 7 8
+    9 0 cut at a stride of seq_len 3 into (12 - 1) // 3 = 3 rows of 4 tokens, by hand; all three
+    in one batch of 3. A token id beyond the vocabulary and a set shorter than one row are one
+    line each, naming the set."""
+    np.save(tmp_path / "set.npy", np.asarray([1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 0], np.int32))
+    eod = types.SimpleNamespace(eod_id=0)
+    config = DataConfig(seq_len=3, batch_size=3)
+    [batch] = data.eval_set("code", str(tmp_path / "set.npy"), config, eod, 10, count=4, seed=0)
+    assert sorted(map(tuple, batch.tolist())) == [(0, 4, 5, 0), (0, 6, 7, 8), (1, 2, 3, 0)]
+    with pytest.raises(ConfigError, match=r"^data.eval_sets code=.*set.npy' uses token ids up to 9 but "
+                                          r"model.vocab_size=9; give token files made with the run's"):
+        data.eval_set("code", str(tmp_path / "set.npy"), config, eod, 9, count=4, seed=0)
+    np.save(tmp_path / "short.npy", np.asarray([1, 2, 0], np.int32))
+    with pytest.raises(ConfigError, match=r"short.npy' holds 3 tokens, less than one sequence of data.seq_len=3"):
+        data.eval_set("tiny", str(tmp_path / "short.npy"), config, eod, 10, count=4, seed=0)

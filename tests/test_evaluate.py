@@ -3,6 +3,7 @@ evaluate / generate commands."""
 
 import dataclasses
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -139,11 +140,14 @@ def test_activation_ratios_sum_to_k_and_foreign_share():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
-    """A few steps of training, with checkpoints at steps 3 and 6."""
+    """A few steps of training, with checkpoints at steps 3 and 6, and three more eval sets (one
+    file twice, under two names)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
+    sets = ",".join(f"{name}={ROOT / 'examples/input_sets' / file}" for name, file in (
+        ("psalms", "psalms.txt"), ("again", "psalms.txt"), ("code", "code.txt")))
     cfg = apply_overrides(CFG, ["data.batch_size=4", "train.steps=6", "train.eval_every=6", "train.eval_batches=1",
                                 "train.sample_tokens=0", "mesh.num_devices=1", "train.log_every=2",
-                                "train.checkpoint_every=3"])
+                                "train.checkpoint_every=3", f"data.eval_sets={sets}"])
     loop.run(cfg, workdir)
     return workdir
 
@@ -162,8 +166,11 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
     # One evaluation function: the command's numbers are training's last eval line's.
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     last_eval = [r for r in logged if "eval_loss" in r][-1]
-    for name in ("eval_loss", "lbv_max", "underused_share", "foreign_share"):
+    for name in ("eval_loss", "lbv_max", "underused_share", "foreign_share", "eval_loss/psalms", "eval_ppl/code"):
         assert report[name] == pytest.approx(last_eval[name], rel=1e-5, abs=1e-6), name
+    # data.eval_sets: the same file under two names gives one loss, another file another.
+    assert last_eval["eval_loss/psalms"] == last_eval["eval_loss/again"] != last_eval["eval_loss/code"]
+    assert last_eval["eval_ppl/code"] == pytest.approx(math.exp(last_eval["eval_loss/code"]))
     assert set(report["routing"]) == {"held-out", "psalms", "code"}
     assert generate.main(["--workdir", str(workdir), "--prompt", "And God said", "--max-new-tokens", "4"]) == 0
     assert plot.main(["--workdir", str(workdir)]) == 0

@@ -320,12 +320,27 @@ class DataConfig(_Section):
     seq_len: int = 128
     batch_size: int = 16  # Global sequences per optimizer step.
     eval_fraction: float = 0.02  # Share of documents held out, chosen by seed.
+    # More sets evaluated beside the held-out split at every evaluation: NAME=PATH, comma-
+    # separated (text or token files, a folder or a glob, as data.corpus; the run's tokenizer).
+    eval_sets: str = ""
+
+    @property
+    def eval_set_paths(self) -> dict[str, str]:
+        """data.eval_sets as {name: path}, in the order given."""
+        return dict(item.split("=", 1) for item in self.eval_sets.split(",") if item)
 
     def __post_init__(self):
         self._check_types()
         require(self.seq_len >= 2, f"data.seq_len must be >= 2, got {self.seq_len}")
         require(self.batch_size >= 1, f"data.batch_size must be >= 1, got {self.batch_size}")
         require(0 < self.eval_fraction < 1, "data.eval_fraction must be in (0, 1)")
+        names = []
+        for item in (item for item in self.eval_sets.split(",") if item):
+            name, _, path = item.partition("=")
+            require(re.fullmatch(r"[A-Za-z0-9_.-]+", name) is not None and path != "",
+                     f"data.eval_sets: {item!r} is not NAME=PATH (a name of letters, digits, _ . -)")
+            require(name not in names, f"data.eval_sets names {name!r} twice; give each set its own name")
+            names.append(name)
 
 
 @dataclasses.dataclass(frozen=True)

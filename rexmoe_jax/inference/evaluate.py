@@ -33,6 +33,7 @@ from rexmoe_jax.config import ConfigError
 from rexmoe_jax.inference import restore as restore_lib
 from rexmoe_jax.inference import tasks as tasks_lib
 from rexmoe_jax.inference.evaluation import (
+    eval_set_scalars,
     eval_step_for,
     held_out,
     placed,
@@ -141,6 +142,9 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     set_batches = {name: _input_set(name, files, run, batches) for name, files in set_files}
     corpus = data_lib.build_corpus(config.data, config.train.seed, config.model.vocab_size)
     eval_batches = corpus.eval_batches(config.data.batch_size, batches)
+    eval_sets = {name: data_lib.eval_set(name, path, config.data, run.tokenizer, config.model.vocab_size,
+                                         batches, config.train.seed)
+                 for name, path in config.data.eval_set_paths.items()}
     if len(eval_batches) < batches:
         asked = "--batches" if batches_asked else "train.eval_batches"
         print(f"note: the held-out split holds {len(corpus.held_out)} sequence(s), {len(eval_batches)} "
@@ -149,6 +153,8 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
     with sharding.using(run.mesh):
         scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model,
                                  placed(run.mesh), config.micro_batch_rows)
+        scalars.update(eval_set_scalars(eval_step_for(config), run.params, eval_sets, config.model,
+                                        placed(run.mesh), config.micro_batch_rows))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
     report = {"step": run.step, **scalars, "tokens": tokens,
               "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}

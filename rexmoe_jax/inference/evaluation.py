@@ -51,6 +51,17 @@ def held_out(eval_step, params, batches: list[np.ndarray], model: ModelConfig,
             "foreign_share": float(foreign.mean())}, load
 
 
+def eval_set_scalars(eval_step, params, sets: dict[str, list[np.ndarray]], model: ModelConfig,
+                     put=jnp.asarray, rows_per_call: int | None = None) -> dict:
+    """The loss and perplexity of each named set of batches (data.eval_sets), as `held_out`
+    computes the held-out split's: eval_loss/NAME and eval_ppl/NAME."""
+    scalars = {}
+    for name, batches in sets.items():
+        found, _ = held_out(eval_step, params, batches, model, put, rows_per_call)
+        scalars.update({f"eval_loss/{name}": found["eval_loss"], f"eval_ppl/{name}": found["eval_ppl"]})
+    return scalars
+
+
 def routing_report(load: np.ndarray, tokens: int, model: ModelConfig) -> dict:
     """Per layer: activation ratios over the pool (rows sum to K), the share of picks of experts
     owned by other layers of the group, LBV maxima and under-used shares, from `held_out`'s loads."""
