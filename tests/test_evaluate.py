@@ -166,7 +166,8 @@ def test_commands_on_a_trained_run(trained_run, tmp_path, capsys):
     # One evaluation function: the command's numbers are training's last eval line's.
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     last_eval = [r for r in logged if "eval_loss" in r][-1]
-    compared = ("eval_loss", "lbv_max", "underused_share", "foreign_share", "eval_loss/psalms", "eval_ppl/code")
+    compared = ("eval_loss", "lbv_max", "underused_share", "foreign_share", "eval_loss/psalms",
+                "eval_ppl/code")
     for name in compared:
         assert report[name] == pytest.approx(last_eval[name], rel=1e-5, abs=1e-6), name
     # data.eval_sets: the same file under two names gives one loss, another file another.
