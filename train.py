@@ -29,7 +29,7 @@ from rexmoe_jax import cli, targets
 from rexmoe_jax.config import apply_overrides, load_preset, load_slices
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import checkpoint_source
+from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE, checkpoint_source
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
@@ -38,9 +38,10 @@ DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
-                        help="preset file defining get_config() (default: configs/tiny.py), or a run's "
-                             "config.json")
+    parser.add_argument("--config", default=None,
+                        help="preset file defining get_config(), or a run's config.json (default: the "
+                             "--workdir's config.json when it has one, else --from's run's, else "
+                             "configs/tiny.py)")
     parser.add_argument("--workdir", default=None,
                         help="run folder for metrics and checkpoints (default: runs/<preset>-<time>)")
     parser.add_argument("--dry-run", action="store_true",
@@ -88,16 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     # First, before jax is imported: a preemption during start-up still ends in a checkpoint.
     stop = StopRequest().install() if argv is None else StopRequest()
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    source_run = _check_source(args)
+    if args.config is None:
+        args.config = str(default_config(args.workdir, source_run))
     preset, slices = load_preset(args.config), load_slices(args.config)
     config = for_slice(args, preset, slices, targets.parse(args.target) if args.target else None)
 
     if args.target and not args.compile_only:
         print("error: --target compiles for a TPU slice without running; add --compile-only", file=sys.stderr)
         return 2
-    if args.source is not None:
-        if args.dry_run or args.compile_only:
-            raise cli.BadInput("--from starts a training run; leave it out with --dry-run and --compile-only")
-        checkpoint_source(pathlib.Path(args.source))  # a wrong path: one line before jax is imported
     if args.target:  # Before jax is imported: this machine's own backend is only the host.
         os.environ["JAX_PLATFORMS"] = "cpu"
     distributed.simulate_devices(args.simulate_devices)  # before jax is imported
@@ -111,6 +111,28 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         distributed.finish()
         stop.release()
+
+
+def _check_source(args: argparse.Namespace) -> pathlib.Path | None:
+    """--from's run folder, checked before jax is imported, where it will be used: not once
+    --workdir has checkpoints of its own (the source may be gone by then)."""
+    if args.source is None:
+        return None
+    if args.dry_run or args.compile_only:
+        raise cli.BadInput("--from starts a training run; leave it out with --dry-run and --compile-only")
+    own = pathlib.Path(args.workdir) / CHECKPOINTS if args.workdir else None
+    if own is not None and own.is_dir() and any(own.iterdir()):
+        return None
+    return checkpoint_source(pathlib.Path(args.source))[0]
+
+
+def default_config(workdir: str | None, source_run: pathlib.Path | None) -> pathlib.Path:
+    """The config of a command that names none: the run's own (resuming it), else that of the
+    run it starts from (--from), else the default preset."""
+    for folder in (pathlib.Path(workdir) if workdir else None, source_run):
+        if folder is not None and (folder / CONFIG_FILE).is_file():
+            return folder / CONFIG_FILE
+    return DEFAULT_CONFIG
 
 
 def for_slice(args: argparse.Namespace, preset, slices: dict, target: targets.Target | None):
@@ -154,7 +176,7 @@ def _run(args: argparse.Namespace, preset, slices: dict, config, stop: StopReque
         compile_report.check_fits(report, config)  # after the report, which a too-big plan keeps
         return 0
     workdir = pathlib.Path(args.workdir) if args.workdir else (
-        HERE / "runs" / f"{pathlib.Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        HERE / "runs" / f"{_run_name(pathlib.Path(args.config))}-{time.strftime('%Y%m%d-%H%M%S')}")
     try:
         result = loop.run(config, workdir, stop=stop, start_over=args.start_over, source=args.source)
     except jax.errors.JaxRuntimeError as err:
@@ -166,6 +188,11 @@ def _run(args: argparse.Namespace, preset, slices: dict, config, stop: StopReque
     if "sample" in result:
         print(f"sample: {result['sample']}")
     return 0
+
+
+def _run_name(config: pathlib.Path) -> str:
+    """A new run folder's name: its preset's, or for a run's config.json that run's."""
+    return config.parent.name if config.name == CONFIG_FILE else config.stem
 
 
 if __name__ == "__main__":

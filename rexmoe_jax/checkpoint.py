@@ -332,8 +332,10 @@ class Checkpointer:
             raise ValueError("restoring one part or one step of a checkpoint is for read-only users")
         steps = self.steps()
         if step is not None and step not in steps:
-            raise ConfigError(f"{self.directory} has no checkpoint {step}; its checkpoints are "
-                              f"{_names([str(s) for s in steps]) if steps else 'none'}")
+            there = "it holds none"
+            if steps:
+                there = f"give one of its checkpoints, {_names([str(s) for s in steps])}"
+            raise ConfigError(f"{self.directory} has no checkpoint {step}; {there}")
         failures = []
         for step in reversed(steps if step is None else [step]):
             try:

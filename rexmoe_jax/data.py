@@ -9,9 +9,9 @@ seed (eval_rows), so that a few thousand tokens sample the whole held-out set.
 
 Batches come from a grain `MapDataset`: sequences shuffled anew each epoch, repeated, cut into
 host-sized batches of which host h takes every H-th. Global batch t is therefore a pure
-function of (seed, t), each host reads only its own rows, and the iterator's position (the
-sequences of the stream read so far, so that a new batch size resumes where the old one
-stopped) is saved in every checkpoint.
+function of the seed and the sequences read before it, each host reads only its own rows,
+and the iterator's position (the sequences of the stream read so far, so that a new batch
+size resumes where the old one stopped) is saved in every checkpoint.
 
 Large corpora are tokenized once by `python -m rexmoe_jax.data prepare` into a folder that
 training memory-maps (tokens.bin, offsets.npy, meta.json).

@@ -211,16 +211,15 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     abstract = trainer.abstract_state(config, model, tx, shardings)
     saved = workdir / CHECKPOINTS  # Looked at before the barrier: past it, process 0 may tidy it.
     fresh = not (saved.is_dir() and any(saved.iterdir()))  # a new run, or one whose checkpoints are gone
-    if source is not None:
-        source_run, source_step = checkpoint_source(source)
-    elif fresh:
+    if fresh and source is None:
         check_fresh_start(workdir, config.to_json(), proof_step(config.train.checkpoint_every,
                                                                 config.train.steps), start_over)
     distributed.barrier("opened")  # orbax's collectives come next; see distributed.barrier
     checkpointer = Checkpointer(workdir, config.train.keep_checkpoints, keep_every=config.train.keep_every)
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     branched = restored is None and source is not None
-    if branched:
+    if branched:  # the source is looked at only now: once the run has checkpoints it may be gone
+        source_run, source_step = checkpoint_source(source)
         reader = Checkpointer(source_run, config.train.keep_checkpoints, read_only=True,
                               fix="give --from a run of this model, or leave --from out")
         try:
@@ -228,10 +227,12 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         finally:
             reader.close()
         if restored is None:
-            raise ConfigError(f"--from {str(source)!r}: {reader.directory} holds no checkpoint")
+            raise ConfigError(f"--from {str(source)!r}: {reader.directory} holds no checkpoint; give a run "
+                              "that has saved one")
         if fresh:
             check_fresh_start(workdir, config.to_json(), proof_step(
-                config.train.checkpoint_every, config.train.steps, int(restored[0].step)), start_over)
+                config.train.checkpoint_every, config.train.steps, int(restored[0].step)), start_over,
+                start="from --from's checkpoint")
     elif source is not None and jax.process_index() == 0:
         print(f"note: {workdir} has checkpoints of its own: resuming it (--from {source} only starts "
               "a new run)", flush=True)
@@ -241,16 +242,18 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     else:
         state, meta = restored
         start = int(state.step)
+        before = from_dict(meta["config"]) if meta["config"] else config  # the checkpoint's run's config
         # Where the data stream stands: sequences read, whatever the batch size was and is now.
-        saved_batch = (meta.get("config") or {}).get("data", {}).get("batch_size", config.data.batch_size)
-        data_state = data_lib.BatchIterator.state_at(data_lib.position(meta["data"], saved_batch))
+        data_state = data_lib.BatchIterator.state_at(data_lib.position(meta["data"], before.data.batch_size))
     # Every process must take the same steps: same config, same resumed step (a shared workdir).
     fields = {f"config's {section}.{name}": value
               for section, values in config.to_dict().items() for name, value in values.items()}
     distributed.check_same(mesh, {**fields, "resumed step": start})
     if start > config.train.steps:
-        raise ConfigError(f"checkpoint {start} in {checkpointer.directory} is past train.steps="
-                          f"{config.train.steps}: nothing to train; give train.steps >= {start} or another --workdir")
+        where, other = ((reader.directory, "an earlier checkpoint to --from") if branched
+                        else (checkpointer.directory, "another --workdir"))
+        raise ConfigError(f"checkpoint {start} in {where} is past train.steps={config.train.steps}: nothing "
+                          f"to train; give train.steps >= {start} or {other}")
     if jax.process_index() == 0:  # After the checks: a refused start leaves config.json as it was.
         try:
             (workdir / "config.json").write_text(config.to_json() + "\n")
@@ -261,14 +264,14 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         if meta["changed_settings"]:  # after the checks: a refused start notes nothing
             print(f"note: {resuming} with changed settings: {'; '.join(meta['changed_settings'])}",
                   flush=True)
-            rates = _rates_at(meta["config"], config, start)
+            rates = _rates_at(before, config, start)
             if rates is not None:
                 print(f"note: the learning rate for step {start + 1} is {rates[1]:.4g}; the checkpoint's "
                       f"optim and train.steps gave {rates[0]:.4g} (docs/operations.md)", flush=True)
-        seed = (meta.get("config") or {}).get("train", {}).get("seed", config.train.seed)
-        if seed != config.train.seed:
-            print(f"note: train.seed {seed} -> {config.train.seed} draws another held-out set: documents "
-                  "held out until now may be trained on, and the evaluations are not comparable", flush=True)
+        if before.train.seed != config.train.seed:
+            print(f"note: train.seed {before.train.seed} -> {config.train.seed} draws another held-out set: "
+                  "documents held out until now may be trained on, and the evaluations are not comparable",
+                  flush=True)
         saved = meta.get("data_fingerprint")  # None: an import's or widen's, or an older checkpoint
         if saved is not None and saved != fingerprint:  # its place in other data means nothing here
             data_state = None
@@ -294,11 +297,8 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
                     train_step, eval_step, fingerprint, rows, vote)
 
 
-def _rates_at(saved: dict, config: Config, step: int) -> tuple[float, float] | None:
-    """(the saved config's, `config`'s) learning rate for optax's count `step`, when they differ."""
-    if not saved:  # an import's or widen's checkpoint: no schedule to continue
-        return None
-    before = from_dict(saved)
+def _rates_at(before: Config, config: Config, step: int) -> tuple[float, float] | None:
+    """(`before`'s, `config`'s) learning rate for optax's count `step`, when they differ."""
     rates = tuple(float(learning_rate_schedule(c.optim, c.train.steps)(step)) for c in (before, config))
     return None if math.isclose(*rates, rel_tol=1e-6) else rates
 
@@ -363,19 +363,28 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
         record = to_host({k: v for k, v in metrics.items() if k not in _NOT_LOGGED})
         record = {"step": step, **record, **throughput(step)}
         bad = nonfinite_steps(step)  # every step's flag, not the logged steps' alone
-        if step not in bad and not all(math.isfinite(v) for v in record.values() if isinstance(v, float)):
+        logged_bad = not all(math.isfinite(v) for v in record.values() if isinstance(v, float))
+        if logged_bad and step not in bad:
             bad.append(step)
         log.write(record)
         if bad:
-            seen = f"at step {step}: " if bad[0] != step else ""
-            message = f"step {bad[0]}: non-finite values ({seen}{_first_nonfinite(record)})"
-            if cfg.nonfinite == "stop":
-                raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
-                                     f"(steps {s.checkpointer.settle() or 'none'})")
-            skipped = f"steps {', '.join(map(str, bad))}" if len(bad) > 1 else f"step {bad[0]}"
-            bar.write(f"{message}; the update of {skipped} was skipped")
+            report_nonfinite(bad, record if logged_bad or step in bad else None)
         bar.set_postfix(loss=f"{record['loss']:.3f}", n_t=record["psr_pool_size"],
                         tok_s=f"{record['tokens_per_sec'] or 0:.0f}")
+
+    def report_nonfinite(bad: list[int], record: dict | None):
+        """Stops (train.nonfinite=stop) or notes the skipped updates; `record`: a logged step's
+        line, where a non-finite value shows, to name the first."""
+        values = "non-finite values"
+        if record is not None:
+            seen = f"at step {record['step']}: " if bad[0] != record["step"] else ""
+            values += f" ({seen}{_first_nonfinite(record)})"
+        message = f"step {bad[0]}: {values}"
+        if cfg.nonfinite == "stop":
+            raise NonFiniteError(f"{message}; stopped, the last good checkpoint is kept "
+                                 f"(steps {s.checkpointer.settle() or 'none'})")
+        skipped = f"steps {', '.join(map(str, bad))}" if len(bad) > 1 else f"step {bad[0]}"
+        bar.write(f"{message}; the update of {skipped} was skipped")
 
     pending, last_eval, step = None, None, s.start
     try:
@@ -416,6 +425,8 @@ def _train(s: _Session, workdir: pathlib.Path, stop: StopRequest) -> tuple[int, 
                 break
         if pending is not None:
             write_train(*pending)
+        if unlogged := nonfinite_steps(step):  # skipped after the last log line
+            report_nonfinite(unlogged, None)
         s.checkpointer.close()  # Waits for the last write: a stop returns only once it is on disk.
     except WriteError as err:
         raise WriteError(f"{err}; {_intact(s.checkpointer.settle())}") from None

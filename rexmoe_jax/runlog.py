@@ -125,16 +125,18 @@ def proof_step(checkpoint_every: int, steps: int, start: int = 0) -> int:
     return min((start // every + 2) * every, steps)
 
 
-def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, start_over: bool) -> None:
+def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, start_over: bool,
+                      start: str = "from step 0") -> None:
     """Before a run with no checkpoint trains from step 0 in `workdir`, which rewrites its
     config.json and records: raises ConfigError where that would lose work. A config.json that
     is valid JSON but not a training run's (an export's) is never replaced, even with
     --start-over. Without --start-over, also refused: a config.json that cannot be read (torn?),
     and records up to step `proven` or later (a checkpoint must have been saved by then: its
     checkpoints were deleted, or their saves failed) or records under another config. A run
-    stopped before that, with no records or under the same config, starts again."""
+    stopped before that, with no records or under the same config, starts again. `start` says
+    where the run would start (train.py --from: its checkpoint)."""
     saved = workdir / CONFIG_FILE
-    again = ("to train from step 0 there, replacing its config.json and records, run with --start-over; "
+    again = (f"to train {start} there, replacing its config.json and records, run with --start-over; "
              "or choose another --workdir")
     ours = None
     if saved.is_file():
@@ -157,7 +159,8 @@ def check_fresh_start(workdir: pathlib.Path, config_json: str, proven: int, star
     last = max((r["step"] for r in records if isinstance(r.get("step"), int)), default=None)
     if last is not None and last >= proven:
         raise ConfigError(f"--workdir {str(workdir)!r} holds records up to step {last} but no checkpoint "
-                          "(deleted, or their saves failed?); " + again)
+                          "(deleted, or their saves failed? a run started with --from needs it again); "
+                          + again)
     if last is not None and ours is not None and ours != json.loads(config_json):
         raise ConfigError(f"--workdir {str(workdir)!r} holds another run's config.json and records but no "
                           "checkpoint; " + again)

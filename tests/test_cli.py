@@ -133,6 +133,29 @@ def test_a_runs_config_json_is_a_config(tmp_path, capsys):
     assert f"config file {str(tmp_path / 'other.json')!r} is not a training run's config.json" in line
 
 
+def test_without_config_a_run_takes_its_own_then_its_sources_config(tmp_path, monkeypatch, capsys):
+    """No --config: a --workdir with a config.json resumes under it; a new --workdir started
+    --from another run takes that run's; otherwise configs/tiny.py. An override applies on top."""
+    from rexmoe_jax import loop
+    from rexmoe_jax.config import Config, apply_overrides
+
+    seen = []
+    monkeypatch.setattr(loop, "run", lambda config, workdir, stop, start_over, source:
+                        seen.append((config.train.steps, config.model.reuse)) or {})
+    for name, steps in (("own", 7), ("other", 9)):
+        (tmp_path / name / "checkpoints" / "3").mkdir(parents=True)
+        saved = apply_overrides(Config(), [f"train.steps={steps}", "model.reuse=4", "psr.schedule=linear"])
+        (tmp_path / name / "config.json").write_text(saved.to_json())
+    assert train.main(["--workdir", str(tmp_path / "own"), "mesh.num_devices=1"]) == 0
+    assert train.main(["--workdir", str(tmp_path / "new"), "--from", str(tmp_path / "other"),
+                       "mesh.num_devices=1", "model.reuse=2"]) == 0
+    assert train.main(["--workdir", str(tmp_path / "plain"), "mesh.num_devices=1"]) == 0
+    assert seen == [(7, 4), (9, 2), (300, 2)]  # tiny.py: 300 steps at r = 2
+    out = capsys.readouterr().out
+    for name in ("own", "other"):
+        assert f"config {tmp_path / name / 'config.json'}:" in out
+
+
 def test_a_wrong_from_is_one_line_before_training(tmp_path, capsys):
     """--from a folder that is not a run, or with --dry-run: exit 2, one line, nothing written."""
     workdir = tmp_path / "new"
@@ -145,7 +168,8 @@ def test_a_wrong_from_is_one_line_before_training(tmp_path, capsys):
 def test_messages_name_what_is_wrong(tmp_path, capsys):
     """A README as --config, a folder as data.tokenizer, a run's config.json with a field of the
     wrong type: each one line saying so (not an AttributeError, not "does not exist")."""
-    assert "is not a Python preset (.py)" in one_line_error(capsys, ["--config", "README.md", "--dry-run"])
+    assert "is neither a Python preset (.py) nor a run's config.json" in one_line_error(
+        capsys, ["--config", "README.md", "--dry-run"])
     with pytest.raises(ConfigError, match="is a folder; give its tokenizer.json or .model file"):
         load_tokenizer(tmp_path)
     (tmp_path / "run").mkdir()

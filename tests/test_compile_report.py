@@ -97,8 +97,12 @@ def test_the_eval_step_is_compiled_for_one_micro_batch(tpu_devices):
     evaluation, hand = report["eval_step"], by_hand(config, devices, "params", rows=8)
     assert hand <= evaluation["argument_size_in_bytes"] <= hand + 8 * 1024
     assert 0 < evaluation["temp_size_in_bytes"] < report["temp_size_in_bytes"]
+    # An evaluation during training runs beside the whole train state: the train step's arguments.
+    beside = (report["argument_size_in_bytes"] + evaluation["temp_size_in_bytes"]
+              + evaluation["output_size_in_bytes"])
+    assert evaluation["in_training_bytes_per_device"] == beside
     capacity, train = report["hbm_capacity_per_device"], report["total_bytes_per_device"]
-    assert report["hbm_headroom_bytes"] == capacity - train
+    assert report["hbm_headroom_bytes"] == capacity - max(train, beside)
 
 
 @pytest.mark.e2e
@@ -234,9 +238,11 @@ def test_a_plan_larger_than_the_chip_that_the_compiler_accepted_is_one_line():
     # On a TPU7x the HBM is a device's: half a chip's.
     with pytest.raises(report.DoesNotFit, match=r"and a tpu7x device \(one of a chip's 2\) has 29.80"):
         report.check_fits({**planned, "roofline_estimate": {"chip": "tpu7x"}}, Config())
-    # The eval step planned larger than the train step is the one named.
+    # An evaluation during training planned larger than the train step is the one named.
     with pytest.raises(report.DoesNotFit, match=r"^the eval step does not fit: the compiler plans 33.00 GiB"):
-        report.check_fits({**planned, "eval_step": {"total_bytes_per_device": 33 * 2 ** 30}}, Config())
+        report.check_fits({**planned, "eval_step": {"in_training_bytes_per_device": 33 * 2 ** 30}}, Config())
+    larger_eval = {"total_bytes_per_device": 5, "eval_step": {"in_training_bytes_per_device": 7}}
+    assert report.needed_bytes(larger_eval) == ("eval", 7)
     report.check_fits({**planned, "hbm_headroom_bytes": 1}, Config())  # fits: nothing raised
     report.check_fits({"total_bytes_per_device": 1}, Config())  # no target: nothing to check against
 

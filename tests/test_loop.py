@@ -304,19 +304,22 @@ def test_allowed_changes_resume_with_a_note(tmp_path, capsys):
 def test_a_run_from_another_runs_checkpoint_continues_it_exactly(tmp_path, uninterrupted, capsys):
     """--from checkpoint 4 of the 12-step run, same config: the new run's records from step 5 on
     and its final state are the old run's, bit for bit, and the old run is left as it was. The
-    same command again resumes the new run's own checkpoint."""
-    before = hashes(uninterrupted)
+    same command again resumes the new run's own checkpoint, with the source gone by then."""
+    source = tmp_path / "source"
+    shutil.copytree(uninterrupted, source)
+    before = hashes(source)
     workdir = tmp_path / "branch"
     capsys.readouterr()
-    loop.run(config(), workdir, source=uninterrupted / "checkpoints" / "4")
-    assert f"started from checkpoint 4 in {uninterrupted / 'checkpoints'}" in capsys.readouterr().out
+    loop.run(config(), workdir, source=source / "checkpoints" / "4")
+    assert f"started from checkpoint 4 in {source / 'checkpoints'}" in capsys.readouterr().out
     assert metrics(workdir) == [r for r in metrics(uninterrupted) if r["step"] > 4]
     assert saved_steps(workdir) == [8, 12]
     ours, theirs = final_params(workdir, config()), final_params(uninterrupted, config())
     for x, y in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    assert hashes(uninterrupted) == before
-    loop.run(config(), workdir, source=uninterrupted / "checkpoints" / "4")
+    assert hashes(source) == before
+    shutil.rmtree(source)
+    loop.run(config(), workdir, source=source / "checkpoints" / "4")
     out = capsys.readouterr().out
     assert "has checkpoints of its own: resuming it" in out and "already complete at step 12" in out
 
@@ -344,7 +347,7 @@ def test_a_run_from_a_checkpoint_takes_its_own_schedule(tmp_path, uninterrupted,
 
 @pytest.mark.e2e
 def test_a_wrong_checkpoint_to_start_from_is_one_line_and_writes_nothing(tmp_path, uninterrupted):
-    with pytest.raises(ConfigError, match=r"has no checkpoint 5; its checkpoints are 4, 8 and 12$"):
+    with pytest.raises(ConfigError, match=r"has no checkpoint 5; give one of its checkpoints, 4, 8 and 12$"):
         loop.run(config(), tmp_path / "a", source=uninterrupted / "checkpoints" / "5")
     with pytest.raises(ConfigError, match=r"incompatible config \(model.reuse: 2 -> 1.*give --from a run of "
                                           r"this model, or leave --from out"):

@@ -91,14 +91,19 @@ def check_fits(report: dict, config: Config) -> None:
     batch_devices = math.prod(report.get("mesh", {}).get(axis, 1) for axis in sharding.BATCH_AXES)
     if short > 0:
         gib = 1024 ** 3
-        step, total = max([("train", report["total_bytes_per_device"]),
-                           ("eval", report.get("eval_step", {}).get("total_bytes_per_device", 0))],
-                          key=lambda pair: pair[1])
+        step, total = needed_bytes(report)
         raise DoesNotFit(
             f"the {step} step does not fit: the compiler plans {total / gib:.2f} GiB per "
             f"device and {CHIPS[report['roofline_estimate']['chip']].one_device} has "
             f"{report['hbm_capacity_per_device'] / gib:.2f} GiB ({short / gib:.2f} GiB short); "
             f"{_knobs(config, batch_devices, report.get('platform', 'cpu'))}")
+
+
+def needed_bytes(report: dict) -> tuple[str, int]:
+    """(which, bytes per device) of the larger plan: the train step's, or an evaluation's during
+    training (the eval step beside the whole train state, which stays on the device)."""
+    evaluation = report.get("eval_step", {}).get("in_training_bytes_per_device", 0)
+    return max([("train", report["total_bytes_per_device"]), ("eval", evaluation)], key=lambda pair: pair[1])
 
 
 def _cost(compiled) -> tuple[float, float]:
@@ -177,6 +182,10 @@ def compile_report(config: Config, target: Target | None = None,
               "compile_seconds": train_seconds, "eval_step": eval_report}
     memory = compiled.memory_analysis()
     report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})
+    # During training an evaluation runs beside the whole train state (the train step's arguments).
+    eval_report["in_training_bytes_per_device"] = (report["argument_size_in_bytes"]
+                                                   + eval_report["temp_size_in_bytes"]
+                                                   + eval_report["output_size_in_bytes"])
     # Donated state is both argument and output; count it once.
     report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
                                         - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
@@ -190,8 +199,7 @@ def compile_report(config: Config, target: Target | None = None,
     report["collectives"] = step["collectives"]
     if target:
         report["hbm_capacity_per_device"] = target.chip.share().hbm_bytes
-        report["hbm_headroom_bytes"] = report["hbm_capacity_per_device"] - max(
-            report["total_bytes_per_device"], eval_report["total_bytes_per_device"])
+        report["hbm_headroom_bytes"] = report["hbm_capacity_per_device"] - needed_bytes(report)[1]
         report["roofline_estimate"] = roofline(report, config, target.chip)
     return report
 
@@ -229,13 +237,13 @@ def describe(report: dict) -> str:
     evaluation = r.get("eval_step")  # absent from reports saved before it was compiled
     if evaluation:
         lines.append(f"the eval step, one micro-batch at a time, compiled in "
-                     f"{evaluation['compile_seconds']}s: "
-                     f"{evaluation['total_bytes_per_device'] / gib:.2f} GiB per device (temporaries "
-                     f"{evaluation['temp_size_in_bytes'] / gib:.2f} GiB)")
+                     f"{evaluation['compile_seconds']}s: temporaries "
+                     f"{evaluation['temp_size_in_bytes'] / gib:.2f} GiB per device, "
+                     f"{evaluation['in_training_bytes_per_device'] / gib:.2f} GiB beside the train state "
+                     "during training")
     if "hbm_capacity_per_device" in r:
         fits = r["hbm_headroom_bytes"] >= 0
-        needed = max(r["total_bytes_per_device"], (evaluation or {}).get("total_bytes_per_device", 0))
-        lines.append(f"{'fits' if fits else 'does not fit'}: {needed / gib:.2f} of "
+        lines.append(f"{'fits' if fits else 'does not fit'}: {needed_bytes(r)[1] / gib:.2f} of "
                      f"{r['hbm_capacity_per_device'] / gib:.2f} GiB of HBM "
                      f"({abs(r['hbm_headroom_bytes']) / gib:.2f} GiB {'to spare' if fits else 'short'})")
     xla, unknown = r["xla_cost_analysis"], r["loops_of_unknown_length"]
