@@ -219,16 +219,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     restored = checkpointer.restore(abstract, config, start_over=start_over)  # onto this mesh, whatever saved it
     branched = restored is None and source is not None
     if branched:  # the source is looked at only now: once the run has checkpoints it may be gone
-        source_run, source_step = checkpoint_source(source)
-        reader = Checkpointer(source_run, config.train.keep_checkpoints, read_only=True,
-                              fix="give --from a run of this model, or leave --from out")
-        try:
-            restored = reader.restore(abstract, config, step=source_step)
-        finally:
-            reader.close()
-        if restored is None:
-            raise ConfigError(f"--from {str(source)!r}: {reader.directory} holds no checkpoint; give a run "
-                              "that has saved one")
+        restored, source_dir = _from_source(source, abstract, config)
         if fresh:
             check_fresh_start(workdir, config.to_json(), proof_step(
                 config.train.checkpoint_every, config.train.steps, int(restored[0].step)), start_over,
@@ -250,7 +241,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
               for section, values in config.to_dict().items() for name, value in values.items()}
     distributed.check_same(mesh, {**fields, "resumed step": start})
     if start > config.train.steps:
-        where, other = ((reader.directory, "an earlier checkpoint to --from") if branched
+        where, other = ((source_dir, "an earlier checkpoint to --from") if branched
                         else (checkpointer.directory, "another --workdir"))
         raise ConfigError(f"checkpoint {start} in {where} is past train.steps={config.train.steps}: nothing "
                           f"to train; give train.steps >= {start} or {other}")
@@ -260,7 +251,8 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
         except OSError as err:
             raise WriteError(f"{failure_reason(err)} while writing {workdir / 'config.json'}") from None
     if restored is not None:
-        resuming = f"starting from step {start} of {source_run}" if branched else f"resuming step {start}"
+        resuming = f"starting from step {start} of {source_dir.parent}" if branched else \
+            f"resuming step {start}"
         if meta["changed_settings"]:  # after the checks: a refused start notes nothing
             print(f"note: {resuming} with changed settings: {'; '.join(meta['changed_settings'])}",
                   flush=True)
@@ -278,7 +270,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
             print(f"note: the training data differ from the checkpoint's ({saved} -> {fingerprint}); "
                   f"they are read from their start after step {start}", flush=True)
         if branched:
-            print(f"started from checkpoint {start} in {reader.directory}, which is left as it was",
+            print(f"started from checkpoint {start} in {source_dir}, which is left as it was",
                   flush=True)
         else:
             print(f"resumed from step {start} in {checkpointer.directory}", flush=True)
@@ -295,6 +287,22 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     rows = np.concatenate([np.arange(block * share, (block + 1) * share) for block in blocks])
     return _Session(config, corpus, eval_batches, eval_sets, mesh, model, checkpointer, state, start, batches,
                     train_step, eval_step, fingerprint, rows, vote)
+
+
+def _from_source(source: pathlib.Path, abstract, config: Config) -> tuple[tuple, pathlib.Path]:
+    """The checkpoint train.py --from names, restored (read only) onto `abstract` under `config`
+    as resuming would, and the checkpoints folder it is in."""
+    run, step = checkpoint_source(source)
+    reader = Checkpointer(run, config.train.keep_checkpoints, read_only=True,
+                          fix="give --from a run of this model, or leave --from out")
+    try:
+        restored = reader.restore(abstract, config, step=step)
+    finally:
+        reader.close()
+    if restored is None:
+        raise ConfigError(f"--from {str(source)!r}: {reader.directory} holds no checkpoint; give a run that "
+                          "has saved one")
+    return restored, reader.directory
 
 
 def _rates_at(before: Config, config: Config, step: int) -> tuple[float, float] | None:
