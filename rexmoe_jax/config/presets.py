@@ -27,7 +27,8 @@ def load_preset(path: str | pathlib.Path) -> Config:
         try:
             return from_dict(read_json_config(path.parent, "a training run's --workdir", path.name))
         except ConfigError as err:
-            raise ConfigError(f"config file {str(path)!r} is not a training run's config.json: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not a training run's config.json: "
+                              f"{err}") from None
     require(path.suffix == ".py", f"config file {str(path)!r} is neither a Python preset (.py) nor a run's "
                                   "config.json; see configs/ for presets")
     try:
