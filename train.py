@@ -29,7 +29,7 @@ from rexmoe_jax import cli, targets
 from rexmoe_jax.config import apply_overrides, load_preset, load_slices
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
-from rexmoe_jax.runtime.workdir import CHECKPOINTS, CONFIG_FILE, checkpoint_source
+from rexmoe_jax.runtime.workdir import CONFIG_FILE, checkpoint_source, has_checkpoints
 
 HERE = pathlib.Path(__file__).resolve().parent
 DEFAULT_CONFIG = HERE / "configs" / "tiny.py"
@@ -120,8 +120,7 @@ def _check_source(args: argparse.Namespace) -> pathlib.Path | None:
         return None
     if args.dry_run or args.compile_only:
         raise cli.BadInput("--from starts a training run; leave it out with --dry-run and --compile-only")
-    own = pathlib.Path(args.workdir) / CHECKPOINTS if args.workdir else None
-    if own is not None and own.is_dir() and any(own.iterdir()):
+    if args.workdir and has_checkpoints(pathlib.Path(args.workdir)):
         return None
     return checkpoint_source(pathlib.Path(args.source))[0]
 

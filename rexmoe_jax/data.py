@@ -177,12 +177,7 @@ def eval_set(name: str, path: str, config: DataConfig, tokenizer: Tokenizer, voc
     data.seq_len + 1, of which `count` batches are drawn as the held-out split's are."""
     setting = f"data.eval_sets {name}"
     files = sources.corpus_files(path, setting=setting)
-    if sources.is_tokenized(files):
-        docs = sources.read_token_documents(files, tokenizer.eod_id)
-    else:
-        texts = sources.read_text_documents(files, config.text_field, config.txt_documents)
-        docs = _encode_all(tokenizer, texts)
-    documents = TokenDocuments.from_documents(docs, tokenizer.eod_id)
+    documents = TokenDocuments.from_documents(_file_documents(files, config, tokenizer), tokenizer.eod_id)
     largest = int(documents.tokens.max()) if documents.tokens.size else 0
     if largest >= vocab_size:
         raise ConfigError(f"{setting}={path!r} uses token ids up to {largest} but model.vocab_size="
@@ -192,6 +187,15 @@ def eval_set(name: str, path: str, config: DataConfig, tokenizer: Tokenizer, voc
         raise ConfigError(f"{setting}={path!r} holds {packed.num_tokens} tokens, less than one sequence of "
                           f"data.seq_len={config.seq_len}; give more text")
     return eval_batches(packed, config.batch_size, count, seed)
+
+
+def _file_documents(files: list[pathlib.Path], config: DataConfig,
+                    tokenizer: Tokenizer) -> Iterator[np.ndarray]:
+    """The token documents of corpus files (sources.corpus_files): token files as they are,
+    text tokenized with `tokenizer`."""
+    if sources.is_tokenized(files):
+        return sources.read_token_documents(files, tokenizer.eod_id)
+    return _encode_all(tokenizer, sources.read_text_documents(files, config.text_field, config.txt_documents))
 
 
 def _encode_all(tokenizer: Tokenizer, texts: Iterator[str], chunk: int = 1024) -> Iterator[np.ndarray]:
@@ -280,10 +284,7 @@ def load_documents(config: DataConfig) -> tuple[TokenDocuments, Tokenizer, int]:
             if not config.tokenizer:
                 raise ConfigError("data.corpus holds token files: set data.tokenizer to the tokenizer "
                                   "that made them (it gives the end-of-document id)")
-            docs = sources.read_token_documents(files, tokenizer.eod_id)
-        else:
-            docs = _encode_all(tokenizer, sources.read_text_documents(files, config.text_field,
-                                                                      config.txt_documents))
+        docs = _file_documents(files, config, tokenizer)
     documents = TokenDocuments.from_documents(docs, tokenizer.eod_id)
     if len(documents) == 0:
         raise ConfigError(f"data.corpus={config.corpus!r} holds no text")

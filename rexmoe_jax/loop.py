@@ -28,11 +28,11 @@ from rexmoe_jax.runlog import RunLog, check_fresh_start, proof_step, to_host
 from rexmoe_jax.runtime import distributed
 from rexmoe_jax.runtime.preemption import StopRequest
 from rexmoe_jax.runtime.workdir import (
-    CHECKPOINTS,
     LOCK_FILE,
     WriteError,
     checkpoint_source,
     failure_reason,
+    has_checkpoints,
     locked,
 )
 
@@ -209,8 +209,8 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     tx = make_optimizer(config.optim, config.train.steps)
     shardings = trainer.state_shardings(config, model, tx, mesh)
     abstract = trainer.abstract_state(config, model, tx, shardings)
-    saved = workdir / CHECKPOINTS  # Looked at before the barrier: past it, process 0 may tidy it.
-    fresh = not (saved.is_dir() and any(saved.iterdir()))  # a new run, or one whose checkpoints are gone
+    # Looked at before the barrier: past it, process 0 may tidy the checkpoints folder.
+    fresh = not has_checkpoints(workdir)  # a new run, or one whose checkpoints are gone
     if fresh and source is None:
         check_fresh_start(workdir, config.to_json(), proof_step(config.train.checkpoint_every,
                                                                 config.train.steps), start_over)

@@ -180,15 +180,11 @@ def compile_report(config: Config, target: Target | None = None,
               "devices": int(mesh.devices.size), "mesh": dict(mesh.shape),
               "micro_batches": config.optim.grad_accum,
               "compile_seconds": train_seconds, "eval_step": eval_report}
-    memory = compiled.memory_analysis()
-    report.update({name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS})
+    report.update(_memory(compiled))
     # During training an evaluation runs beside the whole train state (the train step's arguments).
     eval_report["in_training_bytes_per_device"] = (report["argument_size_in_bytes"]
                                                    + eval_report["temp_size_in_bytes"]
                                                    + eval_report["output_size_in_bytes"])
-    # Donated state is both argument and output; count it once.
-    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
-                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
     report["xla_cost_analysis"] = dict(zip(("flops", "bytes_accessed"), _cost(compiled)))
     text = compiled.as_text()
     if hlo_path:
@@ -216,12 +212,17 @@ def _eval_memory(eval_step, params, config: Config, mesh, target: Target | None)
     except jax.errors.JaxRuntimeError as err:
         raise _too_big(err, config, target, sharding.batch_devices(mesh), mesh.devices.flat[0].platform,
                        "eval") or err from None
+    return {**_memory(compiled), "compile_seconds": round(time.perf_counter() - start, 1)}
+
+
+def _memory(compiled) -> dict:
+    """A compiled step's memory plan per device (_MEMORY_FIELDS) and its total: donated state is
+    both argument and output, so it counts once."""
     memory = compiled.memory_analysis()
-    report = {name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS}
-    report["total_bytes_per_device"] = (report["argument_size_in_bytes"] + report["output_size_in_bytes"]
-                                        - report["alias_size_in_bytes"] + report["temp_size_in_bytes"])
-    report["compile_seconds"] = round(time.perf_counter() - start, 1)
-    return report
+    plan = {name: int(getattr(memory, name, 0) or 0) for name in _MEMORY_FIELDS}
+    plan["total_bytes_per_device"] = (plan["argument_size_in_bytes"] + plan["output_size_in_bytes"]
+                                      - plan["alias_size_in_bytes"] + plan["temp_size_in_bytes"])
+    return plan
 
 
 def describe(report: dict) -> str:

@@ -194,6 +194,12 @@ def _write_holder(fd: int) -> None:
     os.fsync(fd)
 
 
+def has_checkpoints(workdir: pathlib.Path) -> bool:
+    """Whether a run folder holds anything in its checkpoints folder (a run to resume)."""
+    folder = workdir / CHECKPOINTS
+    return folder.is_dir() and any(folder.iterdir())
+
+
 def checkpoint_source(path: pathlib.Path) -> tuple[pathlib.Path, int | None]:
     """(run folder, step) of train.py's --from: a run folder (its newest readable checkpoint,
     step None) or one of its checkpoints, RUN/checkpoints/STEP; a ConfigError otherwise."""
