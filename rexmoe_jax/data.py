@@ -14,7 +14,8 @@ and the iterator's position (the sequences of the stream read so far, so that a 
 size resumes where the old one stopped) is saved in every checkpoint.
 
 Large corpora are tokenized once by `python -m rexmoe_jax.data prepare` into a folder that
-training memory-maps (tokens.bin, offsets.npy, meta.json).
+training memory-maps (tokens.bin, offsets.npy, meta.json, and a copy of its tokenizer: the
+folder can be moved or copied to another machine whole).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import gzip
 import json
 import math
 import pathlib
+import shutil
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -258,9 +260,16 @@ def tokenizer_path(config: DataConfig) -> pathlib.Path:
     if config.tokenizer:
         return pathlib.Path(config.tokenizer)
     prepared = _prepared(config)
-    if prepared is not None:
-        return pathlib.Path(_prepared_meta(prepared)["tokenizer"])
-    return EMBEDDED_TOKENIZER
+    if prepared is None:
+        return EMBEDDED_TOKENIZER
+    # A copy inside the folder (a relative name: the folder can be moved or copied whole); a
+    # corpus prepared before that names the file it was made with.
+    path = prepared / _prepared_meta(prepared)["tokenizer"]
+    if not path.is_file():
+        raise ConfigError(f"prepared corpus {str(prepared)!r} was made with the tokenizer {str(path)!r}, "
+                          "which does not exist (moved?); set data.tokenizer to that tokenizer, or prepare "
+                          "the corpus again")
+    return path
 
 
 def resolve_tokenizer(config: DataConfig) -> Tokenizer:
@@ -378,13 +387,15 @@ def _is_prepared(folder: pathlib.Path) -> bool:
     except ConfigError:
         return False
     files = {p.name for p in folder.iterdir()}
-    return files == set(sources.PREPARED_FILES) and (folder / "tokens.bin").stat().st_size == (
+    tokenizer = [] if pathlib.Path(meta["tokenizer"]).is_absolute() else [meta["tokenizer"]]  # its copy
+    return files == {*sources.PREPARED_FILES, *tokenizer} and (folder / "tokens.bin").stat().st_size == (
         meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize)
 
 
 def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_field: str = "text",
             txt_documents: str = "file", force: bool = False) -> dict:
-    """Tokenizes `source` once into the folder `output` (tokens.bin, offsets.npy, meta.json).
+    """Tokenizes `source` once into the folder `output` (tokens.bin, offsets.npy, meta.json, and
+    a copy of the tokenizer, which meta.json names relative to the folder).
 
     It is written beside `output` under a temporary name and renamed into place when complete.
     An existing `output` is replaced only when it is empty or a complete prepared corpus and
@@ -416,7 +427,9 @@ def prepare(source: str, tokenizer_path: str, output: pathlib.Path, *, text_fiel
         if len(offsets) == 1:
             raise ConfigError(f"--source {source!r} holds no text")
         np.save(staging / "offsets.npy", np.asarray(offsets, np.int64))
-        meta = {"source": source, "tokenizer": str(pathlib.Path(tokenizer_path).resolve()),
+        copy = "tokenizer" + pathlib.Path(tokenizer_path).suffix  # tokenizer.json or tokenizer.model
+        shutil.copyfile(tokenizer_path, staging / copy)
+        meta = {"source": source, "tokenizer": copy,
                 "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id, "dtype": dtype.str,
                 "num_documents": len(offsets) - 1, "num_tokens": offsets[-1], "max_token_id": max_token}
         (staging / sources.PREPARED_META).write_text(json.dumps(meta, indent=2) + "\n")

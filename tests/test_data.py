@@ -302,6 +302,38 @@ def test_prepare_writes_memory_mapped_tokens(tmp_path, tokenizer_file):
         np.testing.assert_array_equal(direct.train[i], prepared.train[i])
 
 
+
+def test_prepared_corpus_moves_whole(tmp_path, tokenizer_file):
+    """The folder holds a copy of its tokenizer (meta.json names it relative to the folder):
+    moved elsewhere, with the tokenizer it was made with gone, it trains on the same sequences.
+    A folder prepared before the copy names the original file: when that is gone, one line says
+    which file and what to do."""
+    original = tmp_path / "tok" / "tokenizer.json"
+    original.parent.mkdir()
+    original.write_bytes(tokenizer_file.read_bytes())
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS * 3))
+    assert data.main(["prepare", "--source", str(tmp_path / "c.jsonl"), "--tokenizer", str(original),
+                      "--output", str(tmp_path / "prepared")]) == 0
+    before = data.build_corpus(DataConfig(corpus=str(tmp_path / "prepared"), seq_len=8), seed=0,
+                               vocab_size=300)
+    assert json.loads((tmp_path / "prepared" / "meta.json").read_text())["tokenizer"] == "tokenizer.json"
+    assert (tmp_path / "prepared" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    original.unlink()
+    (tmp_path / "prepared").rename(tmp_path / "moved")
+    moved = data.build_corpus(DataConfig(corpus=str(tmp_path / "moved"), seq_len=8), seed=0, vocab_size=300)
+    copy = tmp_path / "moved" / "tokenizer.json"
+    assert data.tokenizer_path(DataConfig(corpus=str(tmp_path / "moved"))) == copy
+    assert len(moved.train) == len(before.train) > 0
+    for i in range(len(before.train)):
+        np.testing.assert_array_equal(moved.train[i], before.train[i])
+    # Prepared the old way: meta.json names the tokenizer's absolute path, and it is gone.
+    meta = json.loads((tmp_path / "moved" / "meta.json").read_text())
+    (tmp_path / "moved" / "meta.json").write_text(json.dumps(dict(meta, tokenizer=str(original))))
+    copy.unlink()
+    with pytest.raises(ConfigError, match="made with the tokenizer .*tok/tokenizer.json', which does not "
+                                          "exist.*set data.tokenizer"):
+        data.build_corpus(DataConfig(corpus=str(tmp_path / "moved"), seq_len=8), seed=0, vocab_size=300)
+
 def test_train_tokenizer_command(tmp_path, capsys):
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
     assert data.main(["train-tokenizer", "--source", str(tmp_path / "c.jsonl"), "--vocab-size", "280",
@@ -441,7 +473,7 @@ def test_prepare_replaces_only_a_prepared_corpus(corpus_folder, tokenizer_file, 
     output = corpus_folder.parent / "prepared"
     assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0
     first = hashes(output)
-    assert sorted(first) == ["meta.json", "offsets.npy", "tokens.bin"]
+    assert sorted(first) == ["meta.json", "offsets.npy", "tokenizer.json", "tokens.bin"]
     assert _prepare(corpus_folder / "c.jsonl", tokenizer_file, output) == 0  # a prepared corpus: replaced
     assert hashes(output) == first
     (output / "keep.txt").write_text("mine\n")
