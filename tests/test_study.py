@@ -28,7 +28,7 @@ from rexmoe_jax.study import record as study_record
 from rexmoe_jax.study import report as study_report
 from rexmoe_jax.study import runner as study_runner
 from rexmoe_jax.study import spec as study
-from rexmoe_jax.study.stats import mean_interval, paired_difference, t_quantile
+from rexmoe_jax.study.stats import lowest_upper_end, mean_interval, paired_difference, t_quantile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -372,20 +372,56 @@ def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
 
 
 def test_a_decision_rule_is_undecided_until_all_its_seeds_are_in(setup):
-    """With 2 of 3 planned seeds a rule says where it stands so far, not its outcome; with all 3
-    it decides. reuse minus base: -0.1 and -0.3 (mean -0.2, upper end -0.2 + 12.7062 * 0.1414 /
-    sqrt(2) = +1.071), then -0.1, -0.3, -0.2 (upper end -0.2 + 4.3027 * 0.1 / sqrt(3) = +0.048)."""
+    """With 2 of 3 planned seeds a rule says where it stands so far, unless no third value can
+    change it; with all 3 it decides. The rule: the interval of reuse minus base below -0.2.
+    -0.5 and -0.6: upper end -0.55 + 12.7062 * 0.0707 / sqrt(2) = +0.085, and a third value can
+    still bring it below -0.2 (a grid over it finds -0.429 at best). -0.1 and -0.3: upper end
+    +1.071, and no third value brings it below +0.042 (the grid's lowest), so it fails with 2
+    seeds. With -0.1, -0.3, -0.2: -0.2 + 4.3027 * 0.1 / sqrt(3) = +0.048, fails."""
     spec, _ = setup()
     spec = dataclasses.replace(spec, arms=tuple(dataclasses.replace(a, seeds=(0, 1, 2)) for a in spec.arms))
     question = next(q for q in spec.questions if q.interval_below is not None)  # below -0.2
+    assert question.interval_below == -0.2
     base = {s: {"final": {"eval_loss": 4.0}} for s in (0, 1, 2)}
+
+    def lowest_by_grid(known):  # the third value on a grid of step 1e-5, t(2) = 4.302653
+        x = np.linspace(-5, 5, 1_000_001)
+        every = np.stack([np.full_like(x, known[0]), np.full_like(x, known[1]), x])
+        return (every.mean(0) + 4.302653 * every.std(0, ddof=1) / np.sqrt(3)).min()
+
+    reuse = {0: {"final": {"eval_loss": 3.5}}, 1: {"final": {"eval_loss": 3.4}}}
+    text = study_report.verdict(spec, {"base": base, "reuse": reuse}, question)
+    assert "2 paired seeds of 3 planned" in text and lowest_by_grid([-0.5, -0.6]) < -0.2
+    assert "its upper end is +0.085: **fails so far**, undecided until all 3 planned seeds are in." in text
     reuse = {0: {"final": {"eval_loss": 3.9}}, 1: {"final": {"eval_loss": 3.7}}}
     text = study_report.verdict(spec, {"base": base, "reuse": reuse}, question)
-    assert "2 paired seeds of 3 planned" in text
-    assert "its upper end is +1.071: **fails so far**, undecided until all 3 planned seeds are in." in text
+    lowest = lowest_by_grid([-0.1, -0.3])
+    assert f"{lowest:+.3f}" == "+0.042"
+    assert text.endswith("its upper end is +1.071: **fails** with 2 of 3 planned seeds: whatever the other "
+                         "seed gives, the upper end cannot come below +0.042.")
     reuse[2] = {"final": {"eval_loss": 3.8}}
     text = study_report.verdict(spec, {"base": base, "reuse": reuse}, question)
     assert text.endswith("its upper end is +0.048: **fails**.") and "planned" not in text
+
+
+def test_the_lowest_upper_end_against_a_grid():
+    """lowest_upper_end against a brute-force grid over the missing values (t(3) =
+    3.182446 for 4 seeds): one missing of 4, and two missing of 4 on a 2-D grid. With 1 known of
+    5 (t(4) = 2.776445), four equal missing values take the end as low as they go: None."""
+    t3 = 3.182446
+    known = np.array([0.02124, -0.00673, 0.02551])
+    x = np.linspace(-1, 1, 400_001)
+    every = np.stack([*(np.full_like(x, k) for k in known), x])
+    grid = (every.mean(0) + t3 * every.std(0, ddof=1) / 2).min()
+    assert lowest_upper_end(known, 1) == pytest.approx(grid, abs=1e-6)
+    a, b = np.meshgrid(np.linspace(-1, 1, 2001), np.linspace(-1, 1, 2001))
+    every = np.stack([np.full_like(a, known[0]), np.full_like(a, known[1]), a, b])
+    grid = (every.mean(0) + t3 * every.std(0, ddof=1) / 2).min()
+    assert lowest_upper_end(known[:2], 2) == pytest.approx(grid, abs=1e-5)
+    ends = [np.mean([0.1] + [x] * 4) + 2.776445 * np.std([0.1] + [x] * 4, ddof=1) / np.sqrt(5)
+            for x in (-1, -10, -100)]
+    assert ends[0] > ends[1] > ends[2] < -10
+    assert lowest_upper_end([0.1], 4) is None
 
 
 @pytest.mark.e2e

@@ -23,7 +23,7 @@ from rexmoe_jax import outputs
 from rexmoe_jax.study import figures as study_figures
 from rexmoe_jax.study.record import load_record
 from rexmoe_jax.study.spec import Study, StudyError
-from rexmoe_jax.study.stats import mean_interval, paired_difference
+from rexmoe_jax.study.stats import lowest_upper_end, mean_interval, paired_difference, paired_values
 
 _MARK = "Written by `python -m rexmoe_jax.study report"  # How a report this wrote is recognised.
 # metric -> (what it is, unit, what "lower" means, what "higher" means)
@@ -275,15 +275,17 @@ def _describe(metric: str) -> tuple[str, str, str, str]:
     return f"held-out loss at step {where}", "nats", "better", "worse"
 
 
-def _rule(question, diff, planned: int) -> str:
-    """The outcome of the decision rules written before the runs; with fewer paired seeds than
-    planned, only where it stands so far (a rule decides on all its seeds)."""
+def _rule(question, differences: list[float], planned: int) -> str:
+    """The outcome of the decision rules written before the runs, from the paired differences;
+    with fewer than planned, where it stands so far (a rule decides on all its seeds), unless no
+    value of the missing seeds can change the outcome."""
+    diff = mean_interval(differences)
 
-    def outcome(passed: bool) -> str:
-        if diff.n < planned:
+    def outcome(passed: bool, settled_by: str = "") -> str:
+        if diff.n < planned and not settled_by:
             return (f"**{'passes' if passed else 'fails'} so far**, undecided until all {planned} "
                     "planned seeds are in")
-        return f"**{'passes' if passed else 'fails'}**"
+        return f"**{'passes' if passed else 'fails'}**{settled_by}"
 
     text = ""
     if question.decide_below is not None:
@@ -291,16 +293,25 @@ def _rule(question, diff, planned: int) -> str:
                  f"{question.decide_below:g}; it is {diff.mean:+.3f}: "
                  f"{outcome(diff.mean < question.decide_below)}.")
     if question.interval_below is not None:
+        settled_by = ""
+        if diff.n < planned:  # The upper end grows without bound with the missing values, so it
+            # can always fail; it is settled when even its lowest reach is not below the bound.
+            lowest = lowest_upper_end(differences, planned - diff.n)
+            if lowest is not None and lowest >= question.interval_below:
+                others = "other seed gives" if planned - diff.n == 1 else f"other {planned - diff.n} give"
+                settled_by = (f" with {diff.n} of {planned} planned seeds: whatever the {others}, the "
+                              f"upper end cannot come below {lowest:+.3f}")
         text += (f" Decision rule (written before the runs): the whole interval must lie below "
                  f"{question.interval_below:g}; its upper end is {diff.high:+.3f}: "
-                 f"{outcome(diff.high < question.interval_below)}.")
+                 f"{outcome(diff.high < question.interval_below, settled_by)}.")
     return text
 
 
 def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
     what, unit, lower, higher = _describe(question.metric)
-    diff = paired_difference(_values(found[question.arm], question.metric),
-                             _values(found[question.against], question.metric))
+    differences = paired_values(_values(found[question.arm], question.metric),
+                                _values(found[question.against], question.metric))
+    diff = mean_interval(differences)
     planned = min(len(study.arm(question.arm).seeds), len(study.arm(question.against).seeds))
     if diff is None or diff.n < 2:
         return (f"Not enough runs yet: {diff.n if diff else 0} paired seed(s) of {planned} planned; "
@@ -310,11 +321,11 @@ def verdict(study: Study, found: dict[str, dict[int, dict]], question) -> str:
                f"(95% CI {diff.low:+.3f} to {diff.high:+.3f}, {diff.n} paired seeds"
                + (f" of {planned} planned)" if diff.n < planned else ")"))
     if diff.high < 0:
-        return f"**Lower ({lower})**: {numbers}.{_rule(question, diff, planned)}"
+        return f"**Lower ({lower})**: {numbers}.{_rule(question, differences, planned)}"
     if diff.low > 0:
-        return f"**Higher ({higher})**: {numbers}.{_rule(question, diff, planned)}"
+        return f"**Higher ({higher})**: {numbers}.{_rule(question, differences, planned)}"
     return (f"**No difference resolved** at this budget: {numbers}; the interval includes zero."
-            f"{_rule(question, diff, planned)}")
+            f"{_rule(question, differences, planned)}")
 
 
 def _questions(study: Study, found) -> list[str]:
@@ -350,8 +361,9 @@ def _closing(study: Study, found) -> list[str]:
     question = study.questions[0]
     records = [r for r in found[question.arm].values()]
     tokens = _tokens(records[0]["tokens"]["trained"]) if records else "?"
-    diff = paired_difference(_values(found[question.arm], question.metric),
-                             _values(found[question.against], question.metric))
+    differences = paired_values(_values(found[question.arm], question.metric),
+                                _values(found[question.against], question.metric))
+    diff = mean_interval(differences)
     if diff is None or diff.n < 2:
         line = f"`{question.arm}` vs `{question.against}`: not enough runs yet."
     else:

@@ -66,7 +66,49 @@ def mean_interval(values) -> Interval | None:
     return Interval(mean, mean - half, mean + half, len(values))
 
 
+def paired_values(arm: dict[int, float], against: dict[int, float]) -> list[float]:
+    """arm - against for each seed both have, in seed order."""
+    seeds = sorted(s for s in arm if s in against and arm[s] is not None and against[s] is not None)
+    return [arm[s] - against[s] for s in seeds]
+
+
 def paired_difference(arm: dict[int, float], against: dict[int, float]) -> Interval | None:
     """arm - against over the seeds both have, with the interval of the differences."""
-    seeds = sorted(s for s in arm if s in against and arm[s] is not None and against[s] is not None)
-    return mean_interval([arm[s] - against[s] for s in seeds])
+    return mean_interval(paired_values(arm, against))
+
+
+def lowest_upper_end(values, missing: int) -> float | None:
+    """The lowest upper end of the 95% interval of `values` and `missing` more, over every value
+    the missing ones could take; None when it has no lower bound (then the missing values can
+    still bring the interval anywhere).
+
+    Giving the missing values their mean leaves the sample mean and lowers the deviation, so the
+    lowest end has them equal, at some x. With n = len(values) + missing and c = t(n-1) / sqrt(n),
+    the end mean(x) + c s(x) is convex in x (s is a norm of residuals affine in x), its slope
+    towards x = -inf is -missing/n + c sqrt(missing (n - missing) / (n (n - 1))), and it is found
+    by a golden-section search where that slope makes it grow on both sides.
+    """
+    values = np.asarray(values, np.float64)
+    if missing == 0:
+        found = mean_interval(values)
+        return None if found is None else found.high
+    n = len(values) + missing
+    if n < 2:
+        return None
+    c = t_quantile(n - 1) / math.sqrt(n)
+    if c * math.sqrt(missing * (n - missing) / (n * (n - 1))) <= missing / n:
+        return None
+
+    def end(x: float) -> float:
+        every = np.concatenate([values, np.full(missing, x)])
+        return float(every.mean() + c * every.std(ddof=1))
+
+    spread = float(np.ptp(values)) if len(values) else 0.0
+    # Past this reach on either side the end only grows: the linear growth dominates the spread.
+    reach = 1e4 * (spread + float(np.abs(values).max(initial=0.0)) + 1.0)
+    low, high = float(values.min(initial=0.0)) - reach, float(values.max(initial=0.0)) + reach
+    golden = (math.sqrt(5) - 1) / 2
+    for _ in range(300):
+        a, b = high - golden * (high - low), low + golden * (high - low)
+        low, high = (low, b) if end(a) < end(b) else (a, high)
+    return end((low + high) / 2)
