@@ -371,7 +371,7 @@ def test_the_gap_table_reads_arms_without_psr_at_t_s_and_t_e(setup):
     assert text.splitlines()[-1] == f"| `reuse` | {' | '.join(training + [held_out] * 3)} |"
 
 
-def test_a_decision_rule_is_undecided_until_all_its_seeds_are_in(setup):
+def test_a_decision_rule_waits_for_its_seeds_unless_none_can_change_it(setup):
     """With 2 of 3 planned seeds a rule says where it stands so far, unless no third value can
     change it; with all 3 it decides. The rule: the interval of reuse minus base below -0.2.
     -0.5 and -0.6: upper end -0.55 + 12.7062 * 0.0707 / sqrt(2) = +0.085, and a third value can
