@@ -201,7 +201,33 @@ def train_unshared(folder: str, overrides: list[str]) -> int:
                        "--workdir", workdir, *overrides])
 
 
+def train_one_process(stop_after: int, workdir: str, overrides: list[str]) -> int:
+    """Run as one process (python tests/processes.py one STEP DIR OVERRIDES...): tiny.py with
+    OVERRIDES through loop.run on this environment's devices (conftest's 8), stopped by request
+    after step STEP (0: not stopped). The multi-process tests' one-process runs go through this,
+    in a process of their own: in a pytest worker that had run other tests, such a run was ended
+    by XLA (Fatal Python error: Aborted) in CI-like runs of the end-to-end tier, while it passed
+    alone."""
+    from rexmoe_jax import loop
+    from rexmoe_jax.config import apply_overrides, load_preset
+    from rexmoe_jax.runtime.preemption import StopRequest
+
+    class StopAfter(StopRequest):
+        def requested(self, step: int) -> bool:
+            return 0 < stop_after <= step
+
+    config = apply_overrides(load_preset(ROOT / "configs" / "tiny.py"), overrides)
+    result = loop.run(config, pathlib.Path(workdir), stop=StopAfter())
+    if "stopped_at" in result:
+        print(f"one process: stopped after step {result['stopped_at']}", flush=True)
+    else:
+        print(f"one process: ended at step {result['step']}", flush=True)
+    return 0
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["one"]:
+        sys.exit(train_one_process(int(sys.argv[2]), sys.argv[3], sys.argv[4:]))
     if sys.argv[1:2] == ["agree"]:
         sys.exit(check_agreement(sys.argv[2]))
     if sys.argv[1:2] == ["unshared"]:

@@ -17,10 +17,9 @@ from processes import ROOT, Processes, child_env, handles_sigterm, train, wait_u
 
 from rexmoe_jax import loop
 from rexmoe_jax.checkpoint import Checkpointer
-from rexmoe_jax.config import ConfigError, apply_overrides, load_preset
+from rexmoe_jax.config import ConfigError
 from rexmoe_jax.runlog import read_records
 from rexmoe_jax.runtime import distributed, launch
-from rexmoe_jax.runtime.preemption import StopRequest
 
 STEPS = 12
 SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=2", "model.num_kv_heads=1",
@@ -43,16 +42,21 @@ def args(tmp_path_factory):
     return SMALL + [f"data.corpus={path}"]
 
 
-def one_process(args, *extra):
-    """The same run (train.py's default preset) in this test's process, on 4 of its 8 devices."""
-    return apply_overrides(load_preset(ROOT / "configs" / "tiny.py"), args + ["mesh.num_devices=4", *extra])
+def one_process(args, workdir, stop_after: int = 0) -> str:
+    """The same run (train.py's default preset) as one process on 4 of 8 devices, in a process
+    of its own (tests/processes.py one), stopped after `stop_after` when > 0: its output."""
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "processes.py"), "one", str(stop_after),
+                           str(workdir), *args, "mesh.num_devices=4"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=RUN_LIMIT)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
 def reference(args, tmp_path_factory):
     """One process, the same data=2 x expert=2 mesh, uninterrupted: its metrics."""
     workdir = tmp_path_factory.mktemp("reference")
-    loop.run(one_process(args), workdir)
+    assert f"one process: ended at step {STEPS}" in one_process(args, workdir)
     return records(workdir)
 
 
@@ -152,14 +156,9 @@ def test_sigterm_to_one_process_stops_both_at_one_step_then_resumes(args, refere
         victim = stop_one(group, rng, lambda: saving(workdir, first))
         second = assert_stopped_together(group, workdir, victim, first)
         assert f"resumed from step {first}" in group.output(0)
-    result = loop.run(one_process(args), workdir)
-    assert result["step"] == STEPS, f"seed {seed}: stops after {first} and {second}"
+    ended = one_process(args, workdir)
+    assert f"one process: ended at step {STEPS}" in ended, f"seed {seed}: stops after {first} and {second}"
     assert_same_curve(workdir, reference)
-
-
-class StopAt(StopRequest):
-    def requested(self, step):
-        return step >= 5
 
 
 @pytest.mark.e2e
@@ -167,7 +166,7 @@ def test_one_process_checkpoint_resumes_on_two(args, reference, tmp_path):
     """Stopped at step 5 on one process: a new run on two processes started from that checkpoint
     (--from) and the run itself resumed on two both continue the one-process curve."""
     workdir = tmp_path / "run"
-    assert loop.run(one_process(args), workdir, stop=StopAt()) == {"stopped_at": 5}
+    assert "one process: stopped after step 5" in one_process(args, workdir, stop_after=5)
     branch = tmp_path / "branch"
     source = workdir / "checkpoints" / "5"
     command = train(["--workdir", str(branch), "--from", str(source), *args])
@@ -206,8 +205,8 @@ def test_a_dead_process_ends_the_other_and_the_run_resumes(args, tmp_path):
     print(f"process {survivor} exited {took:.1f}s after process {victim} was killed (heartbeat timeout "
           f"{HEARTBEAT}s), status {codes[survivor]}")
     newest = checkpoints(workdir)[-1]
-    result = loop.run(one_process(longer, "train.steps=12"), workdir)
-    assert result["step"] == STEPS and newest >= 4
+    assert f"one process: ended at step {STEPS}" in one_process([*longer, "train.steps=12"], workdir)
+    assert newest >= 4
 
 
 def test_each_process_feeds_only_its_rows_of_the_global_batch(tmp_path):
