@@ -14,11 +14,10 @@ import tempfile
 from importlib import metadata
 
 # XLA:CPU ends a process (LOG(FATAL), "Termination timeout ... of 40 seconds exceeded") when a
-# collective's participant is 40 s late. The tests run 8 simulated devices per process, two
-# pytest workers and their train.py processes on 2 cores, where a device's thread can be starved
-# that long: an in-process run in the end-to-end tier was ended so in CI (stop 39) and in a
-# CI-like run here, while passing alone. Late is not stuck: 300 s here (the XLA:CPU flag, on jaxlib
-# 0.10 and 0.12); a real deadlock still ends the process, and the tests bound their waits.
+# collective's participant is 40 s late, which 8 simulated devices per process, two pytest
+# workers and their train.py processes on 2 cores can make one. 300 s here (the flag exists on
+# jaxlib 0.10 and 0.12): late is not stuck. (It did not stop the abort that ended a pytest worker
+# in stop 39's CI; test_distributed's one-process runs now have processes of their own for that.)
 TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_collective_call_terminate_timeout_seconds=300"
 CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
 
