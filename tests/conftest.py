@@ -13,12 +13,18 @@ import sys
 import tempfile
 from importlib import metadata
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from rexmoe_jax.runtime.distributed import CPU_DEVICES_XLA_FLAGS, with_xla_flags  # imports no jax
+
 # XLA:CPU ends a process (LOG(FATAL), "Termination timeout ... of 40 seconds exceeded") when a
 # collective's participant is 40 s late, which 8 simulated devices per process, two pytest
-# workers and their train.py processes on 2 cores can make one. 300 s here (the flag exists on
-# jaxlib 0.10 and 0.12): late is not stuck. (It did not stop the abort that ended a pytest worker
-# in stop 39's CI; test_distributed's one-process runs now have processes of their own for that.)
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_collective_call_terminate_timeout_seconds=300"
+# workers and their train.py processes on 2 cores can make one: 300 s here (the flag exists on
+# jaxlib 0.10 and 0.12), so that late is not taken for stuck. A participant that never comes,
+# XLA:CPU's own deadlock of stops 39 and 40 (see CPU_DEVICES_XLA_FLAGS), is what that flag
+# avoids; every process the tests start gets it.
+TEST_XLA_FLAGS = " ".join(("--xla_backend_optimization_level=0",
+                           "--xla_cpu_collective_call_terminate_timeout_seconds=300", *CPU_DEVICES_XLA_FLAGS))
 CACHE = os.path.join(tempfile.gettempdir(), "rexmoe-jax-test-cache")
 
 
@@ -35,10 +41,7 @@ def _jaxlib_version() -> tuple[int, int]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-flags = os.environ.get("XLA_FLAGS", "")
-for flag in TEST_XLA_FLAGS.split():
-    if flag.split("=")[0] not in flags:
-        flags += " " + flag
+flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), tuple(TEST_XLA_FLAGS.split()))
 # jaxlib 0.10 keeps XLA:CPU's older elemental emitters beside the MLIR fusion emitters, and they
 # compile the suite's programs in under half the time (a small train step: 1.2 s against 2.8 s).
 # jaxlib 0.11 and later have only the fusion emitters and abort on the flag.
@@ -48,7 +51,6 @@ if _jaxlib_version() < (0, 11) and "xla_cpu_use_fusion_emitters" not in flags:
 if "xla_force_host_platform_device_count" not in flags:
     flags += " --xla_force_host_platform_device_count=8"
 os.environ["XLA_FLAGS"] = flags.strip()
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import pytest

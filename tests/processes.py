@@ -112,7 +112,8 @@ def check_host_rows() -> None:
     process's devices are adjacent on the data axis (rows 0-3 or 4-7), and on one that
     interleaves the processes as a TPU slice's torus order does (process p holds rows 2p, 2p + 1,
     2p + 4 and 2p + 5)."""
-    os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    os.environ.update(JAX_PLATFORMS="cpu",
+                      XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=2")
     from rexmoe_jax import data, sharding
     from rexmoe_jax.config import MeshConfig
     from rexmoe_jax.runtime import distributed
@@ -168,7 +169,8 @@ def check_agreement(differing: str) -> int:
     """Run as each of 3 processes (python tests/processes.py agree KEY): process 1 holds another
     config (KEY "config") or process 2 resumes another step (KEY "step"); the start-up check,
     through the commands' contract, must end each with exit status 2 and the same one line."""
-    os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    os.environ.update(JAX_PLATFORMS="cpu",
+                      XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=1")
     from rexmoe_jax import cli, sharding
     from rexmoe_jax.config import MeshConfig
     from rexmoe_jax.runtime import distributed
@@ -205,9 +207,8 @@ def train_one_process(stop_after: int, workdir: str, overrides: list[str]) -> in
     """Run as one process (python tests/processes.py one STEP DIR OVERRIDES...): tiny.py with
     OVERRIDES through loop.run on this environment's devices (conftest's 8), stopped by request
     after step STEP (0: not stopped). The multi-process tests' one-process runs go through this,
-    in a process of their own: in a pytest worker that had run other tests, such a run was ended
-    by XLA (Fatal Python error: Aborted) in CI-like runs of the end-to-end tier, while it passed
-    alone."""
+    in a process of their own, so that a run XLA ends or hangs (its collective deadlock, which
+    ended two pytest workers in stop 39's CI; see CPU_DEVICES_XLA_FLAGS) fails its test alone."""
     from rexmoe_jax import loop
     from rexmoe_jax.config import apply_overrides, load_preset
     from rexmoe_jax.runtime.preemption import StopRequest

@@ -103,6 +103,25 @@ def test_simulate_devices_after_jax_started_is_one_line_not_ignored(tmp_path, ca
     assert "--simulate-devices 2: JAX has started on its devices already" in line
 
 
+@pytest.mark.parametrize("given, scheduler", [
+    ("--xla_force_host_platform_device_count=8", "false"),
+    ("--xla_cpu_enable_concurrency_optimized_scheduler=true", "true"),
+], ids=["added", "user's-kept"])
+def test_simulate_devices_sets_the_count_and_the_cpu_scheduler(given, scheduler):
+    """--simulate-devices 3 in a new process: JAX has 3 devices whatever count XLA_FLAGS held,
+    and XLA:CPU's concurrency-optimised scheduler is off (its deadlock) unless the user set it."""
+    probe = ("import os; from rexmoe_jax.runtime import distributed; distributed.simulate_devices(3); "
+             "import jax; print(jax.device_count()); print(os.environ['XLA_FLAGS'])")
+    env = {**os.environ, "XLA_FLAGS": given, "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, flags = done.stdout.strip().splitlines()
+    assert count == "3"
+    assert flags.split().count(f"--xla_cpu_enable_concurrency_optimized_scheduler={scheduler}") == 1
+    assert "--xla_cpu_enable_concurrency_optimized_scheduler" not in flags.replace(
+        f"--xla_cpu_enable_concurrency_optimized_scheduler={scheduler}", "")
+
+
 def one_line_error(capsys, argv) -> str:
     assert train.main(argv) == 2
     lines = capsys.readouterr().err.strip().splitlines()

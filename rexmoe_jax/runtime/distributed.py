@@ -60,6 +60,16 @@ ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 _POLL_SECONDS = 1.0
 JOIN_PATIENCE = 15.0  # seconds a process asked to stop while joining still waits for the others
 _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
+# XLA:CPU flags for a process that runs one program on several CPU devices. With its default
+# concurrency-optimised schedule, XLA:CPU (jaxlib 0.10.2) sometimes never starts one device's
+# part of a train step whose collectives sit in nested loops (the micro-batch loop around the
+# layer scan): the other devices wait at two rendezvous for ever (gdb: no thread of that device
+# at either, the pools' other threads idle). It is not a pool too small for the blocked
+# threads: PJRT_NPROC=32 hung too. Under load on 2 cores, runs of 200 steps of the multi-process
+# tests' model on 4 of 8 devices hung in 11 of 15 tries without this flag (either emitters,
+# PJRT_NPROC=32 or single-threaded Eigen) and in 0 of 14 with it; jaxlib 0.12.0.1 did not hang
+# in 3 tries without it.
+CPU_DEVICES_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
 
 class StartupError(CommandError, RuntimeError):
@@ -106,11 +116,18 @@ def simulate_devices(count: int) -> None:
         if xla_bridge.backends_are_initialized():
             raise ConfigError(f"--simulate-devices {count}: JAX has started on its devices already in this "
                               "process; give it to a new process (a command, not a notebook cell)")
-    flag = f"--xla_force_host_platform_device_count={count}"
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}"
+    os.environ["XLA_FLAGS"] = with_xla_flags(flags, CPU_DEVICES_XLA_FLAGS)
     os.environ["JAX_PLATFORMS"] = "cpu"  # read when jax is imported; one imported already is told
     if imported:
         sys.modules["jax"].config.update("jax_platforms", "cpu")
+
+
+def with_xla_flags(current: str, flags: tuple[str, ...]) -> str:
+    """XLA_FLAGS `current` with each of `flags` (--name=value) whose name it does not set yet:
+    a value the user gave stays."""
+    names = {flag.split("=")[0] for flag in current.split()}
+    return " ".join([*current.split(), *(f for f in flags if f.split("=")[0] not in names)])
 
 
 def _check_port_free(address: str, who: str) -> None:
