@@ -176,13 +176,14 @@ class _Session:
         return sharding.put_batch(rows[self.rows], self.mesh)
 
 
-def jitted_steps(config: Config, model, tx, mesh, shardings):
-    """The train and eval steps, jitted with explicit shardings (the state donated)."""
+def jitted_steps(config: Config, model, tx, mesh, shardings, eod_id: int | None = None):
+    """The train and eval steps, jitted with explicit shardings (the state donated); `eod_id`:
+    the tokenizer's end-of-document id (data.document_masking needs it)."""
     replicated = sharding.replicated(mesh)
     batch = sharding.batch_sharding(mesh)
-    train_step = jax.jit(trainer.make_train_step(config, model, tx), in_shardings=(shardings, batch),
+    train_step = jax.jit(trainer.make_train_step(config, model, tx, eod_id), in_shardings=(shardings, batch),
                          out_shardings=(shardings, replicated), donate_argnums=0)
-    eval_step = jax.jit(trainer.make_eval_step(config, model), in_shardings=(shardings.params, batch),
+    eval_step = jax.jit(trainer.make_eval_step(config, model, eod_id), in_shardings=(shardings.params, batch),
                         out_shardings=replicated)
     return train_step, eval_step
 
@@ -277,7 +278,7 @@ def _open(config: Config, workdir: pathlib.Path, stop: StopRequest, start_over: 
     blocks, count = sharding.process_rows(mesh, config.data.batch_size)
     batches = data_lib.BatchIterator(corpus.train, config.data.batch_size, config.train.seed,
                                      blocks=blocks, block_count=count, state=data_state)
-    train_step, eval_step = jitted_steps(config, model, tx, mesh, shardings)
+    train_step, eval_step = jitted_steps(config, model, tx, mesh, shardings, corpus.tokenizer.eod_id)
     vote = distributed.StopVote(mesh)
     if jax.process_count() > 1:
         train_step, eval_step = _compile_ahead(train_step, eval_step, abstract, mesh, (

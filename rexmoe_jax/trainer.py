@@ -22,6 +22,7 @@ from rexmoe_jax.config import Config
 from rexmoe_jax.model import balancing, losses
 from rexmoe_jax.model import metrics as metrics_lib
 from rexmoe_jax.model.decoder import Decoder, PSRInputs, param_counts, per_layer_norms
+from rexmoe_jax.model.layers import documents
 from rexmoe_jax.optimizer import learning_rate_schedule
 from rexmoe_jax.reuse import layer_pool_sizes
 
@@ -107,13 +108,26 @@ def summary(config: Config) -> dict[str, int]:
             "tokens_per_step": config.tokens_per_step}
 
 
-def make_loss_fn(config: Config, model: Decoder) -> Callable:
+def forward(config: Config, model: Decoder, params, tokens_BxS1: jax.Array, eod_id: int | None,
+            psr: PSRInputs | None = None):
+    """The model on the inputs of rows of S + 1 tokens: (logits, router stats). With
+    data.document_masking, attention stays inside the documents that `eod_id` ends."""
+    inputs_BxS = tokens_BxS1[:, :-1]
+    if not config.data.document_masking:
+        return model.apply({"params": params}, inputs_BxS, psr=psr)
+    if eod_id is None:
+        raise ValueError("data.document_masking needs the tokenizer's end-of-document id (eod_id)")
+    segments, positions_BxS = documents(inputs_BxS, eod_id)
+    return model.apply({"params": params}, inputs_BxS, positions_BxS, psr=psr, segments=segments)
+
+
+def make_loss_fn(config: Config, model: Decoder, eod_id: int | None = None) -> Callable:
     """loss_fn(params, tokens (B, S+1), step, micro_batch) -> (total loss, metrics): cross-entropy
     plus the weighted router losses, with PSR masks for `step`."""
 
     def loss_fn(params, tokens_BxS1, step, micro_batch=0):
-        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1],
-                                    psr=psr_inputs(config, step, micro_batch))
+        logits, stats = forward(config, model, params, tokens_BxS1, eod_id,
+                                psr_inputs(config, step, micro_batch))
         with jax.named_scope("cross_entropy"):  # Named scopes label the parts in a profile.
             ce = losses.cross_entropy(logits, tokens_BxS1[:, 1:])
         lb, z = jnp.mean(stats.load_balance), jnp.mean(stats.z_loss)
@@ -125,11 +139,14 @@ def make_loss_fn(config: Config, model: Decoder) -> Callable:
     return loss_fn
 
 
-def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransformation) -> Callable:
+def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransformation,
+                    eod_id: int | None = None) -> Callable:
+    """train_step(state, tokens (B, S+1)) -> (new state, metrics). `eod_id`: the tokenizer's
+    end-of-document id, which data.document_masking needs."""
     schedule = learning_rate_schedule(config.optim, config.train.steps)
     pool_sizes = layer_pool_sizes(config.model)
     accum = config.optim.grad_accum
-    grad_fn = jax.value_and_grad(make_loss_fn(config, model), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(config, model, eod_id), has_aux=True)
 
     def train_step(state: TrainState, tokens_BxS1: jax.Array):
         def micro_step(tokens, index=0):
@@ -191,11 +208,12 @@ def make_train_step(config: Config, model: Decoder, tx: optax.GradientTransforma
     return train_step
 
 
-def make_eval_step(config: Config, model: Decoder) -> Callable:
-    """Held-out loss and routing on the full pool (PSR never applies at evaluation)."""
+def make_eval_step(config: Config, model: Decoder, eod_id: int | None = None) -> Callable:
+    """Held-out loss and routing on the full pool (PSR never applies at evaluation); `eod_id` as
+    make_train_step's."""
 
     def eval_step(params, tokens_BxS1):
-        logits, stats = model.apply({"params": params}, tokens_BxS1[:, :-1])
+        logits, stats = forward(config, model, params, tokens_BxS1, eod_id)
         return {"loss": losses.cross_entropy(logits, tokens_BxS1[:, 1:]),
                 "expert_load": stats.expert_load_P}
 

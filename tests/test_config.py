@@ -44,6 +44,8 @@ from rexmoe_jax.config import (
     (["train.sample_prompt="], "train.sample_prompt"),  # an empty prompt cannot be continued
     # capacity on an expert axis is the fixed exchange's cap; the ragged one would ignore it
     (["compute.dispatch=capacity", "compute.expert_exchange=ragged"], "compute.expert_exchange=fixed"),
+    # the flash kernel masks by index, not by document
+    (["data.document_masking=true", "compute.attention=flash"], "data.document_masking needs attention"),
 ])
 def test_invalid_overrides_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

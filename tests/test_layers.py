@@ -33,6 +33,16 @@ def test_rope_scores_depend_only_on_relative_position():
     np.testing.assert_allclose(rot(q, 0), q[0, 0, 0], rtol=1e-6)
 
 
+def test_documents_restart_after_each_end_token_by_hand():
+    """End-of-document id 9: a document ends with its 9 (which belongs to it) and the next
+    begins after it; positions restart there. Two 9s in a row make a document of one token."""
+    tokens = np.array([[5, 9, 3, 4, 9, 9, 7], [9, 1, 2, 3, 4, 5, 6]], np.int32)
+    segments, positions = jax.jit(layers.documents, static_argnums=1)(jnp.asarray(tokens), 9)
+    assert np.asarray(segments.document_BxS).tolist() == [[1, 1, 2, 2, 2, 3, 4], [1, 2, 2, 2, 2, 2, 2]]
+    assert np.asarray(positions).tolist() == [[0, 1, 0, 1, 2, 0, 0], [0, 0, 1, 2, 3, 4, 5]]
+    assert not np.asarray(segments.branch_BxS).any()
+
+
 def numpy_attention(q, k, v):
     """Causal grouped-query attention written out: query head h uses key/value head h // (H / J)."""
     b, s, h, z = q.shape

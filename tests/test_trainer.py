@@ -22,6 +22,30 @@ def setup(*extra):
     return cfg, trainer.init_state(cfg, model, tx), jax.jit(trainer.make_train_step(cfg, model, tx))
 
 
+def test_document_masking_scores_each_document_as_if_alone():
+    """data.document_masking: a row packs document A (7 tokens and the end token 9) and 9
+    tokens of B. Each token's next-token loss is then the one it has in a row of its own
+    document: the packed row's mean loss is the mean of A's row (A, predicting up to B's first
+    token) and B's row, 8 predictions each. Without masking B's tokens see A, and it is not."""
+    cfg, state, _ = setup("data.document_masking=true")
+    model = trainer.build_model(cfg)
+    eval_step = jax.jit(trainer.make_eval_step(cfg, model, eod_id=9))
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(10, 64, 7), rng.integers(10, 64, 9)
+    packed = np.concatenate([a, [9], b])[None].astype(np.int32)  # 17 tokens: 16 predictions
+    alone = [np.concatenate([a, [9], b[:1]])[None], b[None]]  # 9 tokens each: 8 predictions
+    expected = np.mean([float(eval_step(state.params, row.astype(np.int32))["loss"]) for row in alone])
+    assert float(eval_step(state.params, packed)["loss"]) == pytest.approx(expected, rel=1e-5)
+    unmasked = jax.jit(trainer.make_eval_step(apply_overrides(Config(), SMALL), model))
+    assert abs(float(unmasked(state.params, packed)["loss"]) - expected) > 1e-4
+
+
+def test_document_masking_without_the_end_token_id_is_refused():
+    cfg, _, _ = setup("data.document_masking=true")
+    with pytest.raises(ValueError, match="end-of-document id"):
+        trainer.make_eval_step(cfg, trainer.build_model(cfg))(None, np.zeros((1, 5), np.int32))
+
+
 def test_psr_pool_follows_the_optimizer_step():
     """N_t comes from state.step inside the jitted step: 4 until t_s = 2, 8 from t_e = 6 on."""
     _, state, step_fn = setup()

@@ -323,6 +323,10 @@ class DataConfig(_Section):
     # More sets evaluated beside the held-out split at every evaluation: NAME=PATH, comma-
     # separated (text or token files, a folder or a glob, as data.corpus; the run's tokenizer).
     eval_sets: str = ""
+    # Documents are packed end to end, each ended by the tokenizer's end-of-document token. With
+    # document_masking a token attends only to earlier tokens of its own document, and positions
+    # restart at each (training and evaluation; XLA attention, as the flash kernel masks by index).
+    document_masking: bool = False
 
     @property
     def eval_set_paths(self) -> dict[str, str]:
@@ -470,6 +474,9 @@ class Config:
                      f"psr.stages={p.stages} exceeds the experts the pool grows by "
                      f"({m.pool_size - initial})")
         require(m.vocab_size >= 2, "model.vocab_size must be >= 2")
+        require(not (self.data.document_masking and self.compute.attention == "flash"),
+                "data.document_masking needs attention that masks by document, which the flash kernel "
+                "does not; use compute.attention=auto or xla")
         require(self.data.batch_size % self.optim.grad_accum == 0,
                  f"data.batch_size={self.data.batch_size} is not divisible by optim.grad_accum="
                  f"{self.optim.grad_accum}")

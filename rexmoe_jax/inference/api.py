@@ -90,7 +90,7 @@ class LoadedModel(Run):
             batches.append(tail[None])
         if not batches:
             raise ValueError("routing needs at least one token of text")
-        return evaluation.routing_of(self.config, self.params, batches, self.mesh)
+        return evaluation.routing_of(self.config, self.params, batches, self.mesh, self.tokenizer.eod_id)
 
 
 def load(workdir: str | pathlib.Path, mesh: jax.sharding.Mesh | Sequence[str] = (),

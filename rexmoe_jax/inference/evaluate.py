@@ -150,16 +150,18 @@ def evaluate_run(workdir, tasks: list[str], input_sets: list[str], batches: int 
         print(f"note: the held-out split holds {len(corpus.held_out)} sequence(s), {len(eval_batches)} "
               f"batch(es) of {config.data.batch_size}; all are evaluated ({asked} {batches} asked for more)",
               file=sys.stderr, flush=True)
+    eval_step = eval_step_for(config, run.tokenizer.eod_id)
     with sharding.using(run.mesh):
-        scalars, load = held_out(eval_step_for(config), run.params, eval_batches, config.model,
-                                 placed(run.mesh), config.micro_batch_rows)
-        scalars.update(eval_set_scalars(eval_step_for(config), run.params, eval_sets, config.model,
-                                        placed(run.mesh), config.micro_batch_rows))
+        scalars, load = held_out(eval_step, run.params, eval_batches, config.model, placed(run.mesh),
+                                 config.micro_batch_rows)
+        scalars.update(eval_set_scalars(eval_step, run.params, eval_sets, config.model, placed(run.mesh),
+                                        config.micro_batch_rows))
     tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in eval_batches)
     report = {"step": run.step, **scalars, "tokens": tokens,
               "routing": {"held-out": routing_report(load, tokens, config.model)}, "tasks": {}}
     for name, batches_of_set in set_batches.items():
-        report["routing"][name] = routing_of(config, run.params, batches_of_set, run.mesh)
+        report["routing"][name] = routing_of(config, run.params, batches_of_set, run.mesh,
+                                             run.tokenizer.eod_id)
     for name, questions_of_task in questions.items():
         report["tasks"][name] = tasks_lib.score_task(config, run.params, run.tokenizer, questions_of_task,
                                                      mesh=run.mesh)

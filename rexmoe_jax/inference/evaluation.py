@@ -80,10 +80,12 @@ def routing_report(load: np.ndarray, tokens: int, model: ModelConfig) -> dict:
 
 
 @functools.lru_cache(maxsize=4)
-def eval_step_for(config: Config):
+def eval_step_for(config: Config, eod_id: int | None = None):
     """trainer.make_eval_step, jitted for the mesh its arguments are on, and compiled on every
-    process before any runs it (training compiles its own ahead)."""
-    return distributed.CompiledTogether(jax.jit(trainer.make_eval_step(config, trainer.build_model(config))))
+    process before any runs it (training compiles its own ahead); `eod_id`: the tokenizer's
+    end-of-document id (data.document_masking needs it)."""
+    model = trainer.build_model(config)
+    return distributed.CompiledTogether(jax.jit(trainer.make_eval_step(config, model, eod_id)))
 
 
 def placed(mesh: jax.sharding.Mesh | None):
@@ -92,12 +94,13 @@ def placed(mesh: jax.sharding.Mesh | None):
     return lambda rows: sharding.put_rows(sharding.tile_rows(rows, mesh), mesh)
 
 
-def routing_of(config: Config, params, batches: list[np.ndarray], mesh: jax.sharding.Mesh | None = None) -> dict:
+def routing_of(config: Config, params, batches: list[np.ndarray], mesh: jax.sharding.Mesh | None = None,
+               eod_id: int | None = None) -> dict:
     """routing_report of `batches` (rows of S + 1 tokens), on the `mesh` where `params` live (by
-    default the one they are placed on, if any)."""
+    default the one they are placed on, if any); `eod_id` as eval_step_for's."""
     mesh = mesh if mesh is not None else sharding.mesh_of(params)
     with sharding.using(mesh):
-        _, load = held_out(eval_step_for(config), params, batches, config.model, placed(mesh),
+        _, load = held_out(eval_step_for(config, eod_id), params, batches, config.model, placed(mesh),
                            config.micro_batch_rows)
     return routing_report(load, sum(b.shape[0] * (b.shape[1] - 1) for b in batches), config.model)
 

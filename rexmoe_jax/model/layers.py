@@ -60,10 +60,11 @@ def apply_rope(x_BxSxHxZ: jax.Array, positions_BxS: jax.Array, base: float) -> j
 
 
 class Segments(NamedTuple):
-    """Several sequences packed into one row (scoring, not training): each token names its
-    document and its branch. A token sees the earlier tokens of its own document that are in
-    the shared trunk (branch 0) or in its own branch, so the choices of a question can follow
-    one copy of its context without seeing each other. Positions restart per document."""
+    """Several sequences packed into one row (scoring; and training with data.document_masking,
+    see `documents`): each token names its document and its branch. A token sees the earlier
+    tokens of its own document that are in the shared trunk (branch 0) or in its own branch, so
+    the choices of a question can follow one copy of its context without seeing each other.
+    Positions restart per document."""
 
     document_BxS: jax.Array
     branch_BxS: jax.Array
@@ -73,6 +74,18 @@ class Segments(NamedTuple):
         doc, branch = self.document_BxS, self.branch_BxS
         same_doc_BxSxU = doc[:, :, None] == doc[:, None, :]
         return same_doc_BxSxU & ((branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :]))
+
+
+def documents(tokens_BxS: jax.Array, eod_id: int) -> tuple[Segments, jax.Array]:
+    """Rows of documents packed end to end, each ended by `eod_id` (the training data's
+    packing): the Segments that keep each token's attention inside its document (the end token
+    belongs to the document it ends), and positions that restart at each document's start."""
+    after_end_BxS = tokens_BxS[:, :-1] == eod_id
+    starts_BxS = jnp.concatenate([jnp.ones_like(after_end_BxS[:, :1]), after_end_BxS], axis=1)
+    index_BxS = jnp.broadcast_to(jnp.arange(tokens_BxS.shape[1], dtype=jnp.int32), tokens_BxS.shape)
+    first_BxS = jax.lax.cummax(jnp.where(starts_BxS, index_BxS, 0), axis=1)  # where its document began
+    document_BxS = jnp.cumsum(starts_BxS.astype(jnp.int32), axis=1)
+    return Segments(document_BxS, jnp.zeros_like(document_BxS)), index_BxS - first_BxS
 
 
 def causal_attention(q_BxSxHxZ: jax.Array, k_BxUxJxZ: jax.Array, v_BxUxJxZ: jax.Array,
