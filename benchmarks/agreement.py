@@ -37,9 +37,10 @@ def _parse(argv):
 def _launch(args, argv) -> int:
     """This script again as --processes processes of one JAX run."""
     from rexmoe_jax.runtime import launch
+    from rexmoe_jax.runtime.distributed import CPU_DEVICES_XLA_FLAGS, with_xla_flags
 
-    os.environ.update(JAX_PLATFORMS="cpu",
-                      XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}")
+    os.environ.update(JAX_PLATFORMS="cpu", XLA_FLAGS=with_xla_flags(
+        f"--xla_force_host_platform_device_count={args.devices}", CPU_DEVICES_XLA_FLAGS))
     group = launch.Group(["-m", "benchmarks.agreement", *argv], args.processes, launch.free_port(), grace=30)
     return group.wait()
 

@@ -82,8 +82,9 @@ def _compiled_check() -> None:
     from rexmoe_jax.optimizer import make_optimizer
 
     if jax.device_count() < 4:
-        raise SystemExit("--check needs 4 devices: JAX_PLATFORMS=cpu "
-                         "XLA_FLAGS=--xla_force_host_platform_device_count=4")
+        raise SystemExit("--check needs 4 devices: JAX_PLATFORMS=cpu XLA_FLAGS='"
+                         "--xla_force_host_platform_device_count=4 "
+                         "--xla_cpu_enable_concurrency_optimized_scheduler=false'")
     small = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
              "model.num_kv_heads=1", "model.expert_ffn=16", "model.num_experts=8", "model.top_k=2",
              "data.seq_len=8", "data.batch_size=8", "mesh.data=1", "mesh.expert=4", "mesh.num_devices=4"]
