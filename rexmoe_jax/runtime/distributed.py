@@ -67,7 +67,7 @@ _barrier_seconds = 300  # how long `barrier` waits: --init-timeout
 # at either, the pools' other threads idle). It is not a pool too small for the blocked
 # threads: PJRT_NPROC=32 hung too. Under load on 2 cores, runs of 200 steps of the multi-process
 # tests' model on 4 of 8 devices hung in 11 of 15 tries without this flag (either emitters,
-# PJRT_NPROC=32 or single-threaded Eigen) and in 0 of 14 with it; jaxlib 0.12.0.1 did not hang
+# PJRT_NPROC=32 or single-threaded Eigen) and in 0 of 24 with it; jaxlib 0.12.0.1 did not hang
 # in 3 tries without it.
 CPU_DEVICES_XLA_FLAGS = ("--xla_cpu_enable_concurrency_optimized_scheduler=false",)
 
