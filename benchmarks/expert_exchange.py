@@ -31,6 +31,7 @@ from benchmarks.benchmarking import print_table
 from rexmoe_jax import reuse
 from rexmoe_jax.config import Config, apply_overrides, load_preset
 from rexmoe_jax.model.dispatch import capacity
+from rexmoe_jax.runtime.distributed import CPU_DEVICES_XLA_FLAGS
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
@@ -82,9 +83,8 @@ def _compiled_check() -> None:
     from rexmoe_jax.optimizer import make_optimizer
 
     if jax.device_count() < 4:
-        raise SystemExit("--check needs 4 devices: JAX_PLATFORMS=cpu XLA_FLAGS='"
-                         "--xla_force_host_platform_device_count=4 "
-                         "--xla_cpu_enable_concurrency_optimized_scheduler=false'")
+        flags = " ".join(("--xla_force_host_platform_device_count=4", *CPU_DEVICES_XLA_FLAGS))
+        raise SystemExit(f"--check needs 4 devices: JAX_PLATFORMS=cpu XLA_FLAGS='{flags}'")
     small = ["model.vocab_size=64", "model.d_model=32", "model.num_layers=1", "model.num_heads=2",
              "model.num_kv_heads=1", "model.expert_ffn=16", "model.num_experts=8", "model.top_k=2",
              "data.seq_len=8", "data.batch_size=8", "mesh.data=1", "mesh.expert=4", "mesh.num_devices=4"]

@@ -41,16 +41,14 @@ def _jaxlib_version() -> tuple[int, int]:
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-flags = with_xla_flags(os.environ.get("XLA_FLAGS", ""), tuple(TEST_XLA_FLAGS.split()))
+# Eight simulated CPU devices for the sharding tests; single-device code uses the first.
+added = (*TEST_XLA_FLAGS.split(), "--xla_force_host_platform_device_count=8")
 # jaxlib 0.10 keeps XLA:CPU's older elemental emitters beside the MLIR fusion emitters, and they
 # compile the suite's programs in under half the time (a small train step: 1.2 s against 2.8 s).
 # jaxlib 0.11 and later have only the fusion emitters and abort on the flag.
-if _jaxlib_version() < (0, 11) and "xla_cpu_use_fusion_emitters" not in flags:
-    flags += " --xla_cpu_use_fusion_emitters=false"
-# Eight simulated CPU devices for the sharding tests; single-device code uses the first.
-if "xla_force_host_platform_device_count" not in flags:
-    flags += " --xla_force_host_platform_device_count=8"
-os.environ["XLA_FLAGS"] = flags.strip()
+if _jaxlib_version() < (0, 11):
+    added += ("--xla_cpu_use_fusion_emitters=false",)
+os.environ["XLA_FLAGS"] = with_xla_flags(os.environ.get("XLA_FLAGS", ""), added)  # a flag set already stays
 
 import jax
 import pytest
