@@ -165,6 +165,17 @@ def test_flash_attention_is_the_default_on_tpu_compiles_through_mosaic_and_keeps
 
 
 @pytest.mark.e2e
+def test_document_masking_compiles_for_tpu_with_xla_attention(tpu_devices, tmp_path):
+    """data.document_masking on a v5p-8 over 256 tokens, where the default attention would be
+    the flash kernel: XLA:TPU compiles the train and eval steps, with no splash kernel in them
+    (the kernel masks by index, so auto takes XLA's attention)."""
+    settings = ["data.seq_len=256", "mesh.data=2", "mesh.expert=2", "data.document_masking=true"]
+    _, report, _ = compiled(settings, "v5p-8", tpu_devices, tmp_path / "step.hlo")
+    assert report["total_bytes_per_device"] > 0 and report["eval_step"]["total_bytes_per_device"] > 0
+    assert "splash_mqa" not in (tmp_path / "step.hlo").read_text()
+
+
+@pytest.mark.e2e
 def test_a_step_too_big_for_the_chip_is_one_line(tpu_devices, capsys):
     # Logits of 256 x 1024 tokens x 16,384 float32 are 16 GiB on one v5e chip of 16 GB.
     tpu_devices("v5e-1")
